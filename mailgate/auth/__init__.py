@@ -1,0 +1,1 @@
+"""SMTP AUTH (RFC 4954): SASL mechanisms, the users file and failure throttling."""

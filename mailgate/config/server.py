@@ -1,0 +1,44 @@
+"""The [server] section and the [[listener]] entries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ListenerConfig:
+    """One listening socket and its role (RFC 8314 / RFC 6409 roles)."""
+
+    address: str = "127.0.0.1:2525"  # HOST:PORT, [IPv6]:PORT
+    role: Literal["public", "submission", "smtps"] = "public"
+    # submission: refuse MAIL/AUTH before STARTTLS (RFC 8314 section 3.3)
+    require_tls: bool = False
+    # allow AUTH PLAIN/LOGIN without TLS on this listener (never on the internet)
+    allow_plaintext_auth: bool = False
+    # accept a PROXY v1/v2 header from the addresses in server.proxy_from
+    proxy_protocol: bool = False
+
+
+@dataclass
+class ServerConfig:
+    hostname: str = ""  # empty: the machine's fully qualified name
+    max_message_size: int = 36_700_160  # octets, advertised as SIZE (RFC 1870)
+    max_recipients: int = 100  # per transaction (RFC 5321 4.5.3.1.8: at least 100)
+    max_errors: int = 20  # refusals before "421 4.7.0 Too many errors"
+    tarpit_delay: float = 0.0  # seconds before the nth refusal: delay * 2**(n-1) (9front)
+    tarpit_max_delay: float = 30.0
+    helo_delay: float = 0.0  # seconds before the HELO/EHLO reply (upas -D)
+    command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: 5 minutes
+    data_timeout: float = 180.0  # RFC 5321 4.5.3.2.5: 3 minutes per data block
+    shutdown_grace: float = 30.0  # seconds sessions may finish after SIGTERM
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
+    # bare LF or CR in commands or data: refuse (default) or, for clients in
+    # normalize_bare_lf_from, treat a bare LF as CRLF.  End-of-data is CRLF.CRLF always.
+    normalize_bare_lf_from: list[str] = field(default_factory=list)
+    proxy_from: list[str] = field(default_factory=list)  # load balancers allowed to send PROXY
+    vrfy: bool = False  # answer VRFY from the recipient tables instead of 252
+    spool_dir: str = "spool"
+    user: str = ""  # drop privileges to this user after binding (when started as root)
+    group: str = ""

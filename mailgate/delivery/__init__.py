@@ -1,0 +1,1 @@
+"""Storing and handing off accepted mail: Maildir, mbox, mailer pipe, LMTP, smarthost."""

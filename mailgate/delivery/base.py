@@ -1,0 +1,57 @@
+"""The delivery interface the server calls after the data, and what it hands over."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from mailgate.protocol.envelope import Envelope, Recipient
+from mailgate.protocol.replies import Reply
+
+
+@dataclass(frozen=True, slots=True)
+class TraceInfo:
+    """Everything the Received: header says about where a message came from."""
+
+    session_id: str  # also the message id in the 250 reply and the logs
+    helo: str
+    client_ip: str
+    reverse_name: str | None
+    hostname: str  # this server's name
+    protocol: str  # RFC 3848: ESMTP, ESMTPS, ESMTPA, ESMTPSA, SMTP, UTF8SMTP, UTF8SMTPS ...
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """The outcome for one recipient: ``reply`` is 250 when its copy is durable."""
+
+    recipient: Recipient
+    reply: Reply
+
+    @property
+    def ok(self) -> bool:
+        return self.reply.code < 400
+
+
+class SpoolReader(Protocol):
+    """The message as spooled: trace headers then the body, CRLF line ends."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+class Delivery(Protocol):
+    """Stores or hands off one message; returns one result per envelope recipient.
+
+    A 250 result means durable: fsync'ed at its destination or accepted downstream.
+    It must never raise: every failure becomes a 4xx/5xx result from the catalogue.
+    """
+
+    async def deliver(
+        self, envelope: Envelope, trace: TraceInfo, spool: SpoolReader
+    ) -> list[RecipientResult]: ...

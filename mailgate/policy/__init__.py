@@ -1,0 +1,1 @@
+"""Decisions: connect, HELO, sender, recipient/relay, access lists, greylisting, filters."""

@@ -1,0 +1,90 @@
+"""The policy interface the server calls at each stage of a session.
+
+A policy answers with a :class:`Verdict`: accept (no reply), or a reply from the
+catalogue.  The server never decides on its own; a site can plug in its own policy by
+implementing :class:`Policy`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mailgate.protocol.envelope import Envelope, Recipient
+from mailgate.protocol.replies import Reply
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(slots=True)
+class Client:
+    """What policy (and the trace headers) know about the client of one session."""
+
+    ip: IPAddress
+    port: int = 0
+    local_ip: IPAddress | None = None
+    session_id: str = ""
+    listener: str = "public"  # the listener's role: public, submission or smtps
+    reverse_name: str | None = None  # PTR name, when looked up
+    helo: str = ""
+    tls: bool = False
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    auth_user: str | None = None
+    trusted: bool = False  # set by the policy at connect (trusted networks)
+    filter_state: str = "ACCEPT"  # upas filter state of the current transaction
+    tags: dict[str, str] = field(default_factory=dict)  # extra key=value pairs for the log
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Accept when ``reply`` is None; otherwise send ``reply``.
+
+    ``close``: hang up after the reply (the reply must then be a 421 or 521/554 closing
+    reply from the catalogue).  ``tags`` go into the session's log line.
+    """
+
+    reply: Reply | None = None
+    close: bool = False
+    tags: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def accepted(self) -> bool:
+        return self.reply is None
+
+
+ACCEPT = Verdict()
+
+
+class Spooled(Protocol):
+    """Read access to a spooled message body (see ``mailgate.delivery.spool``)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read_head(self, limit: int) -> bytes: ...
+
+
+class Policy(Protocol):
+    """One method per stage; each may be slow (DNS, Redis) and must never raise."""
+
+    async def connect(self, client: Client) -> Verdict: ...
+
+    async def helo(self, client: Client, name: str) -> Verdict: ...
+
+    async def mail(self, client: Client, envelope: Envelope) -> Verdict: ...
+
+    async def rcpt(self, client: Client, envelope: Envelope, recipient: Recipient) -> Verdict: ...
+
+    async def data(self, client: Client, envelope: Envelope) -> Verdict: ...
+
+    async def message(self, client: Client, envelope: Envelope, body: Spooled) -> Verdict: ...
+
+
+class Mailboxes(Protocol):
+    """What policy needs to know of local mail (implemented by the delivery router)."""
+
+    def is_local_domain(self, domain: str) -> bool: ...
+
+    def has_recipient(self, local: str, domain: str) -> bool: ...

@@ -1,0 +1,72 @@
+"""Addresses and the envelope of one mail transaction, as the engine hands them on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A mailbox from a MAIL or RCPT path.
+
+    ``local`` is the local part as the client wrote it, without surrounding quotes but
+    with quoted-pair escapes removed; ``quoted`` records that it was a quoted string.
+    ``domain`` is a domain name or an address literal in brackets (``[192.0.2.1]``,
+    ``[IPv6:2001:db8::1]``, or ``[]`` for the upas loopback form).  A source route
+    (RFC 5321 Appendix C) is accepted by the grammar and dropped here.
+    An empty ``local`` and ``domain`` is the null reverse-path ``<>``; ``postmaster``
+    without a domain is the RFC 5321 special ``<Postmaster>`` recipient.
+    """
+
+    local: str
+    domain: str
+    quoted: bool = False
+
+    @property
+    def is_null(self) -> bool:
+        return not self.local and not self.domain
+
+    @property
+    def is_literal(self) -> bool:
+        return self.domain.startswith("[")
+
+    @property
+    def domain_lower(self) -> str:
+        return self.domain.lower()
+
+    def __str__(self) -> str:
+        if self.is_null:
+            return ""
+        local = self.local
+        if self.quoted:
+            local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return f"{local}@{self.domain}" if self.domain else local
+
+
+NULL_ADDRESS = Address("", "")
+
+
+@dataclass(slots=True)
+class Recipient:
+    """An accepted RCPT with its DSN parameters (RFC 3461)."""
+
+    address: Address
+    notify: tuple[str, ...] = ()
+    orcpt: str | None = None
+
+
+@dataclass(slots=True)
+class Envelope:
+    """One mail transaction as far as the engine knows it."""
+
+    helo: str = ""
+    extended: bool = False
+    sender: Address | None = None
+    body: str = "7BIT"  # 7BIT, 8BITMIME or BINARYMIME
+    smtputf8: bool = False
+    declared_size: int | None = None
+    ret: str | None = None  # DSN RET=FULL|HDRS
+    envid: str | None = None  # DSN ENVID, decoded from xtext
+    auth: str | None = None  # MAIL ... AUTH= (RFC 4954 section 5), decoded from xtext
+    recipients: list[Recipient] = field(default_factory=list)
+    chunked: bool = False  # the body arrived by BDAT

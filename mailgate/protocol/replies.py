@@ -1,0 +1,215 @@
+"""The reply catalogue: every reply mailgate can send, in one place.
+
+Each entry names a code, an RFC 3463 enhanced status code (or None where RFC 2034
+says none is sent: the greeting, the HELO/EHLO reply and 3xx intermediate replies)
+and a text.  A text may span several lines (separated by ``\\n``); every line of a
+multi-line reply carries the same code and enhanced code.
+
+Client-supplied values reach a reply only through :func:`clean`, which drops control
+characters (so no CR or LF can ever be echoed) and bounds the length, so a client can
+neither inject a reply line nor make one longer than RFC 5321's 512 octets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+ECHO_LIMIT: Final = 64  # the most characters of any client value echoed in a reply
+MAX_LINE: Final = 512  # RFC 5321 4.5.3.1.5: a reply line, CRLF included
+
+
+def clean(value: object, limit: int = ECHO_LIMIT) -> str:
+    """Make a value safe to echo: printable characters only, at most ``limit`` of them."""
+    text = str(value)
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One (possibly multi-line) reply: the code, the enhanced code and the text lines."""
+
+    code: int
+    enhanced: str | None
+    lines: tuple[str, ...]
+    name: str = ""
+
+    @property
+    def is_error(self) -> bool:
+        return self.code >= 400
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def to_bytes(self) -> bytes:
+        return _wire(self)
+
+    def with_preface(self, lines: list[str]) -> Reply:
+        """The same reply with extra (cleaned) lines before its own, e.g. a mailer's stderr."""
+        extra = tuple(clean(line, 200) for line in lines if line.strip())
+        return Reply(self.code, self.enhanced, extra + self.lines, self.name)
+
+    def __str__(self) -> str:
+        return self.to_bytes().decode("utf-8", "replace").rstrip("\r\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    code: int
+    enhanced: str | None
+    text: str
+
+
+# fmt: off
+CATALOGUE: Final[dict[str, Template]] = {
+    # --- connection ----------------------------------------------------------
+    "greeting":               Template(220, None, "{host} ESMTP mailgate"),
+    "quit":                   Template(221, "2.0.0", "{host} Service closing transmission channel"),
+    "closing.timeout":        Template(421, "4.4.2", "{host} Timeout waiting for client input, closing connection"),
+    "closing.shutdown":       Template(421, "4.3.2", "{host} shutting down"),
+    "closing.too_many_errors": Template(421, "4.7.0", "{host} Too many errors, closing connection"),
+    "closing.too_many_connections": Template(421, "4.7.0", "{host} Too many connections, try again later"),
+    "closing.too_many_from_client": Template(421, "4.7.0", "{host} Too many connections from your address, try again later"),
+    "closing.helo_refused":   Template(421, "4.7.1", "{host} HELO/EHLO name {name} refused: {reason}; closing connection"),
+    "closing.internal":       Template(421, "4.3.0", "{host} Local error, closing connection"),
+    "closing.auth_throttled": Template(421, "4.7.0", "{host} Too many failed authentication attempts, closing connection"),
+    "closing.bare_lf":        Template(521, "5.5.2", "{host} Bare LF or CR received in message data; lines must end with CRLF"),
+    "closing.proxy":          Template(421, "4.7.0", "{host} Bad PROXY protocol header, closing connection"),
+    # --- session -------------------------------------------------------------
+    "helo":                   Template(250, None, "{host} you are {name}"),
+    "ok":                     Template(250, "2.0.0", "OK"),
+    "noop":                   Template(250, "2.0.0", "OK"),
+    "help":                   Template(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH\nSee RFC 5321"),
+    "vrfy.cannot":            Template(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"),
+    "vrfy.ok":                Template(250, "2.1.5", "<{address}>"),
+    "vrfy.unknown":           Template(550, "5.1.1", "<{address}> ... user unknown"),
+    "expn.disabled":          Template(502, "5.5.1", "EXPN not available"),
+    # --- syntax --------------------------------------------------------------
+    "syntax.unknown":         Template(500, "5.5.1", "Command unrecognized"),
+    "syntax.too_long":        Template(500, "5.5.2", "Line too long"),
+    "syntax.bare_lf":         Template(500, "5.5.2", "Bare LF or CR in command line; lines must end with CRLF"),
+    "syntax.not_utf8":        Template(500, "5.5.2", "Command line is not valid UTF-8"),
+    "syntax.args":            Template(501, "5.5.2", "Syntax error in arguments: {detail}"),
+    "syntax.sender":          Template(501, "5.1.7", "Bad sender address syntax"),
+    "syntax.recipient":       Template(501, "5.1.3", "Bad recipient address syntax"),
+    "syntax.param":           Template(555, "5.5.4", "Unsupported or unknown parameter {param}"),
+    "syntax.param_value":     Template(501, "5.5.4", "Bad value for parameter {param}"),
+    "syntax.utf8_address":    Template(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter"),
+    "not_implemented":        Template(502, "5.5.1", "Command not implemented"),
+    # --- sequence ------------------------------------------------------------
+    "seq.need_helo":          Template(503, "5.5.1", "Start by saying HELO, please"),
+    "seq.need_mail":          Template(503, "5.5.1", "Need MAIL before RCPT"),
+    "seq.nested_mail":        Template(503, "5.5.1", "Sender already specified"),
+    "seq.need_rcpt":          Template(503, "5.5.1", "No valid recipients"),
+    "seq.need_mail_data":     Template(503, "5.5.1", "Need MAIL before DATA"),
+    "seq.data_after_bdat":    Template(503, "5.5.1", "DATA not allowed after BDAT in the same transaction"),
+    "seq.binarymime_data":    Template(503, "5.5.1", "BODY=BINARYMIME requires BDAT"),
+    "seq.bdat_aborted":       Template(503, "5.5.1", "Transaction aborted, BDAT data discarded"),
+    # --- size and limits -----------------------------------------------------
+    "size.declared":          Template(552, "5.3.4", "Message size exceeds fixed maximum message size ({limit} octets)"),
+    "size.exceeded":          Template(552, "5.3.4", "Message size exceeds fixed maximum message size ({limit} octets)"),
+    "rcpt.too_many":          Template(452, "4.5.3", "Too many recipients"),
+    # --- transaction ---------------------------------------------------------
+    "mail.ok":                Template(250, "2.1.0", "Sender <{address}> OK"),
+    "rcpt.ok":                Template(250, "2.1.5", "Recipient <{address}> OK"),
+    "data.go":                Template(354, None, "Start mail input; end with <CRLF>.<CRLF>"),
+    "data.accepted":          Template(250, "2.0.0", "OK: queued as {id}"),
+    "bdat.chunk":             Template(250, "2.0.0", "{size} octets received"),
+    # --- STARTTLS (RFC 3207) -------------------------------------------------
+    "starttls.ready":         Template(220, "2.0.0", "Ready to start TLS"),
+    "starttls.unavailable":   Template(454, "4.7.0", "TLS not available due to temporary reason"),
+    "starttls.already":       Template(503, "5.5.1", "TLS already active"),
+    "tls.required":           Template(530, "5.7.0", "Must issue a STARTTLS command first"),
+    # --- AUTH (RFC 4954) -----------------------------------------------------
+    "auth.challenge":         Template(334, None, "{challenge}"),
+    "auth.success":           Template(235, "2.7.0", "Authentication successful"),
+    "auth.failed":            Template(535, "5.7.8", "Authentication credentials invalid"),
+    "auth.bad_base64":        Template(501, "5.5.2", "Cannot Base64-decode client response"),
+    "auth.bad_response":      Template(501, "5.5.2", "Malformed authentication response"),
+    "auth.cancelled":         Template(501, "5.0.0", "Authentication cancelled"),
+    "auth.unknown_mech":      Template(504, "5.5.4", "Unrecognized authentication type"),
+    "auth.already":           Template(503, "5.5.1", "Already authenticated"),
+    "auth.in_transaction":    Template(503, "5.5.1", "AUTH not permitted during a mail transaction"),
+    "auth.encryption_required": Template(538, "5.7.11", "Encryption required for requested authentication mechanism"),
+    "auth.temporary":         Template(454, "4.7.0", "Temporary authentication failure"),
+    "auth.throttled":         Template(454, "4.7.0", "Too many failed authentication attempts, try again later"),
+    "auth.required":          Template(530, "5.7.0", "Authentication required"),
+    "auth.sender_not_owned":  Template(553, "5.7.1", "Sender address <{address}> not owned by user {user}"),
+    # --- policy: HELO, sender, recipient, relay ------------------------------
+    "helo.refused":           Template(550, "5.7.1", "HELO/EHLO name {name} refused: {reason}"),
+    "sender.domain_missing":  Template(550, "5.1.8", "Sender domain must exist: {domain}"),
+    "sender.dns_tempfail":    Template(451, "4.4.3", "Temporary DNS failure looking up sender domain {domain}"),
+    "sender.null_mx":         Template(550, "5.7.27", "Sender domain {domain} does not accept mail (null MX)"),
+    "rcpt.unknown":           Template(550, "5.1.1", "<{address}> ... user unknown"),
+    "rcpt.relay_denied":      Template(550, "5.7.1", "Relaying denied"),
+    "rcpt.loopback_disabled": Template(550, "5.7.1", "Loopback address form user@[] not accepted"),
+    # --- policy: access lists, DNSBL, greylisting (upas filter states) -------
+    "access.denied":          Template(554, "5.7.1", "We don't accept mail from {sender}.\nContact postmaster@{host} for more information."),
+    "access.client_denied":   Template(554, "5.7.1", "Access denied for {ip}.\nContact postmaster@{host} for more information."),
+    "access.blocked":         Template(554, "5.7.1", "we believe this is spam.  we don't accept it."),
+    "access.delay":           Template(451, "4.7.1", "Please try again later"),
+    "access.dialup":          Template(554, "5.7.1", "We don't accept mail from dial-up ports."),
+    "access.dnsbl":           Template(554, "5.7.1", "Client {ip} is listed by {zone}: {reason}"),
+    "greylist.deferred":      Template(451, "4.7.1", "Greylisted, please try again later"),
+    "filter.internal":        Template(451, "4.3.0", "Internal error classifying message"),
+    # --- delivery ------------------------------------------------------------
+    "delivery.local_error":   Template(451, "4.3.0", "Requested action aborted: local error in processing"),
+    "delivery.storage":       Template(452, "4.3.1", "Insufficient system storage"),
+    "delivery.mailer_failed": Template(451, "4.3.0", "mail process terminated abnormally"),
+    "delivery.mailer_refused": Template(554, "5.6.0", "mail refused by the mail processor"),
+    "delivery.downstream_temp": Template(451, "4.4.0", "Downstream delivery failed temporarily, try again later"),
+    "delivery.downstream_perm": Template(554, "5.0.0", "Downstream refused the message"),
+    "delivery.downstream_rcpt_temp": Template(451, "4.4.0", "Downstream deferred <{address}>"),
+    "delivery.downstream_rcpt_perm": Template(550, "5.1.1", "Downstream refused <{address}>"),
+    "delivery.smarthost_temp": Template(451, "4.4.1", "Smarthost unavailable, try again later"),
+    "delivery.smarthost_perm": Template(554, "5.0.0", "Smarthost refused the message"),
+}
+# fmt: on
+
+
+def _wire(r: Reply) -> bytes:
+    cached = _WIRE.get(r)
+    if cached is not None:
+        return cached
+    head = f"{r.enhanced} " if r.enhanced else ""
+    last = len(r.lines) - 1
+    out = []
+    for i, line in enumerate(r.lines):
+        raw = f"{r.code}{' ' if i == last else '-'}{head}{line}".encode("utf-8", "replace")
+        out.append(raw[: MAX_LINE - 2] + b"\r\n")
+    data = b"".join(out)
+    if r.name in _CONSTANT_NAMES:
+        _WIRE[r] = data
+    return data
+
+
+def _build(name: str, tpl: Template, args: dict[str, object]) -> Reply:
+    text = tpl.text.format(**{k: clean(v) for k, v in args.items()}) if args else tpl.text
+    return Reply(tpl.code, tpl.enhanced, tuple(text.split("\n")), name)
+
+
+_CONSTANT_NAMES: Final = frozenset(n for n, t in CATALOGUE.items() if "{" not in t.text)
+_WIRE: dict[Reply, bytes] = {}
+
+# Replies with no placeholders are built once: the hot path only looks them up.
+_CONSTANT: Final[dict[str, Reply]] = {
+    name: _build(name, tpl, {}) for name, tpl in CATALOGUE.items() if "{" not in tpl.text
+}
+
+
+def reply(name: str, **args: object) -> Reply:
+    """The catalogue entry ``name``, filled in with cleaned ``args``."""
+    constant = _CONSTANT.get(name)
+    if constant is not None:
+        return constant
+    return _build(name, CATALOGUE[name], args)
+
+
+def multiline(name: str, lines: list[str], **args: object) -> Reply:
+    """Entry ``name`` preceded by extra lines (for instance a mailer's stderr)."""
+    return reply(name, **args).with_preface(lines)

@@ -1,0 +1,1 @@
+"""asyncio transport: listeners, sessions driving the protocol engine, timeouts, limits."""
