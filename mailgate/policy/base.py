@@ -88,3 +88,32 @@ class Mailboxes(Protocol):
     def is_local_domain(self, domain: str) -> bool: ...
 
     def has_recipient(self, local: str, domain: str) -> bool: ...
+
+
+class Step:
+    """A policy step: accepts everything unless a subclass says otherwise.
+
+    The policy engine runs its steps in order at each stage and stops at the first
+    verdict that is not an accept.  A site's own step subclasses this and overrides
+    only the stages it cares about.
+    """
+
+    name = "step"
+
+    async def connect(self, client: Client) -> Verdict:
+        return ACCEPT
+
+    async def helo(self, client: Client, name: str) -> Verdict:
+        return ACCEPT
+
+    async def mail(self, client: Client, envelope: Envelope) -> Verdict:
+        return ACCEPT
+
+    async def rcpt(self, client: Client, envelope: Envelope, recipient: Recipient) -> Verdict:
+        return ACCEPT
+
+    async def data(self, client: Client, envelope: Envelope) -> Verdict:
+        return ACCEPT
+
+    async def message(self, client: Client, envelope: Envelope, body: Spooled) -> Verdict:
+        return ACCEPT
