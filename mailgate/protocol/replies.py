@@ -160,6 +160,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     # --- delivery ------------------------------------------------------------
     "delivery.local_error":   Template(451, "4.3.0", "Requested action aborted: local error in processing"),
     "delivery.storage":       Template(452, "4.3.1", "Insufficient system storage"),
+    "delivery.mailbox_busy":  Template(450, "4.2.0", "Mailbox busy, try again later"),
     "delivery.mailer_failed": Template(451, "4.3.0", "mail process terminated abnormally"),
     "delivery.mailer_refused": Template(554, "5.6.0", "mail refused by the mail processor"),
     "delivery.downstream_temp": Template(451, "4.4.0", "Downstream delivery failed temporarily, try again later"),
