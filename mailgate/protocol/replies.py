@@ -137,6 +137,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "auth.in_transaction":    Template(503, "5.5.1", "AUTH not permitted during a mail transaction"),
     "auth.encryption_required": Template(538, "5.7.11", "Encryption required for requested authentication mechanism"),
     "auth.temporary":         Template(454, "4.7.0", "Temporary authentication failure"),
+    "auth.no_channel_binding": Template(504, "5.5.4", "Channel binding is not supported; use SCRAM without -PLUS"),
     "auth.throttled":         Template(454, "4.7.0", "Too many failed authentication attempts, try again later"),
     "auth.required":          Template(530, "5.7.0", "Authentication required"),
     "auth.sender_not_owned":  Template(553, "5.7.1", "Sender address <{address}> not owned by user {user}"),
@@ -203,14 +204,14 @@ _CONSTANT: Final[dict[str, Reply]] = {
 }
 
 
-def reply(name: str, **args: object) -> Reply:
-    """The catalogue entry ``name``, filled in with cleaned ``args``."""
-    constant = _CONSTANT.get(name)
+def reply(key: str, /, **args: object) -> Reply:
+    """The catalogue entry ``key``, filled in with cleaned ``args``."""
+    constant = _CONSTANT.get(key)
     if constant is not None:
         return constant
-    return _build(name, CATALOGUE[name], args)
+    return _build(key, CATALOGUE[key], args)
 
 
-def multiline(name: str, lines: list[str], **args: object) -> Reply:
-    """Entry ``name`` preceded by extra lines (for instance a mailer's stderr)."""
-    return reply(name, **args).with_preface(lines)
+def multiline(key: str, lines: list[str], /, **args: object) -> Reply:
+    """Entry ``key`` preceded by extra lines (for instance a mailer's stderr)."""
+    return reply(key, **args).with_preface(lines)

@@ -1,0 +1,730 @@
+"""The SMTP server state machine, sans-I/O (in the manner of h11).
+
+Feed bytes with :meth:`Connection.receive_data`, pull events with
+:meth:`Connection.next_event` until it returns ``NEED_DATA``, answer decision events
+(see :mod:`mailgate.protocol.events`), and send what :meth:`data_to_send` returns.
+Replies the engine can give on its own (syntax, sequence, limits) never become events
+(except a :class:`Rejected` note for logs); the replies of one pipelined group collect
+in the output buffer until the driver flushes it, so they leave in one write.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from mailgate.protocol import events as ev
+from mailgate.protocol.body import ChunkReader, DotReader
+from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.grammar import (
+    GrammarError,
+    decode_xtext,
+    parse_helo_name,
+    parse_notify,
+    parse_orcpt,
+    parse_params,
+    parse_path,
+    split_path_and_params,
+)
+from mailgate.protocol.replies import Reply, reply
+
+MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, CRLF included
+MAX_MAIL_RCPT_LINE = 2048  # room for SIZE, BODY, SMTPUTF8, RET, ENVID, AUTH=, NOTIFY, ORCPT
+MAX_AUTH_LINE = 12288  # RFC 4954 4: AUTH lines and SASL responses
+_SASL_PLAINTEXT = frozenset({"PLAIN", "LOGIN"})
+_MAX_BDAT_DIGITS = 18
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the engine needs to know about this server and this client's listener."""
+
+    hostname: str
+    max_message_size: int = 36_700_160
+    max_recipients: int = 100
+    max_errors: int = 20
+    starttls: bool = False  # a certificate is configured
+    auth_mechanisms: tuple[str, ...] = ()  # configured SASL mechanisms, upper case
+    allow_plaintext_auth: bool = False  # PLAIN/LOGIN without TLS
+    require_tls: bool = False  # no MAIL/AUTH before STARTTLS
+    require_auth: bool = False  # no MAIL before AUTH (submission)
+    vrfy: bool = False  # VRFY becomes a decision event instead of 252
+    normalize_bare_lf: bool = False  # this client may end lines with bare LF
+
+
+class State(Enum):
+    COMMAND = auto()
+    DATA = auto()
+    BDAT = auto()
+    AUTH = auto()  # waiting for a SASL response line
+    TLS = auto()  # 220 sent, waiting for the handshake
+    CLOSED = auto()
+
+
+class Connection:
+    """One SMTP server session's protocol state."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = State.COMMAND
+        self.helo: str | None = None
+        self.extended = False
+        self.tls_active = False
+        self.authenticated: str | None = None
+        self.errors = 0  # refusals so far (reject accounting)
+        self.envelope: Envelope | None = None
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._events: deque[ev.Event] = deque()
+        self._pending: ev.Event | None = None
+        self._prospective: Envelope | None = None
+        self._dot: DotReader | None = None
+        self._chunk: ChunkReader | None = None
+        self._chunk_last = False
+        self._chunk_sink = False  # discard the current BDAT chunk
+        self._body_size = 0
+        self._too_big = False
+        self._discard_line = False  # inside an over-long command line
+
+    # -- driver API ------------------------------------------------------------
+
+    def greet(self) -> None:
+        self._send(reply("greeting", host=self.settings.hostname))
+
+    def refuse(self, r: Reply) -> None:
+        """Refuse the session at connect (421/554) and close."""
+        self._send(r)
+        self._close()
+
+    def timeout(self) -> None:
+        self._send(reply("closing.timeout", host=self.settings.hostname))
+        self._close()
+
+    def shutdown(self, r: Reply | None = None) -> None:
+        self._send(r or reply("closing.shutdown", host=self.settings.hostname))
+        self._close()
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state is not State.CLOSED and self.state is not State.TLS:
+            self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    @property
+    def in_data(self) -> bool:
+        return self.state in (State.DATA, State.BDAT)
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self) -> ev.Event | ev._Sentinel:
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self._pending is not None:
+                return ev.PAUSED
+            state = self.state
+            if state is State.CLOSED:
+                return ev.NEED_DATA
+            if state is State.DATA:
+                if not self._read_data():
+                    return ev.NEED_DATA
+            elif state is State.BDAT:
+                if not self._read_chunk():
+                    return ev.NEED_DATA
+            elif state is State.TLS:
+                return ev.NEED_DATA
+            else:
+                line = self._take_line(MAX_AUTH_LINE if state is State.AUTH else None)
+                if line is None:
+                    return ev.NEED_DATA
+                if state is State.AUTH:
+                    self._auth_line(line)
+                else:
+                    self._command(line)
+
+    # -- decisions ---------------------------------------------------------------
+
+    def accept(self, r: Reply | None = None) -> None:
+        """Accept the pending decision, with the default reply unless one is given."""
+        pending = self._take_pending()
+        if isinstance(pending, ev.Helo):
+            self.helo = pending.name
+            self.extended = pending.extended
+            self._reset_transaction()
+            self._send(r or self._helo_reply(pending))
+        elif isinstance(pending, ev.MailFrom):
+            self.envelope = pending.envelope
+            sender = pending.envelope.sender
+            self._send(r or reply("mail.ok", address=str(sender) if sender else ""))
+        elif isinstance(pending, ev.RcptTo):
+            assert self.envelope is not None
+            self.envelope.recipients.append(pending.recipient)
+            self._send(r or reply("rcpt.ok", address=str(pending.recipient.address)))
+        elif isinstance(pending, ev.DataStart):
+            self._start_body(pending.chunked)
+            if not pending.chunked:
+                self._send(r or reply("data.go"))
+        elif isinstance(pending, ev.MessageEnd):
+            self._send(r or reply("data.accepted", id="-"))
+            self._reset_transaction()
+        elif isinstance(pending, ev.StartTLS):
+            self._send(r or reply("starttls.ready"))
+            self._buf.clear()  # RFC 3207 5: pipelined plaintext after STARTTLS is void
+            self.state = State.TLS
+        elif isinstance(pending, ev.Verify):
+            self._send(r or reply("vrfy.ok", address=str(pending.address)))
+        else:
+            raise RuntimeError(f"accept() with no decision pending ({pending!r})")
+
+    def reject(self, r: Reply, *, close: bool = False) -> None:
+        """Refuse the pending decision with ``r`` (and hang up if ``close``)."""
+        pending = self._take_pending()
+        if isinstance(pending, ev.DataStart) and pending.chunked:
+            # The chunk that came with the refused BDAT must still be read (RFC 3030).
+            self._chunk_sink = True
+            self._reset_transaction()
+            self._send_later = r
+        else:
+            if isinstance(pending, ev.MessageEnd):
+                self._reset_transaction()
+            self._send(r)
+        if close:
+            self._close()
+
+    def tls_started(self) -> None:
+        """The handshake succeeded: forget everything learned before (RFC 3207 4.2)."""
+        self.tls_active = True
+        self.helo = None
+        self.extended = False
+        self.authenticated = None
+        self._reset_transaction()
+        self._buf.clear()
+        self.state = State.COMMAND
+
+    def auth_challenge(self, challenge: bytes) -> None:
+        self._take_pending()
+        self._send(reply("auth.challenge", challenge=base64.b64encode(challenge).decode()))
+        self.state = State.AUTH
+
+    def auth_success(self, user: str) -> None:
+        self._take_pending()
+        self.authenticated = user
+        self.state = State.COMMAND
+        self._send(reply("auth.success"))
+        # Nothing the client pipelined before seeing 235 may run as authenticated.
+        self._buf.clear()
+
+    def auth_failure(self, r: Reply, *, close: bool = False) -> None:
+        self._take_pending()
+        self.state = State.COMMAND
+        self._send(r)
+        if close:
+            self._close()
+
+    # -- internals: output -------------------------------------------------------
+
+    _send_later: Reply | None = None
+
+    def _send(self, r: Reply) -> None:
+        if self.state is State.CLOSED:
+            return
+        if r.code >= 400:
+            self.errors += 1
+        self._out.append(r.to_bytes())
+
+    def _close(self) -> None:
+        if self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            self._buf.clear()
+            self._events.append(ev.Closed())
+
+    def _refuse(self, command: str, r: Reply) -> None:
+        self._send(r)
+        self._events.append(ev.Rejected(command, r))
+
+    def _decide(self, event: ev.Event) -> None:
+        self._pending = event
+        self._events.append(event)
+
+    def _take_pending(self) -> ev.Event:
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError("no decision is pending")
+        self._pending = None
+        return pending
+
+    def _reset_transaction(self) -> None:
+        self.envelope = None
+        self._dot = None
+        self._body_size = 0
+        self._too_big = False
+
+    def _helo_reply(self, helo: ev.Helo) -> Reply:
+        base = reply("helo", host=self.settings.hostname, name=helo.name)
+        if not helo.extended:
+            return base
+        s = self.settings
+        lines = [
+            base.lines[0],
+            "PIPELINING",
+            f"SIZE {s.max_message_size}",
+            "8BITMIME",
+            "BINARYMIME",
+            "CHUNKING",
+            "SMTPUTF8",
+            "DSN",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if s.starttls and not self.tls_active:
+            lines.append("STARTTLS")
+        mechs = self._offered_mechanisms()
+        if mechs and not self.authenticated:
+            lines.append("AUTH " + " ".join(mechs))
+        if s.vrfy:
+            lines.append("VRFY")
+        return Reply(250, None, tuple(lines), "ehlo")
+
+    def _offered_mechanisms(self) -> list[str]:
+        s = self.settings
+        if s.require_tls and not self.tls_active:
+            return []
+        plaintext_ok = self.tls_active or s.allow_plaintext_auth
+        return [m for m in s.auth_mechanisms if plaintext_ok or m not in _SASL_PLAINTEXT]
+
+    # -- internals: input --------------------------------------------------------
+
+    def _take_line(self, limit: int | None) -> bytes | None:
+        """The next complete line without its line end, or None if incomplete.
+
+        Over-long lines are discarded up to their end and answered 500 5.5.2; lines
+        ended by a bare LF (or holding a bare CR) are answered 500 5.5.2 unless this
+        client may use bare LF.  Both cases return b"\\0" which no command matches.
+        """
+        buf = self._buf
+        while True:
+            nl = buf.find(b"\n")
+            if limit is None:
+                head = bytes(buf[:4]).upper()
+                limit = (
+                    MAX_AUTH_LINE
+                    if head == b"AUTH"
+                    else MAX_MAIL_RCPT_LINE
+                    if head in (b"MAIL", b"RCPT")
+                    else MAX_COMMAND_LINE
+                )
+            if nl < 0:
+                if len(buf) > limit or self._discard_line:
+                    self._discard_line = True
+                    del buf[:]
+                return None
+            if self._discard_line or nl + 1 > limit:
+                del buf[: nl + 1]
+                self._discard_line = False
+                self._refuse("line", reply("syntax.too_long"))
+                return b"\0"
+            line = bytes(buf[:nl])
+            del buf[: nl + 1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            elif not self.settings.normalize_bare_lf:
+                self._refuse("line", reply("syntax.bare_lf"))
+                return b"\0"
+            if b"\r" in line:
+                self._refuse("line", reply("syntax.bare_lf"))
+                return b"\0"
+            return line
+
+    def _command(self, raw: bytes) -> None:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            line = "\0"
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        # upas rejectcheck: past the error budget every command but QUIT gets 421.
+        if self.errors >= self.settings.max_errors and verb != "QUIT":
+            self._send(reply("closing.too_many_errors", host=self.settings.hostname))
+            self._close()
+            return
+        if raw == b"\0":
+            return  # already answered by _take_line
+        if line == "\0":
+            self._refuse("line", reply("syntax.not_utf8"))
+            return
+        handler = self._HANDLERS.get(verb)
+        if handler is None:
+            self._refuse(verb[:16] or "empty", reply("syntax.unknown"))
+            return
+        try:
+            handler(self, arg)
+        except GrammarError as err:
+            self._refuse(verb, reply(err.reply, **err.args_))
+
+    # -- commands ----------------------------------------------------------------
+
+    def _cmd_helo(self, arg: str, extended: bool = False) -> None:
+        name = parse_helo_name(arg)
+        self._decide(ev.Helo(name, extended))
+
+    def _cmd_ehlo(self, arg: str) -> None:
+        self._cmd_helo(arg, extended=True)
+
+    def _cmd_mail(self, arg: str) -> None:
+        s = self.settings
+        if self.helo is None:
+            return self._refuse("MAIL", reply("seq.need_helo"))
+        if self.envelope is not None:
+            return self._refuse("MAIL", reply("seq.nested_mail"))
+        if s.require_tls and not self.tls_active:
+            return self._refuse("MAIL", reply("tls.required"))
+        if s.require_auth and not self.authenticated:
+            return self._refuse("MAIL", reply("auth.required"))
+        try:
+            path, items = split_path_and_params(arg, "FROM:")
+        except GrammarError:
+            return self._refuse("MAIL", reply("syntax.args", detail="expected FROM:<address>"))
+        params = parse_params(items)
+        env = Envelope(helo=self.helo, extended=self.extended)
+        for p in params:
+            self._mail_param(env, p.keyword, p.value)
+        try:
+            sender = parse_path(path, utf8=env.smtputf8, allow_null=True)
+        except GrammarError:
+            if not env.smtputf8 and not path.isascii():
+                return self._refuse("MAIL", reply("syntax.utf8_address"))
+            return self._refuse("MAIL", reply("syntax.sender"))
+        env.sender = sender
+        if env.declared_size is not None and env.declared_size > s.max_message_size:
+            return self._refuse("MAIL", reply("size.declared", limit=s.max_message_size))
+        self._decide(ev.MailFrom(env))
+
+    def _mail_param(self, env: Envelope, kw: str, value: str | None) -> None:
+        if not self.extended:
+            raise GrammarError("syntax.param", param=kw)
+        if kw == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                raise GrammarError("syntax.param_value", param=kw)
+            env.declared_size = int(value)
+        elif kw == "BODY":
+            body = (value or "").upper()
+            if body not in ("7BIT", "8BITMIME", "BINARYMIME"):
+                raise GrammarError("syntax.param_value", param=kw)
+            env.body = body
+        elif kw == "SMTPUTF8":
+            if value is not None:
+                raise GrammarError("syntax.param_value", param=kw)
+            env.smtputf8 = True
+        elif kw == "RET":
+            ret = (value or "").upper()
+            if ret not in ("FULL", "HDRS"):
+                raise GrammarError("syntax.param_value", param=kw)
+            env.ret = ret
+        elif kw == "ENVID":
+            if value is None:
+                raise GrammarError("syntax.param_value", param=kw)
+            env.envid = decode_xtext(value, kw)
+            if len(env.envid) > 100:  # RFC 3461 4.4
+                raise GrammarError("syntax.param_value", param=kw)
+        elif kw == "AUTH":
+            if value is None:
+                raise GrammarError("syntax.param_value", param=kw)
+            env.auth = decode_xtext(value, kw)
+        else:
+            raise GrammarError("syntax.param", param=kw)
+
+    def _cmd_rcpt(self, arg: str) -> None:
+        if self.helo is None:
+            return self._refuse("RCPT", reply("seq.need_helo"))
+        env = self.envelope
+        if env is None:
+            return self._refuse("RCPT", reply("seq.need_mail"))
+        if len(env.recipients) >= self.settings.max_recipients:
+            return self._refuse("RCPT", reply("rcpt.too_many"))
+        try:
+            path, items = split_path_and_params(arg, "TO:")
+        except GrammarError:
+            return self._refuse("RCPT", reply("syntax.args", detail="expected TO:<address>"))
+        rcpt = Recipient(Address("", ""))
+        for p in parse_params(items):
+            if not self.extended:
+                raise GrammarError("syntax.param", param=p.keyword)
+            if p.keyword == "NOTIFY" and p.value:
+                rcpt.notify = parse_notify(p.value)
+            elif p.keyword == "ORCPT" and p.value:
+                rcpt.orcpt = parse_orcpt(p.value)
+            elif p.keyword in ("NOTIFY", "ORCPT"):
+                raise GrammarError("syntax.param_value", param=p.keyword)
+            else:
+                raise GrammarError("syntax.param", param=p.keyword)
+        if path.lower() == "<postmaster>":
+            rcpt.address = Address("postmaster", "")
+        else:
+            try:
+                rcpt.address = parse_path(path, utf8=env.smtputf8, allow_null=False)
+            except GrammarError:
+                if not env.smtputf8 and not path.isascii():
+                    return self._refuse("RCPT", reply("syntax.utf8_address"))
+                return self._refuse("RCPT", reply("syntax.recipient"))
+        self._decide(ev.RcptTo(rcpt, env))
+
+    def _cmd_data(self, arg: str) -> None:
+        if arg:
+            return self._refuse("DATA", reply("syntax.args", detail="DATA takes no argument"))
+        env = self.envelope
+        if env is None:
+            return self._refuse("DATA", reply("seq.need_mail_data"))
+        if env.chunked:
+            return self._refuse("DATA", reply("seq.data_after_bdat"))
+        if not env.recipients:
+            return self._refuse("DATA", reply("seq.need_rcpt"))
+        if env.body == "BINARYMIME":
+            return self._refuse("DATA", reply("seq.binarymime_data"))
+        self._decide(ev.DataStart(copy.copy(env), chunked=False))
+
+    def _cmd_bdat(self, arg: str) -> None:
+        parts = arg.split(" ")
+        size_text = parts[0]
+        last = len(parts) == 2 and parts[1].upper() == "LAST"
+        if not size_text.isdigit() or len(size_text) > _MAX_BDAT_DIGITS:
+            return self._refuse("BDAT", reply("syntax.args", detail="BDAT <size> [LAST]"))
+        size = int(size_text)
+        self._chunk = ChunkReader(size)
+        self._chunk_last = last
+        self.state = State.BDAT
+        env = self.envelope
+        if len(parts) > 2 or (len(parts) == 2 and not last):
+            return self._sink_chunk(reply("syntax.args", detail="BDAT <size> [LAST]"))
+        if env is None:
+            return self._sink_chunk(reply("seq.bdat_aborted"))
+        if not env.recipients:
+            return self._sink_chunk(reply("seq.need_rcpt"))
+        if env.chunked:
+            self._chunk_sink = False
+            return
+        env.chunked = True
+        self._chunk_sink = False
+        self._decide(ev.DataStart(copy.copy(env), chunked=True))
+
+    def _sink_chunk(self, r: Reply) -> None:
+        """Read and drop the chunk of a refused BDAT, then send ``r``."""
+        self._chunk_sink = True
+        self._send_later = r
+        self._reset_transaction()
+
+    def _cmd_rset(self, arg: str) -> None:
+        if arg:
+            return self._refuse("RSET", reply("syntax.args", detail="RSET takes no argument"))
+        self._reset_transaction()
+        self._send(reply("ok"))
+
+    def _cmd_noop(self, arg: str) -> None:
+        self._send(reply("noop"))
+
+    def _cmd_quit(self, arg: str) -> None:
+        if arg:
+            return self._refuse("QUIT", reply("syntax.args", detail="QUIT takes no argument"))
+        self._send(reply("quit", host=self.settings.hostname))
+        self._close()
+
+    def _cmd_help(self, arg: str) -> None:
+        self._send(reply("help"))
+
+    def _cmd_vrfy(self, arg: str) -> None:
+        if not arg.strip():
+            return self._refuse("VRFY", reply("syntax.args", detail="VRFY <address>"))
+        if not self.settings.vrfy:
+            self._send(reply("vrfy.cannot"))
+            return
+        text = arg.strip()
+        if not text.startswith("<"):
+            text = f"<{text}>"
+        try:
+            address = parse_path(text, utf8=not text.isascii(), allow_null=False)
+        except GrammarError:
+            return self._refuse("VRFY", reply("syntax.recipient"))
+        self._decide(ev.Verify(address))
+
+    def _cmd_expn(self, arg: str) -> None:
+        self._refuse("EXPN", reply("expn.disabled"))
+
+    def _cmd_starttls(self, arg: str) -> None:
+        if not self.settings.starttls:
+            return self._refuse("STARTTLS", reply("not_implemented"))
+        if arg:
+            return self._refuse(
+                "STARTTLS", reply("syntax.args", detail="STARTTLS takes no argument")
+            )
+        if self.tls_active:
+            return self._refuse("STARTTLS", reply("starttls.already"))
+        self._decide(ev.StartTLS())
+
+    def _cmd_auth(self, arg: str) -> None:
+        s = self.settings
+        if not s.auth_mechanisms:
+            return self._refuse("AUTH", reply("not_implemented"))
+        if self.helo is None or not self.extended:
+            return self._refuse("AUTH", reply("seq.need_helo"))
+        if self.authenticated:
+            return self._refuse("AUTH", reply("auth.already"))
+        if self.envelope is not None:
+            return self._refuse("AUTH", reply("auth.in_transaction"))
+        if s.require_tls and not self.tls_active:
+            return self._refuse("AUTH", reply("tls.required"))
+        mech, _, initial = arg.partition(" ")
+        mech = mech.upper()
+        if not mech or " " in initial:
+            return self._refuse("AUTH", reply("syntax.args", detail="AUTH <mechanism> [response]"))
+        if mech not in s.auth_mechanisms:
+            return self._refuse("AUTH", reply("auth.unknown_mech"))
+        if mech not in self._offered_mechanisms():
+            return self._refuse("AUTH", reply("auth.encryption_required"))
+        data: bytes | None = None
+        if initial == "*":
+            return self._refuse("AUTH", reply("auth.cancelled"))
+        if initial:
+            data = self._b64(initial)
+            if data is None:
+                return self._refuse("AUTH", reply("auth.bad_base64"))
+        self._decide(ev.AuthStart(mech, data))
+
+    @staticmethod
+    def _b64(text: str) -> bytes | None:
+        if text == "=":
+            return b""
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    def _auth_line(self, raw: bytes) -> None:
+        # The exchange ends here unless the driver answers with another challenge.
+        self.state = State.COMMAND
+        if raw == b"\0":
+            self._events.append(ev.AuthAborted(reply("syntax.too_long")))
+            return
+        text = raw.decode("ascii", "replace").strip()
+        if text == "*":
+            r = reply("auth.cancelled")
+            self._send(r)
+            self._events.append(ev.AuthAborted(r))
+            return
+        data = self._b64(text) if text else b""
+        if data is None:
+            r = reply("auth.bad_base64")
+            self._send(r)
+            self._events.append(ev.AuthAborted(r))
+            return
+        self._decide(ev.AuthResponse(data))
+
+    _HANDLERS = {
+        "HELO": _cmd_helo,
+        "EHLO": _cmd_ehlo,
+        "MAIL": _cmd_mail,
+        "RCPT": _cmd_rcpt,
+        "DATA": _cmd_data,
+        "BDAT": _cmd_bdat,
+        "RSET": _cmd_rset,
+        "NOOP": _cmd_noop,
+        "QUIT": _cmd_quit,
+        "HELP": _cmd_help,
+        "VRFY": _cmd_vrfy,
+        "EXPN": _cmd_expn,
+        "STARTTLS": _cmd_starttls,
+        "AUTH": _cmd_auth,
+    }
+
+    # -- body ----------------------------------------------------------------------
+
+    def _start_body(self, chunked: bool) -> None:
+        self._body_size = 0
+        self._too_big = False
+        if chunked:
+            self.state = State.BDAT
+        else:
+            self._dot = DotReader(self.settings.normalize_bare_lf)
+            self.state = State.DATA
+
+    def _account(self, data: bytes) -> None:
+        """Count body bytes; past the size limit stop passing them on."""
+        if not data or self._too_big:
+            return
+        self._body_size += len(data)
+        if self._body_size > self.settings.max_message_size:
+            self._too_big = True
+            return
+        self._events.append(ev.BodyChunk(data))
+
+    def _read_data(self) -> bool:
+        if not self._buf:
+            return False
+        assert self._dot is not None
+        result = self._dot.feed(bytes(self._buf))
+        self._buf.clear()
+        if result.bare:
+            r = reply("closing.bare_lf", host=self.settings.hostname)
+            self._events.append(ev.MessageAborted(r))
+            self._reset_transaction()
+            self._send(r)
+            self._close()
+            return True
+        self._account(result.body)
+        if not result.done:
+            return True
+        self._buf += result.rest
+        self._finish_message()
+        return True
+
+    def _finish_message(self) -> None:
+        env = self.envelope
+        self.state = State.COMMAND
+        if self._too_big or env is None:
+            r = reply("size.exceeded", limit=self.settings.max_message_size)
+            self._events.append(ev.MessageAborted(r))
+            self._reset_transaction()
+            self._send(r)
+            return
+        self._decide(ev.MessageEnd(env, self._body_size))
+
+    def _read_chunk(self) -> bool:
+        chunk = self._chunk
+        assert chunk is not None
+        if chunk.remaining and not self._buf:
+            return False
+        data, rest = chunk.feed(bytes(self._buf))
+        self._buf[:] = rest
+        if not self._chunk_sink:
+            self._account(data)
+        if chunk.remaining:
+            return True
+        self.state = State.COMMAND
+        self._chunk = None
+        if self._chunk_sink:
+            self._chunk_sink = False
+            r, self._send_later = self._send_later, None
+            if r is not None:
+                self._refuse("BDAT", r)
+            return True
+        if self._too_big:
+            r = reply("size.exceeded", limit=self.settings.max_message_size)
+            self._events.append(ev.MessageAborted(r))
+            self._reset_transaction()
+            self._refuse("BDAT", r)
+            return True
+        if self._chunk_last:
+            self._finish_message()
+        else:
+            self._send(reply("bdat.chunk", size=self._body_size))
+        return True

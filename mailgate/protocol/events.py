@@ -1,0 +1,137 @@
+"""Events the engine hands to its driver.
+
+Events marked *decision* pause the engine: it reads no further input until the
+driver answers with ``accept()`` / ``reject()`` (or, for AUTH, ``auth_challenge()``,
+``auth_success()``, ``auth_failure()``).  That is what keeps pipelining safe: nothing
+after a command is acted on before that command's reply is decided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.replies import Reply
+
+
+class Event:
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Helo(Event):
+    """HELO/EHLO (decision).  On accept the transaction is reset."""
+
+    name: str
+    extended: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MailFrom(Event):
+    """MAIL FROM (decision).  ``envelope`` is the prospective new transaction."""
+
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class RcptTo(Event):
+    """RCPT TO (decision).  ``envelope`` is the transaction so far."""
+
+    recipient: Recipient
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class DataStart(Event):
+    """DATA, or the first BDAT of a transaction (decision: accept starts the body)."""
+
+    envelope: Envelope
+    chunked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BodyChunk(Event):
+    """A slice of the message (unstuffed, CRLF line ends); store it as it comes."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd(Event):
+    """The data is complete (decision: the driver answers with the delivery result)."""
+
+    envelope: Envelope
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageAborted(Event):
+    """The message was refused by the engine itself (size, bare LF); drop the spool.
+
+    The engine has already queued ``reply``."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Verify(Event):
+    """VRFY when verification is enabled (decision)."""
+
+    address: Address
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS(Event):
+    """STARTTLS (decision).  On accept the engine queues 220 and discards buffered
+    input; the driver flushes, runs the handshake and calls ``tls_started()``."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthStart(Event):
+    """AUTH <mechanism> [initial-response] (decision via the auth_* methods).
+
+    ``initial`` is the decoded initial response (b"" for ``=``), or None."""
+
+    mechanism: str
+    initial: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse(Event):
+    """A decoded client line in an AUTH exchange (decision via the auth_* methods)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAborted(Event):
+    """The client cancelled with ``*`` or sent bad base64; the engine replied."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Closed(Event):
+    """The engine is done (QUIT, 421, 521): flush the output and close."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected(Event):
+    """The engine itself refused a command (syntax, sequence); for logs and counters."""
+
+    command: str
+    reply: Reply
+
+
+class _Sentinel:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")  # feed more bytes with receive_data()
+PAUSED = _Sentinel("PAUSED")  # a decision is pending
