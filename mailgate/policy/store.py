@@ -1,0 +1,309 @@
+"""A small async key/value store with expiry, shared by greylisting and throttles.
+
+Three backends behind one :class:`Store` protocol:
+
+* :class:`SQLiteStore`: a local file (WAL mode) that survives a restart.  All SQLite
+  calls run on one dedicated worker thread, so the event loop never waits on disk and
+  the connection is only ever touched by the thread that opened it.
+* :class:`RedisStore`: Redis through ``redis.asyncio``, so that several mailgate
+  instances share their state.
+* :class:`MemoryStore`: a dict, for tests of code that only needs some store.
+
+Every method of every backend raises :class:`StoreError` (and nothing else) when the
+backend fails, e.g. Redis is unreachable or the database file is unreadable; callers
+decide whether that fails open or closed.  ``incr`` on a key that holds something other
+than an integer raises :class:`StoreError` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Protocol, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+Clock = Callable[[], float]
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (backend down, bad file, not an integer)."""
+
+
+class Store(Protocol):
+    """Strings under string keys, each with an optional time to live in seconds."""
+
+    async def get(self, key: str) -> str | None: ...
+
+    async def set(self, key: str, value: str, ttl: float | None = None) -> None: ...
+
+    async def incr(self, key: str, ttl: float | None = None) -> int:
+        """Add 1 atomically (a missing key counts as 0); ``ttl`` applies only on create."""
+        ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _deadline(now: float, ttl: float | None) -> float | None:
+    return None if ttl is None else now + ttl
+
+
+def _to_int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise StoreError(f"{key}: value is not an integer") from None
+
+
+class MemoryStore:
+    """A process-local store; expiry is checked on read against ``now``."""
+
+    def __init__(self, now: Clock = time.time) -> None:
+        self._now = now
+        self._data: dict[str, tuple[str, float | None]] = {}
+
+    def _live(self, key: str) -> str | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        value, expires = entry
+        if expires is not None and expires <= self._now():
+            del self._data[key]
+            return None
+        return value
+
+    async def get(self, key: str) -> str | None:
+        return self._live(key)
+
+    async def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        self._data[key] = (value, _deadline(self._now(), ttl))
+
+    async def incr(self, key: str, ttl: float | None = None) -> int:
+        current = self._live(key)
+        if current is None:
+            self._data[key] = ("1", _deadline(self._now(), ttl))
+            return 1
+        count = _to_int(key, current) + 1
+        self._data[key] = (str(count), self._data[key][1])
+        return count
+
+    async def delete(self, key: str) -> None:
+        self._data.pop(key, None)
+
+    async def close(self) -> None:
+        self._data.clear()
+
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL)"
+
+
+class SQLiteStore:
+    """A store in one SQLite file, in WAL mode, served by a single worker thread.
+
+    Expired rows are invisible to reads at once and deleted by a sweep that runs with a
+    write at most every ``prune_interval`` seconds, so the file does not grow forever.
+    Several processes may open the same file: writes take SQLite's write lock
+    (``BEGIN IMMEDIATE``), which keeps ``incr`` atomic across them.
+
+    The constructor opens (and creates) the file and raises :class:`StoreError` when it
+    cannot, so a bad path shows at start-up rather than on the first message.
+    """
+
+    def __init__(self, path: str, now: Clock = time.time, prune_interval: float = 3600.0) -> None:
+        self._now = now
+        self._prune_interval = prune_interval
+        self._last_prune = now()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self._executor.submit(self._open, path).result()
+        except (sqlite3.Error, OSError) as exc:
+            self._executor.shutdown(wait=False)
+            raise StoreError(f"cannot open {path}: {exc}") from exc
+
+    def _open(self, path: str) -> None:
+        # Autocommit mode: each statement is its own transaction unless we BEGIN.
+        conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            # NORMAL is durable across a crash of mailgate in WAL mode; only a power
+            # loss may drop the last few writes, which greylisting state can afford.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(_SCHEMA)
+        except sqlite3.Error:
+            conn.close()
+            raise
+        self._conn = conn
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, work, conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite: {exc}") from exc
+        except RuntimeError as exc:  # the executor was shut down by close()
+            raise StoreError("store is closed") from exc
+
+    def _maybe_prune(self, conn: sqlite3.Connection, now: float) -> None:
+        if now - self._last_prune >= self._prune_interval:
+            self._last_prune = now
+            conn.execute("DELETE FROM kv WHERE expires IS NOT NULL AND expires <= ?", (now,))
+
+    async def get(self, key: str) -> str | None:
+        now = self._now()
+
+        def work(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT value FROM kv WHERE key = ? AND (expires IS NULL OR expires > ?)",
+                (key, now),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._run(work)
+
+    async def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        now = self._now()
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                (key, value, _deadline(now, ttl)),
+            )
+            self._maybe_prune(conn, now)
+
+        await self._run(work)
+
+    async def incr(self, key: str, ttl: float | None = None) -> int:
+        now = self._now()
+
+        def work(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT value FROM kv WHERE key = ? AND (expires IS NULL OR expires > ?)",
+                    (key, now),
+                ).fetchone()
+                if row is None:
+                    count = 1
+                    conn.execute(
+                        "INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, '1', ?)",
+                        (key, _deadline(now, ttl)),
+                    )
+                else:
+                    count = _to_int(key, str(row[0])) + 1
+                    conn.execute("UPDATE kv SET value = ? WHERE key = ?", (str(count), key))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            self._maybe_prune(conn, now)
+            return count
+
+        return await self._run(work)
+
+    async def delete(self, key: str) -> None:
+        await self._run(lambda conn: conn.execute("DELETE FROM kv WHERE key = ?", (key,)))
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, conn.close)
+        self._executor.shutdown(wait=False)
+
+
+class RedisStore:
+    """A store in Redis, shared by every mailgate instance that points at it.
+
+    No connection is made until the first call.  Each call is bounded by ``timeout``
+    seconds and retried once at once (a pooled connection may have gone stale when
+    Redis restarted); after that it raises :class:`StoreError`.
+    """
+
+    def __init__(self, url: str, timeout: float = 2.0) -> None:
+        try:
+            self._redis = aioredis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=Retry(NoBackoff(), 1),
+            )
+        except ValueError as exc:
+            raise StoreError(f"bad redis url: {exc}") from exc
+
+    async def get(self, key: str) -> str | None:
+        with _redis_errors():
+            value = await self._redis.get(key)
+        return None if value is None else str(value)
+
+    async def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        with _redis_errors():
+            await self._redis.set(key, value, px=_millis(ttl))
+
+    async def incr(self, key: str, ttl: float | None = None) -> int:
+        with _redis_errors():
+            if ttl is None:
+                return int(await self._redis.incr(key))
+            # SET NX gives only a new key its TTL, INCR keeps a key's TTL, and MULTI
+            # makes the pair atomic, so no other instance sees a count without a TTL.
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(key, 0, px=_millis(ttl), nx=True)
+                pipe.incr(key)
+                _, count = await pipe.execute()
+            return int(count)
+
+    async def delete(self, key: str) -> None:
+        with _redis_errors():
+            await self._redis.delete(key)
+
+    async def close(self) -> None:
+        with _redis_errors():
+            await self._redis.aclose()
+
+
+@contextmanager
+def _redis_errors() -> Iterator[None]:
+    # redis-py wraps socket failures and timeouts in RedisError; OSError covers the rest.
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreError(f"redis: {exc}") from exc
+
+
+def _millis(ttl: float | None) -> int | None:
+    # Redis wants a positive whole number of milliseconds.
+    return None if ttl is None else max(1, round(ttl * 1000))
+
+
+def open_store(
+    backend: str,
+    sqlite_path: str,
+    redis_url: str,
+    redis_timeout: float = 2.0,
+    now: Clock = time.time,
+) -> Store:
+    """The store a config names: ``"sqlite"`` (a file) or ``"redis"`` (shared).
+
+    ``now`` is the SQLite store's clock for expiry (Redis keeps its own time).
+    Raises :class:`StoreError` when the SQLite file cannot be opened or the Redis URL
+    is malformed, and ValueError for an unknown backend.
+    """
+    if backend == "sqlite":
+        return SQLiteStore(sqlite_path, now=now)
+    if backend == "redis":
+        return RedisStore(redis_url, timeout=redis_timeout)
+    raise ValueError(f"unknown store backend {backend!r}")
