@@ -155,6 +155,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "access.blocked":         Template(554, "5.7.1", "we believe this is spam.  we don't accept it."),
     "access.delay":           Template(451, "4.7.1", "Please try again later"),
     "access.dialup":          Template(554, "5.7.1", "We don't accept mail from dial-up ports."),
+    "access.rcpt_denied":     Template(550, "5.7.1", "Mail to <{address}> refused by local policy"),
     "access.dnsbl":           Template(554, "5.7.1", "Client {ip} is listed by {zone}: {reason}"),
     "greylist.deferred":      Template(451, "4.7.1", "Greylisted, please try again later"),
     "filter.internal":        Template(451, "4.3.0", "Internal error classifying message"),
