@@ -1,0 +1,399 @@
+"""load_config: every class of error, with the exact message an operator sees."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from mailgate.config.errors import ConfigError
+from mailgate.config.loader import (
+    MAX_CONFIG_BYTES,
+    MAX_REPORTED_ERRORS,
+    check_config_command,
+    from_data,
+    load_config,
+    split_host_port,
+)
+from mailgate.config.schema import Config
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "mailgate.toml") -> str:
+    path = tmp_path / name
+    if isinstance(text, str):
+        path.write_text(text, encoding="utf-8")
+    else:
+        path.write_bytes(text)
+    return str(path)
+
+
+def errors_of(tmp_path: Path, text: str | bytes) -> list[str]:
+    """The error lines for a file, with the tmp directory cut off the file name."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return [line.replace(str(tmp_path) + os.sep, "") for line in info.value.errors]
+
+
+def test_no_file_gives_the_embedded_defaults() -> None:
+    assert load_config(None) == Config()
+
+
+def test_an_empty_file_gives_the_defaults(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")) == Config()
+
+
+def test_values_are_read(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            """
+            [server]
+            max_recipients = 250
+            tarpit_delay = 2          # an integer is a fine float
+            proxy_from = ["10.0.0.0/8", "2001:db8::/32"]
+            [[listener]]
+            address = "0.0.0.0:25"
+            [[listener]]
+            address = "[::]:587"
+            role = "submission"
+            [logging]
+            format = "json"
+            """,
+        )
+    )
+    assert config.server.max_recipients == 250
+    assert config.server.tarpit_delay == 2.0 and isinstance(config.server.tarpit_delay, float)
+    assert [listener.address for listener in config.listener] == ["0.0.0.0:25", "[::]:587"]
+    assert config.listener[1].role == "submission"
+    assert config.logging.format == "json"
+    assert config.policy == Config().policy  # sections not named keep their defaults
+
+
+def test_the_message_names_file_key_and_problem(tmp_path: Path) -> None:
+    assert errors_of(tmp_path, '[server]\nmax_recipients = "ten"\n') == [
+        'mailgate.toml: server.max_recipients: expected an integer, got "ten"'
+    ]
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[server]\nmax_recipients = 1.5", "server.max_recipients: expected an integer, got 1.5"),
+        ("[server]\nmax_recipients = true", "server.max_recipients: expected an integer, got true"),
+        ('[server]\ntarpit_delay = "1"', 'server.tarpit_delay: expected a number, got "1"'),
+        ("[server]\ntarpit_delay = false", "server.tarpit_delay: expected a number, got false"),
+        ("[server]\nvrfy = 1", "server.vrfy: expected true or false, got 1"),
+        ('[server]\nvrfy = "yes"', 'server.vrfy: expected true or false, got "yes"'),
+        ("[server]\nhostname = 42", "server.hostname: expected a string, got 42"),
+        ("[server]\nhostname = 1979-05-27", "server.hostname: expected a string, got a date/time"),
+        (
+            '[server]\nproxy_from = "10.0.0.1"',
+            'server.proxy_from: expected an array, got "10.0.0.1"',
+        ),
+        ("[server]\nproxy_from = [1]", "server.proxy_from[1]: expected a string, got 1"),
+        ("server = 3", "server: expected a table, got 3"),
+        ("[[server]]", "server: expected a table, got an array"),
+        ('listener = {address = "0.0.0.0:25"}', "listener: expected an array, got a table"),
+        ("listener = [1]", "listener[1]: expected a table, got 1"),
+        (
+            '[[listener]]\nrole = "relay"',
+            'listener[1].role: expected one of "public", "submission", "smtps", got "relay"',
+        ),
+        (
+            "[logging]\nlevel = 3",
+            'logging.level: expected one of "debug", "info", "warning", "error", got 3',
+        ),
+        (
+            '[metrics]\nlatency_buckets = [1, 2, "x"]',
+            'metrics.latency_buckets[3]: expected a number, got "x"',
+        ),
+    ],
+)
+def test_wrong_types(tmp_path: Path, toml: str, message: str) -> None:
+    assert errors_of(tmp_path, toml) == [f"mailgate.toml: {message}"]
+
+
+def test_unknown_keys_suggest_the_closest(tmp_path: Path) -> None:
+    assert errors_of(tmp_path, "[policy]\ntrusted_netwrks = []\n[polcy]\n[server]\nzzz = 1\n") == [
+        "mailgate.toml: policy.trusted_netwrks: unknown key (did you mean trusted_networks?)",
+        "mailgate.toml: polcy: unknown key (did you mean policy?)",
+        "mailgate.toml: server.zzz: unknown key",
+    ]
+
+
+def test_odd_key_names_are_quoted(tmp_path: Path) -> None:
+    assert errors_of(tmp_path, '[server]\n"a b" = 1\n') == [
+        'mailgate.toml: server."a b": unknown key'
+    ]
+
+
+def test_every_error_is_reported_not_just_the_first(tmp_path: Path) -> None:
+    errors = errors_of(
+        tmp_path,
+        '[server]\nmax_errors = "x"\nmax_recipients = "y"\n[[listener]]\naddress = "nowhere"\n',
+    )
+    assert errors == [
+        'mailgate.toml: server.max_errors: expected an integer, got "x"',
+        'mailgate.toml: server.max_recipients: expected an integer, got "y"',
+        'mailgate.toml: listener[1].address: expected HOST:PORT, got "nowhere"',
+    ]
+
+
+def test_a_flood_of_errors_is_cut_short(tmp_path: Path) -> None:
+    text = "[server]\n" + "".join(f"unknown{i} = 1\n" for i in range(MAX_REPORTED_ERRORS + 50))
+    errors = errors_of(tmp_path, text)
+    assert len(errors) == MAX_REPORTED_ERRORS + 1
+    assert errors[-1] == "mailgate.toml: ... and 50 more errors"
+
+
+# --- the file itself -----------------------------------------------------------------
+
+
+def test_toml_syntax_errors_give_line_and_column(tmp_path: Path) -> None:
+    assert errors_of(tmp_path, "[server]\nmax_recipients = \n") == [
+        "mailgate.toml: line 2, column 18: invalid value"
+    ]
+    assert errors_of(tmp_path, "[server]\nproxy_from = [") == [
+        "mailgate.toml: end of file: invalid value"
+    ]
+
+
+def test_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "absent.toml"))
+    assert str(info.value) == f"{tmp_path / 'absent.toml'}: cannot read: No such file or directory"
+
+
+def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path))
+    assert str(info.value) == f"{tmp_path}: not a regular file"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_an_unreadable_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    os.chmod(path, 0)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: cannot read: Permission denied"
+
+
+def test_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    assert errors_of(tmp_path, b'[server]\nhostname = "caf\xe9"\n') == [
+        "mailgate.toml: line 2: not UTF-8 text"
+    ]
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, b"\xef\xbb\xbf[server]\nvrfy = true\n")).server.vrfy
+
+
+def test_a_deeply_nested_file(tmp_path: Path) -> None:
+    assert errors_of(tmp_path, "x = " + "[" * 100_000) == [
+        "mailgate.toml: arrays or tables nested too deeply"
+    ]
+
+
+def test_a_huge_file(tmp_path: Path) -> None:
+    assert errors_of(tmp_path, "#" * (MAX_CONFIG_BYTES + 1)) == [
+        f"mailgate.toml: file is larger than {MAX_CONFIG_BYTES} bytes"
+    ]
+
+
+# --- checks by field name --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("nowhere", 'expected HOST:PORT, got "nowhere"'),
+        ("::1:25", 'an IPv6 address needs brackets, as in [::1]:25; got "::1:25"'),
+        ("[::1]25", 'expected [IPv6]:PORT, got "[::1]25"'),
+        ("[nope]:25", '"nope" is not an IPv6 address'),
+        (":25", 'missing host in ":25" (0.0.0.0 or [::] listen on all addresses)'),
+        ("bad_host!:25", '"bad_host!" is not a host name or address'),
+        ("127.0.0.1:65536", 'port must be a number from 0 to 65535, got "65536"'),
+        ("127.0.0.1:smtp", 'port must be a number from 0 to 65535, got "smtp"'),
+        ("/run/mailgate.sock", 'expected HOST:PORT, got "/run/mailgate.sock"'),
+    ],
+)
+def test_listen_addresses_must_parse(tmp_path: Path, address: str, message: str) -> None:
+    assert errors_of(tmp_path, f'[metrics]\nlisten = "{address}"') == [
+        f"mailgate.toml: metrics.listen: {message}"
+    ]
+
+
+def test_good_addresses() -> None:
+    assert split_host_port("0.0.0.0:25") == ("0.0.0.0", 25)
+    assert split_host_port("[::]:587") == ("::", 587)
+    assert split_host_port("[2001:db8::1]:465") == ("2001:db8::1", 465)
+    assert split_host_port("mx.example.org:2525") == ("mx.example.org", 2525)
+    assert split_host_port("localhost:0") == ("localhost", 0)
+
+
+def test_a_listener_address_is_checked_too(tmp_path: Path) -> None:
+    assert errors_of(tmp_path, '[[listener]]\n[[listener]]\naddress = "[::1]"') == [
+        'mailgate.toml: listener[2].address: expected [IPv6]:PORT, got "[::1]"'
+    ]
+
+
+def test_network_lists_must_be_cidr(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, '[server]\nproxy_from = ["10.0.0.0/8", "10.0.0.300/8", "x"]')
+    assert errors == [
+        'mailgate.toml: server.proxy_from[2]: "10.0.0.300/8" is not an IP address or network '
+        "(CIDR)",
+        'mailgate.toml: server.proxy_from[3]: "x" is not an IP address or network (CIDR)',
+    ]
+
+
+def test_named_files_must_exist(tmp_path: Path) -> None:
+    present = tmp_path / "users"
+    present.write_text("")
+    missing = tmp_path / "key.pem"
+    assert errors_of(
+        tmp_path,
+        f'[auth]\nusers_file = "{present}"\n[tls]\ncert = "{present}"\nkey = "{missing}"\n',
+    ) == ['mailgate.toml: tls.key: cannot use "key.pem": No such file or directory']
+
+
+def test_files_inside_tables_of_a_list_are_checked(tmp_path: Path) -> None:
+    assert errors_of(
+        tmp_path, f'[tls]\ncertificates = [{{cert = "{tmp_path}", key = "{tmp_path}"}}]\n'
+    ) == [
+        f'mailgate.toml: tls.certificates[1].cert: "{tmp_path}" is not a regular file',
+        f'mailgate.toml: tls.certificates[1].key: "{tmp_path}" is not a regular file',
+    ]
+
+
+def test_numbers_must_be_finite_and_limits_not_negative(tmp_path: Path) -> None:
+    assert errors_of(
+        tmp_path, "[server]\ncommand_timeout = nan\ndata_timeout = inf\nmax_errors = -1\n"
+    ) == [
+        "mailgate.toml: server.command_timeout: expected a finite number, got nan",
+        "mailgate.toml: server.data_timeout: expected a finite number, got inf",
+        "mailgate.toml: server.max_errors: must not be negative, got -1",
+    ]
+
+
+# --- __post_init__ and generic shapes, on a schema made for the test ----------------------
+
+
+@dataclass
+class Inner:
+    path: str = "x"
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("path: must not be empty")
+        if self.count > 10:
+            raise ValueError("inner.count: at most 10")
+        if self.count == 7:
+            raise ValueError("seven is unlucky")
+
+
+@dataclass
+class Needs:
+    command: list[str]
+    timeout: float = 60
+
+
+@dataclass
+class Shapes:
+    names: dict[str, str] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    inners: dict[str, Inner] = field(default_factory=dict)
+    maybe: Inner | None = None
+    needs: Needs | None = None
+    either: list[str] | str = ""
+    mode: Literal["a", "b"] | Literal[""] = ""
+
+
+def shape_errors(raw: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        from_data(raw, "t.toml", Shapes)
+    return info.value.errors
+
+
+def test_generic_shapes_load() -> None:
+    shapes = from_data(
+        {
+            "names": {"a": "b"},
+            "groups": {"g": ["x", "y"]},
+            "inners": {"one": {"count": 2}},
+            "maybe": {},
+            "needs": {"command": ["/bin/true"]},
+            "either": "s",
+            "mode": "",
+        },
+        "t.toml",
+        Shapes,
+    )
+    assert shapes.inners["one"] == Inner(count=2)
+    assert shapes.maybe == Inner()
+    assert shapes.needs == Needs(command=["/bin/true"])
+    assert from_data({"either": ["s"]}, "t.toml", Shapes).either == ["s"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"names": ["a"]}, "names: expected a table, got an array"),
+        ({"names": {"a": 1}}, "names.a: expected a string, got 1"),
+        ({"names": {"a.b": 1}}, 'names."a.b": expected a string, got 1'),
+        ({"groups": {"g": "x"}}, 'groups.g: expected an array, got "x"'),
+        ({"groups": {"g": ["x", 2]}}, "groups.g[2]: expected a string, got 2"),
+        ({"inners": {"one": 3}}, "inners.one: expected a table, got 3"),
+        ({"inners": {"one": {"cnt": 3}}}, "inners.one.cnt: unknown key (did you mean count?)"),
+        ({"maybe": "x"}, 'maybe: expected a table, got "x"'),
+        ({"needs": {}}, "needs.command: required key is missing"),
+        ({"either": 3}, "either: expected an array or a string, got 3"),
+        ({"mode": "c"}, 'mode: expected one of "a", "b", "", got "c"'),
+        # ValueError from __post_init__, in each of the forms section files use
+        ({"maybe": {"path": ""}}, "maybe.path: must not be empty"),
+        ({"inners": {"i": {"count": 11}}}, "inners.i.count: at most 10"),
+        ({"maybe": {"count": 11}}, "maybe.count: at most 10"),
+        ({"maybe": {"count": 7}}, "maybe: seven is unlucky"),
+    ],
+)
+def test_generic_shape_errors(raw: dict[str, object], message: str) -> None:
+    assert shape_errors(raw) == [f"t.toml: {message}"]
+
+
+def test_post_init_errors_of_the_real_sections(tmp_path: Path) -> None:
+    assert errors_of(tmp_path, "[metrics]\nlatency_buckets = [2, 1]\n") == [
+        "mailgate.toml: metrics.latency_buckets: bounds must be in increasing order"
+    ]
+
+
+# --- check-config ------------------------------------------------------------------------
+
+
+def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "[server]\nmax_recipients = 200\n")
+    assert check_config_command(path) == 0
+    out, err = capsys.readouterr()
+    assert (out, err) == (f"{path}: OK\n", "")
+
+
+def test_check_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, '[server]\nmax_recipients = "ten"\nvrfy = 2\n')
+    assert check_config_command(path) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f'{path}: server.max_recipients: expected an integer, got "ten"\n'
+        f"{path}: server.vrfy: expected true or false, got 2\n"
+    )
+
+
+def test_check_config_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert check_config_command("/nonexistent/mailgate.toml") == 1
+    assert capsys.readouterr().err == (
+        "/nonexistent/mailgate.toml: cannot read: No such file or directory\n"
+    )
