@@ -1,0 +1,186 @@
+"""Hand-off to an LMTP server (RFC 2033), e.g. Dovecot, with one result per recipient.
+
+The client says LHLO, MAIL FROM (with BODY=8BITMIME / SMTPUTF8 / SIZE / DSN
+parameters when the envelope needs them and the server offers them), one RCPT per
+recipient (pipelined when PIPELINING is offered), then DATA with the spooled message
+dot-stuffed chunk by chunk, and reads one reply per accepted recipient.
+
+How a partial refusal reaches the SMTP client
+---------------------------------------------
+SMTP has one reply for the whole message after the data, LMTP one per recipient.
+If some recipients are stored and others refused, no single SMTP reply is true: a
+250 would claim the refused ones were delivered, a 4xx makes the client resend to
+the stored ones (duplicates).  mailgate avoids the mixed case and handles what is
+left of it:
+
+1. **Recipients are verified at RCPT time.**  :meth:`LMTPDestination.verify_recipient`
+   asks the LMTP server (MAIL FROM:<>, RCPT TO, RSET over one cached connection);
+   the policy answers the client's RCPT with 550 for a recipient the downstream
+   refuses, and 451 when it cannot tell.  So an unknown user never reaches DATA.
+2. **What still fails after the data** (quota, a storage error, a user removed in
+   between) is reported per recipient.  When results are mixed the server answers
+   250 and hands the failed recipients to :func:`mailgate.delivery.dsn.build_dsn`:
+   a RFC 3464 failure report goes to the envelope sender, so every recipient either
+   got the message or is named in a bounce; none is dropped silently, and no
+   recipient is told 250 for a copy that was not stored.  With the null sender no
+   bounce may be sent (RFC 5321 6.1), so a mixed result is answered with the
+   failure reply instead: a duplicate is better than a loss.
+
+Connection failures and timeouts give every recipient still without a final reply
+451 4.4.0; recipients the server already answered 250 keep their success.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mailgate.config.delivery import LMTPConfig
+from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
+from mailgate.delivery.smtp_client import (
+    ClientError,
+    Connection,
+    Response,
+    downstream_said,
+    mail_command,
+    path,
+    rcpt_command,
+    recipient_failure,
+)
+from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.replies import Reply, multiline, reply
+
+log = logging.getLogger(__name__)
+
+
+class LMTPDestination:
+    """Delivers by LMTP to ``config.address`` (``host:port`` or ``unix:/path``)."""
+
+    def __init__(self, config: LMTPConfig, hostname: str) -> None:
+        self._config = config
+        self._hostname = hostname
+        self._verifier: Connection | None = None
+        self._verify_lock = asyncio.Lock()
+
+    async def deliver(
+        self,
+        envelope: Envelope,
+        trace: TraceInfo,
+        spool: SpoolReader,
+        recipients: list[Recipient],
+    ) -> list[RecipientResult]:
+        """One result per recipient; never raises."""
+        final: dict[int, Reply] = {}
+        conn: Connection | None = None
+        try:
+            conn = await self._connect()
+            await self._transfer(conn, envelope, spool, recipients, final)
+            await conn.quit()
+        except ClientError as e:
+            log.warning("%s: LMTP to %s: %s", trace.session_id, self._config.address, e)
+        except Exception:  # a bug must not lose the message: it is retried by the client
+            log.exception("%s: LMTP to %s failed", trace.session_id, self._config.address)
+        finally:
+            if conn is not None:
+                conn.abort()
+        fallback = reply("delivery.downstream_temp")
+        return [RecipientResult(r, final.get(i, fallback)) for i, r in enumerate(recipients)]
+
+    async def _connect(self) -> Connection:
+        conn = await Connection.open(self._config.address, self._config.timeout)
+        resp = await conn.hello("LHLO", self._hostname)
+        if not resp.ok:
+            conn.abort()
+            raise ClientError(f"LHLO refused: {resp.summary()}")
+        return conn
+
+    async def _transfer(
+        self,
+        conn: Connection,
+        envelope: Envelope,
+        spool: SpoolReader,
+        recipients: list[Recipient],
+        final: dict[int, Reply],
+    ) -> None:
+        """Runs the transaction, filling ``final`` as replies come in."""
+        mail, rcpts = await conn.transaction(
+            mail_command(conn, envelope, spool.size),
+            [rcpt_command(conn, r) for r in recipients],
+        )
+        if not mail.ok:
+            for i in range(len(recipients)):
+                final[i] = _whole_message_failure(mail)
+            return
+        accepted = []
+        for i, (recipient, resp) in enumerate(zip(recipients, rcpts, strict=True)):
+            if resp.ok:
+                accepted.append(i)
+            else:
+                final[i] = recipient_failure(recipient, resp)
+        if not accepted:
+            return
+        data = await conn.command("DATA")
+        if data.code != 354:
+            for i in accepted:
+                final[i] = _whole_message_failure(data)
+            return
+        await conn.send_data(spool.path)
+        # RFC 2033 4.2: one reply per accepted RCPT, in RCPT order.
+        for i in accepted:
+            resp = await conn.read_response()
+            final[i] = reply("ok") if resp.ok else recipient_failure(recipients[i], resp)
+
+    async def verify_recipient(self, address: Address) -> bool | None:
+        """Would the LMTP server accept mail for ``address``?
+
+        True: it answered 2xx to RCPT; False: 5xx; None: it could not say (4xx, or
+        the server is unreachable), and the caller should answer 451.  One cached
+        connection is shared by all callers, one check at a time.
+        """
+        async with self._verify_lock:
+            reused = self._verifier is not None and not self._verifier.closing
+            try:
+                return await self._verify_once(address)
+            except ClientError as e:
+                self._drop_verifier()
+                if not reused:
+                    log.warning("verifying <%s> by LMTP: %s", address, e)
+                    return None
+            # The cached connection may have timed out at the server: one fresh try.
+            try:
+                return await self._verify_once(address)
+            except ClientError as e:
+                self._drop_verifier()
+                log.warning("verifying <%s> by LMTP: %s", address, e)
+                return None
+
+    async def _verify_once(self, address: Address) -> bool | None:
+        if self._verifier is None or self._verifier.closing:
+            self._verifier = await self._connect()
+        conn = self._verifier
+        mail, rcpts = await conn.transaction("MAIL FROM:<>", [f"RCPT TO:{path(address)}"])
+        rset = await conn.command("RSET")
+        if not rset.ok:
+            self._drop_verifier()
+        if not mail.ok or not rcpts:
+            return None
+        if rcpts[0].ok:
+            return True
+        return False if rcpts[0].permanent else None
+
+    def _drop_verifier(self) -> None:
+        if self._verifier is not None:
+            self._verifier.abort()
+            self._verifier = None
+
+    async def aclose(self) -> None:
+        """Close the cached verification connection (at shutdown)."""
+        async with self._verify_lock:
+            if self._verifier is not None:
+                await self._verifier.quit()
+                self._verifier = None
+
+
+def _whole_message_failure(resp: Response) -> Reply:
+    name = "delivery.downstream_perm" if resp.permanent else "delivery.downstream_temp"
+    return multiline(name, downstream_said(resp))

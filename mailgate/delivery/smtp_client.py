@@ -1,0 +1,242 @@
+"""The client side of SMTP and LMTP that the LMTP and smarthost destinations share.
+
+Only what mailgate needs to hand a spooled message on: replies, EHLO/LHLO
+extensions, STARTTLS, one (optionally pipelined, RFC 2920) MAIL/RCPT exchange and
+the dot-stuffed data streamed from the spool file.  Every network failure, timeout or
+malformed reply becomes :class:`ClientError`, so callers handle one exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+from dataclasses import dataclass
+
+from mailgate.delivery.dotstuff import DotStuffer, spool_chunks
+from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.replies import Reply, multiline
+
+LINE_LIMIT = 4096  # a reply line; RFC 5321 says 512, leave room for sloppy servers
+MAX_REPLY_LINES = 200  # a longer multi-line reply is a broken or hostile server
+
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*)\r?\n\Z", re.S)
+
+
+class ClientError(Exception):
+    """The connection failed, timed out or the server spoke no SMTP."""
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """One reply of the downstream server."""
+
+    code: int
+    lines: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def summary(self) -> str:
+        """The first line as received, for a preface line or a log."""
+        return f"{self.code} {self.lines[0] if self.lines else ''}".rstrip()
+
+
+def path(address: Address | None) -> str:
+    """``<address>`` for MAIL/RCPT; None and the null address give ``<>``."""
+    return f"<{address}>" if address is not None else "<>"
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 4.2 xtext encoding, for ENVID and ORCPT."""
+    return "".join(
+        ch if "!" <= ch <= "~" and ch not in "+=" else "".join(f"+{b:02X}" for b in ch.encode())
+        for ch in value
+    )
+
+
+class Connection:
+    """One connection to an SMTP or LMTP server."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self.timeout = timeout
+        self.extensions: dict[str, str] = {}  # EHLO keyword (upper case) -> parameters
+
+    @classmethod
+    async def open(cls, address: str, timeout: float) -> Connection:
+        """Connect to ``host:port``, ``[v6]:port`` or ``unix:/path`` and read the greeting."""
+        try:
+            async with asyncio.timeout(timeout):
+                if address.startswith("unix:"):
+                    reader, writer = await asyncio.open_unix_connection(
+                        address[5:], limit=LINE_LIMIT
+                    )
+                else:
+                    host, port = split_host_port(address)
+                    reader, writer = await asyncio.open_connection(host, port, limit=LINE_LIMIT)
+        except (OSError, TimeoutError, ValueError) as e:
+            raise ClientError(f"cannot connect to {address}: {e or type(e).__name__}") from e
+        conn = cls(reader, writer, timeout)
+        greeting = await conn.read_response()
+        if greeting.code != 220:
+            conn.abort()
+            raise ClientError(f"greeting from {address}: {greeting.summary()}")
+        return conn
+
+    def supports(self, keyword: str) -> bool:
+        return keyword in self.extensions
+
+    async def read_response(self) -> Response:
+        lines: list[str] = []
+        try:
+            async with asyncio.timeout(self.timeout):
+                while len(lines) < MAX_REPLY_LINES:
+                    raw = await self._reader.readline()
+                    if not raw:
+                        raise ClientError("connection closed by the server")
+                    m = _REPLY_LINE.match(raw)
+                    if m is None:
+                        raise ClientError(f"bad reply line {raw[:80]!r}")
+                    lines.append(m[3].decode("utf-8", "replace"))
+                    if m[2] == b" ":
+                        return Response(int(m[1]), tuple(lines))
+        except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError) as e:
+            raise ClientError(f"reading reply: {e or type(e).__name__}") from e
+        raise ClientError("reply has too many lines")
+
+    async def write(self, data: bytes) -> None:
+        try:
+            self._writer.write(data)
+            async with asyncio.timeout(self.timeout):
+                await self._writer.drain()
+        except (OSError, TimeoutError) as e:
+            raise ClientError(f"writing: {e or type(e).__name__}") from e
+
+    @staticmethod
+    def encode(line: str) -> bytes:
+        # An address never carries CR or LF past the parser, but a command line with
+        # one would let a value inject a command downstream: refuse it here as well.
+        if "\r" in line or "\n" in line:
+            raise ClientError("command contains a line break")
+        return line.encode("utf-8") + b"\r\n"
+
+    async def command(self, line: str) -> Response:
+        await self.write(self.encode(line))
+        return await self.read_response()
+
+    async def hello(self, verb: str, name: str) -> Response:
+        """EHLO or LHLO; on success the advertised extensions are in :attr:`extensions`."""
+        resp = await self.command(f"{verb} {name}")
+        if resp.ok:
+            self.extensions = {}
+            for line in resp.lines[1:]:
+                keyword, _, params = line.partition(" ")
+                self.extensions[keyword.upper()] = params
+        return resp
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._writer.start_tls(context, server_hostname=server_hostname)
+        except (OSError, TimeoutError, ssl.SSLError) as e:
+            raise ClientError(f"TLS handshake: {e or type(e).__name__}") from e
+        self.extensions = {}  # RFC 3207 4.2: forget everything learnt before TLS
+
+    async def transaction(
+        self, mail_line: str, rcpt_lines: list[str]
+    ) -> tuple[Response, list[Response]]:
+        """MAIL then one RCPT per line, pipelined when the server offers PIPELINING."""
+        if self.supports("PIPELINING"):
+            await self.write(b"".join(self.encode(x) for x in [mail_line, *rcpt_lines]))
+            mail = await self.read_response()
+            return mail, [await self.read_response() for _ in rcpt_lines]
+        mail = await self.command(mail_line)
+        if not mail.ok:
+            return mail, []
+        return mail, [await self.command(line) for line in rcpt_lines]
+
+    async def send_data(self, spool_path: str) -> None:
+        """The message after a 354, dot-stuffed, and the final ``.CRLF``."""
+        stuffer = DotStuffer()
+        try:
+            async for chunk in spool_chunks(spool_path):
+                await self.write(stuffer.feed(chunk))
+        except OSError as e:
+            raise ClientError(f"reading the spool: {e}") from e
+        await self.write(stuffer.finish())
+
+    async def quit(self) -> None:
+        """QUIT politely and close; failures do not matter any more."""
+        with contextlib.suppress(ClientError):
+            await self.command("QUIT")
+        self.abort()
+
+    def abort(self) -> None:
+        self._writer.close()
+
+    @property
+    def closing(self) -> bool:
+        return self._writer.is_closing() or self._reader.at_eof()
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``; raises ValueError on anything else."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{address!r} is not host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def mail_command(conn: Connection, envelope: Envelope, size: int) -> str:
+    """MAIL FROM with the parameters the envelope needs and the server offers.
+
+    A parameter the server does not offer is left out rather than failing here: a
+    server that cannot take the message then refuses it with its own reply.
+    """
+    params = []
+    if envelope.body in ("8BITMIME", "BINARYMIME") and conn.supports("8BITMIME"):
+        params.append("BODY=8BITMIME")
+    if envelope.smtputf8 and conn.supports("SMTPUTF8"):
+        params.append("SMTPUTF8")
+    if conn.supports("SIZE"):
+        params.append(f"SIZE={size}")
+    if conn.supports("DSN"):
+        params += [f"RET={envelope.ret}"] if envelope.ret else []
+        params += [f"ENVID={xtext(envelope.envid)}"] if envelope.envid else []
+    return " ".join([f"MAIL FROM:{path(envelope.sender)}", *params])
+
+
+def rcpt_command(conn: Connection, recipient: Recipient) -> str:
+    """RCPT TO, passing the DSN parameters on when the server offers DSN."""
+    params = []
+    if conn.supports("DSN"):
+        if recipient.notify:
+            params.append("NOTIFY=" + ",".join(recipient.notify))
+        if recipient.orcpt:
+            kind, sep, value = recipient.orcpt.partition(";")
+            if sep:
+                params.append(f"ORCPT={kind};{xtext(value)}")
+    return " ".join([f"RCPT TO:{path(recipient.address)}", *params])
+
+
+def downstream_said(resp: Response) -> list[str]:
+    """The downstream's first reply line, as a preface line of our own reply."""
+    return [f"downstream said: {resp.summary()}"]
+
+
+def recipient_failure(recipient: Recipient, resp: Response) -> Reply:
+    """A downstream's refusal of one recipient, as our per-recipient reply."""
+    name = "delivery.downstream_rcpt_perm" if resp.permanent else "delivery.downstream_rcpt_temp"
+    return multiline(name, downstream_said(resp), address=recipient.address)

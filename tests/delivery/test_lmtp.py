@@ -1,0 +1,110 @@
+"""LMTPDestination against a real Dovecot LMTP server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from dovecot_fixture import DOMAIN, Dovecot, dovecot_server  # noqa: F401  (the fixture)
+
+from mailgate.config.delivery import LMTPConfig
+from mailgate.delivery.base import TraceInfo
+from mailgate.delivery.lmtp import LMTPDestination
+from mailgate.protocol.envelope import Address, Envelope, Recipient
+
+TRACE = TraceInfo("abc123", "client.test", "192.0.2.1", None, "mx.test", "ESMTP")
+
+
+@dataclass
+class Spooled:
+    path: str
+    size: int
+
+
+def spool(tmp_path: Path, data: bytes) -> Spooled:
+    p = tmp_path / "msg.spool"
+    p.write_bytes(data)
+    return Spooled(str(p), len(data))
+
+
+def envelope(*users: str) -> tuple[Envelope, list[Recipient]]:
+    rcpts = [Recipient(Address(u, DOMAIN)) for u in users]
+    env = Envelope(helo="client.test", sender=Address("sender", "client.test"), recipients=rcpts)
+    return env, rcpts
+
+
+def big_message() -> bytes:
+    """Over one 256 KiB chunk, with dot lines everywhere, 8-bit text and a long line."""
+    head = (
+        b"Received: from client.test ([192.0.2.1]) by mx.test with ESMTP id abc123;"
+        b" Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+        b"Subject: dots\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+    )
+    lines = [b".", b"..", b".leading dot", b"caf\xc3\xa9", b"", b"x" * 900]
+    body = b"".join(lines[i % len(lines)] + b"\r\n" for i in range(40_000))
+    return head + b".first body line\r\n" + body + b".\r\n.last\r\n"
+
+
+def test_two_users_get_the_message_byte_for_byte(dovecot: Dovecot, tmp_path: Path) -> None:
+    message = big_message()
+    env, rcpts = envelope("alice", "bob")
+    dest = LMTPDestination(LMTPConfig(dovecot.address, timeout=20), "mx.test")
+    results = asyncio.run(dest.deliver(env, TRACE, spool(tmp_path, message), rcpts))
+    assert [(r.recipient, r.reply.code) for r in results] == [(rcpts[0], 250), (rcpts[1], 250)]
+    for user in ("alice", "bob"):
+        (stored,) = dovecot.maildir_messages(user)
+        # Dovecot stores LF line ends and adds Return-Path and its own Received first.
+        assert stored.startswith(b"Return-Path: <sender@client.test>\n")
+        assert stored.endswith(message.replace(b"\r\n", b"\n"))
+        added = stored[: len(stored) - len(message.replace(b"\r\n", b"\n"))]
+        assert added.count(b"\nReceived: ") == 1
+
+
+def test_unknown_user_fails_alone(dovecot: Dovecot, tmp_path: Path) -> None:
+    env, rcpts = envelope("nosuchuser", "alice")
+    dest = LMTPDestination(LMTPConfig(dovecot.address), "mx.test")
+    message = b"Subject: hi\r\n\r\nhello\r\n"
+    results = asyncio.run(dest.deliver(env, TRACE, spool(tmp_path, message), rcpts))
+    refused, stored = results
+    assert refused.recipient is rcpts[0] and not refused.ok
+    assert (refused.reply.code, refused.reply.enhanced) == (550, "5.1.1")
+    assert "nosuchuser@example.test" in refused.reply.text
+    assert stored.recipient is rcpts[1] and stored.ok
+    assert dovecot.maildir_messages("alice")[0].endswith(b"Subject: hi\n\nhello\n")
+
+
+def test_unix_socket(dovecot: Dovecot, tmp_path: Path) -> None:
+    env, rcpts = envelope("bob")
+    dest = LMTPDestination(LMTPConfig("unix:" + dovecot.unix_path), "mx.test")
+    results = asyncio.run(dest.deliver(env, TRACE, spool(tmp_path, b"x\r\n"), rcpts))
+    assert [r.reply.code for r in results] == [250]
+    assert dovecot.maildir_messages("bob")[0].endswith(b"\nx\n")
+
+
+def test_stopped_server_defers_every_recipient(dovecot: Dovecot, tmp_path: Path) -> None:
+    dovecot.stop()
+    env, rcpts = envelope("alice", "bob")
+    dest = LMTPDestination(LMTPConfig(dovecot.address, timeout=5), "mx.test")
+    results = asyncio.run(dest.deliver(env, TRACE, spool(tmp_path, b"x\r\n"), rcpts))
+    assert [(r.reply.code, r.reply.enhanced) for r in results] == [(451, "4.4.0")] * 2
+    assert [r.recipient for r in results] == rcpts
+
+
+def test_verify_recipient(dovecot: Dovecot) -> None:
+    dest = LMTPDestination(LMTPConfig(dovecot.address, timeout=5), "mx.test")
+
+    async def run() -> list[bool | None]:
+        answers = [
+            await dest.verify_recipient(Address("alice", DOMAIN)),
+            await dest.verify_recipient(Address("nosuchuser", DOMAIN)),
+            await dest.verify_recipient(Address("bob", DOMAIN)),
+        ]
+        dovecot.stop()
+        answers.append(await dest.verify_recipient(Address("alice", DOMAIN)))
+        await dest.aclose()
+        return answers
+
+    assert asyncio.run(run()) == [True, False, True, None]
+    # The checks left nothing behind: no mail was delivered.
+    assert dovecot.maildir_messages("alice") == []
