@@ -55,3 +55,21 @@ class Delivery(Protocol):
     async def deliver(
         self, envelope: Envelope, trace: TraceInfo, spool: SpoolReader
     ) -> list[RecipientResult]: ...
+
+
+class Destination(Protocol):
+    """One place mail can go (Maildir, mbox, pipe, LMTP, smarthost), chosen by the router.
+
+    ``recipients`` are the final addresses after alias expansion, deduplicated, with
+    local parts in lower case and without +detail for local domains.  Returns one
+    result per recipient, in the same order.  Like :class:`Delivery` it must never
+    raise, and 250 means durable.
+    """
+
+    async def deliver(
+        self,
+        envelope: Envelope,
+        trace: TraceInfo,
+        spool: SpoolReader,
+        recipients: list[Recipient],
+    ) -> list[RecipientResult]: ...

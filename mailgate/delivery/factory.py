@@ -1,0 +1,134 @@
+"""Builds the router and its destinations from the [delivery] section.
+
+Destination types are a registry: "maildir" and "mbox" are built in; "pipe", "lmtp"
+and "smtp" are classes in their own modules, imported only when a configuration
+uses them, so a missing or broken module fails the configuration check with a
+message naming the destination rather than at the first delivery.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pwd
+from collections.abc import Callable
+
+from mailgate.config.delivery import (
+    LOCAL_DESTINATION,
+    DeliveryConfig,
+    DestinationConfig,
+)
+from mailgate.delivery.base import Destination
+from mailgate.delivery.fsync import GroupCommitter
+from mailgate.delivery.maildir import MaildirDestination
+from mailgate.delivery.mbox import MboxDestination
+from mailgate.delivery.router import Router, RoutingTable
+
+
+class DeliveryConfigError(ValueError):
+    """The [delivery] section cannot be put to work; the message names the key."""
+
+
+# type → (module, class): constructed with the type's config dataclass (and the server
+# hostname, when the constructor takes a ``hostname`` argument)
+PLUGGED_TYPES: dict[str, tuple[str, str]] = {
+    "pipe": ("mailgate.delivery.pipe", "PipeDestination"),
+    "lmtp": ("mailgate.delivery.lmtp", "LMTPDestination"),
+    "smtp": ("mailgate.delivery.smarthost", "SmarthostDestination"),
+}
+# destinations that store into mailboxes, so they take only known users
+MAILBOX_TYPES = frozenset({"maildir", "mbox"})
+
+
+def build_router(config: DeliveryConfig, hostname: str) -> Router:
+    """The router for ``config``; raises DeliveryConfigError when it cannot work."""
+    hostname = hostname.lower().rstrip(".")
+    configs = {LOCAL_DESTINATION: DestinationConfig(type="maildir"), **config.destinations}
+    committer = GroupCommitter()  # one for all maildirs: their fsyncs share passes
+    destinations = {
+        name: _build(name, dc, config, hostname, committer) for name, dc in configs.items()
+    }
+    local_domains = {d.lower().rstrip(".") for d in config.local_domains} or {
+        hostname,
+        "localhost",
+    }
+    local_domains |= {d.lower() for d in config.domains}
+    aliases = {"postmaster": ("root",)}  # RFC 5321 4.5.1: postmaster must exist
+    aliases |= {k.lower(): tuple(v) for k, v in config.aliases.items()}
+    users = set(config.local_users)
+    if config.system_users:
+        users |= {entry.pw_name for entry in pwd.getpwall()}
+    table = RoutingTable(
+        hostname=hostname,
+        local_domains=frozenset(local_domains),
+        default=config.default,
+        local_users=frozenset(u.lower() for u in users),
+        relay=config.relay,
+        delimiter=config.recipient_delimiter,
+        aliases=aliases,
+        users={k.lower(): v for k, v in config.users.items()},
+        domains={k.lower(): v for k, v in config.domains.items()},
+        catch_all={k.lower(): v for k, v in config.catch_all.items()},
+        mailbox_destinations=frozenset(n for n, dc in configs.items() if dc.type in MAILBOX_TYPES),
+    )
+    _check(table, configs)
+    return Router(table, destinations)
+
+
+def _build(
+    name: str,
+    dc: DestinationConfig,
+    config: DeliveryConfig,
+    hostname: str,
+    committer: GroupCommitter,
+) -> Destination:
+    if dc.type == "maildir" and dc.maildir is not None:
+        root = dc.maildir.root or config.maildir_root
+        layout = dc.maildir.layout or config.maildir_layout
+        return MaildirDestination(root, layout, hostname, committer)
+    if dc.type == "mbox" and dc.mbox is not None:
+        return MboxDestination(dc.mbox)
+    if dc.type not in PLUGGED_TYPES:
+        raise DeliveryConfigError(f"destinations.{name}.type: unknown type {dc.type!r}")
+    cls = _load(name, dc.type)
+    kwargs = {"hostname": hostname} if "hostname" in _parameters(cls) else {}
+    try:
+        return cls(getattr(dc, dc.type), **kwargs)
+    except (ValueError, TypeError, OSError) as exc:
+        raise DeliveryConfigError(f"destinations.{name}.{dc.type}: {exc}") from exc
+
+
+def _load(name: str, kind: str) -> Callable[..., Destination]:
+    module_name, class_name = PLUGGED_TYPES[kind]
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise DeliveryConfigError(
+            f"destinations.{name}: type {kind!r} is not available "
+            f"({module_name}.{class_name}: {exc})"
+        ) from exc
+
+
+def _parameters(cls: Callable[..., object]) -> set[str]:
+    try:
+        return set(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _check(table: RoutingTable, configs: dict[str, DestinationConfig]) -> None:
+    """Refuse rules that can never work, naming the key."""
+    if table.default not in configs:
+        raise DeliveryConfigError(f"default: no destination named {table.default!r}")
+    if table.relay and table.relay not in configs:
+        raise DeliveryConfigError(f"relay: no destination named {table.relay!r}")
+    for key, targets in table.aliases.items():
+        for target in targets:
+            domain = target.rpartition("@")[2].lower() if "@" in target else ""
+            if domain and domain not in table.local_domains and not table.relay:
+                raise DeliveryConfigError(
+                    f"aliases.{key}: target {target} is in a remote domain and no relay is set"
+                )
+    for domain in table.catch_all:
+        if domain not in table.local_domains:
+            raise DeliveryConfigError(f"catch_all.{domain}: not a local domain")

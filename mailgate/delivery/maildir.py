@@ -1,0 +1,251 @@
+"""Maildir delivery: tmp/ → fsync → link into new/ → fsync new/, then 250.
+
+A message for several maildirs is written once and hard-linked into each of them
+(copied where they are on another file system).  A reader never sees a partial
+message: a file appears in new/ only once its data is on disk, and the name is
+unique (``<sec>.M<usec>P<pid>Q<n>.<host>``, the maildir convention), so concurrent
+deliveries never collide; a name that exists anyway is never overwritten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from mailgate.config.delivery import MaildirLayout
+from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
+from mailgate.delivery.fsync import GroupCommitter
+from mailgate.delivery.spool import (
+    WRITE_BUFFER,
+    crlf_to_lf,
+    mailbox_component,
+    read_chunks,
+    reply_for_os_error,
+)
+from mailgate.delivery.trace import return_path_header
+from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.replies import Reply, reply
+
+log = logging.getLogger(__name__)
+
+_SUBDIRS = ("tmp", "new", "cur")
+_NO_LINK = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP})
+_deliveries = itertools.count()
+
+
+def unique_name(hostname: str) -> str:
+    """A maildir file name no other delivery on any host uses."""
+    now = time.time()
+    sec = int(now)
+    host = hostname.replace("/", "\\057").replace(":", "\\072") or "localhost"
+    return f"{sec}.M{int((now - sec) * 1e6)}P{os.getpid()}Q{next(_deliveries)}.{host}"
+
+
+@dataclass
+class _Run:
+    """The state of one message's delivery to a set of maildirs."""
+
+    name: str
+    staged: dict[str, str] = field(default_factory=dict)  # maildir → its file in tmp/
+    to_sync: list[str] = field(default_factory=list)  # distinct files written in tmp/
+    dirs: set[str] = field(default_factory=set)  # directories with new entries
+    published: dict[str, str] = field(default_factory=dict)  # maildir → its file in new/
+    failed: dict[str, Reply] = field(default_factory=dict)
+
+    def fail(self, boxes: Iterable[str], exc: OSError) -> None:
+        for box in boxes:
+            self.failed.setdefault(box, reply_for_os_error(exc))
+
+
+class MaildirDestination:
+    """Maildirs under ``root``: ``root/<user>/`` or ``root/<domain>/<user>/``."""
+
+    def __init__(
+        self, root: str, layout: MaildirLayout, hostname: str, committer: GroupCommitter
+    ) -> None:
+        self.root = root
+        self.layout = layout
+        self.hostname = hostname
+        self.committer = committer
+        self._ready: set[str] = set()  # maildirs known to have tmp/, new/ and cur/
+
+    def mailbox(self, address: Address) -> str:
+        """The maildir of ``address``; ValueError if its names are unsafe as paths."""
+        user = mailbox_component(address.local)
+        if self.layout == "domain/user":
+            return os.path.join(self.root, mailbox_component(address.domain.lower()), user)
+        return os.path.join(self.root, user)
+
+    async def deliver(
+        self,
+        envelope: Envelope,
+        trace: TraceInfo,
+        spool: SpoolReader,
+        recipients: list[Recipient],
+    ) -> list[RecipientResult]:
+        boxes: list[str | None] = []
+        for rcpt in recipients:
+            try:
+                boxes.append(self.mailbox(rcpt.address))
+            except ValueError:
+                log.warning("maildir: refusing unsafe mailbox for %r", str(rcpt.address))
+                boxes.append(None)
+        wanted = list(dict.fromkeys(box for box in boxes if box is not None))
+        outcome = await self._store(wanted, envelope, spool) if wanted else {}
+        return [
+            RecipientResult(rcpt, outcome[box] if box else reply("delivery.local_error"))
+            for rcpt, box in zip(recipients, boxes, strict=True)
+        ]
+
+    async def _store(
+        self, boxes: list[str], envelope: Envelope, spool: SpoolReader
+    ) -> dict[str, Reply]:
+        """Deliver one copy into each maildir; the reply for each."""
+        binary = envelope.body == "BINARYMIME"  # binary data is stored as it came
+        header = return_path_header(envelope)
+        if not binary:
+            header = header.replace(b"\r\n", b"\n")
+        run = _Run(unique_name(self.hostname))
+        try:
+            await asyncio.to_thread(self._stage, run, boxes, header, spool.path, binary)
+            await self._sync(run, run.to_sync, list(run.staged))
+            await asyncio.to_thread(self._publish, run)
+            dirs = run.dirs | {os.path.join(box, "new") for box in run.published}
+            await self._sync(run, sorted(dirs), list(run.published))
+        except Exception:
+            log.exception("maildir: unexpected failure")
+            run.fail(boxes, OSError(errno.EIO, "unexpected failure"))
+        finally:
+            # only after a failure is anything left here: cheap unlinks, on the loop
+            _unlink_all(run.staged.values())
+            for box in run.failed:  # never leave a copy whose 250 was not sent
+                _unlink_all([run.published.pop(box)] if box in run.published else [])
+        return {box: run.failed.get(box) or reply("ok") for box in boxes}
+
+    async def _sync(self, run: _Run, paths: list[str], boxes: list[str]) -> None:
+        try:
+            await self.committer.sync(paths)
+        except OSError as exc:
+            log.error("maildir: fsync failed: %s", exc)
+            run.fail(boxes, exc)
+
+    def _stage(self, run: _Run, boxes: list[str], header: bytes, spool: str, binary: bool) -> None:
+        """Write the message into the first maildir's tmp/, link it into the others'."""
+        source = None
+        for box in boxes:
+            tmp = os.path.join(box, "tmp", run.name)
+            try:
+                self._ensure(box, run.dirs)
+                if source is None:
+                    _write_message(tmp, header, spool, binary)
+                    run.to_sync.append(tmp)
+                    source = tmp
+                elif not _try_link(source, tmp):
+                    _copy(source, tmp)
+                    run.to_sync.append(tmp)
+            except OSError as exc:
+                log.error("maildir %s: cannot write: %s", box, exc)
+                run.fail([box], exc)
+                continue
+            run.staged[box] = tmp
+
+    def _ensure(self, box: str, dirs: set[str]) -> None:
+        """Create the maildir's directories if needed; note the ones to fsync."""
+        if box in self._ready and os.path.isdir(os.path.join(box, "tmp")):
+            return
+        missing = []
+        path = box
+        while not os.path.isdir(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        os.makedirs(box, mode=0o700, exist_ok=True)
+        dirs.update(os.path.dirname(p) for p in missing)
+        for sub in _SUBDIRS:
+            try:
+                os.mkdir(os.path.join(box, sub), 0o700)
+                dirs.add(box)
+            except FileExistsError:
+                pass
+        self._ready.add(box)
+
+    def _publish(self, run: _Run) -> None:
+        """Link each staged file into new/ under a name nobody uses."""
+        for box, tmp in list(run.staged.items()):
+            if box in run.failed:
+                continue
+            try:
+                new = _link_unique(tmp, os.path.join(box, "new"), run.name, self.hostname)
+            except OSError as exc:
+                log.error("maildir %s: cannot move into new/: %s", box, exc)
+                run.fail([box], exc)
+                continue
+            run.published[box] = new
+            del run.staged[box]  # its tmp/ name is gone
+
+
+def _write_message(path: str, header: bytes, spool: str, binary: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb", buffering=WRITE_BUFFER) as out:
+            out.write(header)
+            chunks = read_chunks(spool)
+            for chunk in chunks if binary else crlf_to_lf(chunks):
+                out.write(chunk)
+    except BaseException:
+        _unlink_all([path])
+        raise
+
+
+def _try_link(source: str, target: str) -> bool:
+    try:
+        os.link(source, target)
+    except OSError as exc:
+        if exc.errno in _NO_LINK:
+            return False
+        raise
+    return True
+
+
+def _copy(source: str, target: str) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb", buffering=WRITE_BUFFER) as out:
+            for chunk in read_chunks(source):
+                out.write(chunk)
+    except BaseException:
+        _unlink_all([target])
+        raise
+
+
+def _link_unique(tmp: str, new_dir: str, name: str, hostname: str) -> str:
+    """Link ``tmp`` into ``new_dir`` (never over an existing file) and drop ``tmp``."""
+    for _ in range(10):
+        target = os.path.join(new_dir, name)
+        try:
+            if not _try_link(tmp, target):
+                if os.path.lexists(target):
+                    raise FileExistsError(errno.EEXIST, "exists", target)
+                os.rename(tmp, target)  # a file system without hard links
+                return target
+        except FileExistsError:
+            name = unique_name(hostname)
+            continue
+        os.unlink(tmp)
+        return target
+    raise OSError(errno.EEXIST, "no unique maildir name found", new_dir)
+
+
+def _unlink_all(paths: Iterable[str]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("maildir: cannot remove %s: %s", path, exc)

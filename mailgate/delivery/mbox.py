@@ -1,0 +1,258 @@
+"""mbox delivery: mboxrd quoting, a dotlock plus flock, fsync, and no half messages.
+
+Each message is appended as ``From <sender> <asctime>``, ``Return-Path:``, then the
+message with LF line ends, every line matching ``^>*From `` given one more ``>``
+(mboxrd, so readers can undo it exactly), and an empty line.  Writers take the
+``<mbox>.lock`` dotlock (O_EXCL; broken when its process is gone or it is older than
+``stale_lock_age``) and then an flock on the mbox, so both kinds of mail readers are
+kept out.  A failed append is cut off again (ftruncate to the old size) before the
+locks are released, so no reader ever sees a partial message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
+
+from mailgate.config.delivery import MboxConfig
+from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
+from mailgate.delivery.spool import (
+    WRITE_BUFFER,
+    crlf_to_lf,
+    mailbox_component,
+    pid_alive,
+    read_chunks,
+    reply_for_os_error,
+)
+from mailgate.delivery.trace import return_path_header
+from mailgate.protocol.envelope import Envelope, Recipient
+from mailgate.protocol.replies import Reply, reply
+
+log = logging.getLogger(__name__)
+
+_FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
+_LONG_LINE = 64 * 1024  # a partial line longer than this is written out unfinished
+_POLL = 0.05  # seconds between lock attempts
+_SENDER_UNSAFE = re.compile(r"[\x00-\x20\x7f]+")
+
+
+class MailboxBusy(Exception):
+    """The locks could not be had in time."""
+
+
+class MboxDestination:
+    """Appends to ``config.path`` with ``{user}``/``{domain}`` filled in per recipient."""
+
+    def __init__(self, config: MboxConfig) -> None:
+        self.config = config
+
+    def mbox_path(self, recipient: Recipient) -> str:
+        """The mbox file of ``recipient``; ValueError if its names are unsafe as paths."""
+        address = recipient.address
+        return self.config.path.format(
+            user=mailbox_component(address.local),
+            domain=mailbox_component(address.domain.lower()),
+        )
+
+    async def deliver(
+        self,
+        envelope: Envelope,
+        trace: TraceInfo,
+        spool: SpoolReader,
+        recipients: list[Recipient],
+    ) -> list[RecipientResult]:
+        paths: list[str | None] = []
+        for rcpt in recipients:
+            try:
+                paths.append(self.mbox_path(rcpt))
+            except ValueError:
+                log.warning("mbox: refusing unsafe mailbox for %r", str(rcpt.address))
+                paths.append(None)
+        distinct = list(dict.fromkeys(p for p in paths if p is not None))
+        replies = await asyncio.gather(
+            *(asyncio.to_thread(self._append, p, envelope, spool.path) for p in distinct)
+        )
+        outcome = dict(zip(distinct, replies, strict=True))
+        return [
+            RecipientResult(rcpt, outcome[p] if p else reply("delivery.local_error"))
+            for rcpt, p in zip(recipients, paths, strict=True)
+        ]
+
+    def _append(self, path: str, envelope: Envelope, spool: str) -> Reply:
+        """Append one copy to ``path`` (in a worker thread); the reply for it."""
+        try:
+            append_message(path, envelope, spool, self.config)
+        except MailboxBusy as exc:
+            log.warning("mbox %s: %s", path, exc)
+            return reply("delivery.mailbox_busy")
+        except OSError as exc:
+            log.error("mbox %s: cannot append: %s", path, exc)
+            return reply_for_os_error(exc)
+        except Exception:
+            log.exception("mbox %s: unexpected failure", path)
+            return reply("delivery.local_error")
+        return reply("ok")
+
+
+def append_message(path: str, envelope: Envelope, spool: str, config: MboxConfig) -> None:
+    """Append the spooled message to the mbox at ``path``, durably, under both locks."""
+    deadline = time.monotonic() + config.lock_timeout
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd, created = _open_mbox(path)
+    try:
+        if created:
+            _fsync_dir(directory)  # the new file's name must survive a crash too
+        with _dotlock(path, deadline, config.stale_lock_age), _flock(fd, path, deadline):
+            start = os.fstat(fd).st_size
+            try:
+                _write(fd, envelope, spool)
+                os.fsync(fd)
+            except BaseException:
+                _cut_back(fd, start, path)
+                raise
+    finally:
+        os.close(fd)
+
+
+def _cut_back(fd: int, size: int, path: str) -> None:
+    """Remove a failed append, so no reader ever sees half a message."""
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    except OSError as exc:
+        log.error("mbox %s: cannot remove a partial message: %s", path, exc)
+
+
+def mboxrd_quote(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """LF-ended text with one ``>`` added before every line matching ``^>*From ``."""
+    pending = b""  # an unfinished line; it starts at a line start
+    mid_line = False  # the next data continues a line already written out
+    for chunk in chunks:
+        data = pending + chunk if pending else chunk
+        pending = b""
+        if mid_line:
+            end = data.find(b"\n") + 1
+            if not end:
+                yield data
+                continue
+            yield data[:end]
+            data = data[end:]
+            mid_line = False
+        cut = data.rfind(b"\n") + 1
+        if cut:
+            yield _FROM_LINE.sub(rb">\1", data[:cut])
+        pending = data[cut:]
+        if len(pending) > _LONG_LINE:  # bound memory: a line of binary data
+            yield _FROM_LINE.sub(rb">\1", pending, count=1)
+            pending = b""
+            mid_line = True
+    if pending:
+        yield _FROM_LINE.sub(rb">\1", pending, count=1)
+
+
+def from_line(envelope: Envelope, now: float | None = None) -> bytes:
+    """The ``From sender date`` separator line (asctime date, local time)."""
+    sender = envelope.sender
+    who = "MAILER-DAEMON" if sender is None or sender.is_null else str(sender)
+    stamp = time.asctime(time.localtime(now))
+    return f"From {_SENDER_UNSAFE.sub('_', who)} {stamp}\n".encode()
+
+
+def _write(fd: int, envelope: Envelope, spool: str) -> None:
+    header = return_path_header(envelope).replace(b"\r\n", b"\n")
+    last = b"\n"
+    with os.fdopen(fd, "ab", buffering=WRITE_BUFFER, closefd=False) as out:
+        out.write(from_line(envelope))
+        for piece in mboxrd_quote(crlf_to_lf(_prepend(header, read_chunks(spool)))):
+            if piece:
+                out.write(piece)
+                last = piece[-1:]
+        out.write(b"\n\n" if last != b"\n" else b"\n")  # end the line, then the empty line
+
+
+def _prepend(first: bytes, rest: Iterable[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from rest
+
+
+def _open_mbox(path: str) -> tuple[int, bool]:
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
+    except FileExistsError:
+        return os.open(path, flags), False
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _dotlock(path: str, deadline: float, stale_age: float) -> Iterator[None]:
+    lock = path + ".lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            break
+        except FileExistsError:
+            if _stale(lock, stale_age):
+                log.warning("mbox: breaking stale lock %s", lock)
+                _remove(lock)
+                continue
+            if time.monotonic() >= deadline:
+                raise MailboxBusy(f"{lock} is held by another writer") from None
+            time.sleep(_POLL)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    try:
+        yield
+    finally:
+        _remove(lock)
+
+
+def _stale(lock: str, stale_age: float) -> bool:
+    """Whether ``lock`` is left by a dead process or too old to be a live writer's."""
+    try:
+        age = time.time() - os.stat(lock).st_mtime
+        with open(lock, "rb") as f:
+            text = f.read(32).strip()
+    except FileNotFoundError:
+        return False  # just released: the next attempt will take it
+    if age > stale_age:
+        return True
+    # An empty lock file is a writer between creating and filling it: not stale.
+    return text.isdigit() and not pid_alive(int(text))
+
+
+@contextmanager
+def _flock(fd: int, path: str, deadline: float) -> Iterator[None]:
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise MailboxBusy(f"{path} is flock'ed by another process") from None
+            time.sleep(_POLL)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _remove(path: str) -> None:
+    with suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,223 @@
+"""Routing: which destination gets each recipient, and delivery to each exactly once.
+
+A local recipient (its local part in lower case, a +detail suffix dropped) is first
+expanded by the aliases, recursively; an address already being expanded is taken as
+a mailbox, which ends loops the way sendmail and Postfix do (``alice: alice, bob``
+keeps a copy for alice).  A mailbox then goes to its per-user destination, else its
+domain's, else the default.  Destinations that store into mailboxes (Maildir, mbox)
+take only known users: local users and addresses with a per-user route; others go
+to the domain's catch-all address or are unknown.  Recipients in other domains go
+to the relay destination, if there is one.
+
+All lookups are in memory: ``is_local_domain`` and ``has_recipient`` do no I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from mailgate.delivery.base import Destination, RecipientResult, SpoolReader, TraceInfo
+from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.replies import Reply, reply
+
+log = logging.getLogger(__name__)
+
+MAX_ALIAS_DEPTH = 20  # deeper nesting is a configuration error (451 4.3.0)
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """The routing rules, already normalized: lower-case keys and domains."""
+
+    hostname: str  # for the bare <Postmaster> recipient, which has no domain
+    local_domains: frozenset[str]
+    default: str  # the destination of local mailboxes no other rule routes
+    local_users: frozenset[str] = frozenset()
+    relay: str = ""  # the destination of remote recipients; empty: refused
+    delimiter: str = "+"  # characters that start an ignored +detail suffix
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # user or user@domain
+    users: Mapping[str, str] = field(default_factory=dict)  # user or user@domain → destination
+    domains: Mapping[str, str] = field(default_factory=dict)  # domain → destination
+    catch_all: Mapping[str, str] = field(default_factory=dict)  # domain → address
+    # destinations that deliver only to known users (Maildir, mbox)
+    mailbox_destinations: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Target:
+    """One final delivery: a destination name and the address it delivers to."""
+
+    destination: str
+    address: Address
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.destination, self.address.local, self.address.domain.lower())
+
+
+class _Refusal(Exception):
+    def __init__(self, answer: Reply) -> None:
+        super().__init__(answer.text)
+        self.reply = answer
+
+
+class Router:
+    """The :class:`~mailgate.delivery.base.Delivery` and policy ``Mailboxes`` of mailgate."""
+
+    def __init__(self, table: RoutingTable, destinations: Mapping[str, Destination]) -> None:
+        self.table = table
+        self.destinations = dict(destinations)
+
+    # --- policy.base.Mailboxes ----------------------------------------------------
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower() in self.table.local_domains
+
+    def has_recipient(self, local: str, domain: str) -> bool:
+        if domain and not self.is_local_domain(domain):
+            return False
+        return not isinstance(self.route(Address(local, domain)), Reply)
+
+    # --- routing ------------------------------------------------------------------
+
+    def canonical_user(self, local: str) -> str:
+        """The lookup form of a local part: lower case, without a +detail suffix."""
+        user = local.lower()
+        cuts = [i for i in (user.find(c) for c in self.table.delimiter) if i > 0]
+        return user[: min(cuts)] if cuts else user
+
+    def route(self, address: Address) -> list[Target] | Reply:
+        """The final targets of one recipient, or the reply that refuses it."""
+        domain = (address.domain or self.table.hostname).lower()
+        if not self.is_local_domain(domain):
+            if self.table.relay:
+                return [Target(self.table.relay, address)]
+            return reply("rcpt.relay_denied")
+        try:
+            user = self.canonical_user(address.local)
+            targets = self._expand(user, domain, address.quoted, frozenset(), 0)
+        except _Refusal as refusal:
+            if refusal.reply.name == "rcpt.unknown":  # name the address the client gave
+                return reply("rcpt.unknown", address=address)
+            return refusal.reply
+        return list({t.key: t for t in targets}.values())
+
+    def _expand(
+        self, user: str, domain: str, quoted: bool, chain: frozenset[str], depth: int
+    ) -> list[Target]:
+        if depth > MAX_ALIAS_DEPTH:
+            log.error("aliases nest deeper than %d at %s@%s", MAX_ALIAS_DEPTH, user, domain)
+            raise _Refusal(reply("delivery.local_error"))
+        full = f"{user}@{domain}"
+        aliases = self.table.aliases
+        members = aliases.get(full) or aliases.get(user)
+        if members and full not in chain:
+            inner = chain | {full}
+            return [t for m in members for t in self._member(m, domain, inner, depth + 1)]
+        return self._mailbox(user, domain, quoted, chain, depth)
+
+    def _member(self, target: str, domain: str, chain: frozenset[str], depth: int) -> list[Target]:
+        """An alias or catch-all target: ``user`` (in ``domain``) or ``user@domain``."""
+        local, _, target_domain = target.rpartition("@") if "@" in target else (target, "", "")
+        target_domain = target_domain.lower() or domain
+        if not self.is_local_domain(target_domain):
+            if not self.table.relay:
+                log.error("alias target %s is remote and no relay is configured", target)
+                raise _Refusal(reply("delivery.local_error"))
+            return [Target(self.table.relay, Address(local, target_domain))]
+        return self._expand(self.canonical_user(local), target_domain, False, chain, depth)
+
+    def _mailbox(
+        self, user: str, domain: str, quoted: bool, chain: frozenset[str], depth: int
+    ) -> list[Target]:
+        table = self.table
+        full = f"{user}@{domain}"
+        destination = (
+            table.users.get(full)
+            or table.users.get(user)
+            or table.domains.get(domain)
+            or table.default
+        )
+        known = user in table.local_users or full in table.users or user in table.users
+        if destination in table.mailbox_destinations and not known:
+            catch_all = table.catch_all.get(domain)
+            if catch_all and full not in chain:
+                return self._member(catch_all, domain, chain | {full}, depth + 1)
+            raise _Refusal(reply("rcpt.unknown", address=full))
+        return [Target(destination, Address(user, domain, quoted))]
+
+    # --- delivery.base.Delivery ---------------------------------------------------
+
+    async def deliver(
+        self, envelope: Envelope, trace: TraceInfo, spool: SpoolReader
+    ) -> list[RecipientResult]:
+        """Deliver to every final target once; one result per envelope recipient."""
+        try:
+            return await self._deliver(envelope, trace, spool)
+        except Exception:
+            log.exception("delivery of %s failed unexpectedly", trace.session_id)
+            failed = reply("delivery.local_error")
+            return [RecipientResult(rcpt, failed) for rcpt in envelope.recipients]
+
+    async def _deliver(
+        self, envelope: Envelope, trace: TraceInfo, spool: SpoolReader
+    ) -> list[RecipientResult]:
+        # destination → (target key → the Recipient handed to it): each target once
+        plans: dict[str, dict[tuple[str, str, str], Recipient]] = {}
+        routed: list[list[tuple[str, str, str]] | Reply] = []
+        for rcpt in envelope.recipients:
+            targets = self.route(rcpt.address)
+            if isinstance(targets, Reply):
+                routed.append(targets)
+                continue
+            for t in targets:
+                plan = plans.setdefault(t.destination, {})
+                plan.setdefault(t.key, Recipient(t.address, rcpt.notify, rcpt.orcpt))
+            routed.append([t.key for t in targets])
+        names = list(plans)
+        outcomes = await asyncio.gather(
+            *(self._run(n, envelope, trace, spool, list(plans[n].values())) for n in names)
+        )
+        done = {
+            key: answer
+            for name, answers in zip(names, outcomes, strict=True)
+            for key, answer in zip(plans[name], answers, strict=True)
+        }
+        return [
+            RecipientResult(rcpt, r if isinstance(r, Reply) else _worst(done[k] for k in r))
+            for rcpt, r in zip(envelope.recipients, routed, strict=True)
+        ]
+
+    async def _run(
+        self,
+        name: str,
+        envelope: Envelope,
+        trace: TraceInfo,
+        spool: SpoolReader,
+        recipients: list[Recipient],
+    ) -> list[Reply]:
+        """One destination's replies, one per recipient, whatever the destination does."""
+        destination = self.destinations.get(name)
+        try:
+            if destination is None:
+                raise LookupError(f"no destination named {name!r}")
+            results = await destination.deliver(envelope, trace, spool, recipients)
+            if len(results) != len(recipients):
+                raise ValueError(f"{len(results)} results for {len(recipients)} recipients")
+        except Exception:
+            log.exception("destination %s failed for %s", name, trace.session_id)
+            return [reply("delivery.local_error")] * len(recipients)
+        return [result.reply for result in results]
+
+
+def _worst(replies: Iterable[Reply]) -> Reply:
+    """The reply for an address that fanned out: a permanent failure, else a temporary
+    one (a retry cannot fix the first), else success."""
+    answers = list(replies)
+    for failed in ([r for r in answers if r.code >= 500], [r for r in answers if r.code >= 400]):
+        if failed:
+            return failed[0]
+    return answers[0] if answers else reply("delivery.local_error")

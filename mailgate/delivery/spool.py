@@ -1,0 +1,161 @@
+"""The spool: where a message streams to while DATA/BDAT arrives, before delivery.
+
+A spool file holds the Received: header then the body as received (CRLF line ends).
+It is never fsync'ed: the client gets no 250 until the destinations made their own
+copies durable, so a crash only loses messages that were never acknowledged.
+
+Spool file names carry the writing process's id, so :meth:`SpoolDir.cleanup` at
+start-up removes only the files of processes that are gone (several mailgate
+processes may share one spool directory).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import re
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO
+
+from mailgate.protocol.replies import Reply, reply
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".spool"
+WRITE_BUFFER = 256 * 1024  # big writes: one syscall per 256 KiB of body
+READ_CHUNK = 1024 * 1024  # destinations stream the spool in pieces this big
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_NAME = re.compile(r"^.*\.(\d+)\.\d+" + re.escape(SUFFIX) + "$")
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def reply_for_os_error(exc: OSError) -> Reply:
+    """452 4.3.1 for a full disk or quota, 451 4.3.0 for any other OS error."""
+    return reply("delivery.storage" if exc.errno in _STORAGE_ERRNOS else "delivery.local_error")
+
+
+def read_chunks(path: str) -> Iterator[bytes]:
+    """The spooled message in READ_CHUNK pieces: never the whole body in memory."""
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(READ_CHUNK):
+            yield chunk
+
+
+def crlf_to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The chunks with CRLF line ends turned into LF (Maildir and mbox store LF)."""
+    carry = b""
+    for chunk in chunks:
+        data = carry + chunk if carry else chunk
+        carry = b"\r" if data.endswith(b"\r") else b""
+        if carry:
+            data = data[:-1]
+        yield data.replace(b"\r\n", b"\n")
+    if carry:
+        yield carry
+
+
+def mailbox_component(name: str) -> str:
+    """``name`` if it is safe as one path component of a mailbox; ValueError if not."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name or len(name) > 255:
+        raise ValueError(f"unsafe mailbox name {name!r}")
+    return name
+
+
+class SpoolFile:
+    """One spooled message: written once by the server, then read by the destinations."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.size = 0
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._writer: BinaryIO | None = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        self._gone = False
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` (buffered).  Raises OSError, e.g. ENOSPC: see reply_for_os_error."""
+        if self._writer is None:
+            raise ValueError(f"spool file {self.path} is closed")
+        self._writer.write(data)
+        self.size += len(data)
+
+    def close(self) -> None:
+        """Flush and close the writer (no fsync).  Raises OSError like ``write``."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
+    def discard(self) -> None:
+        """Close and remove the file; safe to call more than once and after errors."""
+        try:
+            self.close()
+        except OSError as exc:  # a flush that hits a full disk: the file goes anyway
+            log.debug("spool %s: flush on discard failed: %s", self.path, exc)
+        if not self._gone:
+            self._gone = True
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("spool %s: cannot remove: %s", self.path, exc)
+
+    def read_head(self, limit: int) -> bytes:
+        """The first ``limit`` bytes of the spooled message (for content filters)."""
+        if self._writer is not None:
+            self._writer.flush()
+        with open(self.path, "rb") as f:
+            return f.read(max(0, limit))
+
+
+class SpoolDir:
+    """The spool directory; one file per message in flight."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._counter = itertools.count()
+        self._ready = False
+
+    def create(self, session_id: str) -> SpoolFile:
+        """A new, empty spool file for a message of session ``session_id``."""
+        if not self._ready:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            self._ready = True
+        sid = _UNSAFE.sub("_", session_id)[:64] or "msg"
+        name = f"{sid}.{os.getpid()}.{next(self._counter)}{SUFFIX}"
+        return SpoolFile(os.path.join(self.path, name))
+
+    def cleanup(self) -> int:
+        """Remove spool files left by processes that are gone; return how many."""
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        for name in names:
+            match = _NAME.match(name)
+            if match is None:
+                continue  # not ours: leave it alone
+            pid = int(match.group(1))
+            if pid != os.getpid() and pid_alive(pid):
+                continue  # another mailgate process is still writing it
+            try:
+                os.unlink(os.path.join(self.path, name))
+                removed += 1
+            except FileNotFoundError:
+                pass
+        return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except (OverflowError, OSError):
+        return False
+    return True

@@ -1,0 +1,109 @@
+"""Trace header fields: Received: (RFC 5321 section 4.4) and Return-Path:.
+
+Values that come from the client (HELO name, addresses) are reduced to characters
+that cannot end a header line or break its syntax, and bounded in length, so the
+folded field never has a line over 998 octets and lines stay under 78 where a
+break between clauses allows it.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from mailgate.delivery.base import TraceInfo
+from mailgate.protocol.envelope import Envelope
+
+FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be no longer than 78 characters
+_TOKEN_LIMIT = 255  # a domain name's maximum; bounds every client-supplied token
+# anything that could end a line, split a clause or unbalance a comment or literal
+_DOMAIN_UNSAFE = re.compile(r"[\x00-\x20\x7f()<>\[\]\\;,\"]+")
+_DOMAIN_UNSAFE_LITERAL = re.compile(r"[\x00-\x20\x7f()<>\\;,\"]+")
+_COMMENT_UNSAFE = re.compile(r"[\x00-\x1f\x7f()\\]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def protocol_name(extended: bool, tls: bool, auth: bool, smtputf8: bool) -> str:
+    """The ``with`` keyword: RFC 3848 (ESMTP[S][A]) and RFC 6531 (UTF8SMTP[S][A])."""
+    if not extended:
+        return "SMTP"
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + ("S" if tls else "") + ("A" if auth else "")
+
+
+def received_header(trace: TraceInfo, envelope: Envelope, now: datetime | None = None) -> bytes:
+    """The folded ``Received:`` field with CRLF line ends.
+
+    ``from <helo> (<reverse name or unknown> [<ip>]) (using <TLS> with cipher <c>)
+    by <hostname> with <protocol> id <id> for <rcpt>; <RFC 5322 date>``, the ``for``
+    clause only when the message has exactly one recipient.
+    """
+    when = now if now is not None else datetime.now(UTC).astimezone()
+    if when.tzinfo is None:
+        when = when.astimezone()
+    clauses = [
+        "from " + _domain(trace.helo),
+        f"({_domain(trace.reverse_name or '')} {_literal(trace.client_ip)})",
+    ]
+    if trace.tls_version or trace.tls_cipher:
+        tls = _comment(trace.tls_version or "TLS")
+        cipher = f" with cipher {_comment(trace.tls_cipher)}" if trace.tls_cipher else ""
+        clauses.append(f"(using {tls}{cipher})")
+    clauses += [
+        "by " + _domain(trace.hostname),
+        "with " + _atom(trace.protocol or "ESMTP"),
+        "id " + _atom(trace.session_id or "unknown"),
+    ]
+    if len(envelope.recipients) == 1:
+        clauses.append(f"for <{_address(str(envelope.recipients[0].address))}>")
+    clauses[-1] += ";"
+    clauses.append(format_datetime(when))
+    return _fold("Received:", clauses)
+
+
+def return_path_header(envelope: Envelope) -> bytes:
+    """``Return-Path: <sender>`` with CRLF; ``<>`` for the null sender."""
+    sender = envelope.sender
+    path = "" if sender is None or sender.is_null else _address(str(sender))
+    return f"Return-Path: <{path}>\r\n".encode()
+
+
+def _fold(name: str, clauses: list[str]) -> bytes:
+    lines = [name]
+    for clause in clauses:
+        if len(lines[-1]) + 1 + len(clause) > FOLD_AT and lines[-1] != name:
+            lines.append("\t" + clause)
+        else:
+            lines[-1] += " " + clause
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+def _bounded(text: str) -> str:
+    return text[:_TOKEN_LIMIT]
+
+
+def _domain(value: str) -> str:
+    if value.startswith("[") and value.endswith("]") and len(value) > 2:
+        inner = _DOMAIN_UNSAFE_LITERAL.sub("_", value[1:-1]).replace("[", "_").replace("]", "_")
+        return _bounded(f"[{inner}]")
+    return _bounded(_DOMAIN_UNSAFE.sub("_", value)) or "unknown"
+
+
+def _literal(ip: str) -> str:
+    ip = _DOMAIN_UNSAFE.sub("_", ip)[:_TOKEN_LIMIT]
+    if ip.lower().startswith("ipv6:"):
+        return f"[{ip}]"
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+
+
+def _comment(value: str) -> str:
+    return _bounded(_COMMENT_UNSAFE.sub("_", value).strip()) or "unknown"
+
+
+def _atom(value: str) -> str:
+    return _bounded(_DOMAIN_UNSAFE.sub("_", value)) or "unknown"
+
+
+def _address(value: str) -> str:
+    return _CONTROL.sub("?", value).replace(">", "?")[: 2 * _TOKEN_LIMIT]
