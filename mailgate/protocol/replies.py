@@ -171,6 +171,8 @@ CATALOGUE: Final[dict[str, Template]] = {
     "delivery.downstream_rcpt_perm": Template(550, "5.1.1", "Downstream refused <{address}>"),
     "delivery.smarthost_temp": Template(451, "4.4.1", "Smarthost unavailable, try again later"),
     "delivery.smarthost_perm": Template(554, "5.0.0", "Smarthost refused the message"),
+    "delivery.mailer_unsafe_recipient": Template(550, "5.1.3", "<{address}> cannot be passed to the mail processor"),
+    "delivery.mailer_unsafe_sender": Template(550, "5.1.7", "Sender <{address}> cannot be passed to the mail processor"),
 }
 # fmt: on
 
