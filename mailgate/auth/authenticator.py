@@ -1,0 +1,117 @@
+"""The object the session talks to: mechanisms on offer, exchanges, throttling, senders."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from mailgate.auth.credentials import Credentials
+from mailgate.auth.mechanisms import (
+    CramMD5Exchange,
+    LoginExchange,
+    PlainExchange,
+    SaslExchange,
+    ScramExchange,
+)
+from mailgate.auth.senders import SenderMap
+from mailgate.auth.throttle import Clock, Throttle
+from mailgate.auth.users import ARGON2, CRAM, SCRAM, UserRecord, file_signature, load_users
+from mailgate.protocol.replies import Reply, reply
+
+log = logging.getLogger("mailgate.auth")
+
+# Which stored form each mechanism needs.
+NEEDS = {"PLAIN": ARGON2, "LOGIN": ARGON2, "SCRAM-SHA-256": SCRAM, "CRAM-MD5": CRAM}
+
+
+class Authenticator:
+    """SMTP AUTH for one server: built by ``factory.build_authenticator``."""
+
+    def __init__(
+        self,
+        *,
+        users_file: str,
+        users: dict[str, UserRecord],
+        configured: list[str],
+        throttle: Throttle,
+        senders: SenderMap,
+        hostname: str,
+        reload_interval: float,
+        clock: Clock,
+    ) -> None:
+        self._users_file = users_file
+        self._configured = configured
+        self._throttle = throttle
+        self._senders = senders
+        self._hostname = hostname
+        self._reload_interval = reload_interval
+        self._clock = clock
+        self._install(users, file_signature(users_file))
+
+    def _install(self, users: dict[str, UserRecord], signature: object) -> None:
+        self._credentials = Credentials(users)
+        self._signature = signature
+        self._checked_at = self._clock()
+        # Only what some user can actually use: advertising a mechanism nobody can
+        # pass would just make clients fail.
+        self.mechanisms: list[str] = [
+            m for m in self._configured if self._credentials.has_form(NEEDS[m])
+        ]
+
+    def start(self, mechanism: str, client_ip: str) -> SaslExchange:
+        """A new exchange; ``mechanism`` (any case) must be one of ``self.mechanisms``."""
+        name = mechanism.upper()
+        if name not in self.mechanisms:
+            raise ValueError(f"mechanism not offered: {mechanism[:40]!r}")
+        factories: dict[str, Callable[[], SaslExchange]] = {
+            "PLAIN": lambda: PlainExchange(self._credentials, self._throttle, client_ip),
+            "LOGIN": lambda: LoginExchange(self._credentials, self._throttle, client_ip),
+            "CRAM-MD5": lambda: CramMD5Exchange(
+                self._credentials, self._throttle, client_ip, self._hostname
+            ),
+            "SCRAM-SHA-256": lambda: ScramExchange(self._credentials, self._throttle, client_ip),
+        }
+        return factories[name]()
+
+    async def check_throttle(self, client_ip: str) -> Reply | None:
+        """None, or the reply that refuses this AUTH (421: the session then closes)."""
+        await self._refresh()
+        failures = self._throttle.client_failures(client_ip)
+        if failures >= self._throttle.limits.close_after:
+            return reply("closing.auth_throttled", host=self._hostname)
+        if failures >= self._throttle.limits.after:
+            return reply("auth.throttled")
+        return None
+
+    def failure_delay(self, client_ip: str, user: str | None) -> float:
+        """Seconds the session waits before sending a failure reply."""
+        return self._throttle.delay(client_ip, user)
+
+    def may_send_as(self, user: str, address: str) -> bool:
+        return self._senders.may_send_as(user, address)
+
+    async def reload(self) -> None:
+        """Re-read the users file; ValueError "file:line: problem" keeps the old table."""
+        signature = file_signature(self._users_file)
+        users = await asyncio.to_thread(load_users, self._users_file)
+        self._install(users, signature)
+        log.info("users file %s loaded: %d users", self._users_file, len(users))
+
+    async def _refresh(self) -> None:
+        """Pick up a changed users file (as `mailgate passwd` leaves it) without SIGHUP."""
+        if not self._reload_interval:
+            return
+        now = self._clock()
+        if now - self._checked_at < self._reload_interval:
+            return
+        self._checked_at = now
+        signature = await asyncio.to_thread(file_signature, self._users_file)
+        if signature == self._signature:
+            return
+        try:
+            await self.reload()
+        except ValueError as e:
+            # Keep serving the old table; say so once per change of the file.
+            self._signature = signature
+            log.error("users file not reloaded, keeping the old one: %s", e)

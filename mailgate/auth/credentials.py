@@ -1,0 +1,118 @@
+"""Making and checking stored credentials, the same way for known and unknown users.
+
+A client must not learn whether a user exists: an unknown user (or one without the
+credential form a mechanism needs) is checked against a dummy of the same kind and
+cost, and fails.  Comparisons of secrets are constant-time (argon2 and scramp compare
+with hmac.compare_digest internally; CRAM-MD5 here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import secrets
+
+from argon2 import PasswordHasher, extract_parameters
+from argon2.exceptions import InvalidHashError, VerificationError
+from scramp import ScramMechanism
+from scramp.utils import ScramException, saslprep
+
+from mailgate.auth.md5state import STATE_SIZE, cram_digest, cram_state
+from mailgate.auth.users import ARGON2, CRAM, SCRAM, SCRAM_MIN_ITERATIONS, ScramKeys, UserRecord
+
+# RFC 7677 asks for at least 4096; clients repeat the PBKDF2 on every login, so more is
+# a cost paid by every mail client, not only by an attacker.
+SCRAM_ITERATIONS = 10_000
+
+
+def prepare_password(password: str) -> str:
+    """SASLprep (RFC 4013), so PLAIN, LOGIN and SCRAM agree on non-ASCII passwords."""
+    try:
+        return saslprep(password)
+    except ScramException as e:
+        raise ValueError(f"password not allowed: {e.args[0]}") from None
+
+
+def make_record(
+    user: str,
+    password: str,
+    *,
+    cram: bool = False,
+    hasher: PasswordHasher | None = None,
+    scram_iterations: int = SCRAM_ITERATIONS,
+) -> UserRecord:
+    """Every stored form for ``password`` (CRAM-MD5 only on request).  Slow: off the loop."""
+    prepared = prepare_password(password)
+    hashed = (hasher or PasswordHasher()).hash(prepared)
+    salt, stored, server, iterations = ScramMechanism("SCRAM-SHA-256").make_auth_info(
+        prepared, iteration_count=scram_iterations
+    )
+    return UserRecord(
+        user,
+        argon2=hashed,
+        scram=ScramKeys(salt, iterations, stored, server),
+        cram=cram_state(prepared.encode()) if cram else None,
+    )
+
+
+class Credentials:
+    """The loaded users table and the checks the mechanisms need."""
+
+    def __init__(self, users: dict[str, UserRecord]) -> None:
+        self.users = users
+        self._dummy_secret = secrets.token_bytes(32)  # keys fake SCRAM salts per process
+        self._dummy_cram = secrets.token_bytes(STATE_SIZE)
+        self._dummy_hash_value: str | None = None  # made on first use, in a worker thread
+        first = next((u.scram for u in users.values() if u.scram), None)
+        self._dummy_iterations = first.iterations if first else SCRAM_MIN_ITERATIONS
+
+    def has_form(self, form: str) -> bool:
+        """Whether any user has the stored form ``form`` (users.ARGON2, SCRAM or CRAM)."""
+        attribute = {ARGON2: "argon2", SCRAM: "scram", CRAM: "cram"}[form]
+        return any(getattr(u, attribute) for u in self.users.values())
+
+    async def verify_password(self, user: str, password: str) -> bool:
+        """Whether ``password`` is ``user``'s; argon2 runs in a worker thread."""
+        record = self.users.get(user)
+        stored = record.argon2 if record else None
+        try:
+            prepared = prepare_password(password)
+        except ValueError:
+            prepared = None
+        if stored is None or prepared is None:
+            await asyncio.to_thread(lambda: self._verify(self._dummy_hash(), password))
+            return False
+        return await asyncio.to_thread(self._verify, stored, prepared)
+
+    @staticmethod
+    def _verify(stored: str, password: str) -> bool:
+        try:
+            return PasswordHasher().verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            return False
+
+    def _dummy_hash(self) -> str:
+        """A hash with the parameters real entries use, so a miss costs the same time."""
+        if self._dummy_hash_value is None:
+            real = next((u.argon2 for u in self.users.values() if u.argon2), None)
+            hasher = PasswordHasher()
+            if real:
+                hasher = PasswordHasher.from_parameters(extract_parameters(real))
+            self._dummy_hash_value = hasher.hash(secrets.token_hex(16))
+        return self._dummy_hash_value
+
+    def check_cram(self, user: str, challenge: bytes, digest: bytes) -> bool:
+        record = self.users.get(user)
+        state = record.cram if record and record.cram else self._dummy_cram
+        ok = hmac.compare_digest(cram_digest(state, challenge), digest)
+        return ok and record is not None and record.cram is not None
+
+    def scram_keys(self, user: str) -> tuple[bytes, bytes, bytes, int]:
+        """scramp's auth_fn result; for an unknown user, a stable fake that never verifies."""
+        record = self.users.get(user)
+        if record and record.scram:
+            k = record.scram
+            return k.salt, k.stored_key, k.server_key, k.iterations
+        # The same salt for the same name on every try, as a real user would show.
+        salt = hmac.new(self._dummy_secret, user.encode(), "sha256").digest()[:16]
+        return salt, secrets.token_bytes(32), secrets.token_bytes(32), self._dummy_iterations

@@ -1,0 +1,118 @@
+"""``mailgate passwd USER``: add a user or change a password in the users file."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import sys
+import tempfile
+
+from argon2 import PasswordHasher
+
+from mailgate.auth.credentials import make_record
+from mailgate.auth.users import check_user_name, is_content, parse_users, read_users_file
+
+
+class _Refused(Exception):
+    """A problem to print and exit with 1."""
+
+
+def passwd_command(
+    users_file: str,
+    user: str,
+    *,
+    cram: bool = False,
+    stdin_password: bool = False,
+    hasher: PasswordHasher | None = None,
+) -> int:
+    """Set ``user``'s password; 0 on success, 1 with a message on stderr otherwise.
+
+    The password is read without echo (twice, to confirm) or, with ``stdin_password``,
+    as one line from standard input.  Only ``--cram`` stores the CRAM-MD5 key states,
+    which are password-equivalent for CRAM-MD5.  ``hasher`` picks argon2 parameters
+    (tests use cheap ones).  The file is rewritten atomically with mode 0600.
+    """
+    try:
+        problem = check_user_name(user)
+        if problem:
+            raise _Refused(problem)
+        lines = _existing_lines(users_file)
+        password = _read_password(stdin_password)
+        try:
+            record = make_record(user, password, cram=cram, hasher=hasher)
+        except ValueError as e:
+            raise _Refused(str(e)) from None
+        changed = _replace_user(lines, user, record.to_line())
+        _write_atomically(users_file, "".join(f"{line}\n" for line in lines))
+    except _Refused as e:
+        print(f"mailgate passwd: {e}", file=sys.stderr)
+        return 1
+    except (EOFError, KeyboardInterrupt):
+        print("mailgate passwd: no password given", file=sys.stderr)
+        return 1
+    print(f"{'password changed for' if changed else 'added user'} {user}", file=sys.stderr)
+    return 0
+
+
+def _existing_lines(path: str) -> list[str]:
+    """The current lines; a broken file is refused rather than rewritten blindly."""
+    if not os.path.exists(path):
+        return []
+    try:
+        text = read_users_file(path)
+        parse_users(text, path)
+    except ValueError as e:
+        raise _Refused(str(e)) from None
+    return text.splitlines()
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise _Refused("the passwords differ")
+    if not password:
+        raise _Refused("empty password")
+    return password
+
+
+def _replace_user(lines: list[str], user: str, new: str) -> bool:
+    """Put ``new`` in place of ``user``'s line (keeping its position) or append it."""
+    for i, line in enumerate(lines):
+        if is_content(line) and line.strip().split(":", 1)[0] == user:
+            lines[i] = new
+            return True
+    lines.append(new)
+    return False
+
+
+def _write_atomically(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        old = os.stat(path)
+    except FileNotFoundError:
+        old = None
+    # mkstemp creates the file 0600 from the start: no moment where others can read it.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".users.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if old is not None:
+                # Run as root for a file the server's user owns: keep it readable to it.
+                with contextlib.suppress(PermissionError):
+                    os.fchown(f.fileno(), old.st_uid, old.st_gid)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _Refused(f"{path}: {e.strerror or e}") from None
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must survive a crash
+    finally:
+        os.close(dir_fd)

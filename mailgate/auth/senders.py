@@ -1,0 +1,67 @@
+"""Which MAIL FROM addresses an authenticated user may use.
+
+Rules, checked in this order (addresses compare ignoring case):
+
+1. A user listed in the senders map may use exactly what is listed: a full address
+   (``alice@example.org``), every address of a domain (``@example.org``), or ``*``
+   (anything, the null sender ``<>`` included).  Listing a user replaces rule 2, so a
+   listed user who should keep their own address lists it too.
+2. A user not listed may use ``<user>@<d>`` for each default domain ``d`` (the
+   configured sender_domains, else the server's local domains).  When the user name
+   is itself an address (``alice@example.org``), that exact address.
+3. Nothing else; in particular not the null sender.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+
+def parse_senders_file(text: str, path: str) -> dict[str, list[str]]:
+    """``user: address, @domain, *`` lines; ValueError "path:line: problem"."""
+    table: dict[str, list[str]] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        user, colon, rest = line.partition(":")
+        user = user.strip()
+        entries = [e.strip() for e in rest.split(",") if e.strip()]
+        if not colon or not user or not entries:
+            raise ValueError(f"{path}:{number}: expected 'user: address, @domain, ...'")
+        bad = next((e for e in entries if not _valid_entry(e)), None)
+        if bad is not None:
+            raise ValueError(f"{path}:{number}: {bad[:64]!r} is not an address, @domain or *")
+        table.setdefault(user, []).extend(entries)
+    return table
+
+
+def _valid_entry(entry: str) -> bool:
+    if entry == "*":
+        return True
+    local, at, domain = entry.rpartition("@")
+    return bool(at and domain and " " not in entry and (local or entry.startswith("@")))
+
+
+class SenderMap:
+    def __init__(self, table: Mapping[str, Iterable[str]], default_domains: Iterable[str]):
+        for user, entries in table.items():
+            bad = next((e for e in entries if not _valid_entry(e)), None)
+            if bad is not None:
+                raise ValueError(f"senders: {user}: {bad[:64]!r} is not an address, @domain or *")
+        self._table = {user: frozenset(e.lower() for e in table[user]) for user in table}
+        self._domains = frozenset(d.lower().rstrip(".") for d in default_domains)
+
+    def may_send_as(self, user: str, address: str) -> bool:
+        address = address.strip().removeprefix("<").removesuffix(">").lower()
+        local, at, domain = address.rpartition("@")
+        listed = self._table.get(user)
+        if listed is not None:
+            return "*" in listed or (
+                bool(at) and (address in listed or f"@{domain.rstrip('.')}" in listed)
+            )
+        if not at or not local:
+            return False
+        if "@" in user:
+            return address == user.lower()
+        return local == user.lower() and domain.rstrip(".") in self._domains
