@@ -15,13 +15,13 @@ Where: ``stage = "rcpt"`` greylists each recipient at its RCPT, so passed recipi
 are accepted while the others are deferred.  ``stage = "data"`` answers once at DATA
 for the whole transaction, because a DATA reply covers every recipient (RFC 5321
 3.3).  Every recipient's triplet is checked and recorded, and the message passes when
-**any** of them has passed or is whitelisted.  Greylisting only asks a client to prove
-it runs a queue that retries (RFC 6647 section 5 keeps the cost to such senders low);
-a client that has passed one triplet of this transaction has proved that, and
-deferring it again would only delay the recipients that already waited.  This is also
-what the upas ancestor did (spec section 8: "if any recipient was recent").  The other
-recipients' triplets stay pending: they are not promoted, so each still needs its own
-retry before it passes alone.
+**any** of them has passed or is whitelisted.  Greylisting only asks a client to
+prove that it runs a queue that retries, and RFC 6647 section 5 aims to keep its cost
+to such senders low: a client that has passed one triplet of this transaction has
+proved it, and deferring it again would only delay the recipients that already
+waited.  The upas ancestor did the same (spec section 8: "if any recipient was
+recent").  The other recipients' triplets stay pending: they are not promoted, so
+each still needs its own retry before it passes alone.
 
 Skipped (tag "skipped"): trusted clients, authenticated clients (their mail is
 submission, not an unknown MTA), and clients in the configured whitelist networks.
@@ -34,7 +34,6 @@ mail outage, while accepting only lets through what the other policy steps accep
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import ipaddress
 import json
@@ -145,23 +144,26 @@ class Greylist(Step):
     async def _decide(self, client: Client, sender: str, recipients: list[str]) -> Verdict:
         if self._skips(client):
             return _verdict("skipped")
-        unique = dict.fromkeys(r.lower() for r in recipients)
-        results = await asyncio.gather(
-            *(self.check(client.ip, sender, r) for r in unique), return_exceptions=True
-        )
-        outcomes = [r for r in results if isinstance(r, str)]
-        errors = [r for r in results if isinstance(r, BaseException)]
-        for err in errors:
-            if not isinstance(err, Exception):
-                raise err  # cancellation: the session is going away
+        outcomes: list[Outcome] = []
+        failed = False
+        # One at a time: a DATA with 100 recipients should not open 100 Redis
+        # connections, and the first store failure ends the loop instead of waiting
+        # out a timeout per recipient.
+        for recipient in dict.fromkeys(r.lower() for r in recipients):
+            try:
+                outcomes.append(await self.check(client.ip, sender, recipient))
+            except Exception as err:  # a policy step must never raise
+                self._note_failure(err)
+                failed = True
+                break
+        if not failed:
+            self._note_recovery()
         if "whitelisted" in outcomes:
             return _verdict("whitelisted")
         if "passed" in outcomes:
             return _verdict("passed")
-        if errors:
-            self._note_failure(errors[0])
+        if failed:
             return _verdict("error")
-        self._note_recovery()
         # "early" when the client did retry, only too soon; "new" for a first attempt.
         return _deferred("early" if "early" in outcomes else "new")
 
@@ -177,7 +179,7 @@ class Greylist(Step):
     def _note_recovery(self) -> None:
         if self._store_failing:
             self._store_failing = False
-            log.warning("greylist store works again")
+            log.info("greylist store works again")
 
     async def close(self) -> None:
         """Close the store (the engine calls this at shutdown)."""
