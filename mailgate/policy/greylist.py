@@ -51,7 +51,6 @@ from mailgate.protocol.replies import reply
 log = logging.getLogger(__name__)
 
 Outcome = Literal["new", "early", "passed", "whitelisted"]
-_PASSING: frozenset[str] = frozenset({"passed", "whitelisted"})
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
