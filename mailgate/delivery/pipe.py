@@ -1,0 +1,238 @@
+"""Hand-off to a mailer program on a pipe, the upas ``send`` heritage.
+
+The configured ``command`` is an argv list run **without a shell**
+(``asyncio.create_subprocess_exec``), in its own process group.  Template items:
+
+``{sender}``      the envelope sender (``<>`` for the null sender);
+``{recipients}``  a whole item that becomes one item per recipient;
+``{recipient}``   one recipient: the mailer then runs once per recipient;
+``{id}``          the session id (also the queue id in our 250 reply).
+
+Placeholders may sit inside a longer item (``--from={sender}``); values are put in
+once, so an address containing ``{id}`` stays as it is.
+
+**Addresses that look like options.**  A mailer parses its argv with getopt, so an
+address such as ``-oQ/tmp@example.com`` at the start of an argv item would be taken
+as an option.  An item that *begins* with an address is therefore refused when the
+address begins with ``-``, unless the item comes after a ``--`` item of the template
+(the end of the options).  Such a recipient gets ``550 5.1.3``, such a sender
+``550 5.1.7`` for every recipient; the others are delivered.  Write templates as
+``["/usr/sbin/sendmail", "-i", "-f", "{sender}", "--", "{recipients}"]`` and only
+a sender beginning with ``-`` is refused (use ``-f{sender}`` to accept that too).
+
+**Standard input** is ``Return-Path: <sender>`` then the spooled message (the
+Received: header and the body), with **LF** line ends, as upas fed its mailers and
+as Unix mail programs expect; it is streamed from the spool in large chunks.  A
+mailer that exits without reading it all is not an error in itself: its exit
+status decides.
+
+**Outcome.**  Exit 0: ``250``.  Otherwise the first lines of its stderr (at most
+10 lines of the first 8 KiB) come before our own reply line, each with its code:
+exit EX_DATAERR (65), EX_NOUSER (67) or EX_NOPERM (77), or a failure whose stderr
+matches ``refused_pattern`` (a regular expression), is a permanent refusal
+``554 5.6.0``; anything else (EX_TEMPFAIL, a signal, no exit within ``timeout``
+seconds, after which the whole process group is killed) is ``451 4.3.0``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+
+from mailgate.config.delivery import PipeConfig
+from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
+from mailgate.delivery.dotstuff import CRLFToLF, spool_chunks
+from mailgate.delivery.trace import return_path_header
+from mailgate.protocol.envelope import Envelope, Recipient
+from mailgate.protocol.replies import Reply, multiline, reply
+
+log = logging.getLogger(__name__)
+
+STDERR_LIMIT = 8 * 1024  # octets of the mailer's stderr kept; the rest is read and dropped
+STDERR_LINES = 10  # lines of it put in the reply
+REFUSED_EXITS = frozenset({os.EX_DATAERR, os.EX_NOUSER, os.EX_NOPERM})
+
+_PLACEHOLDER = re.compile(r"\{(sender|recipient|id)\}")
+
+
+class PipeDestination:
+    """Runs ``config.command`` with the envelope in argv and the message on stdin."""
+
+    def __init__(self, config: PipeConfig) -> None:
+        """Raises ValueError for a command template that cannot work."""
+        command = list(config.command)
+        if not command or not command[0]:
+            raise ValueError("pipe.command: must name a program")
+        if any("{recipients}" in item and item != "{recipients}" for item in command):
+            raise ValueError("pipe.command: {recipients} must be an item of its own")
+        self._per_recipient = any("{recipient}" in item for item in command)
+        if self._per_recipient and "{recipients}" in command:
+            raise ValueError("pipe.command: use either {recipient} or {recipients}, not both")
+        try:
+            self._refused = re.compile(config.refused_pattern) if config.refused_pattern else None
+        except re.error as e:
+            raise ValueError(f"pipe.refused_pattern: not a regular expression ({e})") from e
+        self._command = command
+        self._timeout = config.timeout
+
+    async def deliver(
+        self,
+        envelope: Envelope,
+        trace: TraceInfo,
+        spool: SpoolReader,
+        recipients: list[Recipient],
+    ) -> list[RecipientResult]:
+        """One result per recipient; never raises."""
+        try:
+            if not self._per_recipient:
+                return await self._run_for(envelope, trace, spool, recipients)
+            results = []
+            # One run at a time: a mailer per recipient in parallel could fork hundreds.
+            for recipient in recipients:
+                results += await self._run_for(envelope, trace, spool, [recipient])
+            return results
+        except Exception:  # a bug must not lose the message: the client retries on 451
+            log.exception("%s: mailer %s failed", trace.session_id, self._command[0])
+            return [RecipientResult(r, reply("delivery.local_error")) for r in recipients]
+
+    async def _run_for(
+        self,
+        envelope: Envelope,
+        trace: TraceInfo,
+        spool: SpoolReader,
+        recipients: list[Recipient],
+    ) -> list[RecipientResult]:
+        argv, refused = self._argv(envelope, trace.session_id, recipients)
+        outcome = None
+        if argv is not None and len(refused) < len(recipients):
+            outcome = await self._run(argv, trace.session_id, envelope, spool)
+        return [
+            RecipientResult(r, refused.get(i) or outcome or reply("delivery.local_error"))
+            for i, r in enumerate(recipients)
+        ]
+
+    def _argv(
+        self, envelope: Envelope, session_id: str, recipients: list[Recipient]
+    ) -> tuple[list[str] | None, dict[int, Reply]]:
+        """The argv, and the replies of recipients that cannot be passed in it.
+
+        argv is None when the sender itself cannot be passed: then every recipient
+        is refused.
+        """
+        sender = envelope.sender
+        values = {
+            "sender": str(sender) if sender is not None and not sender.is_null else "<>",
+            "recipient": str(recipients[0].address) if recipients else "",
+            "id": session_id,
+        }
+        argv: list[str] = []
+        refused: dict[int, Reply] = {}
+        after_options = False
+        for item in self._command:
+            if item == "{recipients}":
+                for i, r in enumerate(recipients):
+                    address = str(r.address)
+                    if not after_options and address.startswith("-"):
+                        refused[i] = reply("delivery.mailer_unsafe_recipient", address=address)
+                    else:
+                        argv.append(address)
+                continue
+            value = _PLACEHOLDER.sub(lambda m: values[m[1]], item)
+            leading = _PLACEHOLDER.match(item)
+            if leading and not after_options and value.startswith("-"):
+                if leading[1] == "sender":
+                    bad = reply("delivery.mailer_unsafe_sender", address=values["sender"])
+                    return None, dict.fromkeys(range(len(recipients)), bad)
+                if leading[1] == "recipient":
+                    refused[0] = reply("delivery.mailer_unsafe_recipient", address=value)
+            after_options = after_options or item == "--"
+            argv.append(value)
+        return argv, refused
+
+    async def _run(
+        self, argv: list[str], session_id: str, envelope: Envelope, spool: SpoolReader
+    ) -> Reply:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # its own process group, to kill it whole
+            )
+        except (OSError, ValueError) as e:
+            log.error("%s: cannot run mailer %s: %s", session_id, argv[0], e)
+            return reply("delivery.mailer_failed")
+        assert proc.stdin is not None and proc.stderr is not None
+        stderr_task = asyncio.create_task(_read_bounded(proc.stderr))
+        try:
+            async with asyncio.timeout(self._timeout):
+                await _feed(proc.stdin, return_path_header(envelope), spool.path)
+                stderr = await stderr_task
+                status = await proc.wait()
+        except TimeoutError:
+            # The whole group: a mailer's children may hold its stderr open.
+            _kill_group(proc.pid)
+            log.warning("%s: mailer %s timed out, killed", session_id, argv[0])
+            return reply("delivery.mailer_failed")
+        finally:
+            if proc.returncode is None:
+                _kill_group(proc.pid)
+                await proc.wait()
+            stderr_task.cancel()
+        return self._outcome(status, stderr, session_id, argv[0])
+
+    def _outcome(self, status: int, stderr: bytes, session_id: str, program: str) -> Reply:
+        if status == 0:
+            if stderr:
+                log.info("%s: mailer %s succeeded but said: %r", session_id, program, stderr[:200])
+            return reply("ok")
+        text = stderr.decode("utf-8", "replace")
+        lines = [line for line in text.splitlines() if line.strip()][:STDERR_LINES]
+        refused = status in REFUSED_EXITS or (
+            self._refused is not None and self._refused.search(text) is not None
+        )
+        log.warning(
+            "%s: mailer %s %s %s: %s",
+            session_id,
+            program,
+            "refused" if refused else "failed",
+            f"signal {-status}" if status < 0 else f"exit {status}",
+            lines[0] if lines else "",
+        )
+        name = "delivery.mailer_refused" if refused else "delivery.mailer_failed"
+        return multiline(name, lines)
+
+
+async def _feed(stdin: asyncio.StreamWriter, header: bytes, spool_path: str) -> None:
+    """Return-Path and the spooled message with LF line ends; stops if the mailer quits."""
+    conv = CRLFToLF()
+    try:
+        stdin.write(conv.feed(header))
+        async for chunk in spool_chunks(spool_path):
+            stdin.write(conv.feed(chunk))
+            await stdin.drain()
+        stdin.write(conv.finish())
+        await stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # it stopped reading: its exit status tells whether that was a failure
+    finally:
+        stdin.close()
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+async def _read_bounded(stream: asyncio.StreamReader) -> bytes:
+    """The first STDERR_LIMIT octets; the rest is read too, so the mailer never blocks."""
+    kept = bytearray()
+    while chunk := await stream.read(64 * 1024):
+        if len(kept) < STDERR_LIMIT:
+            kept += chunk[: STDERR_LIMIT - len(kept)]
+    return bytes(kept)
