@@ -1,0 +1,82 @@
+"""GroupCommitter: concurrent sync requests share worker-thread fsync passes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from mailgate.delivery.fsync import GroupCommitter
+
+
+def make_files(tmp_path: Path, count: int) -> list[str]:
+    paths = []
+    for i in range(count):
+        directory = tmp_path / f"d{i % 2}"
+        directory.mkdir(exist_ok=True)
+        path = directory / f"f{i}"
+        path.write_bytes(b"x")
+        paths.append(str(path))
+    return paths
+
+
+def test_concurrent_requests_share_passes_and_directory_fsyncs(tmp_path: Path) -> None:
+    committer = GroupCommitter()
+    paths = make_files(tmp_path, 50)
+
+    async def main() -> None:
+        # each "message": its file, and the directory it was linked into
+        await asyncio.gather(*(committer.sync([p, os.path.dirname(p)]) for p in paths))
+
+    asyncio.run(main())
+    stats = committer.stats
+    assert stats.requests == 50
+    assert stats.file_fsyncs == 50  # every file synced, once
+    assert stats.passes < 50  # far fewer hand-offs than messages
+    assert stats.dir_fsyncs <= 2 * stats.passes  # each directory once per pass
+    assert stats.dir_fsyncs < 50  # two distinct directories, once per pass
+
+
+def test_one_pass_syncs_a_path_once(tmp_path: Path) -> None:
+    committer = GroupCommitter()
+    (path,) = make_files(tmp_path, 1)
+
+    async def main() -> None:
+        await committer.sync([path, path, str(tmp_path), str(tmp_path)])
+
+    asyncio.run(main())
+    assert (committer.stats.file_fsyncs, committer.stats.dir_fsyncs) == (1, 1)
+
+
+def test_a_failing_path_fails_only_its_own_request(tmp_path: Path) -> None:
+    committer = GroupCommitter()
+    (good,) = make_files(tmp_path, 1)
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            committer.sync([good]),
+            committer.sync([str(tmp_path / "missing")]),
+            committer.sync([good, str(tmp_path)]),
+            return_exceptions=True,
+        )
+
+    first, second, third = asyncio.run(main())
+    assert first is None and third is None
+    assert isinstance(second, FileNotFoundError)
+
+
+def test_file_descriptors_and_empty_requests(tmp_path: Path) -> None:
+    committer = GroupCommitter()
+    (path,) = make_files(tmp_path, 1)
+    fd = os.open(path, os.O_RDONLY)
+
+    async def main() -> None:
+        await committer.sync([])
+        await committer.sync([fd])
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.close(fd)
+    assert committer.stats.file_fsyncs == 1
+    assert committer.stats.passes == 1

@@ -1,0 +1,138 @@
+"""Maildir delivery: tmp → new, unique names, byte-exact content, links, fsyncs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from pathlib import Path
+
+from delivery_helpers import TRACE, as_stored, envelope, files, spooled, tmpfs
+
+from mailgate.delivery.fsync import GroupCommitter
+from mailgate.delivery.maildir import MaildirDestination
+from mailgate.protocol.envelope import NULL_ADDRESS, Address, Recipient
+
+MESSAGE = b"Subject: hello\r\nFrom: a@example.net\r\n\r\nFrom the start\r\nline 2\r\n"
+NAME = re.compile(r"^\d+\.M\d+P\d+Q\d+\.mx\.example\.org$")
+
+
+def destination(root: Path, layout: str = "user") -> MaildirDestination:
+    return MaildirDestination(str(root), layout, "mx.example.org", GroupCommitter())  # type: ignore[arg-type]
+
+
+def rcpts(*addresses: str) -> list[Recipient]:
+    return [Recipient(Address(*a.split("@"))) for a in addresses]
+
+
+def test_delivery_creates_the_maildir_and_stores_the_message_exactly(tmp_path: Path) -> None:
+    dest = destination(tmp_path / "md")
+    env = envelope("alice@example.org")
+    spool = spooled(tmp_path, MESSAGE, env)
+    results = asyncio.run(dest.deliver(env, TRACE, spool, rcpts("alice@example.org")))
+    assert [str(r.reply) for r in results] == ["250 2.0.0 OK"]
+    box = tmp_path / "md" / "alice"
+    assert {p.name for p in box.iterdir()} == {"tmp", "new", "cur"}
+    assert files(box / "tmp") == [] and files(box / "cur") == []
+    (stored,) = files(box / "new")
+    assert NAME.match(stored.name)
+    content = stored.read_bytes()
+    assert content == as_stored(spool)
+    assert content.startswith(b"Return-Path: <sender@example.net>\nReceived: from ")
+    assert b"\r" not in content
+    stats = dest.committer.stats
+    # the file, then new/ and the directories just created, each fsync'ed
+    assert stats.file_fsyncs == 1 and stats.dir_fsyncs >= 2
+
+
+def test_fifty_concurrent_deliveries_never_collide(tmp_path: Path) -> None:
+    dest = destination(tmp_path / "md")
+    env = envelope("alice@example.org")
+    spools = [
+        spooled(tmp_path / f"s{i}", MESSAGE + f"message {i}\r\n".encode(), env) for i in range(50)
+    ]
+
+    async def main() -> list[list[object]]:
+        return await asyncio.gather(
+            *(dest.deliver(env, TRACE, s, rcpts("alice@example.org")) for s in spools)
+        )
+
+    outcomes = asyncio.run(main())
+    assert all(result.reply.code == 250 for results in outcomes for result in results)  # type: ignore[attr-defined]
+    stored = files(tmp_path / "md" / "alice" / "new")
+    assert len({p.name for p in stored}) == 50
+    assert files(tmp_path / "md" / "alice" / "tmp") == []
+    assert sorted(p.read_bytes() for p in stored) == sorted(as_stored(s) for s in spools)
+    stats = dest.committer.stats
+    assert stats.requests == 100  # a file sync and a directory sync per message
+    assert stats.passes < stats.requests  # ...shared between messages
+    assert stats.file_fsyncs == 50
+    assert 1 <= stats.dir_fsyncs < 100
+
+
+def test_several_recipients_share_one_hard_linked_copy(tmp_path: Path) -> None:
+    dest = destination(tmp_path / "md")
+    env = envelope("alice@example.org", "bob@example.org")
+    spool = spooled(tmp_path, MESSAGE, env)
+    targets = rcpts("alice@example.org", "bob@example.org", "alice@example.net")
+    results = asyncio.run(dest.deliver(env, TRACE, spool, targets))
+    assert [r.reply.code for r in results] == [250, 250, 250]
+    (alice,) = files(tmp_path / "md" / "alice" / "new")  # both alices: one mailbox, one copy
+    (bob,) = files(tmp_path / "md" / "bob" / "new")
+    assert alice.stat().st_ino == bob.stat().st_ino
+    assert alice.stat().st_nlink == 2
+    assert bob.read_bytes() == as_stored(spool)
+    assert dest.committer.stats.file_fsyncs == 1  # written (and synced) once
+
+
+def test_another_file_system_gets_a_copy(tmp_path: Path) -> None:
+    root = tmp_path / "md"
+    with tmpfs(root / "bob", size="1m"):
+        dest = destination(root)
+        env = envelope("alice@example.org", "bob@example.org")
+        spool = spooled(tmp_path, MESSAGE, env)
+        targets = rcpts("alice@example.org", "bob@example.org")
+        results = asyncio.run(dest.deliver(env, TRACE, spool, targets))
+        assert [r.reply.code for r in results] == [250, 250]
+        (alice,) = files(root / "alice" / "new")
+        (bob,) = files(root / "bob" / "new")
+        assert alice.stat().st_dev != bob.stat().st_dev
+        assert alice.read_bytes() == bob.read_bytes() == as_stored(spool)
+        assert files(root / "bob" / "tmp") == [] and files(root / "alice" / "tmp") == []
+        assert dest.committer.stats.file_fsyncs == 2  # the copy is synced too
+
+
+def test_domain_layout_and_null_sender(tmp_path: Path) -> None:
+    dest = destination(tmp_path / "md", "domain/user")
+    env = envelope("alice@example.org", sender=NULL_ADDRESS)
+    spool = spooled(tmp_path, MESSAGE, env)
+    asyncio.run(dest.deliver(env, TRACE, spool, rcpts("alice@Example.ORG")))
+    (stored,) = files(tmp_path / "md" / "example.org" / "alice" / "new")
+    assert stored.read_bytes().startswith(b"Return-Path: <>\n")
+
+
+def test_binary_mime_is_stored_as_received(tmp_path: Path) -> None:
+    dest = destination(tmp_path / "md")
+    env = envelope("alice@example.org", body="BINARYMIME")
+    data = b"Subject: bin\r\n\r\n\x00\x01\r\n\xff\r"
+    spool = spooled(tmp_path, data, env)
+    asyncio.run(dest.deliver(env, TRACE, spool, rcpts("alice@example.org")))
+    (stored,) = files(tmp_path / "md" / "alice" / "new")
+    assert (
+        stored.read_bytes()
+        == b"Return-Path: <sender@example.net>\r\n" + Path(spool.path).read_bytes()
+    )
+
+
+def test_unsafe_mailbox_names_are_refused(tmp_path: Path) -> None:
+    dest = destination(tmp_path / "md")
+    env = envelope("x@example.org")
+    spool = spooled(tmp_path, MESSAGE, env)
+    targets = [Recipient(Address("..", "example.org")), Recipient(Address("a/b", "example.org"))]
+    targets += rcpts("alice@example.org")
+    results = asyncio.run(dest.deliver(env, TRACE, spool, targets))
+    assert [str(r.reply) for r in results][:2] == [
+        "451 4.3.0 Requested action aborted: local error in processing"
+    ] * 2
+    assert results[2].reply.code == 250
+    assert sorted(os.listdir(tmp_path / "md")) == ["alice"]

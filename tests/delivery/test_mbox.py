@@ -1,0 +1,180 @@
+"""mbox delivery: mboxrd quoting, dotlock plus flock, no interleaving, no half messages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from delivery_helpers import TRACE, as_stored, envelope, spooled
+
+from mailgate.config.delivery import MboxConfig
+from mailgate.delivery.mbox import MboxDestination, mboxrd_quote
+from mailgate.protocol.envelope import Address, Recipient
+
+TRICKY = (
+    b"Subject: quoting\r\n\r\nFrom the top\r\n>From once\r\n>>From twice\r\n"
+    b"Fromage is not quoted\r\n From indented is not\r\nFrom\r\nlast line without end"
+)
+FROM_ = re.compile(rb"^From \S+ \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4}$")
+
+
+def read_mboxrd(path: Path) -> list[bytes]:
+    """Split an mboxrd file into messages and undo the quoting (a reader's view)."""
+    messages: list[list[bytes]] = []
+    for line in path.read_bytes().split(b"\n"):
+        if FROM_.match(line):
+            messages.append([])
+            continue
+        if re.match(rb"^>+From ", line):
+            line = line[1:]
+        messages[-1].append(line)
+    # every message ends with an empty line: the LF before the next From_ line ends it
+    assert messages and messages[-1][-2:] == [b"", b""]
+    messages[-1].pop()
+    return [b"\n".join(lines) for lines in messages]
+
+
+def ended(data: bytes) -> bytes:
+    """A message as an mbox reader gets it back: with its last line ended."""
+    return data if data.endswith(b"\n") else data + b"\n"
+
+
+def mbox(tmp_path: Path, **changes: object) -> MboxDestination:
+    config = MboxConfig(path=str(tmp_path / "mail" / "{user}"), **changes)  # type: ignore[arg-type]
+    return MboxDestination(config)
+
+
+def alice() -> list[Recipient]:
+    return [Recipient(Address("alice", "example.org"))]
+
+
+def test_mboxrd_quoting_round_trips(tmp_path: Path) -> None:
+    dest = mbox(tmp_path)
+    env = envelope("alice@example.org")
+    spool = spooled(tmp_path, TRICKY, env)
+    (result,) = asyncio.run(dest.deliver(env, TRACE, spool, alice()))
+    assert result.reply.code == 250
+    raw = (tmp_path / "mail" / "alice").read_bytes()
+    assert FROM_.match(raw.split(b"\n", 1)[0])
+    assert raw.split(b"\n")[1] == b"Return-Path: <sender@example.net>"
+    assert b"\n>From the top\n>>From once\n>>>From twice\nFromage" in raw
+    assert b"\n From indented is not\nFrom\n" in raw
+    assert raw.endswith(b"last line without end\n\n")
+    assert read_mboxrd(tmp_path / "mail" / "alice") == [ended(as_stored(spool))]
+    assert not (tmp_path / "mail" / "alice.lock").exists()
+
+
+def test_quoting_is_the_same_whatever_the_chunking() -> None:
+    text = b"From a\n>From b\nxFrom c\n>>From d\nFro"
+    whole = b"".join(mboxrd_quote([text]))
+    assert whole == b">From a\n>>From b\nxFrom c\n>>>From d\nFro"
+    for cut in range(len(text) + 1):
+        assert b"".join(mboxrd_quote([text[:cut], text[cut:]])) == whole
+
+
+def test_concurrent_writers_do_not_interleave(tmp_path: Path) -> None:
+    dest = mbox(tmp_path)
+    env = envelope("alice@example.org")
+    big = [
+        spooled(
+            tmp_path / str(i),
+            b"Subject: big\r\n\r\n" + (bytes([65 + i]) * 99 + b"\r\n") * 30000,
+            env,
+        )
+        for i in range(4)
+    ]
+
+    async def main() -> list[list[object]]:
+        return await asyncio.gather(*(dest.deliver(env, TRACE, s, alice()) for s in big))
+
+    outcomes = asyncio.run(main())
+    assert all(r.reply.code == 250 for results in outcomes for r in results)  # type: ignore[attr-defined]
+    stored = read_mboxrd(tmp_path / "mail" / "alice")
+    assert sorted(stored) == sorted(ended(as_stored(s)) for s in big)
+
+
+def test_a_stale_dotlock_of_a_dead_process_is_broken(tmp_path: Path) -> None:
+    dest = mbox(tmp_path)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (tmp_path / "mail").mkdir()
+    (tmp_path / "mail" / "alice.lock").write_text(f"{gone}\n")
+    env = envelope("alice@example.org")
+    (result,) = asyncio.run(dest.deliver(env, TRACE, spooled(tmp_path, TRICKY, env), alice()))
+    assert result.reply.code == 250
+    assert not (tmp_path / "mail" / "alice.lock").exists()
+
+
+def test_an_old_dotlock_is_broken_even_if_its_process_lives(tmp_path: Path) -> None:
+    dest = mbox(tmp_path, stale_lock_age=60)
+    (tmp_path / "mail").mkdir()
+    lock = tmp_path / "mail" / "alice.lock"
+    lock.write_text(f"{os.getpid()}\n")
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    env = envelope("alice@example.org")
+    (result,) = asyncio.run(dest.deliver(env, TRACE, spooled(tmp_path, TRICKY, env), alice()))
+    assert result.reply.code == 250
+
+
+def test_a_live_dotlock_makes_the_mailbox_busy(tmp_path: Path) -> None:
+    dest = mbox(tmp_path, lock_timeout=0.3)
+    (tmp_path / "mail").mkdir()
+    (tmp_path / "mail" / "alice").write_bytes(b"")
+    lock = tmp_path / "mail" / "alice.lock"
+    lock.write_text(f"{os.getpid()}\n")
+    env = envelope("alice@example.org")
+    (result,) = asyncio.run(dest.deliver(env, TRACE, spooled(tmp_path, TRICKY, env), alice()))
+    assert str(result.reply) == "450 4.2.0 Mailbox busy, try again later"
+    assert (tmp_path / "mail" / "alice").read_bytes() == b""
+    assert lock.exists()  # someone else's lock is left alone
+
+
+def test_an_flock_held_by_another_process_makes_the_mailbox_busy(tmp_path: Path) -> None:
+    dest = mbox(tmp_path, lock_timeout=0.3)
+    (tmp_path / "mail").mkdir()
+    path = tmp_path / "mail" / "alice"
+    path.write_bytes(b"")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX);"
+            " print('locked', flush=True); time.sleep(30)",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        env = envelope("alice@example.org")
+        spool = spooled(tmp_path, TRICKY, env)
+        (result,) = asyncio.run(dest.deliver(env, TRACE, spool, alice()))
+        assert result.reply.code == 450
+        assert path.read_bytes() == b""
+        assert not (tmp_path / "mail" / "alice.lock").exists()  # our dotlock was released
+    finally:
+        holder.kill()
+        holder.wait()
+    (result,) = asyncio.run(dest.deliver(env, TRACE, spool, alice()))
+    assert result.reply.code == 250
+
+
+def test_fixed_path_collects_every_recipient_once_each(tmp_path: Path) -> None:
+    dest = MboxDestination(MboxConfig(path=str(tmp_path / "archive")))
+    env = envelope("alice@example.org", "bob@example.org")
+    spool = spooled(tmp_path, b"Subject: x\r\n\r\nbody\r\n", env)
+    targets = [Recipient(Address("alice", "example.org")), Recipient(Address("bob", "example.org"))]
+    results = asyncio.run(dest.deliver(env, TRACE, spool, targets))
+    assert [r.reply.code for r in results] == [250, 250]
+    assert len(read_mboxrd(tmp_path / "archive")) == 1

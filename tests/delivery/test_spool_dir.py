@@ -1,0 +1,76 @@
+"""The spool: streamed writes, head reads for filters, discard and start-up cleanup."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mailgate.delivery.spool import SpoolDir, crlf_to_lf, reply_for_os_error
+
+
+def test_create_makes_the_directory_and_writes_stream_in(tmp_path: Path) -> None:
+    spool_dir = SpoolDir(str(tmp_path / "a" / "spool"))
+    spool = spool_dir.create("sess/../id\r\n")
+    assert Path(spool.path).parent == tmp_path / "a" / "spool"  # no path tricks from the id
+    chunk = b"x" * 100_000 + b"\r\n"
+    for _ in range(30):
+        spool.write(chunk)
+    assert spool.size == 30 * len(chunk)
+    assert spool.read_head(10) == b"x" * 10  # flushed before reading, while still open
+    spool.close()
+    assert Path(spool.path).read_bytes() == chunk * 30
+    assert spool.read_head(-1) == b""
+
+
+def test_each_message_gets_its_own_file(tmp_path: Path) -> None:
+    spool_dir = SpoolDir(str(tmp_path))
+    first, second = spool_dir.create("s1"), spool_dir.create("s1")
+    assert first.path != second.path
+
+
+def test_discard_removes_the_file_and_can_be_repeated(tmp_path: Path) -> None:
+    spool = SpoolDir(str(tmp_path)).create("s1")
+    spool.write(b"data")
+    spool.discard()
+    spool.discard()
+    assert not os.path.exists(spool.path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cleanup_removes_files_of_dead_processes_only(tmp_path: Path) -> None:
+    spool_dir = SpoolDir(str(tmp_path))
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    try:
+        (tmp_path / f"a.{dead.stdout.strip()}.0.spool").write_bytes(b"stale")
+        (tmp_path / f"b.{os.getpid()}.3.spool").write_bytes(b"from an earlier us")
+        (tmp_path / f"c.{live.pid}.0.spool").write_bytes(b"in flight elsewhere")
+        (tmp_path / "notes.txt").write_bytes(b"not ours")
+        assert spool_dir.cleanup() == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f"c.{live.pid}.0.spool", "notes.txt"]
+    finally:
+        live.kill()
+        live.wait()
+    assert SpoolDir(str(tmp_path / "missing")).cleanup() == 0
+
+
+def test_crlf_to_lf_across_chunk_boundaries() -> None:
+    text = b"a\r\nb\r\n\r\nc\rd\r\n"
+    for cut in range(len(text) + 1):
+        assert b"".join(crlf_to_lf([text[:cut], text[cut:]])) == text.replace(b"\r\n", b"\n")
+
+
+def test_os_errors_map_to_storage_or_local_error() -> None:
+    assert str(reply_for_os_error(OSError(errno.ENOSPC, "full"))) == (
+        "452 4.3.1 Insufficient system storage"
+    )
+    assert reply_for_os_error(OSError(errno.EDQUOT, "quota")).code == 452
+    assert reply_for_os_error(OSError(errno.EACCES, "denied")).enhanced == "4.3.0"
