@@ -1,0 +1,119 @@
+"""Server TLS contexts: protocol floor, ciphers, SNI over several certificates, reload.
+
+Each certificate gets its own SSLContext with the same settings.  The first one is
+handed to the server; its SNI callback switches the handshake to the context whose
+certificate names the requested host (exact name first, then a ``*.`` wildcard one
+label deep), and keeps the first when nothing matches or no name is sent.
+
+A reload builds all new context objects: sessions already running keep the ones they
+started with, and a broken file leaves the old set in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+
+from asn1crypto import pem, x509
+
+from mailgate.config.auth import TLSConfig
+
+log = logging.getLogger("mailgate.tls")
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    default: ssl.SSLContext
+    by_name: dict[str, ssl.SSLContext]  # lower-case names, "*.example.org" for wildcards
+
+
+def certificate_names(cert_file: str) -> list[str]:
+    """The DNS names of the first certificate in a PEM file (SAN, else the CN)."""
+    with open(cert_file, "rb") as f:
+        data = f.read()
+    for kind, _headers, der in pem.unarmor(data, multiple=True):
+        if kind == "CERTIFICATE":
+            return [n.lower().rstrip(".") for n in x509.Certificate.load(der).valid_domains]
+    raise ValueError("no CERTIFICATE block")
+
+
+class TLSContexts:
+    def __init__(self, config: TLSConfig) -> None:
+        """Load every certificate now; ValueError "file: problem" when one is broken."""
+        self._config = config
+        self._loaded = self._load() if config.pairs else None
+
+    def server_context(self) -> ssl.SSLContext | None:
+        """The context to wrap server connections with, or None without certificates."""
+        return self._loaded.default if self._loaded else None
+
+    def reload(self) -> None:
+        """Re-read all certificates into new contexts; on ValueError the old ones stay."""
+        if self._config.pairs:
+            self._loaded = self._load()
+            log.info("TLS certificates reloaded: %d", len(self._config.pairs))
+
+    def _load(self) -> _Loaded:
+        contexts: list[ssl.SSLContext] = []
+        by_name: dict[str, ssl.SSLContext] = {}
+        for cert, key in self._config.pairs:
+            context = self._context(cert, key)
+            contexts.append(context)
+            try:
+                names = certificate_names(cert)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{cert}: cannot read its names: {e}") from None
+            for name in names:
+                by_name.setdefault(name, context)  # an earlier certificate wins a name
+        loaded = _Loaded(contexts[0], by_name)
+        if len(contexts) > 1:
+            # Closure over this load's table: a reload's new table cannot leak into
+            # the old default context that running handshakes still use.
+            contexts[0].sni_callback = lambda obj, name, _ctx: _choose(loaded, obj, name)
+        return loaded
+
+    def _context(self, cert: str, key: str) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = _VERSIONS[self._config.min_version]
+        context.options |= (
+            ssl.OP_NO_COMPRESSION  # CRIME
+            | ssl.OP_NO_RENEGOTIATION  # client-initiated renegotiation DoS
+            | ssl.OP_CIPHER_SERVER_PREFERENCE
+            | ssl.OP_SINGLE_ECDH_USE
+        )
+        try:
+            context.set_ciphers(self._config.ciphers)
+        except ssl.SSLError:
+            raise ValueError(f"ciphers: no usable cipher in {self._config.ciphers!r}") from None
+        try:
+            context.load_cert_chain(cert, key)
+        except FileNotFoundError as e:
+            raise ValueError(f"{e.filename}: file not found") from None
+        except OSError as e:
+            raise ValueError(f"{cert} / {key}: {e.strerror or e}") from None
+        except ssl.SSLError as e:
+            raise ValueError(f"{cert} / {key}: {e.reason or e}") from None
+        return context
+
+
+def _choose(loaded: _Loaded, ssl_object: ssl.SSLObject, server_name: str | None) -> None:
+    if not server_name:
+        return None
+    name = server_name.lower().rstrip(".")
+    context = loaded.by_name.get(name)
+    if context is None and "." in name:
+        context = loaded.by_name.get("*." + name.split(".", 1)[1])
+    if context is not None and context is not ssl_object.context:
+        ssl_object.context = context
+    return None  # continue the handshake (a number would abort it with that alert)
+
+
+def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> tuple[str, str]:
+    """(protocol version, cipher name) for logs and Received headers; empty if unknown."""
+    if ssl_object is None:
+        return "", ""
+    cipher = ssl_object.cipher()
+    return ssl_object.version() or "", cipher[0] if cipher else ""
