@@ -9,9 +9,75 @@ from typing import Literal
 
 @dataclass
 class PolicyConfig:
+    """The upas policy checks: trust, HELO, sender, recipients, access lists, DNSBL."""
+
+    # CIDR blocks (IPv4 and IPv6) whose clients may relay and skip sender verification
     trusted_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
-    helo_checks: bool = True
+    # other names of this server, besides the hostname, that a client's HELO may not claim
+    local_names: list[str] = field(default_factory=list)
+    helo_checks: bool = True  # refuse lying or reserved (RFC 2606/6761) HELO/EHLO names
     helo_refusal: Literal["reply", "hangup"] = "reply"  # 550 and go on, or 421 and close
+    # refuse a HELO address literal ([192.0.2.1]) that is not the client's own address
+    helo_literal_must_match: bool = False
+    # MAIL FROM domain must exist in DNS (A, AAAA or MX) and must not be a null MX
+    verify_sender_domain: bool = True
+    # nameservers for sender and DNSBL lookups, "ip" or "ip:port" ("[v6]:port");
+    # empty: the system resolver (/etc/resolv.conf)
+    dns_servers: list[str] = field(default_factory=list)
+    dns_timeout: float = 5.0  # seconds for one lookup, all nameservers tried included
+    access_file: str = ""  # allow/deny/block/delay/dialup rules (docs/access-lists.md)
+    dnsbl_zones: list[str] = field(default_factory=list)  # e.g. ["zen.spamhaus.org"]; empty: off
+    # what the server does with a BLOCKED message after answering 554: throw it away,
+    # or keep it in quarantine_dir for a human to look at
+    blocked_disposition: Literal["discard", "quarantine"] = "discard"
+    quarantine_dir: str = ""  # required when blocked_disposition = "quarantine"
+    # accept the upas loopback form user@[] as a local recipient
+    allow_loopback_literal: bool = False
+
+    def __post_init__(self) -> None:
+        if self.helo_refusal not in ("reply", "hangup"):
+            raise ValueError(
+                f"policy.helo_refusal: must be reply or hangup, not {self.helo_refusal!r}"
+            )
+        if self.blocked_disposition not in ("discard", "quarantine"):
+            raise ValueError(
+                "policy.blocked_disposition: must be discard or quarantine, "
+                f"not {self.blocked_disposition!r}"
+            )
+        if self.blocked_disposition == "quarantine" and not self.quarantine_dir:
+            raise ValueError(
+                "policy.quarantine_dir: required when blocked_disposition = quarantine"
+            )
+        if not self.dns_timeout > 0:
+            raise ValueError("policy.dns_timeout: must be positive")
+        for network in self.trusted_networks:
+            try:
+                ipaddress.ip_network(network, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"policy.trusted_networks: {network!r}: {exc}") from None
+        for server in self.dns_servers:
+            parse_nameserver(server)
+        for zone in self.dnsbl_zones:
+            if not zone.strip(".") or any(c.isspace() for c in zone):
+                raise ValueError(f"policy.dnsbl_zones: not a zone name: {zone!r}")
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """("192.0.2.1", 53) from "192.0.2.1", "192.0.2.1:53", "2001:db8::1" or "[2001:db8::1]:53"."""
+    host, port = text, "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"policy.dns_servers: not an ip or ip:port: {text!r}") from None
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"policy.dns_servers: bad port in {text!r}")
+    return host, int(port)
 
 
 @dataclass

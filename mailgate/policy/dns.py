@@ -1,0 +1,94 @@
+"""A small async DNS resolver for policy checks, on dnspython's ``dns.asyncresolver``.
+
+Every lookup ends in one of a few outcomes (:class:`Status`) and never raises: policy
+steps only need to know whether a name has records, does not exist, or could not be
+looked up right now.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from mailgate.config.policy import parse_nameserver
+
+log = logging.getLogger("mailgate.policy.dns")
+
+
+class Status(enum.Enum):
+    FOUND = "found"  # records of the asked type
+    NODATA = "nodata"  # the name exists, without records of that type
+    NXDOMAIN = "nxdomain"  # the name does not exist
+    TEMPFAIL = "tempfail"  # SERVFAIL, REFUSED, timeout: ask again later
+    INVALID = "invalid"  # not a name DNS can hold (empty label, too long, bad IDNA)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: Status
+    records: tuple[object, ...] = ()  # dnspython rdata objects (A, AAAA, MX, TXT ...)
+
+
+class Resolver:
+    """Looks names up through ``servers`` ("ip" or "ip:port"), or the system resolver.
+
+    ``timeout`` bounds one lookup as a whole, every nameserver tried included.
+    Raises ValueError when ``servers`` is empty and the system has no resolver
+    configuration, so a broken setup shows at start-up instead of as tempfails.
+    """
+
+    def __init__(self, servers: Sequence[str], timeout: float) -> None:
+        if servers:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(host, port)
+                for host, port in map(parse_nameserver, servers)
+            ]
+        else:
+            try:
+                resolver = dns.asyncresolver.Resolver()
+            except dns.resolver.NoResolverConfiguration as exc:
+                raise ValueError(
+                    f"policy.dns_servers: empty and no system resolver configuration ({exc})"
+                ) from None
+        resolver.timeout = timeout
+        resolver.lifetime = timeout
+        # a SERVFAIL is an answer for policy (tempfail), not a reason to hammer the server
+        resolver.retry_servfail = False
+        self._resolver = resolver
+
+    async def lookup(self, name: str, rdtype: str) -> Answer:
+        """Records of type ``rdtype`` ("A", "MX", "TXT" ...) for the absolute ``name``."""
+        try:
+            qname = dns.name.from_text(name, origin=dns.name.root)
+        except (dns.exception.DNSException, UnicodeError, ValueError):
+            return Answer(Status.INVALID)
+        if qname == dns.name.root:  # "" or ".": no host or domain is called that
+            return Answer(Status.INVALID)
+        try:
+            answer = await self._resolver.resolve(
+                qname, rdtype, search=False, raise_on_no_answer=False
+            )
+        except dns.resolver.NXDOMAIN:
+            return Answer(Status.NXDOMAIN)
+        except dns.resolver.NoAnswer:
+            return Answer(Status.NODATA)
+        except (dns.resolver.NoNameservers, dns.exception.Timeout, OSError) as exc:
+            log.debug("dns tempfail name=%s type=%s: %s", name, rdtype, exc)
+            return Answer(Status.TEMPFAIL)
+        except dns.exception.DNSException as exc:
+            # YXDOMAIN, bad responses, names too long once the zone is added ...
+            log.info("dns failure name=%s type=%s: %s", name, rdtype, exc)
+            return Answer(Status.TEMPFAIL)
+        if answer.rrset is None:
+            return Answer(Status.NODATA)
+        return Answer(Status.FOUND, tuple(answer.rrset))

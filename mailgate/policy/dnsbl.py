@@ -1,0 +1,97 @@
+"""DNS blocklists (RFC 5782): look the client up at connect, refuse at MAIL.
+
+The lookup starts at connect so the answer is ready (and logged) early; the refusal
+waits for MAIL, like upas's IP rules, so the log line carries the sender the listed
+client tried, and an ``allow sender`` rule or AUTH can still let it through.
+
+An A record in 127.0.0.0/8 means "listed" (RFC 5782 section 2.1), except 127.255.255.x,
+which lists such as Spamhaus use for errors ("query refused"), never for listings.
+Anything outside 127/8 is a resolver lying about NXDOMAIN and is ignored.  The TXT
+record, when there is one, gives the reason.  A lookup that fails leaves the client
+unlisted (and tagged ``dnsbl_error``): a broken list must not stop all mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Sequence
+from typing import Any, Final
+
+from mailgate.policy.base import ACCEPT, Client, IPAddress, Step, Verdict
+from mailgate.policy.dns import Resolver, Status
+from mailgate.policy.networks import is_trusted, unmap
+from mailgate.protocol.envelope import Envelope
+from mailgate.protocol.replies import reply
+
+log = logging.getLogger("mailgate.policy.dnsbl")
+
+_LISTED: Final = ipaddress.IPv4Network("127.0.0.0/8")
+_ERROR_CODES: Final = ipaddress.IPv4Network("127.255.255.0/24")
+_TAGS: Final = ("dnsbl", "dnsbl_reason", "dnsbl_error")
+
+
+def query_name(ip: IPAddress, zone: str) -> str:
+    """192.0.2.1 in zone z: "1.2.0.192.z"; IPv6 addresses by nibbles (RFC 5782 2.4)."""
+    reverse = unmap(ip).reverse_pointer
+    return reverse.rsplit(".", 2)[0] + "." + zone.strip(".")
+
+
+class DnsblStep(Step):
+    """Refuses (at MAIL) clients that one of ``zones`` lists, with the list's reason."""
+
+    name = "dnsbl"
+
+    def __init__(self, resolver: Resolver, zones: Sequence[str]) -> None:
+        self._resolver = resolver
+        self._zones = tuple(zones)
+
+    async def connect(self, client: Client) -> Verdict:
+        for key in _TAGS:
+            client.tags.pop(key, None)
+        if is_trusted(client) or client.tags.get("access_ip") == "allow":
+            return ACCEPT
+        results = await asyncio.gather(*(self._query(client.ip, zone) for zone in self._zones))
+        failed = [zone for zone, status, _ in results if status is Status.TEMPFAIL]
+        if failed:
+            client.tags["dnsbl_error"] = ",".join(failed)
+        # the first listing zone in configuration order decides, whatever answered first
+        for zone, status, reason in results:
+            if status is Status.FOUND:
+                client.tags["dnsbl"] = zone
+                client.tags["dnsbl_reason"] = reason
+                break
+        return ACCEPT
+
+    async def mail(self, client: Client, envelope: Envelope) -> Verdict:
+        zone = client.tags.get("dnsbl")
+        if zone is None or is_trusted(client) or client.tags.get("access") == "allow":
+            return ACCEPT
+        if client.filter_state != "ACCEPT":  # an access rule already decided
+            return ACCEPT
+        client.filter_state = "DIALUP"
+        reason = client.tags.get("dnsbl_reason", "listed")
+        refusal = reply("access.dnsbl", ip=client.ip, zone=zone, reason=reason)
+        return Verdict(refusal, tags=(("check", self.name), ("reason", "listed"), ("zone", zone)))
+
+    async def _query(self, ip: IPAddress, zone: str) -> tuple[str, Status, str]:
+        """(zone, FOUND when listed / NXDOMAIN when not / TEMPFAIL, the reason)."""
+        name = query_name(ip, zone)
+        answer = await self._resolver.lookup(name, "A")
+        if answer.status is Status.TEMPFAIL:
+            log.warning("dnsbl lookup failed zone=%s ip=%s", zone, ip)
+            return zone, Status.TEMPFAIL, ""
+        records: tuple[Any, ...] = answer.records
+        addresses = [ipaddress.ip_address(r.address) for r in records]
+        if not any(a in _LISTED and a not in _ERROR_CODES for a in addresses):
+            if addresses:
+                log.info("dnsbl zone=%s answered %s for %s: not a listing", zone, addresses, ip)
+            return zone, Status.NXDOMAIN, ""
+        txt = await self._resolver.lookup(name, "TXT")
+        reason = "; ".join(_text(r) for r in txt.records) if txt.status is Status.FOUND else ""
+        return zone, Status.FOUND, reason or "listed"
+
+
+def _text(record: Any) -> str:
+    return b"".join(record.strings).decode("utf-8", "replace")

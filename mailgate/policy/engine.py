@@ -1,0 +1,88 @@
+"""The policy engine: runs the policy steps in order at each stage of a session.
+
+The first verdict that is not an accept is the answer.  The engine never raises: a step
+that fails unexpectedly is logged with its traceback and answered with the temporary
+``451 4.3.0`` "filter.internal", so a bug costs a retry, never a lost or wrongly
+refused message.  It also owns the session facts every step relies on: whether the
+client is trusted, and the upas filter state of the current transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from mailgate.policy.base import ACCEPT, Client, Spooled, Step, Verdict
+from mailgate.policy.networks import NetworkList, is_trusted
+from mailgate.protocol.envelope import Envelope, Recipient
+from mailgate.protocol.replies import reply
+
+log = logging.getLogger("mailgate.policy")
+
+StageCall = Callable[[Step], Awaitable[Verdict]]
+
+
+class PolicyEngine:
+    """A :class:`mailgate.policy.base.Policy` made of :class:`Step` objects."""
+
+    def __init__(self, steps: Sequence[Step], trusted_networks: NetworkList) -> None:
+        self.steps = tuple(steps)
+        self._trusted = trusted_networks
+
+    async def connect(self, client: Client) -> Verdict:
+        try:
+            client.trusted = client.trusted or client.ip in self._trusted
+        except Exception:  # an address object of some unexpected kind: not trusted
+            log.exception("policy: cannot classify client address %r", client.ip)
+        client.filter_state = "TRUSTED" if client.trusted else "ACCEPT"
+        return await self._run("connect", client, lambda step: step.connect(client))
+
+    async def helo(self, client: Client, name: str) -> Verdict:
+        return await self._run("helo", client, lambda step: step.helo(client, name))
+
+    async def mail(self, client: Client, envelope: Envelope) -> Verdict:
+        # A new transaction: its filter state starts afresh (AUTH may have come since).
+        client.filter_state = "TRUSTED" if is_trusted(client) else "ACCEPT"
+        return await self._run("mail", client, lambda step: step.mail(client, envelope))
+
+    async def rcpt(self, client: Client, envelope: Envelope, recipient: Recipient) -> Verdict:
+        return await self._run("rcpt", client, lambda step: step.rcpt(client, envelope, recipient))
+
+    async def data(self, client: Client, envelope: Envelope) -> Verdict:
+        return await self._run("data", client, lambda step: step.data(client, envelope))
+
+    async def message(self, client: Client, envelope: Envelope, body: Spooled) -> Verdict:
+        return await self._run("message", client, lambda step: step.message(client, envelope, body))
+
+    async def reload(self) -> None:
+        """Reload every step that can (the access list); keep the old state on an error.
+
+        Raises ValueError ("file:line: problem") when a step's new configuration is
+        broken; the other steps are reloaded all the same.
+        """
+        problems = []
+        for step in self.steps:
+            reload = getattr(step, "reload", None)
+            if reload is None:
+                continue
+            try:
+                await reload()
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError("\n".join(problems))
+
+    async def _run(self, stage: str, client: Client, call: StageCall) -> Verdict:
+        for step in self.steps:
+            try:
+                verdict = await call(step)
+            except Exception:
+                log.exception(
+                    "policy step %s failed at %s session=%s", step.name, stage, client.session_id
+                )
+                return Verdict(
+                    reply("filter.internal"), tags=(("check", step.name), ("reason", "internal"))
+                )
+            if not verdict.accepted:
+                return verdict
+        return ACCEPT

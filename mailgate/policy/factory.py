@@ -1,0 +1,61 @@
+"""Builds the policy engine from the configuration.
+
+Step order matters, since the first refusal wins and later steps read what earlier
+ones recorded: the access list (whose ``allow`` rules excuse a client from the DNSBL),
+the DNSBL, the HELO checks, sender verification, recipients and relay control,
+greylisting (last of the built-in checks, so only mail that would otherwise be accepted
+is delayed), then the site's own steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mailgate.config.schema import Config
+from mailgate.policy.access import AccessStep
+from mailgate.policy.base import Mailboxes, Step
+from mailgate.policy.dns import Resolver
+from mailgate.policy.dnsbl import DnsblStep
+from mailgate.policy.engine import PolicyEngine
+from mailgate.policy.helo import HeloStep
+from mailgate.policy.networks import NetworkList
+from mailgate.policy.recipient import RecipientStep
+from mailgate.policy.sender import SenderDomainStep
+
+
+def build_policy(
+    config: Config,
+    mailboxes: Mailboxes,
+    hostname: str,
+    local_names: list[str] | None = None,
+    *,
+    extra_steps: Sequence[Step] = (),
+) -> PolicyEngine:
+    """The engine for ``config``.  Raises ValueError on a bad access file or DNS setup."""
+    policy = config.policy
+    trusted = NetworkList.parse(policy.trusted_networks, "policy.trusted_networks")
+    steps: list[Step] = []
+    if policy.access_file:
+        steps.append(
+            AccessStep(
+                policy.access_file, hostname, policy.blocked_disposition, policy.quarantine_dir
+            )
+        )
+    resolver = None
+    if policy.dnsbl_zones or policy.verify_sender_domain:
+        resolver = Resolver(policy.dns_servers, policy.dns_timeout)
+    if resolver is not None and policy.dnsbl_zones:
+        steps.append(DnsblStep(resolver, policy.dnsbl_zones))
+    if policy.helo_checks:
+        names = [*policy.local_names, *(local_names or [])]
+        steps.append(HeloStep(hostname, names, policy.helo_refusal, policy.helo_literal_must_match))
+    if resolver is not None and policy.verify_sender_domain:
+        steps.append(SenderDomainStep(resolver))
+    steps.append(RecipientStep(mailboxes, hostname, policy.allow_loopback_literal))
+    if config.greylist.enabled:
+        # imported here so a server without greylisting never loads its storage backends
+        from mailgate.policy.greylist import build_greylist
+
+        steps.append(build_greylist(config.greylist))
+    steps.extend(extra_steps)
+    return PolicyEngine(steps, trusted)

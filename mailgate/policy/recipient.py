@@ -1,0 +1,63 @@
+"""Recipient checks at RCPT: local users, and relay control (upas ``forwarding``).
+
+Only trusted networks and authenticated clients may relay.  Everyone else may send only
+to local recipients, and a local part that still routes somewhere (``user%remote``,
+``remote!user``, ``"user@remote"``) is a relay attempt however local its domain looks:
+a downstream mailer could honour the route, so it is never treated as local delivery.
+"""
+
+from __future__ import annotations
+
+from mailgate.policy.base import ACCEPT, Client, Mailboxes, Step, Verdict
+from mailgate.policy.helo import parse_literal
+from mailgate.policy.networks import is_trusted, unmap
+from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.replies import reply
+
+ROUTING_CHARACTERS = frozenset("%!@")
+
+
+class RecipientStep(Step):
+    """Accepts local users and, for clients that may relay, remote addresses."""
+
+    name = "rcpt"
+
+    def __init__(self, mailboxes: Mailboxes, hostname: str, allow_loopback_literal: bool) -> None:
+        self._mailboxes = mailboxes
+        self._hostname = hostname
+        self._allow_loopback = allow_loopback_literal
+
+    async def rcpt(self, client: Client, envelope: Envelope, recipient: Recipient) -> Verdict:
+        address = recipient.address
+        # RFC 5321 4.5.1: <Postmaster> without a domain must always be accepted.
+        if not address.domain and address.local.lower() == "postmaster":
+            return ACCEPT
+        may_relay = is_trusted(client)
+        if not may_relay and ROUTING_CHARACTERS.intersection(address.local):
+            return self._refuse("rcpt.relay_denied", "route_in_local_part", address)
+        domain = self._local_domain(client, address)
+        if domain is None:
+            if address.domain == "[]":
+                return self._refuse("rcpt.loopback_disabled", "loopback", address)
+            if may_relay:
+                return ACCEPT
+            return self._refuse("rcpt.relay_denied", "relay", address)
+        if not self._mailboxes.has_recipient(address.local, domain):
+            return self._refuse("rcpt.unknown", "unknown", address)
+        return ACCEPT
+
+    def _local_domain(self, client: Client, address: Address) -> str | None:
+        """The local domain ``address`` is delivered in, or None when it is not local."""
+        domain = address.domain_lower
+        if not domain:
+            return self._hostname  # a domainless local part, as upas: a local user
+        if domain == "[]":
+            return self._hostname if self._allow_loopback else None
+        if address.is_literal:
+            literal, local_ip = parse_literal(domain), client.local_ip
+            if literal is not None and local_ip is not None and unmap(literal) == unmap(local_ip):
+                return self._hostname  # user@[our address] is local mail
+        return domain if self._mailboxes.is_local_domain(domain) else None
+
+    def _refuse(self, name: str, why: str, address: Address) -> Verdict:
+        return Verdict(reply(name, address=address), tags=(("check", self.name), ("reason", why)))

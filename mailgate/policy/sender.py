@@ -1,0 +1,81 @@
+"""Sender domain verification at MAIL: the domain must exist and accept mail.
+
+A domain exists when DNS holds an MX, A or AAAA record for it.  A null MX (RFC 7505:
+one MX, preference 0, exchange ".") says the domain sends no mail it could take
+bounces for, so its mail is refused with RFC 7505's 550 5.7.27.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import Any
+
+from mailgate.policy.base import ACCEPT, Client, Step, Verdict
+from mailgate.policy.dns import Answer, Resolver, Status
+from mailgate.policy.helo import parse_literal
+from mailgate.policy.networks import is_trusted
+from mailgate.protocol.envelope import Envelope
+from mailgate.protocol.replies import reply
+
+
+class Domain(enum.Enum):
+    EXISTS = "exists"
+    MISSING = "missing"
+    NULL_MX = "null_mx"
+    TEMPFAIL = "tempfail"
+
+
+class SenderDomainStep(Step):
+    """Refuses MAIL from domains that do not exist or take no mail (untrusted clients)."""
+
+    name = "sender"
+
+    def __init__(self, resolver: Resolver) -> None:
+        self._resolver = resolver
+
+    async def mail(self, client: Client, envelope: Envelope) -> Verdict:
+        sender = envelope.sender
+        # <> (bounces) must always be accepted (RFC 5321 4.5.5); a domainless sender has
+        # nothing to look up.
+        if sender is None or sender.is_null or not sender.domain or is_trusted(client):
+            return ACCEPT
+        domain = sender.domain_lower
+        if sender.is_literal:  # names an address, not a domain: only its syntax matters
+            state = Domain.MISSING if parse_literal(domain) is None else Domain.EXISTS
+        else:
+            state = await self.classify(domain)
+        if state is Domain.EXISTS:
+            return ACCEPT
+        name = {
+            Domain.MISSING: "sender.domain_missing",
+            Domain.NULL_MX: "sender.null_mx",
+            Domain.TEMPFAIL: "sender.dns_tempfail",
+        }[state]
+        tags = (("check", self.name), ("reason", state.value))
+        return Verdict(reply(name, domain=domain), tags=tags)
+
+    async def classify(self, domain: str) -> Domain:
+        """What DNS says of ``domain`` as a mail domain."""
+        mx, a, aaaa = await asyncio.gather(
+            self._resolver.lookup(domain, "MX"),
+            self._resolver.lookup(domain, "A"),
+            self._resolver.lookup(domain, "AAAA"),
+        )
+        answers = (mx, a, aaaa)
+        if mx.status is Status.FOUND and _is_null_mx(mx):
+            return Domain.NULL_MX
+        if any(answer.status is Status.FOUND for answer in answers):
+            return Domain.EXISTS
+        # NXDOMAIN is authoritative even when another query failed; INVALID names
+        # (empty labels, over-long names) cannot exist at all.
+        if any(answer.status in (Status.NXDOMAIN, Status.INVALID) for answer in answers):
+            return Domain.MISSING
+        if any(answer.status is Status.TEMPFAIL for answer in answers):
+            return Domain.TEMPFAIL
+        return Domain.MISSING  # the name exists but holds no mail records at all
+
+
+def _is_null_mx(answer: Answer) -> bool:
+    records: tuple[Any, ...] = answer.records
+    return len(records) == 1 and records[0].preference == 0 and records[0].exchange.to_text() == "."

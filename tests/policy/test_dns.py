@@ -1,0 +1,57 @@
+"""The resolver wrapper against the loopback DNS server: every outcome, never a raise."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import LoopbackDNS
+from policy_helpers import run
+
+from mailgate.policy.dns import Resolver, Status
+
+
+@pytest.mark.parametrize(
+    ("name", "rdtype", "status"),
+    [
+        ("a.sender.lab", "A", Status.FOUND),
+        ("a.sender.lab", "MX", Status.NODATA),
+        ("aaaa.sender.lab", "AAAA", Status.FOUND),
+        ("nothing.sender.lab", "A", Status.NXDOMAIN),
+        ("sub.sender.lab", "A", Status.NODATA),  # empty non-terminal above deep.sub
+        ("x.servfail.sender.lab", "A", Status.TEMPFAIL),
+        ("x.silent.sender.lab", "A", Status.TEMPFAIL),
+        ("a..b", "A", Status.INVALID),
+        ("x" * 64 + ".lab", "A", Status.INVALID),
+        ("", "A", Status.INVALID),
+    ],
+)
+def test_lookup_outcomes(dns_server: LoopbackDNS, name: str, rdtype: str, status: Status) -> None:
+    answer = run(dns_server.resolver(timeout=0.3).lookup(name, rdtype))
+    assert answer.status is status
+    assert bool(answer.records) == (status is Status.FOUND)
+
+
+def test_records_are_returned(dns_server: LoopbackDNS) -> None:
+    answer = run(dns_server.resolver().lookup("mx.sender.lab", "MX"))
+    assert [(r.preference, r.exchange.to_text()) for r in answer.records] == [  # type: ignore[attr-defined]
+        (10, "mail.sender.lab.")
+    ]
+
+
+def test_names_are_absolute_and_lowercase_insensitive(dns_server: LoopbackDNS) -> None:
+    answer = run(dns_server.resolver().lookup("A.Sender.LAB.", "A"))
+    assert answer.status is Status.FOUND
+
+
+@pytest.mark.parametrize("weird", ["\x00", "a b.lab", "ü.lab", "\udcff.lab", "." * 5, "-" * 300])
+def test_weird_names_never_raise(dns_server: LoopbackDNS, weird: str) -> None:
+    answer = run(dns_server.resolver(timeout=0.3).lookup(weird, "A"))
+    assert answer.status in (Status.INVALID, Status.NXDOMAIN, Status.TEMPFAIL)
+
+
+def test_nameserver_with_ipv6_bracket_syntax_is_accepted() -> None:
+    Resolver(["[::1]:5353", "127.0.0.1"], 1.0)
+
+
+def test_bad_nameserver_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="dns_servers"):
+        Resolver(["ns.example.org"], 1.0)
