@@ -1,0 +1,264 @@
+"""Structured logs: one line per event, logfmt (default), JSON lines or syslog.
+
+Every session event carries the session id (the one in the Received header), so
+``grep sid=...`` gives a whole conversation.  Values are escaped so a client-supplied
+value (a HELO name, an address) can never start a second line or fake a key, and the
+redaction guard keeps secrets out: a field whose name has a part like ``password``,
+``secret``, ``token``, ``response`` or ``body`` is logged as ``[redacted]``, and bytes
+(a message body, an AUTH blob) are only ever logged as their length.
+
+Records of other libraries (asyncio's "exception never retrieved"...) go through the
+same handler as ``event=log``, so stderr stays one format.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import logging.handlers
+import os
+import re
+import sys
+import time
+import traceback
+from typing import Any, Final, TextIO
+
+from mailgate.config.loader import split_host_port
+from mailgate.config.ops import LoggingConfig
+
+LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO,
+                 "warning": logging.WARNING, "error": logging.ERROR}  # fmt: skip
+MAX_VALUE: Final = 1000  # characters of one value; a hostile client can send 64 KiB lines
+REDACTED: Final = "[redacted]"
+# A field is secret when any part of its name (split at _ - .) is one of these.
+SECRET_PARTS: Final = frozenset(
+    {"password", "passwd", "passphrase", "secret", "token", "response", "credential",
+     "credentials", "cookie", "authorization", "body"}
+)  # fmt: skip
+RESERVED: Final = ("ts", "level", "sid", "event")  # the leading keys of every line
+
+_logger = logging.getLogger("mailgate")
+_installed: logging.Handler | None = None  # ours, replaced on a reload
+_KEY_JUNK = re.compile(r"[^A-Za-z0-9_.-]")
+_ESCAPES: Final = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_FACILITIES: Final = logging.handlers.SysLogHandler.facility_names
+
+
+class SessionLog:
+    """The log of one SMTP session: every line carries ``sid`` and the bound context."""
+
+    __slots__ = ("_context", "session_id")
+
+    def __init__(self, session_id: str, **context: object) -> None:
+        self.session_id = session_id
+        self._context = context
+
+    def bind(self, **fields: object) -> None:
+        """Add fields to every later line of this session (e.g. ``helo=`` after EHLO)."""
+        self._context.update(fields)
+
+    def event(self, name: str, /, level: str = "info", **fields: object) -> None:
+        """Log event ``name``; a field may itself be called ``name`` (positional-only)."""
+        levelno = LEVELS.get(level, logging.INFO)
+        if _logger.isEnabledFor(levelno):  # a disabled level costs this check only
+            _emit(levelno, name, self.session_id, {**self._context, **fields})
+
+
+def log_event(name: str, /, level: str = "info", **fields: object) -> None:
+    """A server-wide event (startup, reload, shutdown): a line without ``sid``."""
+    levelno = LEVELS.get(level, logging.INFO)
+    if _logger.isEnabledFor(levelno):
+        _emit(levelno, name, None, fields)
+
+
+def setup_logging(config: LoggingConfig, stream: TextIO = sys.stderr) -> None:
+    """Send every log record to ``stream`` (or syslog) in the configured format.
+
+    Called again on reload, it replaces its previous handler.  If the syslog
+    socket cannot be opened, lines go to ``stream`` and a warning says why.
+    """
+    global _installed
+    root = logging.getLogger()
+    if _installed is not None:
+        root.removeHandler(_installed)
+        _installed.close()
+    problem = ""
+    handler: logging.Handler
+    if config.format == "syslog":
+        try:
+            handler = _SyslogHandler(config)
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+            handler = _StreamHandler(stream)
+            handler.setFormatter(_Formatter(as_json=False, with_ts=True))
+    else:
+        handler = _StreamHandler(stream)
+        handler.setFormatter(_Formatter(as_json=config.format == "json", with_ts=True))
+    root.addHandler(handler)
+    root.setLevel(LEVELS[config.level])
+    _installed = handler
+    if problem:
+        log_event("syslog_unavailable", "warning", address=config.syslog_address, error=problem)
+
+
+def _emit(levelno: int, name: str, sid: str | None, fields: dict[str, object]) -> None:
+    # makeRecord + handle skips Logger.log's caller lookup (a stack walk per line)
+    record = _logger.makeRecord(_logger.name, levelno, "", 0, name, (), None)
+    record.mailgate = (sid, name, fields)
+    _logger.handle(record)
+
+
+class _StreamHandler(logging.Handler):
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + "\n")
+            self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Nowhere left to report a failing log stream: drop the line, never a traceback."""
+
+
+class _SyslogHandler(logging.handlers.SysLogHandler):
+    def __init__(self, config: LoggingConfig) -> None:
+        super().__init__(
+            _syslog_address(config.syslog_address), _FACILITIES[config.syslog_facility]
+        )
+        sock = getattr(self, "socket", None)
+        if sock is None or sock.fileno() < 0:
+            # SysLogHandler would silently retry on every line; say so at start-up instead
+            self.close()
+            raise OSError(f"cannot connect to the syslog socket {self.address}")
+        self.ident = f"mailgate[{os.getpid()}]: "
+        self.setFormatter(_Formatter(as_json=False, with_ts=False))  # syslog stamps the time
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A syslog daemon that went away loses lines; the server must go on."""
+
+
+def _syslog_address(text: str) -> str | tuple[str, int]:
+    if not text:
+        return "/dev/log" if os.path.exists("/dev/log") else ("127.0.0.1", 514)
+    if text.startswith("/"):
+        return text
+    return split_host_port(text)
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, *, as_json: bool, with_ts: bool) -> None:
+        super().__init__()
+        self.as_json = as_json
+        self.with_ts = with_ts
+
+    def format(self, record: logging.LogRecord) -> str:
+        head: dict[str, object] = {}
+        if self.with_ts:
+            head["ts"] = _timestamp(record.created)
+        head["level"] = record.levelname.lower()
+        sid, name, fields = getattr(record, "mailgate", None) or _foreign(record)
+        if sid is not None:
+            head["sid"] = sid
+        head["event"] = name
+        body = {(f"{k}_" if k in RESERVED else _key(k)): v for k, v in fields.items()}
+        for key in body:
+            if _is_secret(key):
+                body[key] = REDACTED
+        line = {**head, **body}
+        return _json_line(line) if self.as_json else _logfmt_line(line)
+
+
+def _foreign(record: logging.LogRecord) -> tuple[None, str, dict[str, object]]:
+    """Another library's record as an ``event=log`` line."""
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad %-format in someone's log call must not lose the line
+        message = str(record.msg)
+    fields: dict[str, object] = {"logger": record.name, "msg": message}
+    if record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        fields["error"] = f"{type(exc).__name__}: {exc}"
+        fields["traceback"] = "".join(traceback.format_exception(exc))  # escaped: one line
+    return None, "log", fields
+
+
+def _timestamp(created: float) -> str:
+    millis = int(created * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=512)
+def _key(name: str) -> str:
+    return _KEY_JUNK.sub("_", name) or "_"
+
+
+@functools.lru_cache(maxsize=512)
+def _is_secret(key: str) -> bool:
+    return any(part in SECRET_PARTS for part in re.split(r"[_.-]", key.lower()))
+
+
+def _text(value: object) -> str:
+    """A field value as text, bounded, with bytes shown only by their length."""
+    if isinstance(value, str):
+        text = value
+    elif value is None:
+        text = ""
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, bytes | bytearray | memoryview):
+        text = f"<{len(value)} bytes>"  # message data and SASL blobs: never the content
+    else:
+        try:
+            text = str(value)
+        except Exception:
+            text = f"<unprintable {type(value).__name__}>"
+    if len(text) > MAX_VALUE:
+        text = text[:MAX_VALUE] + "..."
+    return text
+
+
+def logfmt_value(value: object) -> str:
+    """One logfmt value: bare when safe, else double-quoted with escapes."""
+    text = _text(value)
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return '"' + "".join(_escape(c) for c in text) + '"'
+
+
+def _escape(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    if char.isprintable():
+        return char
+    code = ord(char)  # control, line/paragraph separator, lone surrogate...
+    return (
+        f"\\x{code:02x}"
+        if code < 0x100
+        else f"\\u{code:04x}"
+        if code < 0x10000
+        else f"\\U{code:08x}"
+    )
+
+
+def _logfmt_line(line: dict[str, object]) -> str:
+    return " ".join(f"{k}={logfmt_value(v)}" for k, v in line.items())
+
+
+def _json_value(value: object) -> Any:
+    if isinstance(value, bool | int) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    # a lone surrogate (undecodable client bytes) cannot be written as UTF-8: escape it
+    return _text(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _json_line(line: dict[str, object]) -> str:
+    text = json.dumps({k: _json_value(v) for k, v in line.items()}, ensure_ascii=False)
+    # JSON allows these raw in strings, but line splitters (str.splitlines) break on them
+    return text.replace("\x85", "\\u0085").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")

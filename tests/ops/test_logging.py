@@ -1,0 +1,272 @@
+"""Structured logs: one line per event whatever a client sends, valid JSON, no secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mailgate.ops.logging
+from mailgate.config.ops import LoggingConfig
+from mailgate.ops.logging import MAX_VALUE, SessionLog, log_event, logfmt_value, setup_logging
+
+TS = r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Leave the root logger as it was, for the tests of everyone else."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(mailgate.ops.logging, "_installed", None)
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            handler.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
+def stream() -> io.StringIO:
+    out = io.StringIO()
+    setup_logging(LoggingConfig(), out)
+    return out
+
+
+def lines(stream: io.StringIO) -> list[str]:
+    text = stream.getvalue()
+    assert text.endswith("\n")
+    return text[:-1].split("\n")
+
+
+def use(stream: io.StringIO, **settings: str) -> None:
+    setup_logging(LoggingConfig(**settings), stream)  # type: ignore[arg-type]
+
+
+# --- logfmt ---------------------------------------------------------------------------
+
+
+def test_a_session_line(stream: io.StringIO) -> None:
+    log = SessionLog("1A2B3C", ip="192.0.2.1")
+    log.event("connect", listener="0.0.0.0:25", tls=False, port=25)
+    [line] = lines(stream)
+    assert re.fullmatch(
+        TS + r" level=info sid=1A2B3C event=connect ip=192\.0\.2\.1 listener=0\.0\.0\.0:25 "
+        r"tls=false port=25",
+        line,
+    )
+
+
+def test_server_events_have_no_sid_and_levels_are_named(stream: io.StringIO) -> None:
+    log_event("startup", version="0.1")
+    log_event("reload_failed", "error", error="bad file")
+    assert [line.split(" ", 1)[1] for line in lines(stream)] == [
+        "level=info event=startup version=0.1",
+        'level=error event=reload_failed error="bad file"',
+    ]
+
+
+def test_bound_fields_and_a_field_called_name(stream: io.StringIO) -> None:
+    log = SessionLog("S1")
+    log.bind(helo="client.example")
+    log.event("rcpt", name="alice@example.org", level="warning")
+    [line] = lines(stream)
+    assert line.endswith(
+        "level=warning sid=S1 event=rcpt helo=client.example name=alice@example.org"
+    )
+
+
+def test_fields_cannot_overwrite_the_leading_keys(stream: io.StringIO) -> None:
+    SessionLog("S1").event("x", sid="forged", event="forged", ts="forged")
+    assert lines(stream)[0].endswith("sid=S1 event=x sid_=forged event_=forged ts_=forged")
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("plain", "plain"),
+        ("", '""'),
+        ("two words", '"two words"'),
+        ('say "hi"', '"say \\"hi\\""'),
+        ("a=b", '"a=b"'),
+        ("back\\slash", '"back\\\\slash"'),
+        ("evil\r\nts=x level=error", '"evil\\r\\nts=x level=error"'),
+        ("tab\there", '"tab\\there"'),
+        ("nul\x00bell\x07del\x7f", '"nul\\x00bell\\x07del\\x7f"'),
+        ("café", "café"),
+        ("日本語 メール", '"日本語 メール"'),
+        ("line\u2028sep\x85nel", '"line\\u2028sep\\x85nel"'),
+        ("bad\udcffbyte", '"bad\\udcffbyte"'),
+        ("nbsp\xa0", '"nbsp\\xa0"'),
+        (None, '""'),
+        (True, "true"),
+        (3, "3"),
+        (1.5, "1.5"),
+        (b"DATA body", '"<9 bytes>"'),
+    ],
+)
+def test_logfmt_escaping(value: object, shown: str) -> None:
+    assert logfmt_value(value) == shown
+
+
+def test_long_values_are_cut() -> None:
+    assert logfmt_value("x" * (MAX_VALUE + 500)) == "x" * MAX_VALUE + "..."
+
+
+def logfmt_pairs(line: str) -> dict[str, str]:
+    """A small logfmt reader, to check that what is written reads back the same."""
+    pairs = {}
+    for m in re.finditer(r'([^\s=]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)', line):
+        pairs[m[1]] = m[2]
+    return pairs
+
+
+@given(st.text(max_size=80))
+def test_any_client_value_stays_on_one_line_and_reads_back(value: str) -> None:
+    out = io.StringIO()
+    use(out)
+    SessionLog("S1").event("helo", name=value, after="end")
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")
+    assert len(text.splitlines()) == 1  # no Unicode line break either
+    text.encode("utf-8")  # writable even with lone surrogates
+    pairs = logfmt_pairs(text)
+    assert pairs["event"] == "helo" and pairs["after"] == "end" and pairs["sid"] == "S1"
+    shown = pairs["name"]
+    if shown.startswith('"'):
+        unescaped = shown[1:-1].encode("ascii", "backslashreplace").decode("unicode_escape")
+        assert unescaped == value
+    else:
+        assert shown == value
+
+
+# --- JSON lines ------------------------------------------------------------------------
+
+
+def test_json_lines_are_valid(stream: io.StringIO) -> None:
+    use(stream, format="json")
+    log = SessionLog("S9", ip="2001:db8::1")
+    log.event("mail", sender='x"y\r\n@z', size=1234, ratio=0.5, ok=True, nothing=None)
+    log.event("bad", weird="\udcff\u2028\x85", nan=float("nan"))
+    first, second = lines(stream)
+    record = json.loads(first)
+    assert record["level"] == "info" and record["sid"] == "S9" and record["event"] == "mail"
+    assert record["sender"] == 'x"y\r\n@z'
+    assert (record["size"], record["ratio"], record["ok"], record["nothing"]) == (
+        1234,
+        0.5,
+        True,
+        None,
+    )
+    assert re.fullmatch(TS[3:], record["ts"])
+    assert len(second.splitlines()) == 1
+    assert json.loads(second)["weird"] == "\\udcff\u2028\x85"
+    assert json.loads(second)["nan"] == "nan"
+
+
+# --- secrets ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["logfmt", "json"])
+def test_no_secret_or_body_ever_reaches_the_log(stream: io.StringIO, fmt: str) -> None:
+    use(stream, format=fmt)
+    SessionLog("S1").event(
+        "auth",
+        mechanism="PLAIN",
+        password="hunter2",
+        user_password="hunter2",
+        client_secret="hunter2",
+        auth_response="aHVudGVyMg==",
+        access_token="hunter2",
+        body="hunter2",
+        data=b"hunter2 is my password",
+        user="alice",
+    )
+    text = stream.getvalue()
+    assert "hunter2" not in text and "aHVudGVyMg" not in text
+    assert "alice" in text and "PLAIN" in text
+    assert text.count("[redacted]") == 6
+
+
+# --- levels, foreign records, syslog -------------------------------------------------------
+
+
+def test_a_disabled_level_writes_nothing(stream: io.StringIO) -> None:
+    SessionLog("S1").event("detail", level="debug", x=1)
+    assert stream.getvalue() == ""
+    use(stream, level="debug")
+    SessionLog("S1").event("detail", level="debug", x=1)
+    assert "event=detail" in stream.getvalue()
+
+
+def test_other_libraries_records_are_one_line_too(stream: io.StringIO) -> None:
+    try:
+        raise ValueError("bad\nthing")
+    except ValueError:
+        logging.getLogger("asyncio").exception("Task %s failed", "t1")
+    [line] = lines(stream)
+    pairs = logfmt_pairs(line)
+    assert pairs["event"] == "log" and pairs["logger"] == "asyncio"
+    assert pairs["msg"] == '"Task t1 failed"'
+    assert pairs["error"] == '"ValueError: bad\\nthing"'
+    assert pairs["traceback"].startswith('"Traceback (most recent call last):\\n')
+
+
+def test_a_broken_stream_loses_the_line_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    broken = io.StringIO()
+    broken.close()
+    use(broken)  # type: ignore[arg-type]
+    SessionLog("S1").event("connect")
+    assert capsys.readouterr().err == ""
+
+
+def test_syslog_over_udp() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(5)
+        port = receiver.getsockname()[1]
+        setup_logging(
+            LoggingConfig(format="syslog", syslog_address=f"127.0.0.1:{port}"), io.StringIO()
+        )
+        SessionLog("S1", ip="192.0.2.1").event("connect", note="a\nb")
+        datagram = receiver.recv(4096)
+    # <22> = facility mail (2) * 8 + severity info (6); syslog adds its own time stamp
+    assert re.fullmatch(
+        rb'<22>mailgate\[\d+\]: level=info sid=S1 event=connect ip=192\.0\.2\.1 note="a\\nb"\x00',
+        datagram,
+    )
+
+
+def test_syslog_to_a_unix_socket_with_a_facility(tmp_path: Path) -> None:
+    path = str(tmp_path / "log.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(path)
+        receiver.settimeout(5)
+        setup_logging(
+            LoggingConfig(format="syslog", syslog_address=path, syslog_facility="local3"),
+            io.StringIO(),
+        )
+        log_event("shutdown", "warning")
+        datagram = receiver.recv(4096)
+    assert re.fullmatch(rb"<156>mailgate\[\d+\]: level=warning event=shutdown\x00", datagram)
+
+
+def test_unreachable_syslog_falls_back_to_the_stream(tmp_path: Path) -> None:
+    out = io.StringIO()
+    missing = str(tmp_path / "no-such.sock")
+    setup_logging(LoggingConfig(format="syslog", syslog_address=missing), out)
+    log_event("startup")
+    first, second = lines(out)
+    assert f'event=syslog_unavailable address={missing} error="' in first
+    assert second.endswith("level=info event=startup")
