@@ -1,0 +1,172 @@
+"""Prometheus metrics, served on their own address (``metrics.listen``).
+
+Each :class:`Metrics` has its own registry, so tests (and a reload) can make several.
+Label values a client could choose (an AUTH mechanism name) are folded into a fixed
+set, so no client can grow the number of time series.  When metrics are off the
+server gets a :class:`NullMetrics`, whose methods do nothing at all.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from mailgate.config.loader import split_host_port
+from mailgate.config.ops import DEFAULT_LATENCY_BUCKETS, MetricsConfig
+
+OUTCOMES: Final = ("accepted", "refused", "tempfail")
+TLS_VERSIONS: Final = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+MECHANISMS: Final = (
+    "PLAIN",
+    "LOGIN",
+    "CRAM-MD5",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-1",
+    "XOAUTH2",
+    "EXTERNAL",
+)
+OTHER: Final = "other"  # the label of any value outside its fixed set
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+
+
+class Metrics:
+    """The counters the server updates, one small method per kind of event."""
+
+    def __init__(self, latency_buckets: list[float] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.bound_address: tuple[str, int] | None = None  # where start() listens
+        self._server: WSGIServer | None = None
+        r = self.registry
+        self._open = Gauge(
+            "mailgate_connections_open", "Connections now open", ["listener"], registry=r
+        )
+        self._connections = Counter(
+            "mailgate_connections", "Connections accepted", ["listener"], registry=r
+        )
+        self._messages = Counter(
+            "mailgate_messages",
+            "Messages by outcome (accepted, refused, tempfail), reply code and enhanced code",
+            ["outcome", "code", "enhanced"],
+            registry=r,
+        )
+        self._bytes = Counter("mailgate_received_bytes", "Message octets received", registry=r)
+        self._replies = Counter(
+            "mailgate_replies", "Replies sent by code class", ["class"], registry=r
+        )
+        self._latency = Histogram(
+            "mailgate_delivery_latency_seconds",
+            "Seconds from end of data to the delivery's answer",
+            buckets=latency_buckets or DEFAULT_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._tls = Counter(
+            "mailgate_tls_handshakes", "TLS handshakes by outcome and version",
+            ["outcome", "version"], registry=r,
+        )  # fmt: skip
+        self._auth = Counter(
+            "mailgate_auth", "AUTH attempts by mechanism and outcome", ["mechanism", "outcome"],
+            registry=r,
+        )  # fmt: skip
+        self._rejections = Counter(
+            "mailgate_rejections",
+            "Refusals by reason (policy step, limit...)",
+            ["reason"],
+            registry=r,
+        )
+
+    @classmethod
+    def from_config(cls, config: MetricsConfig) -> Metrics:
+        """Metrics when ``config.listen`` is set, else a :class:`NullMetrics`."""
+        return cls(config.latency_buckets) if config.listen else NullMetrics()
+
+    def start(self, listen: str) -> None:
+        """Serve /metrics on ``listen`` (HOST:PORT) from a thread.
+
+        Raises ValueError for a malformed address and OSError when it cannot be bound.
+        """
+        host, port = split_host_port(listen)
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        self.bound_address = server.server_address[:2]
+
+    def stop(self) -> None:
+        """Close the endpoint (on shutdown, or before a reload starts a new one)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+    def connection_opened(self, listener: str) -> None:
+        self._open.labels(listener).inc()
+        self._connections.labels(listener).inc()
+
+    def connection_closed(self, listener: str) -> None:
+        self._open.labels(listener).dec()
+
+    def message(self, outcome: str, code: int, enhanced: str | None, size: int) -> None:
+        """One message's end: ``outcome`` accepted/refused/tempfail; ``size`` octets read."""
+        outcome = outcome if outcome in OUTCOMES else OTHER
+        enhanced = enhanced if enhanced and _ENHANCED.fullmatch(enhanced) else ""
+        self._messages.labels(outcome, _code(code), enhanced).inc()
+        if size > 0:
+            self._bytes.inc(size)
+
+    def delivery_latency(self, seconds: float) -> None:
+        self._latency.observe(seconds)
+
+    def tls(self, outcome: str, version: str | None) -> None:
+        """A handshake: ``outcome`` e.g. ok/failed, ``version`` as ssl reports it."""
+        self._tls.labels(outcome, version if version in TLS_VERSIONS else OTHER).inc()
+
+    def auth(self, mechanism: str, outcome: str) -> None:
+        mechanism = mechanism.upper()
+        self._auth.labels(mechanism if mechanism in MECHANISMS else OTHER, outcome).inc()
+
+    def rejection(self, reason: str) -> None:
+        self._rejections.labels(reason).inc()
+
+    def reply(self, code: int) -> None:
+        self._replies.labels(f"{code // 100}xx" if 200 <= code < 600 else OTHER).inc()
+
+
+def _code(code: int) -> str:
+    return str(code) if 200 <= code < 600 else OTHER
+
+
+class NullMetrics(Metrics):
+    """Metrics switched off: every method returns at once, nothing is registered."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.bound_address = None
+        self._server = None
+
+    def start(self, listen: str) -> None:
+        pass
+
+    def connection_opened(self, listener: str) -> None:
+        pass
+
+    def connection_closed(self, listener: str) -> None:
+        pass
+
+    def message(self, outcome: str, code: int, enhanced: str | None, size: int) -> None:
+        pass
+
+    def delivery_latency(self, seconds: float) -> None:
+        pass
+
+    def tls(self, outcome: str, version: str | None) -> None:
+        pass
+
+    def auth(self, mechanism: str, outcome: str) -> None:
+        pass
+
+    def rejection(self, reason: str) -> None:
+        pass
+
+    def reply(self, code: int) -> None:
+        pass

@@ -1,0 +1,165 @@
+"""Metrics: updated by the server's calls, scraped over HTTP on loopback like Prometheus."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mailgate.config.ops import MetricsConfig
+from mailgate.ops.metrics import Metrics, NullMetrics
+
+
+@pytest.fixture
+def metrics() -> Iterator[Metrics]:
+    m = Metrics(latency_buckets=[0.1, 1.0, 10.0])
+    m.start("127.0.0.1:0")
+    yield m
+    m.stop()
+
+
+def scrape(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the endpoint: (name, sorted labels) → value."""
+    assert m.bound_address is not None
+    host, port = m.bound_address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_connections(metrics: Metrics) -> None:
+    metrics.connection_opened("0.0.0.0:25")
+    metrics.connection_opened("0.0.0.0:25")
+    metrics.connection_opened("[::]:587")
+    metrics.connection_closed("0.0.0.0:25")
+    samples = scrape(metrics)
+    assert samples["mailgate_connections_open", (("listener", "0.0.0.0:25"),)] == 1
+    assert samples["mailgate_connections_open", (("listener", "[::]:587"),)] == 1
+    assert samples["mailgate_connections_total", (("listener", "0.0.0.0:25"),)] == 2
+
+
+def test_messages_bytes_and_replies(metrics: Metrics) -> None:
+    metrics.message("accepted", 250, "2.0.0", 1000)
+    metrics.message("accepted", 250, "2.0.0", 500)
+    metrics.message("refused", 554, "5.7.1", 200)
+    metrics.message("tempfail", 451, None, 0)
+    metrics.reply(250)
+    metrics.reply(250)
+    metrics.reply(554)
+    samples = scrape(metrics)
+    key = "mailgate_messages_total"
+    assert samples[key, (("code", "250"), ("enhanced", "2.0.0"), ("outcome", "accepted"))] == 2
+    assert samples[key, (("code", "554"), ("enhanced", "5.7.1"), ("outcome", "refused"))] == 1
+    assert samples[key, (("code", "451"), ("enhanced", ""), ("outcome", "tempfail"))] == 1
+    assert samples["mailgate_received_bytes_total", ()] == 1700
+    assert samples["mailgate_replies_total", (("class", "2xx"),)] == 2
+    assert samples["mailgate_replies_total", (("class", "5xx"),)] == 1
+
+
+def test_latency_tls_auth_and_rejections(metrics: Metrics) -> None:
+    metrics.delivery_latency(0.05)
+    metrics.delivery_latency(5.0)
+    metrics.tls("ok", "TLSv1.3")
+    metrics.tls("failed", None)
+    metrics.auth("plain", "ok")
+    metrics.auth("SCRAM-SHA-256", "failed")
+    metrics.rejection("dnsbl")
+    metrics.rejection("dnsbl")
+    samples = scrape(metrics)
+    bucket = "mailgate_delivery_latency_seconds_bucket"
+    assert samples[bucket, (("le", "0.1"),)] == 1
+    assert samples[bucket, (("le", "10.0"),)] == 2
+    assert samples["mailgate_delivery_latency_seconds_count", ()] == 2
+    tls = "mailgate_tls_handshakes_total"
+    assert samples[tls, (("outcome", "ok"), ("version", "TLSv1.3"))] == 1
+    assert samples[tls, (("outcome", "failed"), ("version", "other"))] == 1
+    assert samples["mailgate_auth_total", (("mechanism", "PLAIN"), ("outcome", "ok"))] == 1
+    assert (
+        samples["mailgate_auth_total", (("mechanism", "SCRAM-SHA-256"), ("outcome", "failed"))] == 1
+    )
+    assert samples["mailgate_rejections_total", (("reason", "dnsbl"),)] == 2
+
+
+def test_client_chosen_values_cannot_grow_the_series(metrics: Metrics) -> None:
+    for i in range(50):
+        metrics.auth(f"X-MECH-{i}", "failed")
+        metrics.message("accepted", 250, f"junk{i}", 1)
+    metrics.reply(999)
+    samples = scrape(metrics)
+    assert samples["mailgate_auth_total", (("mechanism", "other"), ("outcome", "failed"))] == 50
+    auth_series = [k for k in samples if k[0] == "mailgate_auth_total"]
+    assert len(auth_series) == 1
+    key = ("code", "250"), ("enhanced", ""), ("outcome", "accepted")
+    assert samples["mailgate_messages_total", key] == 50
+    assert samples["mailgate_replies_total", (("class", "other"),)] == 1
+
+
+def test_two_instances_do_not_share_counts() -> None:
+    a, b = Metrics(), Metrics()
+    a.rejection("x")
+    assert a.registry.get_sample_value("mailgate_rejections_total", {"reason": "x"}) == 1
+    assert b.registry.get_sample_value("mailgate_rejections_total", {"reason": "x"}) is None
+
+
+def test_ipv6_loopback_endpoint() -> None:
+    m = Metrics()
+    m.start("[::1]:0")
+    try:
+        m.reply(221)
+        assert m.bound_address is not None and m.bound_address[0] == "::1"
+        assert scrape_v6(m) > 0
+    finally:
+        m.stop()
+
+
+def scrape_v6(m: Metrics) -> int:
+    assert m.bound_address is not None
+    url = f"http://[::1]:{m.bound_address[1]}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().count(b"mailgate_replies_total")
+
+
+def test_stop_closes_the_endpoint(metrics: Metrics) -> None:
+    assert metrics.bound_address is not None
+    host, port = metrics.bound_address
+    metrics.stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5)
+
+
+def test_a_bad_address_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="expected HOST:PORT"):
+        Metrics().start("9125")
+
+
+def test_disabled_metrics_do_nothing() -> None:
+    off = Metrics.from_config(MetricsConfig())
+    assert isinstance(off, NullMetrics)
+    off.start("127.0.0.1:0")
+    off.connection_opened("x")
+    off.connection_closed("x")
+    off.message("accepted", 250, "2.0.0", 10)
+    off.delivery_latency(1.0)
+    off.tls("ok", "TLSv1.3")
+    off.auth("PLAIN", "ok")
+    off.rejection("x")
+    off.reply(250)
+    off.stop()
+    assert off.bound_address is None
+    assert list(off.registry.collect()) == []
+
+
+def test_enabled_from_config() -> None:
+    on = Metrics.from_config(MetricsConfig(listen="127.0.0.1:9125", latency_buckets=[1.0, 2.0]))
+    assert type(on) is Metrics
+    on.delivery_latency(1.5)
+    assert (
+        on.registry.get_sample_value("mailgate_delivery_latency_seconds_bucket", {"le": "2.0"}) == 1
+    )
