@@ -49,7 +49,9 @@ class Authenticator:
         self._clock = clock
         self._install(users, file_signature(users_file))
 
-    def _install(self, users: dict[str, UserRecord], signature: object) -> None:
+    def _install(
+        self, users: dict[str, UserRecord], signature: tuple[int, int, int] | None
+    ) -> None:
         self._credentials = Credentials(users)
         self._signature = signature
         self._checked_at = self._clock()
@@ -93,10 +95,13 @@ class Authenticator:
 
     async def reload(self) -> None:
         """Re-read the users file; ValueError "file:line: problem" keeps the old table."""
-        signature = file_signature(self._users_file)
-        users = await asyncio.to_thread(load_users, self._users_file)
+        signature, users = await asyncio.to_thread(self._read)
         self._install(users, signature)
         log.info("users file %s loaded: %d users", self._users_file, len(users))
+
+    def _read(self) -> tuple[tuple[int, int, int] | None, dict[str, UserRecord]]:
+        # The signature first: a change racing with the read is seen by the next check.
+        return file_signature(self._users_file), load_users(self._users_file)
 
     async def _refresh(self) -> None:
         """Pick up a changed users file (as `mailgate passwd` leaves it) without SIGHUP."""
