@@ -39,8 +39,8 @@ def parse_senders_file(text: str, path: str) -> dict[str, list[str]]:
 def _valid_entry(entry: str) -> bool:
     if entry == "*":
         return True
-    local, at, domain = entry.rpartition("@")
-    return bool(at and domain and " " not in entry and (local or entry.startswith("@")))
+    _, at, domain = entry.rpartition("@")
+    return bool(at and domain and " " not in entry)
 
 
 class SenderMap:

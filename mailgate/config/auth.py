@@ -51,7 +51,16 @@ class AuthConfig:
                 raise ValueError(f"{name}: must not be negative")
         for user, addresses in self.senders.items():
             if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
-                raise ValueError(f"senders: {user}: must be a list of addresses")
+                raise ValueError(f"senders.{user}: must be a list of addresses")
+            bad = next((a for a in addresses if not _sender_entry_ok(a)), None)
+            if bad is not None:
+                raise ValueError(f"senders.{user}: {bad!r} is not an address, @domain or *")
+
+
+def _sender_entry_ok(entry: str) -> bool:
+    """An address, "@domain" or "*" (the same rule as mailgate.auth.senders)."""
+    _, at, domain = entry.rpartition("@")
+    return entry == "*" or bool(at and domain and " " not in entry)
 
 
 # ECDHE for forward secrecy, AEAD ciphers only.  Applies to TLS 1.2; OpenSSL's TLS 1.3

@@ -9,6 +9,7 @@ import pytest
 
 from mailgate.auth.authenticator import Authenticator
 from mailgate.auth.senders import SenderMap, parse_senders_file
+from mailgate.config.auth import AuthConfig
 
 MAP = SenderMap(
     {
@@ -49,9 +50,12 @@ def test_no_default_domains_means_only_listed() -> None:
     assert not SenderMap({}, []).may_send_as("bob", "bob@example.org")
 
 
-def test_bad_entry_in_the_config_table() -> None:
-    with pytest.raises(ValueError, match=r"senders: bob: 'example\.org' is not"):
-        SenderMap({"bob": ["example.org"]}, [])
+@pytest.mark.parametrize("entry", ["example.org", "bob@", "a b@example.org"])
+def test_bad_entry_in_the_config_table(entry: str) -> None:
+    with pytest.raises(ValueError, match=r"senders\.bob: .* is not an address"):
+        AuthConfig(senders={"bob": [entry]})
+    with pytest.raises(ValueError, match=r"senders: bob: .* is not an address"):
+        SenderMap({"bob": [entry]}, [])
 
 
 def test_file_format_and_errors() -> None:
