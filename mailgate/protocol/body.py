@@ -7,8 +7,10 @@ passes over memory and no Python work per line.
 SMTP smuggling: the only end of data is ``<CRLF>.<CRLF>``.  A bare LF or a bare CR
 anywhere in the data makes the reader report ``bare``; the connection refuses the
 message.  For clients allowed to send bare LF (``normalize``), a bare LF is stored as
-CRLF, but it still never ends the data and never starts a dot-stuffed line on its own
-terms: detection of the end marker happens before normalisation.
+CRLF (and a dot after it is unstuffed, as after any line end of that client), but it
+never ends the data: the end marker is looked for before normalisation, and a line
+that begins after a bare LF is never taken for the end line, however the bytes were
+split between reads.
 """
 
 from __future__ import annotations
@@ -31,16 +33,19 @@ class DataResult:
 class DotReader:
     """Incremental DATA reader: feed raw bytes, get unstuffed body bytes."""
 
-    __slots__ = ("_at_line_start", "_normalize", "_pending")
+    __slots__ = ("_after_crlf", "_at_line_start", "_normalize", "_pending")
 
     def __init__(self, normalize_bare_lf: bool = False) -> None:
         self._pending = b""
-        self._at_line_start = True
+        self._at_line_start = True  # for dot-unstuffing: after any accepted line end
+        self._after_crlf = True  # for the end line: only after a real CRLF
         self._normalize = normalize_bare_lf
 
     def feed(self, data: bytes) -> DataResult:
         buf = self._pending + data if self._pending else data
-        if self._at_line_start and buf.startswith(b".\r\n"):
+        # ".\r\n" ends the data only after a CRLF: after a bare LF (normalize mode)
+        # that would be <LF>.<CR><LF>, the smuggling form, when the reads split there.
+        if self._after_crlf and buf.startswith(b".\r\n"):
             self._pending = b""
             return DataResult(b"", False, True, buf[3:])
         end = buf.find(END_MARKER)
@@ -64,6 +69,7 @@ class DotReader:
         body, bare = self._process(buf[:cut])
         self._pending = buf[cut:]
         self._at_line_start = next_at_line_start
+        self._after_crlf = next_at_line_start and buf[cut - 2 : cut] == b"\r\n"
         return DataResult(body, bare, False, b"")
 
     def _process(self, region: bytes) -> tuple[bytes, bool]:

@@ -88,6 +88,7 @@ class Connection:
         self._chunk_sink = False  # discard the current BDAT chunk
         self._body_size = 0
         self._too_big = False
+        self._body_open = False  # a body was accepted and is not finished yet
         self._discard_line = False  # inside an over-long command line
 
     # -- driver API ------------------------------------------------------------
@@ -163,8 +164,9 @@ class Connection:
         if isinstance(pending, ev.Helo):
             self.helo = pending.name
             self.extended = pending.extended
-            self._reset_transaction()
-            self._send(r or self._helo_reply(pending))
+            r = r or self._helo_reply(pending)
+            self._reset_transaction(r)
+            self._send(r)
         elif isinstance(pending, ev.MailFrom):
             self.envelope = pending.envelope
             sender = pending.envelope.sender
@@ -210,7 +212,7 @@ class Connection:
         self.helo = None
         self.extended = False
         self.authenticated = None
-        self._reset_transaction()
+        self._reset_transaction(reply("starttls.ready"))
         self._buf.clear()
         self.state = State.COMMAND
 
@@ -266,7 +268,13 @@ class Connection:
         self._pending = None
         return pending
 
-    def _reset_transaction(self) -> None:
+    def _reset_transaction(self, why: Reply | None = None) -> None:
+        """Forget the transaction.  A body still open (between BDAT chunks, RFC 3030
+        lets RSET discard them) is reported as MessageAborted so that the driver drops
+        its spool; ``why`` is the reply the engine sends for it."""
+        if self._body_open:
+            self._body_open = False
+            self._events.append(ev.MessageAborted(why or reply("seq.bdat_aborted")))
         self.envelope = None
         self._dot = None
         self._body_size = 0
@@ -306,12 +314,14 @@ class Connection:
 
     # -- internals: input --------------------------------------------------------
 
-    def _take_line(self, limit: int | None) -> bytes | None:
-        """The next complete line without its line end, or None if incomplete.
+    def _take_line(self, limit: int | None) -> bytes | Reply | None:
+        """The next complete line without its line end, None if incomplete, or the
+        refusal to send for a line that is no command at all.
 
-        Over-long lines are discarded up to their end and answered 500 5.5.2; lines
-        ended by a bare LF (or holding a bare CR) are answered 500 5.5.2 unless this
-        client may use bare LF.  Both cases return b"\\0" which no command matches.
+        Over-long lines are discarded up to their end (500 5.5.2); lines ended by a
+        bare LF (or holding a bare CR) get 500 5.5.2 unless this client may use bare
+        LF.  The refusal is returned rather than sent so that the caller can apply the
+        error budget first (and a client line that is literally NUL is still a line).
         """
         buf = self._buf
         while True:
@@ -333,36 +343,36 @@ class Connection:
             if self._discard_line or nl + 1 > limit:
                 del buf[: nl + 1]
                 self._discard_line = False
-                self._refuse("line", reply("syntax.too_long"))
-                return b"\0"
+                return reply("syntax.too_long")
             line = bytes(buf[:nl])
             del buf[: nl + 1]
             if line.endswith(b"\r"):
                 line = line[:-1]
             elif not self.settings.normalize_bare_lf:
-                self._refuse("line", reply("syntax.bare_lf"))
-                return b"\0"
+                return reply("syntax.bare_lf")
             if b"\r" in line:
-                self._refuse("line", reply("syntax.bare_lf"))
-                return b"\0"
+                return reply("syntax.bare_lf")
             return line
 
-    def _command(self, raw: bytes) -> None:
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            line = "\0"
-        verb, _, arg = line.partition(" ")
-        verb = verb.upper()
-        # upas rejectcheck: past the error budget every command but QUIT gets 421.
+    def _command(self, raw: bytes | Reply) -> None:
+        line: str | None = None
+        if isinstance(raw, bytes):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raw = reply("syntax.not_utf8")
+        verb, _, arg = (line or "").partition(" ")
+        # Verbs are ASCII: str.upper() would turn "ma\u0131l" (dotless i) into MAIL.
+        verb = verb.upper() if verb.isascii() else "?"
+        # upas rejectcheck: past the error budget every command but QUIT gets 421,
+        # a line refused for its form (too long, bare LF) included.
         if self.errors >= self.settings.max_errors and verb != "QUIT":
             self._send(reply("closing.too_many_errors", host=self.settings.hostname))
             self._close()
             return
-        if raw == b"\0":
-            return  # already answered by _take_line
-        if line == "\0":
-            self._refuse("line", reply("syntax.not_utf8"))
+        if line is None:
+            assert isinstance(raw, Reply)
+            self._refuse("line", raw)
             return
         handler = self._HANDLERS.get(verb)
         if handler is None:
@@ -451,6 +461,9 @@ class Connection:
         env = self.envelope
         if env is None:
             return self._refuse("RCPT", reply("seq.need_mail"))
+        if env.chunked:
+            # The driver holds this envelope since the first BDAT; it cannot grow now.
+            return self._refuse("RCPT", reply("seq.rcpt_after_bdat"))
         if len(env.recipients) >= self.settings.max_recipients:
             return self._refuse("RCPT", reply("rcpt.too_many"))
         try:
@@ -522,12 +535,12 @@ class Connection:
         """Read and drop the chunk of a refused BDAT, then send ``r``."""
         self._chunk_sink = True
         self._send_later = r
-        self._reset_transaction()
+        self._reset_transaction(r)
 
     def _cmd_rset(self, arg: str) -> None:
         if arg:
             return self._refuse("RSET", reply("syntax.args", detail="RSET takes no argument"))
-        self._reset_transaction()
+        self._reset_transaction(reply("ok"))
         self._send(reply("ok"))
 
     def _cmd_noop(self, arg: str) -> None:
@@ -609,11 +622,12 @@ class Connection:
         except (binascii.Error, ValueError):
             return None
 
-    def _auth_line(self, raw: bytes) -> None:
+    def _auth_line(self, raw: bytes | Reply) -> None:
         # The exchange ends here unless the driver answers with another challenge.
         self.state = State.COMMAND
-        if raw == b"\0":
-            self._events.append(ev.AuthAborted(reply("syntax.too_long")))
+        if isinstance(raw, Reply):
+            self._send(raw)
+            self._events.append(ev.AuthAborted(raw))
             return
         text = raw.decode("ascii", "replace").strip()
         if text == "*":
@@ -651,6 +665,7 @@ class Connection:
     def _start_body(self, chunked: bool) -> None:
         self._body_size = 0
         self._too_big = False
+        self._body_open = True
         if chunked:
             self.state = State.BDAT
         else:
@@ -675,8 +690,7 @@ class Connection:
         self._buf.clear()
         if result.bare:
             r = reply("closing.bare_lf", host=self.settings.hostname)
-            self._events.append(ev.MessageAborted(r))
-            self._reset_transaction()
+            self._reset_transaction(r)
             self._send(r)
             self._close()
             return True
@@ -692,10 +706,10 @@ class Connection:
         self.state = State.COMMAND
         if self._too_big or env is None:
             r = reply("size.exceeded", limit=self.settings.max_message_size)
-            self._events.append(ev.MessageAborted(r))
-            self._reset_transaction()
+            self._reset_transaction(r)
             self._send(r)
             return
+        self._body_open = False
         self._decide(ev.MessageEnd(env, self._body_size))
 
     def _read_chunk(self) -> bool:
@@ -719,8 +733,7 @@ class Connection:
             return True
         if self._too_big:
             r = reply("size.exceeded", limit=self.settings.max_message_size)
-            self._events.append(ev.MessageAborted(r))
-            self._reset_transaction()
+            self._reset_transaction(r)
             self._refuse("BDAT", r)
             return True
         if self._chunk_last:

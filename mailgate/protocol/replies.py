@@ -110,6 +110,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "seq.data_after_bdat":    Template(503, "5.5.1", "DATA not allowed after BDAT in the same transaction"),
     "seq.binarymime_data":    Template(503, "5.5.1", "BODY=BINARYMIME requires BDAT"),
     "seq.bdat_aborted":       Template(503, "5.5.1", "Transaction aborted, BDAT data discarded"),
+    "seq.rcpt_after_bdat":    Template(503, "5.5.1", "RCPT not allowed after BDAT in the same transaction"),
     # --- size and limits -----------------------------------------------------
     "size.declared":          Template(552, "5.3.4", "Message size exceeds fixed maximum message size ({limit} octets)"),
     "size.exceeded":          Template(552, "5.3.4", "Message size exceeds fixed maximum message size ({limit} octets)"),

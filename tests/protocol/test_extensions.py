@@ -1,0 +1,146 @@
+"""Item 4 (part): SIZE (RFC 1870), BODY (RFC 6152 / 3030), SMTPUTF8 (RFC 6531),
+DSN (RFC 3461) as the engine parses and keeps them."""
+
+from __future__ import annotations
+
+import pytest
+from protocol_helpers import Session, codes
+
+from mailgate.protocol import events as ev
+
+
+def mail(s: Session, params: str, path: str = "<a@example.net>") -> list[str]:
+    if s.conn.helo is None:
+        s.ehlo()
+    return codes(s.send(f"MAIL FROM:{path} {params}\r\n"))
+
+
+# --- SIZE ---------------------------------------------------------------------
+
+
+def test_declared_size_within_and_over_the_limit() -> None:
+    s = Session(max_message_size=1000)
+    assert mail(s, "SIZE=1000") == ["250 2.1.0"]
+    assert s.conn.envelope.declared_size == 1000
+    s.send("RSET\r\n")
+    assert mail(s, "SIZE=1001") == ["552 5.3.4"]
+    assert s.conn.envelope is None
+    assert not [e for e in s.of(ev.MailFrom) if e.envelope.declared_size == 1001]
+
+
+@pytest.mark.parametrize("value", ["SIZE", "SIZE=", "SIZE=-1", "SIZE=1e3", "SIZE=" + "9" * 21])
+def test_bad_size_values(value: str) -> None:
+    s = Session()
+    assert mail(s, value)[0].startswith("501 ")
+
+
+def test_actual_size_over_the_limit_after_data() -> None:
+    s = Session(max_message_size=100)
+    s.transaction()
+    s.send("DATA\r\n")
+    out = s.send(b"x" * 60 + b"\r\n" + b"y" * 60 + b"\r\n.\r\nNOOP\r\n")
+    assert codes(out) == ["552 5.3.4", "250 2.0.0"]
+    assert not s.of(ev.MessageEnd)
+    aborted = s.of(ev.MessageAborted)
+    assert len(aborted) == 1 and aborted[0].reply.code == 552
+    assert s.conn.envelope is None and not s.conn.closed
+
+
+def test_size_exactly_at_the_limit_is_accepted() -> None:
+    s = Session(max_message_size=12)
+    s.transaction()
+    s.send("DATA\r\n")
+    assert codes(s.send(b"0123456789\r\n.\r\n")) == ["250 2.0.0"]
+    assert s.of(ev.MessageEnd)[0].size == 12
+
+
+# --- BODY -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", ["7BIT", "8BITMIME", "8bitmime", "BINARYMIME"])
+def test_body_values_kept(body: str) -> None:
+    s = Session()
+    assert mail(s, f"BODY={body}") == ["250 2.1.0"]
+    assert s.conn.envelope.body == body.upper()
+
+
+@pytest.mark.parametrize("value", ["BODY", "BODY=9BIT", "BODY=8BITMIME BODY=7BIT"])
+def test_bad_body_values(value: str) -> None:
+    s = Session()
+    assert mail(s, value) == ["501 5.5.4"]
+
+
+def test_binarymime_requires_bdat() -> None:
+    s = Session()
+    mail(s, "BODY=BINARYMIME")
+    s.send("RCPT TO:<b@example.org>\r\n")
+    assert codes(s.send("DATA\r\n")) == ["503 5.5.1"]
+    assert not s.of(ev.DataStart)
+    assert codes(s.send(b"BDAT 3 LAST\r\n\x00\xff\x01")) == ["250 2.0.0"]
+    assert s.body() == b"\x00\xff\x01"
+
+
+# --- SMTPUTF8 -------------------------------------------------------------------
+
+
+def test_utf8_addresses_need_the_smtputf8_parameter() -> None:
+    s = Session()
+    assert mail(s, "", path="<j\u00f6rg@b\u00fccher.example>") == ["553 5.6.7"]
+    assert mail(s, "SMTPUTF8", path="<j\u00f6rg@b\u00fccher.example>") == ["250 2.1.0"]
+    env = s.conn.envelope
+    assert env.smtputf8 and env.sender.local == "j\u00f6rg"
+    assert codes(s.send("RCPT TO:<\u7528\u6237@\u4f8b\u5b50.example>\r\n")) == ["250 2.1.5"]
+
+
+def test_utf8_recipient_without_smtputf8_is_553() -> None:
+    s = Session()
+    s.transaction()
+    assert codes(s.send("RCPT TO:<j\u00f6rg@example.org>\r\n")) == ["553 5.6.7"]
+
+
+def test_smtputf8_takes_no_value() -> None:
+    s = Session()
+    assert mail(s, "SMTPUTF8=yes") == ["501 5.5.4"]
+
+
+# --- DSN ------------------------------------------------------------------------
+
+
+def test_dsn_parameters_are_parsed_and_kept() -> None:
+    s = Session()
+    assert mail(s, "RET=HDRS ENVID=QQ+2B314") == ["250 2.1.0"]
+    env = s.conn.envelope
+    assert env.ret == "HDRS" and env.envid == "QQ+314"
+    out = s.send("RCPT TO:<b@example.org> NOTIFY=success,delay ORCPT=rfc822;b+40example.org\r\n")
+    assert codes(out) == ["250 2.1.5"]
+    rcpt = env.recipients[0]
+    assert rcpt.notify == ("SUCCESS", "DELAY")
+    assert rcpt.orcpt == "rfc822;b@example.org"
+    assert codes(s.send("RCPT TO:<c@example.org> NOTIFY=NEVER\r\n")) == ["250 2.1.5"]
+    assert env.recipients[1].notify == ("NEVER",)
+
+
+@pytest.mark.parametrize(
+    "param", ["RET=ALL", "RET", "ENVID", "ENVID=a+zz", "ENVID=" + "x" * 101, "RET=FULL RET=HDRS"]
+)
+def test_bad_mail_dsn_parameters(param: str) -> None:
+    s = Session()
+    assert mail(s, param) == ["501 5.5.4"]
+
+
+@pytest.mark.parametrize(
+    "param",
+    ["NOTIFY=NEVER,SUCCESS", "NOTIFY=SOMETIMES", "NOTIFY", "NOTIFY=SUCCESS,SUCCESS",
+     "ORCPT=rfc822", "ORCPT=;x@y", "ORCPT=rfc822;a+zzb", "ORCPT"],
+)
+def test_bad_rcpt_dsn_parameters(param: str) -> None:
+    s = Session()
+    s.transaction()
+    assert codes(s.send(f"RCPT TO:<c@example.org> {param}\r\n")) == ["501 5.5.4"]
+    assert len(s.conn.envelope.recipients) == 1
+
+
+def test_auth_mail_parameter_is_xtext() -> None:
+    s = Session()
+    assert mail(s, "AUTH=joe+40example.net") == ["250 2.1.0"]
+    assert s.conn.envelope.auth == "joe@example.net"
