@@ -48,18 +48,15 @@ def build_router(config: DeliveryConfig, hostname: str) -> Router:
     destinations = {
         name: _build(name, dc, config, hostname, committer) for name, dc in configs.items()
     }
-    local_domains = {d.lower().rstrip(".") for d in config.local_domains} or {
-        hostname,
-        "localhost",
-    }
-    local_domains |= {d.lower() for d in config.domains}
+    listed = [d.lower().rstrip(".") for d in config.local_domains] or [hostname, "localhost"]
+    local_domains = {*listed, *(d.lower() for d in config.domains)}
     aliases = {"postmaster": ("root",)}  # RFC 5321 4.5.1: postmaster must exist
     aliases |= {k.lower(): tuple(v) for k, v in config.aliases.items()}
     users = set(config.local_users)
     if config.system_users:
         users |= {entry.pw_name for entry in pwd.getpwall()}
     table = RoutingTable(
-        hostname=hostname,
+        postmaster_domain=hostname if hostname in local_domains else listed[0],
         local_domains=frozenset(local_domains),
         default=config.default,
         local_users=frozenset(u.lower() for u in users),

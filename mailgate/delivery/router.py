@@ -32,7 +32,9 @@ MAX_ALIAS_DEPTH = 20  # deeper nesting is a configuration error (451 4.3.0)
 class RoutingTable:
     """The routing rules, already normalized: lower-case keys and domains."""
 
-    hostname: str  # for the bare <Postmaster> recipient, which has no domain
+    # the local domain of the bare <Postmaster> recipient (RFC 5321 4.1.1.3), which
+    # has none: the hostname when it is local, else the first local domain
+    postmaster_domain: str
     local_domains: frozenset[str]
     default: str  # the destination of local mailboxes no other rule routes
     local_users: frozenset[str] = frozenset()
@@ -91,7 +93,7 @@ class Router:
 
     def route(self, address: Address) -> list[Target] | Reply:
         """The final targets of one recipient, or the reply that refuses it."""
-        domain = (address.domain or self.table.hostname).lower()
+        domain = (address.domain or self.table.postmaster_domain).lower()
         if not self.is_local_domain(domain):
             if self.table.relay:
                 return [Target(self.table.relay, address)]

@@ -29,6 +29,7 @@ READ_CHUNK = 1024 * 1024  # destinations stream the spool in pieces this big
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _NAME = re.compile(r"^.*\.(\d+)\.\d+" + re.escape(SUFFIX) + "$")
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_names = itertools.count()  # process-wide: several SpoolDirs may share a directory
 
 
 def reply_for_os_error(exc: OSError) -> Reply:
@@ -114,7 +115,6 @@ class SpoolDir:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._counter = itertools.count()
         self._ready = False
 
     def create(self, session_id: str) -> SpoolFile:
@@ -123,8 +123,12 @@ class SpoolDir:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
             self._ready = True
         sid = _UNSAFE.sub("_", session_id)[:64] or "msg"
-        name = f"{sid}.{os.getpid()}.{next(self._counter)}{SUFFIX}"
-        return SpoolFile(os.path.join(self.path, name))
+        while True:
+            name = f"{sid}.{os.getpid()}.{next(_names)}{SUFFIX}"
+            try:
+                return SpoolFile(os.path.join(self.path, name))
+            except FileExistsError:
+                continue  # left by an earlier process that had our pid
 
     def cleanup(self) -> int:
         """Remove spool files left by processes that are gone; return how many."""

@@ -1,0 +1,210 @@
+"""Routing: aliases, exactly-once fan-out, catch-all, per-user and per-domain routes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from delivery_helpers import TRACE, envelope, files, spooled
+
+from mailgate.config.delivery import (
+    DeliveryConfig,
+    DestinationConfig,
+    LMTPConfig,
+    MboxConfig,
+    PipeConfig,
+)
+from mailgate.delivery import factory
+from mailgate.delivery.factory import DeliveryConfigError, build_router
+from mailgate.delivery.router import Router
+
+HOST = "mx.example.org"
+MESSAGE = b"Subject: routed\r\n\r\nhello\r\n"
+
+
+def router(tmp_path: Path, **changes: Any) -> Router:
+    settings: dict[str, Any] = dict(
+        maildir_root=str(tmp_path / "md"),
+        local_domains=["example.org", "example.net"],
+        system_users=False,
+        local_users=["alice", "bob", "carol", "root"],
+        destinations={
+            "archive": DestinationConfig(
+                mbox=MboxConfig(path=str(tmp_path / "mbox/{domain}/{user}"))
+            )
+        },
+    )
+    settings.update(changes)
+    return build_router(DeliveryConfig(**settings), HOST)
+
+
+def deliver(tmp_path: Path, r: Router, *rcpts: str) -> list[str]:
+    env = envelope(*rcpts)
+    spool = spooled(tmp_path, MESSAGE, env)
+    results = asyncio.run(r.deliver(env, TRACE, spool))
+    assert [res.recipient for res in results] == env.recipients
+    return [str(res.reply) for res in results]
+
+
+def count(tmp_path: Path, user: str) -> int:
+    return len(files(tmp_path / "md" / user / "new"))
+
+
+def test_aliases_fan_out_and_every_mailbox_gets_one_copy(tmp_path: Path) -> None:
+    r = router(tmp_path, aliases={"team": ["alice", "bob"], "all@example.org": ["team", "carol"]})
+    replies = deliver(
+        tmp_path,
+        r,
+        "team@example.org",
+        "all@example.org",
+        "Alice+news@example.org",
+        "bob@example.net",
+    )
+    assert replies == ["250 2.0.0 OK"] * 4
+    assert [count(tmp_path, u) for u in ("alice", "bob", "carol")] == [1, 1, 1]
+
+
+def test_alias_loops_end_at_a_mailbox(tmp_path: Path) -> None:
+    r = router(tmp_path, aliases={"alice": ["bob"], "bob": ["alice", "carol"]})
+    assert deliver(tmp_path, r, "alice@example.org") == ["250 2.0.0 OK"]
+    assert [count(tmp_path, u) for u in ("alice", "bob", "carol")] == [1, 0, 1]
+
+
+def test_alias_to_itself_keeps_a_copy(tmp_path: Path) -> None:
+    r = router(tmp_path, aliases={"alice": ["alice", "bob"]})
+    deliver(tmp_path, r, "alice@example.org")
+    assert [count(tmp_path, u) for u in ("alice", "bob")] == [1, 1]
+
+
+def test_postmaster_goes_to_root_by_default(tmp_path: Path) -> None:
+    r = router(tmp_path)
+    assert r.has_recipient("PostMaster", "example.net")
+    assert r.has_recipient("postmaster", "")  # the bare <Postmaster> form
+    deliver(tmp_path, r, "postmaster@example.org", "postmaster")
+    assert count(tmp_path, "root") == 1
+
+
+def test_unknown_users_are_refused_without_a_catch_all(tmp_path: Path) -> None:
+    r = router(tmp_path)
+    assert not r.has_recipient("nobody", "example.org")
+    replies = deliver(tmp_path, r, "nobody@example.org", "alice@example.org")
+    assert replies == ["550 5.1.1 <nobody@example.org> ... user unknown", "250 2.0.0 OK"]
+
+
+def test_catch_all_receives_mail_for_unknown_users(tmp_path: Path) -> None:
+    r = router(tmp_path, catch_all={"example.net": "carol"})
+    assert r.has_recipient("whoever", "example.net")
+    assert not r.has_recipient("whoever", "example.org")  # only for its domain
+    assert deliver(tmp_path, r, "whoever@example.net", "else@example.net") == ["250 2.0.0 OK"] * 2
+    assert count(tmp_path, "carol") == 1
+
+
+def test_per_user_route_overrides_the_domain_default(tmp_path: Path) -> None:
+    r = router(tmp_path, users={"bob@example.org": "archive", "dave": "archive"})
+    assert r.has_recipient("dave", "example.net")  # a routed address is a known user
+    assert (
+        deliver(tmp_path, r, "bob@example.org", "bob@example.net", "dave@example.net")
+        == ["250 2.0.0 OK"] * 3
+    )
+    assert (tmp_path / "mbox" / "example.org" / "bob").exists()
+    assert (tmp_path / "mbox" / "example.net" / "dave").exists()
+    assert count(tmp_path, "bob") == 1  # bob@example.net went to the default maildir
+
+
+def test_per_domain_route(tmp_path: Path) -> None:
+    r = router(tmp_path, domains={"lists.example.org": "archive"})
+    assert r.is_local_domain("Lists.Example.org")
+    deliver(tmp_path, r, "carol@lists.example.org", "carol@example.org")
+    assert (tmp_path / "mbox" / "lists.example.org" / "carol").exists()
+    assert count(tmp_path, "carol") == 1
+
+
+def test_remote_recipients_need_a_relay(tmp_path: Path) -> None:
+    r = router(tmp_path)
+    assert not r.is_local_domain("elsewhere.test")
+    assert not r.has_recipient("x", "elsewhere.test")
+    assert deliver(tmp_path, r, "x@elsewhere.test") == ["550 5.7.1 Relaying denied"]
+    relayed = router(tmp_path, relay="archive", aliases={"fwd": ["Ext@Elsewhere.test"]})
+    assert deliver(tmp_path, relayed, "Y@elsewhere.test", "fwd@example.org") == ["250 2.0.0 OK"] * 2
+    # remote local parts keep their case: only the remote side may fold it
+    assert sorted(p.name for p in (tmp_path / "mbox" / "elsewhere.test").iterdir()) == ["Ext", "Y"]
+
+
+def test_local_domains_default_to_hostname_and_localhost(tmp_path: Path) -> None:
+    r = router(tmp_path, local_domains=[])
+    assert r.is_local_domain("MX.example.org") and r.is_local_domain("localhost")
+    assert not r.is_local_domain("example.org")
+
+
+def test_recipient_delimiter(tmp_path: Path) -> None:
+    assert router(tmp_path, recipient_delimiter="-").has_recipient("alice-x", "example.org")
+    assert router(tmp_path).has_recipient("alice+x", "example.org")
+    assert not router(tmp_path, recipient_delimiter="").has_recipient("alice+x", "example.org")
+    assert not router(tmp_path).has_recipient("+x", "example.org")
+
+
+def test_system_users_are_local_users(tmp_path: Path) -> None:
+    r = router(tmp_path, system_users=True, local_users=[])
+    assert r.has_recipient("root", "example.org") and r.has_recipient("daemon", "example.org")
+
+
+def test_a_failing_destination_fails_only_its_recipients(tmp_path: Path) -> None:
+    (tmp_path / "blocked").write_text("a file where the mbox directory should be")
+    broken = DestinationConfig(mbox=MboxConfig(path=str(tmp_path / "blocked/{user}")))
+    r = router(
+        tmp_path,
+        destinations={"broken": broken},
+        users={"bob": "broken"},
+        aliases={"both": ["alice", "bob"]},
+    )
+    replies = deliver(tmp_path, r, "alice@example.org", "bob@example.org", "both@example.org")
+    assert replies[0] == "250 2.0.0 OK"
+    assert replies[1].startswith("451 4.3.0") and replies[2].startswith("451 4.3.0")
+    assert count(tmp_path, "alice") == 1  # once, though two recipients lead there
+
+
+def test_nesting_too_deep_is_a_local_error(tmp_path: Path) -> None:
+    chain = {f"a{i}": [f"a{i + 1}"] for i in range(30)}
+    r = router(tmp_path, aliases=chain)
+    assert deliver(tmp_path, r, "a0@example.org")[0].startswith("451 4.3.0")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"default": "nowhere"}, "default: no destination named 'nowhere'"),
+        ({"users": {"a": "nowhere"}}, "users.a: no destination named"),
+        ({"aliases": {"x": ["y@remote.test"]}}, "aliases.x: target y@remote.test"),
+        ({"catch_all": {"remote.test": "alice"}}, "catch_all.remote.test: not a local domain"),
+        ({"recipient_delimiter": "@"}, "recipient_delimiter"),
+    ],
+)
+def test_configuration_mistakes_are_named(
+    tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        router(tmp_path, **changes)
+
+
+def test_a_missing_destination_module_fails_the_check_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(factory.PLUGGED_TYPES, "pipe", ("mailgate.delivery.no_such", "Pipe"))
+    pipe = DestinationConfig(pipe=PipeConfig(command=["/bin/cat"]))
+    with pytest.raises(DeliveryConfigError, match=r"destinations\.lists: type 'pipe' is not"):
+        router(tmp_path, destinations={"lists": pipe})
+
+
+def test_destination_config_type_comes_from_its_sub_table() -> None:
+    assert DestinationConfig(lmtp=LMTPConfig("unix:/run/lmtp")).type == "lmtp"
+    assert DestinationConfig(type="mbox").mbox == MboxConfig()
+    with pytest.raises(ValueError, match="needs its"):
+        DestinationConfig(type="pipe")
+    with pytest.raises(ValueError, match="exactly one"):
+        DestinationConfig(pipe=PipeConfig(["x"]), lmtp=LMTPConfig("h:1"))
+    with pytest.raises(ValueError, match="do not match"):
+        DestinationConfig(type="mbox", pipe=PipeConfig(["x"]))
+    with pytest.raises(ValueError, match=r"mbox\.path"):
+        MboxConfig(path="/var/mail/{uid}")
