@@ -160,7 +160,7 @@ class MaildirDestination:
         if box in self._ready and os.path.isdir(os.path.join(box, "tmp")):
             return
         missing = []
-        path = box
+        path = os.path.abspath(box)  # a relative root would loop at "" forever
         while not os.path.isdir(path):
             missing.append(path)
             path = os.path.dirname(path)
