@@ -167,7 +167,8 @@ def _to_raw(obj: object) -> object:
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of each field of a config dataclass (the annotations are strings)."""
     return get_type_hints(cls)
 
 
@@ -231,7 +232,7 @@ class _Converter:
             self.error(key, f"expected a table, got {_shown(raw)}")
             return _INVALID
         fields = {f.name: f for f in config_fields(cls)}
-        hints = _hints(cls)
+        hints = field_types(cls)
         kwargs: dict[str, object] = {}
         failed = False
         for name, value in raw.items():
