@@ -73,6 +73,9 @@ class PolicyEngine:
             raise ValueError("\n".join(problems))
 
     async def _run(self, stage: str, client: Client, call: StageCall) -> Verdict:
+        # Accepting steps may tag too (greylist "passed"); their tags reach the log
+        # along with those of the refusal, if any.
+        tags: tuple[tuple[str, str], ...] = ()
         for step in self.steps:
             try:
                 verdict = await call(step)
@@ -80,9 +83,9 @@ class PolicyEngine:
                 log.exception(
                     "policy step %s failed at %s session=%s", step.name, stage, client.session_id
                 )
-                return Verdict(
-                    reply("filter.internal"), tags=(("check", step.name), ("reason", "internal"))
-                )
+                internal = (("check", step.name), ("reason", "internal"))
+                return Verdict(reply("filter.internal"), tags=tags + internal)
             if not verdict.accepted:
-                return verdict
-        return ACCEPT
+                return Verdict(verdict.reply, verdict.close, tags + verdict.tags)
+            tags += verdict.tags
+        return Verdict(tags=tags) if tags else ACCEPT

@@ -58,9 +58,6 @@ class NetworkList:
         candidates = self._v4 if isinstance(ip, ipaddress.IPv4Address) else self._v6
         return any(ip in network for network in candidates)
 
-    def __bool__(self) -> bool:
-        return bool(self._v4 or self._v6)
-
 
 def is_trusted(client: Client) -> bool:
     """Trusted network or authenticated: may relay, skips sender checks (upas 2008+)."""

@@ -1,0 +1,105 @@
+"""DNS blocklists, looked up in the loopback DNS server's bl.lab and second.lab zones."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from conftest import LoopbackDNS
+from policy_helpers import client, envelope, run
+
+from mailgate.policy.base import Client, Verdict
+from mailgate.policy.dnsbl import DnsblStep, query_name
+
+
+def session(step: DnsblStep, who: Client) -> Verdict:
+    async def go() -> Verdict:
+        await step.connect(who)
+        who.filter_state = "ACCEPT"
+        return await step.mail(who, envelope())
+
+    return run(go())
+
+
+def test_query_names_follow_rfc_5782() -> None:
+    assert query_name(ipaddress.ip_address("192.0.2.10"), "bl.lab") == "10.2.0.192.bl.lab"
+    assert query_name(ipaddress.ip_address("::ffff:192.0.2.10"), "bl.lab.") == "10.2.0.192.bl.lab"
+    v6 = query_name(ipaddress.ip_address("2001:db8::bad"), "bl.lab")
+    assert v6 == "d.a.b." + "0." * 21 + "8.b.d.0.1.0.0.2.bl.lab"
+
+
+def test_listed_client_is_refused_at_mail_with_the_txt_reason(dns_server: LoopbackDNS) -> None:
+    step = DnsblStep(dns_server.resolver(), ["bl.lab"])
+    who = client("192.0.2.10")
+    verdict = session(step, who)
+    assert str(verdict.reply) == (
+        "554 5.7.1 Client 192.0.2.10 is listed by bl.lab: Listed: see https://bl.lab/q?192.0.2.10"
+    )
+    assert who.filter_state == "DIALUP"
+    assert verdict.tags == (("check", "dnsbl"), ("reason", "listed"), ("zone", "bl.lab"))
+
+
+def test_listing_without_txt_says_listed(dns_server: LoopbackDNS) -> None:
+    verdict = session(DnsblStep(dns_server.resolver(), ["bl.lab"]), client("192.0.2.11"))
+    assert str(verdict.reply) == "554 5.7.1 Client 192.0.2.11 is listed by bl.lab: listed"
+
+
+def test_ipv6_and_mapped_clients(dns_server: LoopbackDNS) -> None:
+    step = DnsblStep(dns_server.resolver(), ["bl.lab"])
+    verdict = session(step, client("2001:db8::bad"))
+    assert verdict.reply is not None and "v6 spam source" in verdict.reply.text
+    assert not session(step, client("::ffff:192.0.2.10")).accepted
+
+
+def test_unlisted_client_is_accepted(dns_server: LoopbackDNS) -> None:
+    who = client("192.0.2.99")
+    assert session(DnsblStep(dns_server.resolver(), ["bl.lab", "second.lab"]), who).accepted
+    assert "dnsbl" not in who.tags and "dnsbl_error" not in who.tags
+
+
+def test_first_zone_in_configuration_order_decides(dns_server: LoopbackDNS) -> None:
+    verdict = session(
+        DnsblStep(dns_server.resolver(), ["second.lab", "bl.lab"]), client("192.0.2.10")
+    )
+    assert verdict.reply is not None and "by second.lab: second list" in verdict.reply.text
+    verdict = session(
+        DnsblStep(dns_server.resolver(), ["bl.lab", "second.lab"]), client("192.0.2.12")
+    )
+    assert verdict.reply is not None and "only on the second list" in verdict.reply.text
+
+
+@pytest.mark.parametrize("zone", ["errcode.lab", "hijack.lab"])
+def test_error_codes_and_non_loopback_answers_are_not_listings(
+    dns_server: LoopbackDNS, zone: str
+) -> None:
+    assert session(DnsblStep(dns_server.resolver(), [zone]), client("192.0.2.10")).accepted
+
+
+@pytest.mark.parametrize("zone", ["broken.lab", "slow.lab"])
+def test_failing_lists_fail_open_and_are_tagged(dns_server: LoopbackDNS, zone: str) -> None:
+    who = client("192.0.2.10")
+    step = DnsblStep(dns_server.resolver(timeout=0.3), [zone, "bl.lab"])
+    verdict = session(step, who)
+    assert who.tags["dnsbl_error"] == zone
+    assert verdict.reply is not None  # the working list still counts
+    who = client("192.0.2.10")
+    assert session(DnsblStep(dns_server.resolver(timeout=0.3), [zone]), who).accepted
+
+
+def test_trusted_authenticated_and_allowed_clients_pass(dns_server: LoopbackDNS) -> None:
+    step = DnsblStep(dns_server.resolver(), ["bl.lab"])
+    before = len(dns_server.zones.queries)
+    assert session(step, client("192.0.2.10", trusted=True)).accepted
+    assert len(dns_server.zones.queries) == before  # not even looked up
+
+    who = client("192.0.2.10")
+    who.tags["access_ip"] = "allow"  # set at connect by the access step before this one
+    assert session(step, who).accepted
+
+    async def authenticated_later() -> Verdict:
+        who = client("192.0.2.10")
+        await step.connect(who)
+        who.auth_user = "alice"
+        return await step.mail(who, envelope())
+
+    assert run(authenticated_later()).accepted
