@@ -171,7 +171,8 @@ class DeliveryConfig:
     # alias → target addresses; a key without @ applies in every local domain, a target
     # without @ is in the alias's domain; expanded recursively (an address already being
     # expanded is delivered as a mailbox, which stops loops).  postmaster → root is built in.
-    aliases: dict[str, list[str]] = field(default_factory=dict)
+    # (a single target may be written as a string: postmaster = "alice")
+    aliases: dict[str, list[str] | str] = field(default_factory=dict)
     # address (or user name in every local domain) → destination name
     users: dict[str, str] = field(default_factory=dict)
     # domain → destination name; such domains are local too
@@ -184,7 +185,7 @@ class DeliveryConfig:
     def __post_init__(self) -> None:
         if "@" in self.recipient_delimiter:
             raise ValueError("recipient_delimiter: must not contain @")
-        # TOML makes `postmaster = "root"` natural; store every alias as a list.
+        # `postmaster = "root"` is the natural TOML for one target: store lists only
         self.aliases = {
             key: [value] if isinstance(value, str) else list(value)
             for key, value in self.aliases.items()

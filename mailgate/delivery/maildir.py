@@ -69,7 +69,7 @@ class MaildirDestination:
     def __init__(
         self, root: str, layout: MaildirLayout, hostname: str, committer: GroupCommitter
     ) -> None:
-        self.root = root
+        self.root = os.path.abspath(root)  # fixed now: a later chdir must not move mail
         self.layout = layout
         self.hostname = hostname
         self.committer = committer

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 from delivery_helpers import TRACE, as_stored, envelope, files, spooled, tmpfs
 
 from mailgate.delivery.fsync import GroupCommitter
@@ -136,3 +137,14 @@ def test_unsafe_mailbox_names_are_refused(tmp_path: Path) -> None:
     ] * 2
     assert results[2].reply.code == 250
     assert sorted(os.listdir(tmp_path / "md")) == ["alice"]
+
+
+def test_a_relative_root_is_fixed_at_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    dest = destination(Path("maildir"))
+    monkeypatch.chdir("/")
+    env = envelope("alice@example.org")
+    spool = spooled(tmp_path, MESSAGE, env)
+    (result,) = asyncio.run(dest.deliver(env, TRACE, spool, rcpts("alice@example.org")))
+    assert result.reply.code == 250
+    assert len(files(tmp_path / "maildir" / "alice" / "new")) == 1

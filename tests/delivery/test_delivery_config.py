@@ -1,0 +1,51 @@
+"""The [delivery] section as an operator writes it, read by the real config loader."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+import mailgate.config.delivery as delivery_config
+from mailgate.config.errors import ConfigError
+from mailgate.config.loader import from_data
+from mailgate.config.schema import Config
+
+
+def load(text: str) -> Config:
+    return from_data(tomllib.loads(text), "test.toml")
+
+
+def test_the_documented_example_loads() -> None:
+    doc = delivery_config.__doc__ or ""
+    example = doc[doc.index("    [delivery]") :].replace("\n    ", "\n")
+    delivery = load(example).delivery
+    assert delivery.relay == "outbound"
+    assert {name: d.type for name, d in delivery.destinations.items()} == {
+        "archive": "mbox",
+        "lists": "pipe",
+        "outbound": "smtp",
+    }
+    outbound = delivery.destinations["outbound"].smtp
+    assert outbound is not None and (outbound.host, outbound.port) == ("smarthost.example.net", 587)
+    assert delivery.aliases["sales@example.org"] == ["alice", "bob@example.org"]
+
+
+def test_a_single_alias_target_may_be_a_string() -> None:
+    delivery = load('[delivery]\naliases = { postmaster = "alice" }\n').delivery
+    assert delivery.aliases == {"postmaster": ["alice"]}
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('[delivery]\ndefault = "nowhere"', "delivery.default: no destination named 'nowhere'"),
+        ('[delivery.destinations.x]\ntype = "pipe"', "needs its [pipe] sub-table"),
+        ('[delivery.destinations.x.mbox]\npath = "/m/{uid}"', "only {user} and {domain}"),
+        ('[delivery]\nmaildir_layout = "flat"', "delivery.maildir_layout"),
+    ],
+)
+def test_mistakes_are_reported_by_key(text: str, error: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(text)
+    assert any(error in line for line in caught.value.errors), caught.value.errors
