@@ -299,3 +299,10 @@ def test_policy_config_validation(field: str, value: object, problem: str) -> No
         PolicyConfig(**{field: value})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"policy\.quarantine_dir"):
         PolicyConfig(blocked_disposition="quarantine")
+
+
+def test_a_client_address_of_the_wrong_type_is_untrusted_not_a_crash() -> None:
+    engine = PolicyEngine([], NetworkList.parse(["127.0.0.0/8"], "policy.trusted_networks"))
+    who = Client(ip="127.0.0.1")  # type: ignore[arg-type]
+    assert run(engine.connect(who)).accepted
+    assert who.trusted is False and who.filter_state == "ACCEPT"
