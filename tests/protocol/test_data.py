@@ -18,7 +18,7 @@ def start_data(**settings: object) -> Session:
 
 def test_dot_unstuffing_and_end_marker() -> None:
     s = start_data()
-    out = s.send(b"..leading dot\r\n.\r\n" if False else "..leading dot\r\n...\r\nx.\r\n.\r\n")
+    out = s.send("..leading dot\r\n...\r\nx.\r\n.\r\n")
     assert codes(out) == ["250 2.0.0"]
     assert s.body() == b".leading dot\r\n..\r\nx.\r\n"
     end = s.of(ev.MessageEnd)

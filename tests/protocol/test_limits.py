@@ -1,0 +1,98 @@
+"""Item 6: recipient limit, reject accounting, timeout and shutdown."""
+
+from __future__ import annotations
+
+from protocol_helpers import HOST, Session, codes, lines, scripted
+
+from mailgate.protocol import events as ev
+from mailgate.protocol.connection import Connection, Settings
+from mailgate.protocol.replies import reply
+
+
+def test_at_least_100_recipients_then_452() -> None:
+    s = Session()
+    s.transaction("<a@example.net>", *[f"<r{i}@example.org>" for i in range(100)])
+    assert len(s.conn.envelope.recipients) == 100
+    assert codes(s.send("RCPT TO:<r100@example.org>\r\n")) == ["452 4.5.3"]
+    assert len(s.conn.envelope.recipients) == 100
+    s.send("DATA\r\n")
+    assert codes(s.send("x\r\n.\r\n")) == ["250 2.0.0"]
+
+
+def test_recipient_limit_is_a_setting() -> None:
+    s = Session(max_recipients=2)
+    s.transaction("<a@example.net>", "<b@example.org>", "<c@example.org>")
+    assert codes(s.send("RCPT TO:<d@example.org>\r\n")) == ["452 4.5.3"]
+
+
+def test_error_budget_then_421() -> None:
+    s = Session(max_errors=3)
+    out = s.send("BAD1\r\nBAD2\r\nBAD3\r\nNOOP\r\nNOOP\r\n")
+    assert codes(out) == ["500 5.5.1"] * 3 + ["421 4.7.0"]
+    assert out[-1] == f"421 4.7.0 {HOST} Too many errors, closing connection"
+    assert s.conn.closed and isinstance(s.events[-1], ev.Closed)
+
+
+def test_policy_refusals_count_too() -> None:
+    s = Session(max_errors=2, decide=scripted(RcptTo=reply("rcpt.relay_denied")))
+    s.ehlo()
+    s.send("MAIL FROM:<a@example.net>\r\n")
+    out = s.send("RCPT TO:<x@elsewhere.example>\r\nRCPT TO:<y@elsewhere.example>\r\nNOOP\r\n")
+    assert codes(out) == ["550 5.7.1", "550 5.7.1", "421 4.7.0"]
+
+
+def test_quit_is_still_answered_after_the_budget() -> None:
+    s = Session(max_errors=1)
+    assert codes(s.send("BAD\r\nQUIT\r\n")) == ["500 5.5.1", "221 2.0.0"]
+
+
+def test_the_last_refusal_is_not_followed_by_an_early_421() -> None:
+    # The limit-th refusal (here a line too long) is answered on its own; 421 comes
+    # only when the client sends the next command.
+    s = Session(max_errors=2)
+    assert codes(s.send("BAD\r\n")) == ["500 5.5.1"]
+    assert codes(s.send(b"NOOP " + b"x" * 600 + b"\r\n")) == ["500 5.5.2"]
+    assert not s.conn.closed
+    assert codes(s.send("NOOP\r\n")) == ["421 4.7.0"]
+    assert s.conn.closed
+
+
+def test_a_line_refused_for_its_form_past_the_budget_gets_421() -> None:
+    s = Session(max_errors=1)
+    s.send("BAD\r\n")
+    assert codes(s.send(b"NOOP\n")) == ["421 4.7.0"]
+
+
+def test_timeout_and_shutdown() -> None:
+    conn = Connection(Settings(HOST))
+    conn.greet()
+    conn.data_to_send()
+    conn.timeout()
+    assert lines(conn.data_to_send()) == [
+        f"421 4.4.2 {HOST} Timeout waiting for client input, closing connection"
+    ]
+    assert conn.closed and conn.next_event() == ev.Closed()
+    conn.receive_data(b"NOOP\r\n")
+    assert conn.next_event() is ev.NEED_DATA and conn.data_to_send() == b""
+
+    conn = Connection(Settings(HOST))
+    conn.receive_data(b"EHLO x.example\r\n")
+    conn.shutdown()
+    assert codes(lines(conn.data_to_send())) == ["421 4.3.2"]
+    assert conn.next_event() == ev.Closed()
+    assert conn.next_event() is ev.NEED_DATA  # the pipelined EHLO is never read
+
+
+def test_shutdown_during_data_and_refuse_at_connect() -> None:
+    s = Session()
+    s.transaction()
+    s.send("DATA\r\npartial body\r\n")
+    s.conn.shutdown(reply("closing.internal", host=HOST))
+    assert codes(lines(s.conn.data_to_send())) == ["421 4.3.0"]
+    s.pump()
+    assert isinstance(s.events[-1], ev.Closed) and not s.of(ev.MessageEnd)
+
+    conn = Connection(Settings(HOST))
+    conn.refuse(reply("closing.too_many_connections", host=HOST))
+    assert codes(lines(conn.data_to_send())) == ["421 4.7.0"]
+    assert conn.next_event() == ev.Closed()
