@@ -21,7 +21,7 @@ from mailgate.protocol.replies import Reply, multiline
 LINE_LIMIT = 4096  # a reply line; RFC 5321 says 512, leave room for sloppy servers
 MAX_REPLY_LINES = 200  # a longer multi-line reply is a broken or hostile server
 
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*)\r?\n\Z", re.S)
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*?)\r?\n\Z", re.S)
 
 
 class ClientError(Exception):
@@ -37,7 +37,7 @@ class Response:
 
     @property
     def ok(self) -> bool:
-        return 200 <= self.code < 400
+        return 200 <= self.code < 300
 
     @property
     def permanent(self) -> bool:
@@ -71,6 +71,7 @@ class Connection:
         self._writer = writer
         self.timeout = timeout
         self.extensions: dict[str, str] = {}  # EHLO keyword (upper case) -> parameters
+        self.tls = False
 
     @classmethod
     async def open(cls, address: str, timeout: float) -> Connection:
@@ -151,6 +152,7 @@ class Connection:
         except (OSError, TimeoutError, ssl.SSLError) as e:
             raise ClientError(f"TLS handshake: {e or type(e).__name__}") from e
         self.extensions = {}  # RFC 3207 4.2: forget everything learnt before TLS
+        self.tls = True
 
     async def transaction(
         self, mail_line: str, rcpt_lines: list[str]

@@ -1,0 +1,168 @@
+"""Hand-off to a smarthost by SMTP: the outbound relay for authenticated users.
+
+EHLO (HELO if EHLO is refused), then STARTTLS as ``starttls`` says:
+
+``require``        (the default) STARTTLS must be offered and the certificate must
+                   verify against ``cafile`` or the system's CAs for ``host``;
+                   otherwise nothing is sent and every recipient gets 451 4.4.1;
+``opportunistic``  STARTTLS when offered (a certificate that does not verify still
+                   fails: a bad certificate is not "no TLS"), plain text otherwise;
+``off``            never.
+
+With ``username`` set, AUTH PLAIN with the password read from ``password_file``;
+credentials are sent only inside TLS unless ``starttls = "off"`` says the link is
+trusted.  Then MAIL, RCPT per recipient (pipelined when offered, DSN parameters
+passed on when the smarthost offers DSN) and the dot-stuffed data.  A recipient
+succeeds only once the smarthost answered 250 after the data.
+
+Replies: a refused RCPT gives that recipient 550 5.1.1 / 451 4.4.0 with the
+smarthost's line before ours; a refused MAIL or data gives every recipient 554
+5.0.0 / 451 4.4.1 likewise; an unreachable smarthost, a TLS or AUTH failure, or a
+timeout gives 451 4.4.1 to every recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+
+from mailgate.config.delivery import SmtpConfig
+from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
+from mailgate.delivery.smtp_client import (
+    ClientError,
+    Connection,
+    Response,
+    downstream_said,
+    mail_command,
+    rcpt_command,
+    recipient_failure,
+)
+from mailgate.protocol.envelope import Envelope, Recipient
+from mailgate.protocol.replies import Reply, multiline, reply
+
+log = logging.getLogger(__name__)
+
+
+class SmarthostDestination:
+    """Relays through ``config.host``:``config.port``."""
+
+    def __init__(self, config: SmtpConfig, hostname: str) -> None:
+        """Raises ValueError when ``cafile`` cannot be loaded."""
+        self._config = config
+        self._hostname = hostname
+        self._address = (
+            f"[{config.host}]:{config.port}"
+            if ":" in config.host
+            else (f"{config.host}:{config.port}")
+        )
+        try:
+            self._tls = ssl.create_default_context(cafile=config.cafile or None)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"smtp.cafile: cannot load {config.cafile!r}: {e}") from e
+
+    async def deliver(
+        self,
+        envelope: Envelope,
+        trace: TraceInfo,
+        spool: SpoolReader,
+        recipients: list[Recipient],
+    ) -> list[RecipientResult]:
+        """One result per recipient; never raises."""
+        final: dict[int, Reply] = {}
+        conn: Connection | None = None
+        try:
+            conn = await Connection.open(self._address, self._config.timeout)
+            await self._hello(conn)
+            await self._authenticate(conn)
+            await self._transfer(conn, envelope, spool, recipients, final)
+            await conn.quit()
+        except ClientError as e:
+            log.warning("%s: smarthost %s: %s", trace.session_id, self._address, e)
+        except Exception:  # a bug must not lose the message: the client retries on 451
+            log.exception("%s: smarthost %s failed", trace.session_id, self._address)
+        finally:
+            if conn is not None:
+                conn.abort()
+        fallback = reply("delivery.smarthost_temp")
+        return [RecipientResult(r, final.get(i, fallback)) for i, r in enumerate(recipients)]
+
+    async def _hello(self, conn: Connection) -> None:
+        """EHLO, and STARTTLS with a second EHLO as the configuration asks."""
+        resp = await conn.hello("EHLO", self._hostname)
+        if not resp.ok:
+            resp = await conn.command(f"HELO {self._hostname}")
+            if not resp.ok:
+                raise ClientError(f"HELO refused: {resp.summary()}")
+        mode = self._config.starttls
+        if mode == "off" or (mode == "opportunistic" and not conn.supports("STARTTLS")):
+            return
+        if not conn.supports("STARTTLS"):
+            raise ClientError("STARTTLS required but not offered")
+        resp = await conn.command("STARTTLS")
+        if resp.code != 220:
+            raise ClientError(f"STARTTLS refused: {resp.summary()}")
+        await conn.start_tls(self._tls, self._config.host)
+        resp = await conn.hello("EHLO", self._hostname)
+        if not resp.ok:
+            raise ClientError(f"EHLO after STARTTLS refused: {resp.summary()}")
+
+    async def _authenticate(self, conn: Connection) -> None:
+        if not self._config.username:
+            return
+        if not conn.tls and self._config.starttls != "off":
+            raise ClientError("not sending credentials without TLS")
+        if "PLAIN" not in conn.extensions.get("AUTH", "").upper().split():
+            raise ClientError("smarthost does not offer AUTH PLAIN")
+        try:
+            password = await asyncio.to_thread(_read_password, self._config.password_file)
+        except OSError as e:
+            raise ClientError(f"smtp.password_file: {e}") from e
+        token = f"\0{self._config.username}\0{password}".encode()
+        resp = await conn.command("AUTH PLAIN " + base64.b64encode(token).decode("ascii"))
+        if resp.code != 235:
+            raise ClientError(f"AUTH refused: {resp.summary()}")
+
+    async def _transfer(
+        self,
+        conn: Connection,
+        envelope: Envelope,
+        spool: SpoolReader,
+        recipients: list[Recipient],
+        final: dict[int, Reply],
+    ) -> None:
+        """Runs the transaction, filling ``final`` as replies come in."""
+        mail, rcpts = await conn.transaction(
+            mail_command(conn, envelope, spool.size),
+            [rcpt_command(conn, r) for r in recipients],
+        )
+        if not mail.ok:
+            final.update(dict.fromkeys(range(len(recipients)), _whole_message_failure(mail)))
+            return
+        accepted = []
+        for i, (recipient, resp) in enumerate(zip(recipients, rcpts, strict=True)):
+            if resp.ok:
+                accepted.append(i)
+            else:
+                final[i] = recipient_failure(recipient, resp)
+        if not accepted:
+            return
+        resp = await conn.command("DATA")
+        if resp.code == 354:
+            await conn.send_data(spool.path)
+            resp = await conn.read_response()
+            outcome = reply("ok") if resp.ok else _whole_message_failure(resp)
+        else:
+            outcome = _whole_message_failure(resp)
+        final.update(dict.fromkeys(accepted, outcome))
+
+
+def _read_password(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read().rstrip("\r\n")
+
+
+def _whole_message_failure(resp: Response) -> Reply:
+    name = "delivery.smarthost_perm" if resp.permanent else "delivery.smarthost_temp"
+    return multiline(name, downstream_said(resp))

@@ -1,0 +1,242 @@
+"""SmarthostDestination against a real SMTP server (aiosmtpd) on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from mailgate.config.delivery import SmtpConfig
+from mailgate.delivery.base import RecipientResult, TraceInfo
+from mailgate.delivery.smarthost import SmarthostDestination
+from mailgate.protocol.envelope import Address, Envelope, Recipient
+
+TRACE = TraceInfo("sid7", "client.test", "192.0.2.1", None, "mx.test", "ESMTPSA")
+USER, PASSWORD = "relay-user", "s3cret pass"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Smarthost:
+    """What the test server saw, and how it answers."""
+
+    port: int = 0
+    data_reply: str = "250 2.0.0 queued"
+    refuse: str = "refused"  # RCPT of a local part starting with this gets 550
+    mails: int = 0
+    delivered: list[dict[str, Any]] = field(default_factory=list)
+
+    async def handle_MAIL(self, server, session, envelope, address, options):
+        self.mails += 1
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        if address.startswith(self.refuse):
+            return "550 5.1.1 no such user here"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.data_reply.startswith("250"):
+            self.delivered.append(
+                {
+                    "from": envelope.mail_from,
+                    "to": list(envelope.rcpt_tos),
+                    "data": envelope.original_content,
+                    "tls": session.ssl is not None,
+                    "auth": session.authenticated,
+                }
+            )
+        return self.data_reply
+
+
+def authenticator(server, session, envelope, mechanism, auth_data) -> AuthResult:
+    ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (
+        USER.encode(),
+        PASSWORD.encode(),
+    )
+    return AuthResult(success=ok, handled=False)
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def cafile(ca: trustme.CA, tmp_path: Path) -> str:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def password_file(tmp_path: Path) -> str:
+    path = tmp_path / "password"
+    path.write_text(PASSWORD + "\n")
+    return str(path)
+
+
+def start(handler: Smarthost, tls: ssl.SSLContext | None) -> Controller:
+    handler.port = free_port()
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=handler.port,
+        tls_context=tls,
+        require_starttls=tls is not None,
+        authenticator=authenticator,
+        auth_require_tls=tls is not None,
+    )
+    controller.start()
+    return controller
+
+
+@pytest.fixture
+def smarthost(ca: trustme.CA) -> Iterator[Smarthost]:
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    handler = Smarthost()
+    controller = start(handler, tls)
+    try:
+        yield handler
+    finally:
+        controller.stop()
+
+
+@pytest.fixture
+def plain_smarthost() -> Iterator[Smarthost]:
+    handler = Smarthost()
+    controller = start(handler, None)
+    try:
+        yield handler
+    finally:
+        controller.stop()
+
+
+MESSAGE = b"Received: from x\r\nSubject: hi\r\n\r\n.dot line\r\n" + b"y" * 70 + b"\r\n"
+
+
+def deliver(config: SmtpConfig, tmp_path: Path, *locals_: str) -> list[RecipientResult]:
+    spool = tmp_path / "msg.spool"
+    spool.write_bytes(MESSAGE)
+
+    @dataclass
+    class Spooled:
+        path: str
+        size: int
+
+    rcpts = [Recipient(Address(name, "remote.test")) for name in locals_]
+    env = Envelope(sender=Address("user", "mx.test"), recipients=rcpts, body="8BITMIME")
+    dest = SmarthostDestination(config, "mx.test")
+    results = asyncio.run(dest.deliver(env, TRACE, Spooled(str(spool), len(MESSAGE)), rcpts))
+    assert [r.recipient for r in results] == rcpts
+    return results
+
+
+def codes(results: list[RecipientResult]) -> list[tuple[int, str | None]]:
+    return [(r.reply.code, r.reply.enhanced) for r in results]
+
+
+def test_accepted_over_verified_tls_with_auth(
+    smarthost: Smarthost, cafile: str, password_file: str, tmp_path: Path
+) -> None:
+    config = SmtpConfig(
+        "127.0.0.1", smarthost.port, cafile=cafile, username=USER, password_file=password_file
+    )
+    results = deliver(config, tmp_path, "a", "b")
+    assert codes(results) == [(250, "2.0.0")] * 2
+    (mail,) = smarthost.delivered
+    assert mail["from"] == "user@mx.test"
+    assert mail["to"] == ["a@remote.test", "b@remote.test"]
+    assert mail["data"] == MESSAGE  # dot-stuffing undone by the server: the same bytes
+    assert mail["tls"] and mail["auth"]
+
+
+def test_temporary_refusal_after_data(smarthost: Smarthost, cafile: str, tmp_path: Path) -> None:
+    smarthost.data_reply = "452 4.3.1 disk full, later"
+    results = deliver(SmtpConfig("127.0.0.1", smarthost.port, cafile=cafile), tmp_path, "a", "b")
+    assert codes(results) == [(451, "4.4.1")] * 2
+    assert "452 4.3.1 disk full, later" in results[0].reply.text
+
+
+def test_permanent_refusal_after_data(smarthost: Smarthost, cafile: str, tmp_path: Path) -> None:
+    smarthost.data_reply = "554 5.7.1 spam"
+    results = deliver(SmtpConfig("127.0.0.1", smarthost.port, cafile=cafile), tmp_path, "a")
+    assert codes(results) == [(554, "5.0.0")]
+
+
+def test_refused_recipient_fails_alone(smarthost: Smarthost, cafile: str, tmp_path: Path) -> None:
+    config = SmtpConfig("127.0.0.1", smarthost.port, cafile=cafile)
+    results = deliver(config, tmp_path, "refused-one", "fine")
+    assert codes(results) == [(550, "5.1.1"), (250, "2.0.0")]
+    assert smarthost.delivered[0]["to"] == ["fine@remote.test"]
+
+
+def test_starttls_required_but_not_offered(plain_smarthost: Smarthost, tmp_path: Path) -> None:
+    results = deliver(SmtpConfig("127.0.0.1", plain_smarthost.port), tmp_path, "a", "b")
+    assert codes(results) == [(451, "4.4.1")] * 2
+    assert plain_smarthost.mails == 0 and plain_smarthost.delivered == []
+
+
+def test_untrusted_certificate_sends_nothing(smarthost: Smarthost, tmp_path: Path) -> None:
+    # No cafile: the system store does not know the test CA.
+    results = deliver(SmtpConfig("127.0.0.1", smarthost.port), tmp_path, "a")
+    assert codes(results) == [(451, "4.4.1")]
+    assert smarthost.mails == 0
+
+
+def test_wrong_password_sends_nothing(smarthost: Smarthost, cafile: str, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong"
+    wrong.write_text("nope\n")
+    config = SmtpConfig(
+        "127.0.0.1", smarthost.port, cafile=cafile, username=USER, password_file=str(wrong)
+    )
+    assert codes(deliver(config, tmp_path, "a")) == [(451, "4.4.1")]
+    assert smarthost.mails == 0
+
+
+def test_opportunistic_falls_back_to_plain_text(plain_smarthost: Smarthost, tmp_path: Path) -> None:
+    config = SmtpConfig("127.0.0.1", plain_smarthost.port, starttls="opportunistic")
+    assert codes(deliver(config, tmp_path, "a")) == [(250, "2.0.0")]
+    assert plain_smarthost.delivered[0]["tls"] is False
+
+
+def test_no_credentials_in_plain_text(
+    plain_smarthost: Smarthost, password_file: str, tmp_path: Path
+) -> None:
+    config = SmtpConfig(
+        "127.0.0.1",
+        plain_smarthost.port,
+        starttls="opportunistic",
+        username=USER,
+        password_file=password_file,
+    )
+    assert codes(deliver(config, tmp_path, "a")) == [(451, "4.4.1")]
+    assert plain_smarthost.mails == 0
+
+
+def test_unreachable_smarthost(tmp_path: Path) -> None:
+    config = SmtpConfig("127.0.0.1", free_port(), timeout=5)
+    assert codes(deliver(config, tmp_path, "a", "b")) == [(451, "4.4.1")] * 2
+
+
+def test_unloadable_cafile_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"smtp\.cafile"):
+        SmarthostDestination(SmtpConfig("h", cafile=str(tmp_path / "missing.pem")), "mx.test")
