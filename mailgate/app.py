@@ -1,0 +1,250 @@
+"""The composition root: builds every part from the configuration and runs the server.
+
+Only this module and the CLI know all the parts; policy and delivery never see the
+server, and the server sees them only through their interfaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from dataclasses import dataclass
+
+from mailgate.auth.factory import build_authenticator
+from mailgate.config.errors import ConfigError
+from mailgate.config.loader import load_config, split_host_port
+from mailgate.config.schema import Config
+from mailgate.config.server import ListenerConfig
+from mailgate.delivery.factory import build_router
+from mailgate.delivery.spool import SpoolDir
+from mailgate.ops.logging import log_event, setup_logging
+from mailgate.ops.metrics import Metrics
+from mailgate.policy.factory import build_policy
+from mailgate.server.context import (
+    ListenerContext,
+    ServerContext,
+    listener_settings,
+    with_normalize,
+)
+from mailgate.server.session import Session
+from mailgate.tls import TLSContexts
+
+
+def default_hostname() -> str:
+    """The machine's fully qualified name, falling back to its plain host name."""
+    name = socket.gethostname()
+    if "." not in name:
+        with contextlib.suppress(OSError):
+            fqdn = socket.getfqdn(name)
+            if "." in fqdn and not fqdn.startswith("localhost"):
+                name = fqdn
+    return name or "localhost"
+
+
+@dataclass
+class Overrides:
+    """Command-line settings that win over the config file."""
+
+    listen: list[str]
+    hostname: str | None = None
+
+
+def apply_overrides(config: Config, overrides: Overrides) -> Config:
+    if overrides.listen:
+        config.listener = [ListenerConfig(address=addr) for addr in overrides.listen]
+    if overrides.hostname:
+        config.server.hostname = overrides.hostname
+    return config
+
+
+def build_context(config: Config) -> ServerContext:
+    hostname = config.server.hostname or default_hostname()
+    router = build_router(config.delivery, hostname)
+    policy = build_policy(config, router, hostname)
+    tls = TLSContexts(config.tls)
+    authenticator = build_authenticator(
+        config.auth,
+        hostname=hostname,
+        local_domains=config.delivery.local_domains or [hostname, "localhost"],
+    )
+    metrics = Metrics()
+    return ServerContext(
+        config=config,
+        hostname=hostname,
+        policy=policy,
+        delivery=router,
+        mailboxes=router,
+        spool=SpoolDir(config.server.spool_dir),
+        authenticator=authenticator,
+        tls=tls,
+        metrics=metrics,
+    )
+
+
+def build_listeners(ctx: ServerContext) -> list[ListenerContext]:
+    config = ctx.config
+    starttls = ctx.tls.server_context() is not None
+    mechanisms = list(ctx.authenticator.mechanisms) if ctx.authenticator else []
+    out = []
+    for entry in config.listener:
+        settings = listener_settings(config, entry, ctx.hostname, starttls, mechanisms)
+        out.append(
+            ListenerContext(
+                name=f"{entry.role}:{entry.address}",
+                config=entry,
+                settings=settings,
+                settings_normalized=with_normalize(settings),
+                implicit_tls=entry.role == "smtps",
+            )
+        )
+    return out
+
+
+class MailServer:
+    """Listeners, signals, reload and graceful shutdown around one ServerContext."""
+
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config_path = config_path
+        self.ctx = build_context(config)
+        self.listeners = build_listeners(self.ctx)
+        self.servers: list[asyncio.base_events.Server] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> list[tuple[str, int]]:
+        """Bind every listener; returns the bound (host, port) pairs."""
+        loop = asyncio.get_running_loop()
+        removed = self.ctx.spool.cleanup()
+        if removed:
+            log_event("spool_cleanup", removed=removed)
+        bound = []
+        for listener in self.listeners:
+            host, port = split_host_port(listener.config.address)
+            ssl_ctx = self.ctx.tls.server_context() if listener.implicit_tls else None
+            if listener.implicit_tls and ssl_ctx is None:
+                raise ConfigError([f"listener {listener.config.address}: role smtps needs [tls]"])
+            server = await loop.create_server(
+                lambda lc=listener: Session(self.ctx, lc),
+                host=host or None,
+                port=port,
+                ssl=ssl_ctx,
+                reuse_address=True,
+                backlog=1024,
+            )
+            self.servers.append(server)
+            for sock in server.sockets:
+                addr = sock.getsockname()
+                bound.append((addr[0], addr[1]))
+        if self.ctx.config.metrics.listen:
+            self.ctx.metrics.start(self.ctx.config.metrics.listen)
+        self._drop_privileges()
+        return bound
+
+    def _drop_privileges(self) -> None:
+        """Bind low ports as root, then run as the configured user (server.user)."""
+        settings = self.ctx.config.server
+        if not settings.user or os.geteuid() != 0:
+            return
+        import grp
+        import pwd
+
+        pw = pwd.getpwnam(settings.user)
+        gid = grp.getgrnam(settings.group).gr_gid if settings.group else pw.pw_gid
+        os.setgroups([gid])
+        os.setgid(gid)
+        os.setuid(pw.pw_uid)
+        log_event("privileges_dropped", user=settings.user, gid=gid)
+
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+
+    async def reload(self) -> None:
+        """SIGHUP: a new config, users, aliases, access lists and certificates for new
+        work; sessions in progress keep going.  A broken config changes nothing."""
+        try:
+            config = load_config(self.config_path)
+            config.listener = self.ctx.config.listener  # sockets stay as bound
+            config.server.hostname = self.ctx.hostname if not config.server.hostname else (
+                config.server.hostname
+            )
+            fresh = build_context(config)
+        except (ConfigError, ValueError, OSError) as exc:
+            log_event("reload", level="error", outcome="refused", error=str(exc)[:500])
+            return
+        ctx = self.ctx
+        ctx.config = fresh.config
+        ctx.policy = fresh.policy
+        ctx.delivery = fresh.delivery
+        ctx.mailboxes = fresh.mailboxes
+        ctx.authenticator = fresh.authenticator
+        ctx.tls = fresh.tls
+        self.listeners_settings_refresh()
+        log_event("reload", outcome="ok")
+
+    def listeners_settings_refresh(self) -> None:
+        fresh = build_listeners(self.ctx)
+        for old, new in zip(self.listeners, fresh, strict=True):
+            old.settings = new.settings
+            old.settings_normalized = new.settings_normalized
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+        await self.shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let sessions finish up to the grace period, then 421 the rest."""
+        for server in self.servers:
+            server.close()
+        log_event("shutdown", sessions=len(self.ctx.sessions))
+        grace = self.ctx.config.server.shutdown_grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.ctx.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.ctx.sessions):
+            session.request_shutdown()
+        deadline = loop.time() + 10
+        while self.ctx.sessions and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1)
+
+
+def describe_delivery(config: Config) -> str:
+    delivery = config.delivery
+    return os.path.abspath(delivery.maildir_root)
+
+
+async def serve(config: Config, config_path: str | None, announce: bool = True) -> int:
+    setup_logging(config.logging)
+    server = MailServer(config, config_path)
+    bound = await server.start()
+    server.install_signals()
+    if announce:
+        where = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in bound)
+        print(
+            f"mailgate {server.ctx.hostname}: listening on {where}; "
+            f"delivering to {describe_delivery(config)}",
+            flush=True,
+        )
+    log_event("started", hostname=server.ctx.hostname, listeners=len(bound))
+    await server.wait_stopped()
+    log_event("stopped")
+    return 0
+
+
+def run(config: Config, config_path: str | None) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(config, config_path))
+    return uvloop.run(serve(config, config_path))

@@ -1,0 +1,104 @@
+"""``mailgate`` command line: serve, check-config, passwd, version."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mailgate import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailgate",
+        description="mailgate: a strict, fast ESMTP server descended from Plan 9's upas smtpd",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the server in the foreground (logs to stderr)")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    serve.add_argument(
+        "--listen", metavar="HOST:PORT", action="append", default=[],
+        help="listen here instead of the configured listeners (repeatable)",
+    )
+    serve.add_argument("--hostname", help="this server's name (greeting, Received)")
+    check = sub.add_parser("check-config", help="validate a configuration file and exit")
+    check.add_argument("file", metavar="FILE")
+    passwd = sub.add_parser("passwd", help="add a user or change a password in the users file")
+    passwd.add_argument("user", metavar="USER")
+    passwd.add_argument("--config", metavar="FILE", help="take auth.users_file from this config")
+    passwd.add_argument("--users-file", metavar="FILE", help="the users file to change")
+    passwd.add_argument("--cram", action="store_true",
+                        help="also store the password-equivalent CRAM-MD5 secret")
+    passwd.add_argument("--stdin", action="store_true",
+                        help="read the password from one line of standard input")
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "version":
+        print(f"mailgate {__version__}")
+        return 0
+    if args.command == "check-config":
+        from mailgate.config.loader import check_config_command
+
+        return check_config_command(args.file)
+    if args.command == "passwd":
+        return _passwd(args)
+    if args.command == "serve":
+        return _serve(args)
+    _parser().print_help()
+    return 2
+
+
+def _load(path: str | None):  # type: ignore[no-untyped-def]
+    from mailgate.config.errors import ConfigError
+    from mailgate.config.loader import load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from mailgate.app import Overrides, apply_overrides, run
+    from mailgate.config.errors import ConfigError
+    from mailgate.delivery.factory import DeliveryConfigError
+
+    config = _load(args.config)
+    if config is None:
+        return 2
+    apply_overrides(config, Overrides(listen=args.listen, hostname=args.hostname))
+    try:
+        return run(config, args.config)
+    except (ConfigError, DeliveryConfigError, ValueError) as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mailgate: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def _passwd(args: argparse.Namespace) -> int:
+    from mailgate.auth.passwd import passwd_command
+
+    users_file = args.users_file
+    if not users_file and args.config:
+        config = _load(args.config)
+        if config is None:
+            return 2
+        users_file = config.auth.users_file
+    if not users_file:
+        print("mailgate passwd: give --users-file FILE or --config FILE with auth.users_file",
+              file=sys.stderr)
+        return 2
+    return passwd_command(users_file, args.user, cram=args.cram, stdin_password=args.stdin)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""What every session of one server shares: the configured parts and the counters."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from mailgate.config.schema import Config
+from mailgate.config.server import ListenerConfig
+from mailgate.delivery.base import Delivery, RecipientResult
+from mailgate.delivery.spool import SpoolDir
+from mailgate.ops.metrics import Metrics
+from mailgate.policy.base import Mailboxes, Policy
+from mailgate.protocol.connection import Settings
+from mailgate.protocol.envelope import Envelope
+from mailgate.protocol.replies import Reply, reply
+
+if TYPE_CHECKING:
+    from mailgate.server.session import Session
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_networks(items: list[str]) -> list[Network]:
+    return [ipaddress.ip_network(item, strict=False) for item in items]
+
+
+def in_networks(ip: IPAddress, networks: list[Network]) -> bool:
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
+@dataclass
+class ListenerContext:
+    name: str
+    config: ListenerConfig
+    settings: Settings
+    settings_normalized: Settings  # for clients allowed to end lines with bare LF
+    implicit_tls: bool
+
+
+def listener_settings(
+    config: Config, listener: ListenerConfig, hostname: str, starttls: bool,
+    mechanisms: list[str],
+) -> Settings:
+    server = config.server
+    return Settings(
+        hostname=hostname,
+        max_message_size=server.max_message_size,
+        max_recipients=server.max_recipients,
+        max_errors=server.max_errors,
+        starttls=starttls and listener.role != "smtps",
+        auth_mechanisms=tuple(mechanisms),
+        allow_plaintext_auth=listener.allow_plaintext_auth,
+        require_tls=listener.require_tls and listener.role != "smtps",
+        require_auth=listener.role in ("submission", "smtps") and bool(mechanisms),
+        vrfy=server.vrfy,
+    )
+
+
+class ServerContext:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        hostname: str,
+        policy: Policy,
+        delivery: Delivery,
+        mailboxes: Mailboxes,
+        spool: SpoolDir,
+        authenticator: Any,
+        tls: Any,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.hostname = hostname
+        self.policy = policy
+        self.delivery = delivery
+        self.mailboxes = mailboxes
+        self.spool = spool
+        self.authenticator = authenticator
+        self.tls = tls
+        self.metrics = metrics
+        self.sessions: set[Session] = set()
+        self._per_ip: Counter[IPAddress] = Counter()
+        self._admitted: set[Session] = set()
+        self._normalize = parse_networks(config.server.normalize_bare_lf_from)
+        self._proxy_from = parse_networks(config.server.proxy_from)
+
+    def normalize_bare_lf(self, ip: IPAddress) -> bool:
+        return bool(self._normalize) and in_networks(ip, self._normalize)
+
+    def proxy_allowed(self, ip: IPAddress) -> bool:
+        return in_networks(ip, self._proxy_from)
+
+    def admit(self, session: Session) -> Reply | None:
+        """Connection limits, before the greeting: None, or the 421 to send."""
+        assert session.client is not None
+        limits = self.config.server
+        ip = session.client.ip
+        if len(self._admitted) >= limits.max_connections:
+            return reply("closing.too_many_connections", host=self.hostname)
+        if self._per_ip[ip] >= limits.max_connections_per_ip:
+            return reply("closing.too_many_from_client", host=self.hostname)
+        self._per_ip[ip] += 1
+        self._admitted.add(session)
+        return None
+
+    def release(self, session: Session) -> None:
+        if session in self._admitted:
+            self._admitted.discard(session)
+            assert session.client is not None
+            ip = session.client.ip
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
+
+    async def bounce(
+        self, session: Session, envelope: Envelope, failed: list[RecipientResult]
+    ) -> bool:
+        """Send an RFC 3464 report for ``failed`` to the sender; True when it is durable."""
+        return False
+
+
+def with_normalize(settings: Settings) -> Settings:
+    return replace(settings, normalize_bare_lf=True)

@@ -1,0 +1,44 @@
+"""One SMTP reply from the per-recipient delivery results.
+
+SMTP after DATA has one reply for the whole message, while LMTP and multi-destination
+routing give one result per recipient.  The rule, so that no recipient is silently
+dropped and none is told 250 for a message it did not get:
+
+* every recipient durable -> ``250 2.0.0 OK: queued as <id>``;
+* any temporary failure -> that 4xx for the whole message: the client retries, and the
+  recipients already served may get a duplicate (a duplicate is better than a loss);
+* only permanent failures -> the first of them;
+* durable for some, permanently refused for the others -> 250, and an RFC 3464 bounce
+  to the sender for the refused ones (see ``Session`` and ``delivery.dsn``); when no
+  bounce can be sent, the whole message is deferred instead.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mailgate.delivery.base import RecipientResult
+from mailgate.protocol.envelope import Envelope
+from mailgate.protocol.replies import Reply, reply
+
+if TYPE_CHECKING:
+    from mailgate.server.session import Session
+
+
+async def combine_results(
+    session: Session, envelope: Envelope, results: list[RecipientResult]
+) -> Reply:
+    accepted = reply("data.accepted", id=session.message_id)
+    if not results:
+        return reply("delivery.local_error")
+    failed = [r for r in results if not r.ok]
+    if not failed:
+        return accepted
+    temporary = [r for r in failed if r.reply.code < 500]
+    if temporary:
+        return temporary[0].reply
+    if len(failed) == len(results):
+        return failed[0].reply
+    if await session.server.bounce(session, envelope, failed):
+        return accepted
+    return reply("delivery.downstream_temp")

@@ -1,0 +1,616 @@
+"""One SMTP session: an asyncio.Protocol that moves bytes and drives the engine.
+
+The session does no SMTP itself.  It feeds received bytes to the sans-I/O
+:class:`~mailgate.protocol.connection.Connection`, answers the engine's decision
+events by awaiting the policy, the authenticator and the delivery, writes the spool
+file as body chunks arrive, runs the timers, and flushes the engine's output once per
+pipelined group (whenever the engine needs more input).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import shutil
+import time
+from typing import TYPE_CHECKING, cast
+
+from mailgate.delivery.base import RecipientResult, TraceInfo
+from mailgate.delivery.trace import protocol_name, received_header
+from mailgate.ops.logging import SessionLog
+from mailgate.policy.base import Client, Verdict
+from mailgate.protocol import events as ev
+from mailgate.protocol.connection import Connection, Settings
+from mailgate.protocol.envelope import Envelope
+from mailgate.protocol.replies import Reply, reply
+from mailgate.server.outcome import combine_results
+from mailgate.server.proxy import ProxyError, parse_proxy
+
+if TYPE_CHECKING:
+    from mailgate.auth.mechanisms import SaslExchange
+    from mailgate.delivery.spool import SpoolFile
+    from mailgate.server.context import ListenerContext, ServerContext
+
+# Stop reading from a client whose unprocessed input passes this (it is pipelining
+# while we wait on a slow policy or delivery); resume once the engine caught up.
+_HIGH_WATER = 1 << 20
+_PROXY_HEADER_MAX = 536  # PROXY v2 header with TLVs is bounded; v1 is at most 107
+
+
+def new_session_id() -> str:
+    """Sortable by time, unique across restarts and instances: 8 hex of seconds + 8 random."""
+    return f"{int(time.time()):08x}{os.urandom(4).hex()}"
+
+
+class Session(asyncio.Protocol):
+    def __init__(self, server: ServerContext, listener: ListenerContext) -> None:
+        self.server = server
+        self.listener = listener
+        self.sid = new_session_id()
+        self.transport: asyncio.Transport | None = None
+        self.conn: Connection | None = None
+        self.client: Client | None = None
+        self.log: SessionLog | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._lost = False
+        self._timed_out = False
+        self._stopping = False
+        self._busy = False
+        self._proxy_buf = b""
+        self._spool: SpoolFile | None = None
+        self._exchange: SaslExchange | None = None
+        self._messages = 0
+        self._message_started = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport; they implement it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        sock = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
+        self.client = Client(
+            ip=_ip(peer[0]),
+            port=int(peer[1]) if len(peer) > 1 else 0,
+            local_ip=_ip(sock[0]),
+            session_id=self.sid,
+            listener=self.listener.config.role,
+        )
+        if self.listener.implicit_tls:
+            self._note_tls(transport)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        self.server.sessions.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None:
+            self._proxy_buf += data
+        else:
+            conn.receive_data(data)
+            if conn.buffered > _HIGH_WATER and not self._paused and self.transport:
+                self.transport.pause_reading()
+                self._paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._lost = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._wake()
+
+    # -- control from the server ------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """SIGTERM deadline: 421 at the next safe point (never in the middle of a verdict
+        or a delivery, so a message that is being stored still gets its answer)."""
+        self._stopping = True
+        if not self._busy:
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait_input(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiter = waiter
+        handle = loop.call_later(timeout, self._fire_timeout)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            self._waiter = None
+
+    def _fire_timeout(self) -> None:
+        self._timed_out = True
+        self._wake()
+
+    # -- the session ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self.client is not None and self.transport is not None
+        server = self.server
+        listener = self.listener
+        try:
+            if listener.config.proxy_protocol and not await self._read_proxy_header():
+                return
+            self.log = SessionLog(self.sid, ip=str(self.client.ip), listener=listener.name)
+            self.log.event("connect", port=self.client.port, tls=self.client.tls)
+            server.metrics.connection_opened(listener.name)
+            settings = listener.settings
+            if server.normalize_bare_lf(self.client.ip):
+                settings = listener.settings_normalized
+            self.conn = Connection(settings)
+            if self._proxy_buf:
+                self.conn.receive_data(self._proxy_buf)
+                self._proxy_buf = b""
+            refusal = server.admit(self)
+            if refusal is None:
+                verdict = await server.policy.connect(self.client)
+                refusal = verdict.reply
+                if refusal is not None or verdict.tags:
+                    self._log_verdict("connect", verdict)
+            if refusal is not None:
+                self.conn.refuse(refusal)
+            else:
+                self.conn.greet()
+            await self._loop()
+        except Exception as exc:  # the last guard: a bug must not kill the server
+            if self.log:
+                self.log.event("error", level="error", error=repr(exc)[:300])
+            if self.conn is not None and not self.conn.closed:
+                self.conn.shutdown(reply("closing.internal", host=server.hostname))
+                self._flush()
+        finally:
+            self._cleanup()
+
+    async def _loop(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        settings = self.server.config.server
+        while True:
+            event = conn.next_event()
+            if event is ev.NEED_DATA:
+                self._flush()
+                if conn.closed or self._lost:
+                    return
+                if self._stopping:
+                    conn.shutdown()
+                    continue
+                if self._timed_out:
+                    conn.timeout()
+                    self.log_event("timeout", in_data=conn.in_data)
+                    continue
+                if self._paused and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+                await self._wait_input(
+                    settings.data_timeout if conn.in_data else settings.command_timeout
+                )
+                continue
+            if isinstance(event, ev.BodyChunk):
+                self._write_body(event.data)
+                continue
+            self._busy = True
+            try:
+                await self._dispatch(event)
+            finally:
+                self._busy = False
+
+    async def _dispatch(self, event: object) -> None:
+        conn = self.conn
+        client = self.client
+        assert conn is not None and client is not None
+        server = self.server
+        if isinstance(event, ev.Helo):
+            await self._on_helo(event)
+        elif isinstance(event, ev.MailFrom):
+            await self._on_mail(event.envelope)
+        elif isinstance(event, ev.RcptTo):
+            verdict = await server.policy.rcpt(client, event.envelope, event.recipient)
+            self._log_verdict("rcpt", verdict, to=str(event.recipient.address))
+            await self._answer(verdict)
+        elif isinstance(event, ev.DataStart):
+            await self._on_data_start(event.envelope)
+        elif isinstance(event, ev.MessageEnd):
+            await self._on_message_end(event.envelope, event.size)
+        elif isinstance(event, ev.MessageAborted):
+            self._drop_spool()
+            self.log_event("message", outcome="refused", code=event.reply.code,
+                           enhanced=event.reply.enhanced)
+            server.metrics.message("refused", event.reply.code, event.reply.enhanced, 0)
+            await self._tarpit()
+        elif isinstance(event, ev.Rejected):
+            self.log_event("refused", command=event.command, code=event.reply.code,
+                           enhanced=event.reply.enhanced)
+            server.metrics.rejection(event.reply.name or str(event.reply.code))
+            await self._tarpit()
+        elif isinstance(event, ev.StartTLS):
+            await self._on_starttls()
+        elif isinstance(event, ev.AuthStart):
+            await self._on_auth_start(event)
+        elif isinstance(event, ev.AuthResponse):
+            await self._auth_step(event.data)
+        elif isinstance(event, ev.AuthAborted):
+            self._exchange = None
+            self.log_event("auth", outcome="aborted")
+            server.metrics.auth("?", "aborted")
+        elif isinstance(event, ev.Verify):
+            addr = event.address
+            if server.mailboxes.has_recipient(addr.local, addr.domain):
+                conn.accept()
+            else:
+                conn.reject(reply("vrfy.unknown", address=str(addr)))
+        elif isinstance(event, ev.Closed):
+            self._flush()
+
+    # -- stages -----------------------------------------------------------------------
+
+    async def _on_helo(self, event: ev.Helo) -> None:
+        client = self.client
+        assert client is not None
+        verdict = await self.server.policy.helo(client, event.name)
+        self._log_verdict("helo", verdict, name=event.name, extended=event.extended)
+        if verdict.accepted:
+            client.helo = event.name
+            delay = self.server.config.server.helo_delay
+            if delay > 0 and not client.trusted:
+                await asyncio.sleep(delay)  # upas -D: slow down the spam cannons
+        await self._answer(verdict)
+
+    async def _on_mail(self, envelope: Envelope) -> None:
+        client = self.client
+        conn = self.conn
+        assert client is not None and conn is not None
+        auth = self.server.authenticator
+        sender = envelope.sender
+        if (
+            conn.authenticated
+            and auth is not None
+            and sender is not None
+            and not sender.is_null
+            and not auth.may_send_as(conn.authenticated, str(sender))
+        ):
+            r = reply("auth.sender_not_owned", address=str(sender), user=conn.authenticated)
+            self.log_event("mail", sender=str(sender), code=r.code, enhanced=r.enhanced)
+            await self._answer(Verdict(r))
+            return
+        client.filter_state = "TRUSTED" if client.trusted else "ACCEPT"
+        verdict = await self.server.policy.mail(client, envelope)
+        self._log_verdict("mail", verdict, sender=str(sender), size=envelope.declared_size,
+                          body_type=envelope.body)
+        await self._answer(verdict)
+
+    async def _on_data_start(self, envelope: Envelope) -> None:
+        client = self.client
+        conn = self.conn
+        assert client is not None and conn is not None
+        verdict = await self.server.policy.data(client, envelope)
+        self._log_verdict("data", verdict, rcpts=len(envelope.recipients))
+        if not verdict.accepted:
+            await self._answer(verdict)
+            return
+        self._messages += 1
+        self._message_started = time.monotonic()
+        try:
+            self._spool = self.server.spool.create(self.message_id)
+            self._spool.write(received_header(self._trace(envelope), envelope))
+        except OSError as exc:
+            self._drop_spool()
+            self.log_event("spool", level="error", error=str(exc)[:200])
+            conn.reject(reply("delivery.storage"))
+            return
+        conn.accept()
+
+    async def _on_message_end(self, envelope: Envelope, size: int) -> None:
+        conn = self.conn
+        client = self.client
+        spool = self._spool
+        assert conn is not None and client is not None
+        server = self.server
+        if spool is None:  # the spool could not be written
+            conn.reject(reply("delivery.storage"))
+            return
+        try:
+            spool.close()
+        except OSError as exc:
+            self._drop_spool()
+            self.log_event("spool", level="error", error=str(exc)[:200])
+            conn.reject(reply("delivery.storage"))
+            return
+        verdict = await server.policy.message(client, envelope, spool)
+        if not verdict.accepted:
+            self._log_verdict("message", verdict, size=size)
+            self._dispose_refused(verdict, spool)
+            self._spool = None
+            server.metrics.message("refused", verdict.reply.code, verdict.reply.enhanced, size)
+            await self._answer(verdict)
+            return
+        results = await server.delivery.deliver(envelope, self._trace(envelope), spool)
+        final = await combine_results(self, envelope, results)
+        self._drop_spool()
+        elapsed = time.monotonic() - self._message_started
+        server.metrics.delivery_latency(elapsed)
+        self._log_delivery(envelope, results, final, size, elapsed)
+        outcome = "accepted" if final.code < 400 else "tempfail" if final.code < 500 else "refused"
+        server.metrics.message(outcome, final.code, final.enhanced, size)
+        if final.code < 400:
+            conn.accept(final)
+        else:
+            conn.reject(final)
+            await self._tarpit()
+
+    def _dispose_refused(self, verdict: Verdict, spool: SpoolFile) -> None:
+        """BLOCKED mail: discarded, or kept in the quarantine directory (upas -s)."""
+        tags = dict(verdict.tags)
+        target = tags.get("quarantine_dir") if tags.get("disposition") == "quarantine" else None
+        if target:
+            try:
+                os.makedirs(target, exist_ok=True)
+                shutil.move(spool.path, os.path.join(target, self.message_id))
+                self.log_event("quarantine", path=os.path.join(target, self.message_id))
+            except OSError as exc:
+                self.log_event("quarantine", level="error", error=str(exc)[:200])
+        spool.discard()
+
+    async def _on_starttls(self) -> None:
+        conn = self.conn
+        transport = self.transport
+        assert conn is not None and transport is not None
+        ctx = self.server.tls.server_context() if self.server.tls else None
+        if ctx is None:
+            conn.reject(reply("starttls.unavailable"))
+            return
+        conn.accept()
+        self._flush()
+        loop = asyncio.get_running_loop()
+        try:
+            new_transport = await asyncio.wait_for(
+                loop.start_tls(transport, self, ctx, server_side=True),
+                timeout=self.server.config.server.command_timeout,
+            )
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            self.log_event("tls", outcome="failed", error=str(exc)[:200] or type(exc).__name__)
+            self.server.metrics.tls("failed", "")
+            self._lost = True
+            transport.abort()
+            conn.shutdown(reply("closing.internal", host=self.server.hostname))
+            conn.data_to_send()  # nothing can be sent on a failed handshake
+            return
+        if new_transport is None:
+            self._lost = True
+            return
+        self.transport = new_transport
+        conn.tls_started()
+        self._note_tls(new_transport)
+        assert self.client is not None
+        self.client.auth_user = None
+        self.log_event("tls", outcome="ok", version=self.client.tls_version,
+                       cipher=self.client.tls_cipher)
+        self.server.metrics.tls("ok", self.client.tls_version or "")
+
+    def _note_tls(self, transport: asyncio.BaseTransport) -> None:
+        client = self.client
+        assert client is not None
+        client.tls = True
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            client.tls_version = ssl_object.version()
+            cipher = ssl_object.cipher()
+            client.tls_cipher = cipher[0] if cipher else None
+
+    async def _on_auth_start(self, event: ev.AuthStart) -> None:
+        conn = self.conn
+        client = self.client
+        auth = self.server.authenticator
+        assert conn is not None and client is not None
+        if auth is None or event.mechanism not in auth.mechanisms:
+            conn.auth_failure(reply("auth.unknown_mech"))
+            return
+        refusal = await auth.check_throttle(str(client.ip))
+        if refusal is not None:
+            self.log_event("auth", mechanism=event.mechanism, outcome="throttled")
+            self.server.metrics.auth(event.mechanism, "throttled")
+            conn.auth_failure(refusal, close=refusal.code == 421)
+            return
+        self._exchange = auth.start(event.mechanism, str(client.ip))
+        self._auth_mechanism = event.mechanism
+        await self._auth_step(event.initial)
+
+    async def _auth_step(self, data: bytes | None) -> None:
+        from mailgate.auth.mechanisms import Challenge, Success
+
+        conn = self.conn
+        client = self.client
+        exchange = self._exchange
+        assert conn is not None and client is not None
+        mech = getattr(self, "_auth_mechanism", "?")
+        if exchange is None:
+            conn.auth_failure(reply("auth.bad_response"))
+            return
+        outcome = await exchange.step(data)
+        if isinstance(outcome, Challenge):
+            conn.auth_challenge(outcome.data)
+            return
+        self._exchange = None
+        if isinstance(outcome, Success):
+            client.auth_user = outcome.user
+            conn.auth_success(outcome.user)
+            self.log_event("auth", mechanism=mech, outcome="ok", user=outcome.user)
+            self.server.metrics.auth(mech, "ok")
+            return
+        self.log_event("auth", mechanism=mech, outcome="failed", code=outcome.reply.code)
+        self.server.metrics.auth(mech, "failed")
+        auth = self.server.authenticator
+        if auth is not None:
+            delay = auth.failure_delay(str(client.ip), None)
+            if delay > 0:
+                await asyncio.sleep(delay)
+        conn.auth_failure(outcome.reply)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    @property
+    def message_id(self) -> str:
+        return f"{self.sid}.{self._messages}"
+
+    def _trace(self, envelope: Envelope) -> TraceInfo:
+        client = self.client
+        conn = self.conn
+        assert client is not None and conn is not None
+        return TraceInfo(
+            session_id=self.message_id,
+            helo=envelope.helo,
+            client_ip=str(client.ip),
+            reverse_name=client.reverse_name,
+            hostname=self.server.hostname,
+            protocol=protocol_name(
+                envelope.extended, client.tls, conn.authenticated is not None, envelope.smtputf8
+            ),
+            tls_version=client.tls_version,
+            tls_cipher=client.tls_cipher,
+        )
+
+    async def _answer(self, verdict: Verdict) -> None:
+        conn = self.conn
+        assert conn is not None
+        if verdict.reply is None:
+            conn.accept()
+            return
+        conn.reject(verdict.reply, close=verdict.close)
+        self.server.metrics.rejection(verdict.reply.name or str(verdict.reply.code))
+        await self._tarpit()
+
+    async def _tarpit(self) -> None:
+        """9front's growing delay: the nth refusal waits delay * 2**(n-1) seconds."""
+        conn = self.conn
+        settings = self.server.config.server
+        if conn is None or settings.tarpit_delay <= 0 or conn.closed:
+            return
+        n = max(conn.errors, 1)
+        await asyncio.sleep(min(settings.tarpit_delay * 2 ** (n - 1), settings.tarpit_max_delay))
+
+    def _write_body(self, data: bytes) -> None:
+        spool = self._spool
+        if spool is None:
+            return
+        try:
+            spool.write(data)
+        except OSError as exc:
+            # Keep reading the data (the engine does); the end of data answers 452.
+            self.log_event("spool", level="error", error=str(exc)[:200])
+            self._drop_spool()
+
+    def _drop_spool(self) -> None:
+        if self._spool is not None:
+            self._spool.discard()
+            self._spool = None
+
+    def _flush(self) -> None:
+        conn = self.conn
+        transport = self.transport
+        if conn is None or transport is None:
+            return
+        out = conn.data_to_send()
+        if out and not transport.is_closing():
+            transport.write(out)
+        if conn.closed and not transport.is_closing():
+            transport.close()
+
+    async def _read_proxy_header(self) -> bool:
+        """PROXY v1/v2 from an allowed load balancer: the proxied address becomes the
+        client for policy, logs and Received.  Anything else closes the connection."""
+        client = self.client
+        assert client is not None and self.transport is not None
+        if not self.server.proxy_allowed(client.ip):
+            self.transport.close()
+            return False
+        deadline = time.monotonic() + self.server.config.server.command_timeout
+        while True:
+            try:
+                header = parse_proxy(self._proxy_buf)
+            except ProxyError:
+                self.transport.write(reply("closing.proxy", host=self.server.hostname).to_bytes())
+                self.transport.close()
+                return False
+            if header is not None:
+                break
+            if self._lost or len(self._proxy_buf) > _PROXY_HEADER_MAX:
+                self.transport.close()
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.transport.close()
+                return False
+            await self._wait_input(remaining)
+        self._proxy_buf = self._proxy_buf[header.consumed :]
+        if not header.local:
+            client.ip = _ip(str(header.source_ip))
+            client.port = header.source_port
+        return True
+
+    def log_event(self, name: str, /, level: str = "info", **fields: object) -> None:
+        if self.log is not None:
+            self.log.event(name, level=level, **fields)
+
+    def _log_verdict(self, stage: str, verdict: Verdict, /, **fields: object) -> None:
+        client = self.client
+        if verdict.reply is not None:
+            fields["code"] = verdict.reply.code
+            fields["enhanced"] = verdict.reply.enhanced
+        for key, value in verdict.tags:
+            fields[key] = value
+        if client is not None and client.filter_state not in ("ACCEPT", "TRUSTED"):
+            fields["filter"] = client.filter_state
+        if self.conn is not None and self.conn.errors:
+            fields["errors"] = self.conn.errors
+        self.log_event(stage, **fields)
+
+    def _log_delivery(
+        self, envelope: Envelope, results: list[RecipientResult], final: Reply, size: int,
+        elapsed: float,
+    ) -> None:
+        for result in results:
+            self.log_event(
+                "delivery", id=self.message_id, to=str(result.recipient.address),
+                code=result.reply.code, enhanced=result.reply.enhanced,
+            )
+        self.log_event(
+            "message", id=self.message_id, sender=str(envelope.sender), size=size,
+            rcpts=len(envelope.recipients), code=final.code, enhanced=final.enhanced,
+            seconds=round(elapsed, 4),
+        )
+
+    def _cleanup(self) -> None:
+        self._drop_spool()
+        server = self.server
+        server.sessions.discard(self)
+        server.release(self)
+        if self.log is not None:
+            self.log_event("close", messages=self._messages,
+                           errors=self.conn.errors if self.conn else 0)
+            server.metrics.connection_closed(self.listener.name)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        addr = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return ipaddress.IPv4Address("0.0.0.0")
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+__all__ = ["Session", "Settings", "new_session_id"]

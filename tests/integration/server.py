@@ -1,0 +1,92 @@
+"""Run a real ``mailgate serve`` subprocess on loopback for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_ANNOUNCE = re.compile(r"listening on (\S+?):(\d+)")
+
+
+@dataclass
+class RunningServer:
+    proc: subprocess.Popen[str]
+    host: str
+    port: int
+    workdir: Path
+    maildir: Path
+    stderr_path: Path
+    config_path: Path
+    extra_ports: list[int] = field(default_factory=list)
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def messages(self, user: str = "root") -> list[bytes]:
+        new = self.maildir / user / "new"
+        if not new.is_dir():
+            return []
+        return [p.read_bytes() for p in sorted(new.iterdir())]
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(
+    workdir: Path, config: str = "", *, hostname: str = "mx.mailgate.test", listeners: int = 1,
+    extra_args: list[str] | None = None,
+) -> RunningServer:
+    """Write ``config`` (TOML, may be empty) and start ``mailgate serve`` on free ports."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    maildir = workdir / "maildir"
+    body = textwrap.dedent(config)
+    if "[server]" not in body:
+        body = f'[server]\nspool_dir = "{workdir / "spool"}"\n\n' + body
+    if "maildir_root" not in body:
+        body += f'\n[delivery]\nmaildir_root = "{maildir}"\n' if "[delivery]" not in body else ""
+    config_path = workdir / "mailgate.toml"
+    config_path.write_text(body)
+    stderr_path = workdir / "stderr.log"
+    args = [sys.executable, "-m", "mailgate.cli", "serve", "--config", str(config_path),
+            "--hostname", hostname]
+    if "[[listener]]" not in body:
+        args += ["--listen", "127.0.0.1:0"] * listeners
+    args += extra_args or []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        args, cwd=workdir, stdout=subprocess.PIPE, stderr=stderr_path.open("w"),
+        text=True, env=env,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 20
+    line = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line or proc.poll() is not None:
+            break
+    found = _ANNOUNCE.findall(line)
+    if not found:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"mailgate did not start: {line!r}\n{stderr_path.read_text()}")
+    host, port = found[0]
+    ports = [int(p) for _, p in re.findall(r"(\S+?):(\d+)[,;]", line)]
+    return RunningServer(proc, host.strip("[]"), int(port), workdir, maildir, stderr_path,
+                         config_path, ports)

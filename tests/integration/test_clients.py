@@ -1,0 +1,121 @@
+"""End to end: real clients (smtplib, aiosmtplib, swaks) against ``mailgate serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import smtplib
+import socket
+import subprocess
+
+import aiosmtplib
+import pytest
+
+from tests.integration.server import RunningServer
+
+MESSAGE = b"From: a@client.example.org\r\nSubject: hello\r\n\r\nbody line\r\n.leading dot\r\n"
+
+
+def test_smtplib_delivers_into_maildir(server: RunningServer) -> None:
+    with smtplib.SMTP(server.host, server.port, timeout=10) as smtp:
+        code, banner = smtp.ehlo("client.mailgate.org")
+        assert code == 250
+        assert b"ENHANCEDSTATUSCODES" in banner and b"CHUNKING" in banner
+        refused = smtp.sendmail("a@client.mailgate.org", ["root@localhost"], MESSAGE)
+        assert refused == {}
+    [stored] = server.messages("root")
+    # Maildir files use the local line end (LF), as mail readers expect.
+    head, _, body = stored.partition(b"\n\n")
+    assert stored.startswith(b"Return-Path: <a@client.mailgate.org>\n")
+    assert b"Received: from client.mailgate.org" in head
+    assert b"by mx.mailgate.test" in head
+    assert body == b"body line\n.leading dot\n"
+
+
+def test_greeting_and_reply_codes(server: RunningServer) -> None:
+    with smtplib.SMTP(server.host, server.port, timeout=10) as smtp:
+        assert smtp.docmd("NOOP") == (250, b"2.0.0 OK")
+        code, text = smtp.docmd("MAIL", "FROM:<a@b.org>")
+        assert (code, text[:5]) == (503, b"5.5.1")
+        smtp.ehlo("client.mailgate.org")
+        assert smtp.docmd("TURN")[0] == 500
+        assert smtp.docmd("STARTTLS") == (502, b"5.5.1 Command not implemented")
+        assert smtp.docmd("VRFY", "root")[0] == 252
+        assert smtp.docmd("HELP")[0] == 214
+
+
+def test_aiosmtplib_with_bdat_free_pipelining(server: RunningServer) -> None:
+    async def send() -> None:
+        client = aiosmtplib.SMTP(hostname=server.host, port=server.port, timeout=10,
+                                 start_tls=False, local_hostname="client.mailgate.org")
+        await client.connect()
+        await client.ehlo()
+        errors, response = await client.sendmail(
+            "b@client.mailgate.org", ["root@localhost", "postmaster@localhost"], MESSAGE
+        )
+        assert errors == {}
+        assert response.startswith("2.0.0 OK: queued as ")
+        await client.quit()
+
+    asyncio.run(send())
+    # postmaster is an alias of root: one message per recipient entry, none lost.
+    assert len(server.messages("root")) >= 1
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+def test_swaks(server: RunningServer) -> None:
+    out = subprocess.run(
+        ["swaks", "--server", f"{server.host}:{server.port}", "--to", "root@localhost",
+         "--from", "s@client.mailgate.org", "--helo", "client.mailgate.org", "--timeout", "10"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "250 2.0.0 OK: queued as" in out.stdout
+    assert len(server.messages("root")) == 1
+
+
+def _talk(server: RunningServer, payload: bytes, until: bytes) -> bytes:
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        data = sock.recv(4096)
+        assert data.startswith(b"220 mx.mailgate.test ESMTP")
+        sock.sendall(payload)
+        got = b""
+        while until not in got:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def test_pipelined_group_answered_in_order_in_one_write(server: RunningServer) -> None:
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.recv(4096)
+        sock.sendall(b"EHLO client.mailgate.org\r\n")
+        ehlo = b""
+        while not ehlo.endswith(b"250 ENHANCEDSTATUSCODES\r\n"):
+            ehlo += sock.recv(4096)
+        sock.sendall(b"MAIL FROM:<a@client.mailgate.org>\r\nRCPT TO:<root@localhost>\r\n"
+                     b"RCPT TO:<nobody-here@localhost>\r\nDATA\r\n")
+        first = sock.recv(65536)
+        lines = first.decode().splitlines()
+        assert [line[:3] for line in lines] == ["250", "250", "550", "354"], lines
+
+
+def test_size_declared_and_exceeded(tmp_path) -> None:
+    from tests.integration.server import start_server
+
+    srv = start_server(tmp_path, "[server]\nmax_message_size = 1000\n"
+                       f'spool_dir = "{tmp_path / "spool"}"\n')
+    try:
+        got = _talk(
+            srv, b"EHLO c.mailgate.org\r\nMAIL FROM:<a@c.mailgate.org> SIZE=5000\r\n", b"552 "
+        )
+        assert b"552 5.3.4" in got
+        big = b"x" * 200 + b"\r\n"
+        got = _talk(srv, b"EHLO c.mailgate.org\r\nMAIL FROM:<a@c.mailgate.org>\r\n"
+                    b"RCPT TO:<root@localhost>\r\nDATA\r\n" + big * 10 + b".\r\nQUIT\r\n", b"221 ")
+        assert b"552 5.3.4" in got and b"221 2.0.0" in got
+        assert srv.messages("root") == []
+    finally:
+        srv.stop()
