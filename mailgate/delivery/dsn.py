@@ -1,0 +1,143 @@
+"""RFC 3464 delivery status notifications for recipients that failed after the data.
+
+Used when a downstream (LMTP, smarthost, pipe run per recipient) refuses some
+recipients but not all after the client was told the data went through: the server
+answers 250 and the envelope sender gets this multipart/report naming every failed
+recipient (see docs/delivery-lmtp.md).  mailgate has no queue, so a temporary
+failure is reported as failed too, with its 4.x.x status.
+
+The report is ``multipart/report; report-type=delivery-status`` (RFC 6522) with a
+human-readable part, the ``message/delivery-status`` part and the original header as
+``text/rfc822-headers`` (never the whole body: RET=FULL is answered with the header
+only, which RFC 3461 4.3 allows).  It is sent from the null sender (RFC 5321 6.1)
+with ``Auto-Submitted: auto-replied`` (RFC 3834).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+from mailgate.delivery.base import RecipientResult
+from mailgate.protocol.envelope import NULL_ADDRESS, Envelope, Recipient
+
+HEADER_LIMIT = 64 * 1024  # octets of the original header quoted in the report
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def bounce_recipients(results: list[RecipientResult]) -> list[RecipientResult]:
+    """The failed results whose recipient asked to hear of failures (RFC 3461 4.1)."""
+    return [
+        r
+        for r in results
+        if not r.ok and (not r.recipient.notify or "FAILURE" in r.recipient.notify)
+    ]
+
+
+def bounce_envelope(envelope: Envelope) -> Envelope | None:
+    """The envelope of the report: from ``<>`` to the sender; None for the null sender."""
+    sender = envelope.sender
+    if sender is None or sender.is_null:
+        return None  # never bounce a bounce
+    return Envelope(sender=NULL_ADDRESS, recipients=[Recipient(sender)], smtputf8=envelope.smtputf8)
+
+
+async def read_headers(spool_path: str, limit: int = HEADER_LIMIT) -> bytes:
+    """The header of the spooled message (up to its blank line), at most ``limit`` octets."""
+
+    def read() -> bytes:
+        with open(spool_path, "rb") as f:
+            return f.read(limit)
+
+    head = await asyncio.to_thread(read)
+    end = head.find(b"\r\n\r\n")
+    if end < 0:  # no body, or a header longer than the limit: whole lines only
+        end = head.rfind(b"\r\n")
+    return head[: end + 2] if end >= 0 else b""
+
+
+def build_dsn(
+    *,
+    envelope: Envelope,
+    failed: list[RecipientResult],
+    reporting_mta: str,
+    original_headers: bytes,
+    arrival: datetime | None = None,
+    now: datetime | None = None,
+) -> bytes:
+    """The report message with CRLF line ends, ready to spool and hand to a destination."""
+    now = now or datetime.now(UTC)
+    mta = _safe(reporting_mta)
+    boundary = f"=_mailgate_{uuid.uuid4().hex}"
+    sender = _safe(str(envelope.sender or ""))
+    utf8 = (
+        not all(_safe(str(r.recipient.address)).isascii() for r in failed) or not sender.isascii()
+    )
+    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
+    addr_type = "utf-8" if utf8 else "rfc822"
+
+    listing = "\r\n".join(
+        f"  <{_safe(str(r.recipient.address))}>: {_diagnostic(r)}" for r in failed
+    )
+    human = (
+        f"This is the mail system at {mta}.\r\n\r\n"
+        "Your message could not be delivered to the following recipients:\r\n\r\n"
+        f"{listing}\r\n"
+    )
+    per_message = [f"Reporting-MTA: dns; {mta}"]
+    if envelope.envid:
+        per_message.append(f"Original-Envelope-Id: {_safe(envelope.envid)}")
+    if arrival is not None:
+        per_message.append(f"Arrival-Date: {format_datetime(arrival)}")
+    blocks = ["\r\n".join(per_message)]
+    for r in failed:
+        fields = []
+        if r.recipient.orcpt:
+            fields.append(f"Original-Recipient: {_safe(r.recipient.orcpt)}")
+        fields += [
+            f"Final-Recipient: {addr_type}; {_safe(str(r.recipient.address))}",
+            "Action: failed",
+            f"Status: {r.reply.enhanced or ('5.0.0' if r.reply.code >= 500 else '4.0.0')}",
+            f"Diagnostic-Code: smtp; {_diagnostic(r)}",
+        ]
+        blocks.append("\r\n".join(fields))
+    status = "\r\n\r\n".join(blocks) + "\r\n"
+
+    head = (
+        f"From: Mail Delivery System <MAILER-DAEMON@{mta}>\r\n"
+        f"To: <{sender}>\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        f"Date: {format_datetime(now)}\r\n"
+        f"Message-ID: <{uuid.uuid4().hex}@{mta}>\r\n"
+        "Auto-Submitted: auto-replied\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
+        "\r\n"
+        "This is a MIME-encapsulated delivery status notification.\r\n"
+    )
+    parts = [
+        "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        + human,
+        f"Content-Type: {status_type}\r\n\r\n" + status,
+    ]
+    out = head.encode()
+    for part in parts:
+        out += f"\r\n--{boundary}\r\n{part}".encode()
+    out += f"\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n".encode()
+    out += original_headers
+    out += f"\r\n--{boundary}--\r\n".encode()
+    return out
+
+
+def _diagnostic(result: RecipientResult) -> str:
+    """Our reply on one line: the downstream's words and our own."""
+    r = result.reply
+    return _safe(f"{r.code} {r.enhanced or ''} {' / '.join(r.lines)}".replace("  ", " "))[:900]
+
+
+def _safe(text: str) -> str:
+    """No control characters: a value can never end a header line."""
+    return _CONTROL.sub("?", text)

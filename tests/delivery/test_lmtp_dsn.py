@@ -1,0 +1,102 @@
+"""A downstream refusal after the data becomes a RFC 3464 report to the sender."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+from dataclasses import dataclass
+from pathlib import Path
+
+from dovecot_fixture import DOMAIN, Dovecot, dovecot_server  # noqa: F401  (the fixture)
+
+from mailgate.config.delivery import LMTPConfig
+from mailgate.delivery.base import RecipientResult, TraceInfo
+from mailgate.delivery.dsn import bounce_envelope, bounce_recipients, build_dsn, read_headers
+from mailgate.delivery.lmtp import LMTPDestination
+from mailgate.protocol.envelope import NULL_ADDRESS, Address, Envelope, Recipient
+from mailgate.protocol.replies import reply
+
+TRACE = TraceInfo("dsn1", "client.test", "192.0.2.1", None, "mx.test", "ESMTP")
+MESSAGE = b"Received: from client.test\r\nSubject: quarterly report\r\n\r\nthe body\r\n"
+
+
+@dataclass
+class Spooled:
+    path: str
+    size: int
+
+
+def write_spool(path: Path, data: bytes) -> Spooled:
+    path.write_bytes(data)
+    return Spooled(str(path), len(data))
+
+
+def test_refused_recipient_is_reported_to_the_sender(dovecot: Dovecot, tmp_path: Path) -> None:
+    rcpts = [
+        Recipient(Address("nosuchuser", DOMAIN), orcpt="rfc822;Nosuchuser@example.test"),
+        Recipient(Address("bob", DOMAIN)),
+        Recipient(Address("ghost", DOMAIN), notify=("NEVER",)),
+    ]
+    env = Envelope(sender=Address("alice", DOMAIN), recipients=rcpts, envid="env-1")
+    dest = LMTPDestination(LMTPConfig(dovecot.address), "mx.test")
+    spool = write_spool(tmp_path / "msg.spool", MESSAGE)
+    results = asyncio.run(dest.deliver(env, TRACE, spool, rcpts))
+    assert [r.ok for r in results] == [False, True, False]
+
+    failed = bounce_recipients(results)
+    assert [r.recipient for r in failed] == [rcpts[0]]  # NOTIFY=NEVER is not reported
+    headers = asyncio.run(read_headers(spool.path))
+    assert headers == MESSAGE.split(b"\r\n\r\n")[0] + b"\r\n"
+    report = build_dsn(
+        envelope=env, failed=failed, reporting_mta="mx.test", original_headers=headers
+    )
+
+    # The report goes from <> back to the sender, through the same destination.
+    benv = bounce_envelope(env)
+    assert benv is not None and benv.sender == NULL_ADDRESS
+    back = asyncio.run(
+        dest.deliver(benv, TRACE, write_spool(tmp_path / "dsn.spool", report), benv.recipients)
+    )
+    assert [r.reply.code for r in back] == [250]
+    (stored,) = dovecot.maildir_messages("alice")
+    assert stored.startswith(b"Return-Path: <>\n")
+
+    msg = email.message_from_bytes(report, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["To"] == "alice@example.test" and msg["Auto-Submitted"] == "auto-replied"
+    human, status, original = msg.get_payload()
+    assert "nosuchuser@example.test" in human.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, per_rcpt = status.get_payload()
+    assert per_message["Reporting-MTA"] == "dns; mx.test"
+    assert per_message["Original-Envelope-Id"] == "env-1"
+    assert per_rcpt["Final-Recipient"] == "rfc822; nosuchuser@example.test"
+    assert per_rcpt["Original-Recipient"] == "rfc822;Nosuchuser@example.test"
+    assert per_rcpt["Action"] == "failed" and per_rcpt["Status"] == "5.1.1"
+    assert "User doesn't exist" in per_rcpt["Diagnostic-Code"]
+    assert original.get_content_type() == "text/rfc822-headers"
+    assert b"Subject: quarterly report" in original.get_payload(decode=True)
+
+
+def test_null_sender_gets_no_bounce() -> None:
+    assert bounce_envelope(Envelope(sender=NULL_ADDRESS)) is None
+    assert bounce_envelope(Envelope(sender=None)) is None
+
+
+def test_temporary_failures_are_reported_with_their_status() -> None:
+    r = RecipientResult(Recipient(Address("x", DOMAIN)), reply("delivery.downstream_temp"))
+    env = Envelope(sender=Address("s", DOMAIN))
+    report = build_dsn(envelope=env, failed=[r], reporting_mta="mx.test", original_headers=b"")
+    msg = email.message_from_bytes(report, policy=email.policy.default)
+    per_rcpt = msg.get_payload()[1].get_payload()[1]
+    assert per_rcpt["Status"] == "4.4.0"
+
+
+def test_header_limit_keeps_whole_lines(tmp_path: Path) -> None:
+    path = tmp_path / "m"
+    path.write_bytes(b"A: 1\r\nB: 22222\r\nC: 3\r\n\r\nbody")
+    assert asyncio.run(read_headers(str(path), limit=12)) == b"A: 1\r\n"
+    path.write_bytes(b"no line end at all")
+    assert asyncio.run(read_headers(str(path), limit=5)) == b""
