@@ -70,6 +70,8 @@ class LMTPDestination:
         recipients: list[Recipient],
     ) -> list[RecipientResult]:
         """One result per recipient; never raises."""
+        if not recipients:
+            return []
         final: dict[int, Reply] = {}
         conn: Connection | None = None
         try:

@@ -66,16 +66,16 @@ class PipeDestination:
         """Raises ValueError for a command template that cannot work."""
         command = list(config.command)
         if not command or not command[0]:
-            raise ValueError("pipe.command: must name a program")
+            raise ValueError("command: must name a program")
         if any("{recipients}" in item and item != "{recipients}" for item in command):
-            raise ValueError("pipe.command: {recipients} must be an item of its own")
+            raise ValueError("command: {recipients} must be an item of its own")
         self._per_recipient = any("{recipient}" in item for item in command)
         if self._per_recipient and "{recipients}" in command:
-            raise ValueError("pipe.command: use either {recipient} or {recipients}, not both")
+            raise ValueError("command: use either {recipient} or {recipients}, not both")
         try:
             self._refused = re.compile(config.refused_pattern) if config.refused_pattern else None
         except re.error as e:
-            raise ValueError(f"pipe.refused_pattern: not a regular expression ({e})") from e
+            raise ValueError(f"refused_pattern: not a regular expression ({e})") from e
         self._command = command
         self._timeout = config.timeout
 

@@ -60,7 +60,7 @@ class SmarthostDestination:
         try:
             self._tls = ssl.create_default_context(cafile=config.cafile or None)
         except (OSError, ssl.SSLError) as e:
-            raise ValueError(f"smtp.cafile: cannot load {config.cafile!r}: {e}") from e
+            raise ValueError(f"cafile: cannot load {config.cafile!r}: {e}") from e
 
     async def deliver(
         self,
@@ -70,6 +70,8 @@ class SmarthostDestination:
         recipients: list[Recipient],
     ) -> list[RecipientResult]:
         """One result per recipient; never raises."""
+        if not recipients:
+            return []
         final: dict[int, Reply] = {}
         conn: Connection | None = None
         try:
