@@ -46,7 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-DestinationType = Literal["maildir", "mbox", "pipe", "lmtp", "smtp"]
+DestinationType = Literal["maildir", "mbox", "pipe", "lmtp", "smtp", "discard"]
 MaildirLayout = Literal["user", "domain/user"]
 
 # The name of the built-in Maildir destination under ``maildir_root``.
@@ -118,7 +118,8 @@ class DestinationConfig:
 
     Written as ``[delivery.destinations.NAME.TYPE]`` with the type's keys; ``type``
     may then be left out.  A maildir or mbox destination with all defaults can be
-    written as ``[delivery.destinations.NAME]`` with ``type = "mbox"``.
+    written as ``[delivery.destinations.NAME]`` with ``type = "mbox"``.  ``type =
+    "discard"`` (no sub-table) accepts mail and throws it away: spam traps, benchmarks.
     """
 
     type: DestinationType | Literal[""] = ""  # empty: the one sub-table given
@@ -137,10 +138,12 @@ class DestinationConfig:
                     f"{', '.join(_SUB_TABLES)} (or a type)"
                 )
             self.type = given[0]  # type: ignore[assignment]
-        if self.type not in _SUB_TABLES:
+        if self.type not in (*_SUB_TABLES, "discard"):
             raise ValueError(f"destination.type: unknown type {self.type!r}")
         if any(name != self.type for name in given):
             raise ValueError(f"destination: sub-tables {given} do not match type {self.type!r}")
+        if self.type == "discard":  # a black hole: nothing to configure
+            return
         if self.type == "maildir" and self.maildir is None:
             self.maildir = MaildirConfig()
         elif self.type == "mbox" and self.mbox is None:

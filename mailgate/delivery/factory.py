@@ -1,9 +1,9 @@
 """Builds the router and its destinations from the [delivery] section.
 
-Destination types are a registry: "maildir" and "mbox" are built in; "pipe", "lmtp"
-and "smtp" are classes in their own modules, imported only when a configuration
-uses them, so a missing or broken module fails the configuration check with a
-message naming the destination rather than at the first delivery.
+Destination types are a registry: "maildir", "mbox" and "discard" (a black hole) are
+built in; "pipe", "lmtp" and "smtp" are classes in their own modules, imported only
+when a configuration uses them, so a missing or broken module fails the configuration
+check with a message naming the destination rather than at the first delivery.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from mailgate.config.delivery import (
     DestinationConfig,
 )
 from mailgate.delivery.base import Destination
+from mailgate.delivery.discard import DiscardDestination
 from mailgate.delivery.fsync import GroupCommitter
 from mailgate.delivery.maildir import MaildirDestination
 from mailgate.delivery.mbox import MboxDestination
@@ -85,6 +86,8 @@ def _build(
         return MaildirDestination(root, layout, hostname, committer)
     if dc.type == "mbox" and dc.mbox is not None:
         return MboxDestination(dc.mbox)
+    if dc.type == "discard":
+        return DiscardDestination()
     if dc.type not in PLUGGED_TYPES:
         raise DeliveryConfigError(f"destinations.{name}.type: unknown type {dc.type!r}")
     cls = _load(name, dc.type)
