@@ -110,7 +110,11 @@ class Connection:
         self._close()
 
     def receive_data(self, data: bytes) -> None:
-        if self.state is not State.CLOSED and self.state is not State.TLS:
+        # In the TLS state the driver has already switched its transport to TLS, so
+        # what arrives now came through the handshake (a client may send EHLO before
+        # the driver calls tls_started()); plaintext pipelined after STARTTLS was
+        # dropped when STARTTLS was accepted.
+        if self.state is not State.CLOSED:
             self._buf += data
 
     @property
@@ -213,7 +217,6 @@ class Connection:
         self.extended = False
         self.authenticated = None
         self._reset_transaction(reply("starttls.ready"))
-        self._buf.clear()
         self.state = State.COMMAND
 
     def auth_challenge(self, challenge: bytes) -> None:

@@ -187,15 +187,25 @@ def _wire(r: Reply) -> bytes:
     out = []
     for i, line in enumerate(r.lines):
         raw = f"{r.code}{' ' if i == last else '-'}{head}{line}".encode("utf-8", "replace")
-        out.append(raw[: MAX_LINE - 2] + b"\r\n")
+        limit = MAX_LINE - 2 if r.code != 334 else 12288
+        out.append(raw[:limit] + b"\r\n")
     data = b"".join(out)
     if r.name in _CONSTANT_NAMES:
         _WIRE[r] = data
     return data
 
 
+# Values that are ours, not the client's, and may be longer than an echo: a SASL
+# challenge is base64 we made (RFC 4954 allows up to 12288 octets a line).
+_LIMITS: Final[dict[str, int]] = {"challenge": 12288}
+
+
 def _build(name: str, tpl: Template, args: dict[str, object]) -> Reply:
-    text = tpl.text.format(**{k: clean(v) for k, v in args.items()}) if args else tpl.text
+    text = (
+        tpl.text.format(**{k: clean(v, _LIMITS.get(k, ECHO_LIMIT)) for k, v in args.items()})
+        if args
+        else tpl.text
+    )
     return Reply(tpl.code, tpl.enhanced, tuple(text.split("\n")), name)
 
 

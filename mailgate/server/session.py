@@ -149,6 +149,8 @@ class Session(asyncio.Protocol):
             if server.normalize_bare_lf(self.client.ip):
                 settings = listener.settings_normalized
             self.conn = Connection(settings)
+            # Implicit TLS (RFC 8314): the session is encrypted from its first byte.
+            self.conn.tls_active = self.listener.implicit_tls
             if self._proxy_buf:
                 self.conn.receive_data(self._proxy_buf)
                 self._proxy_buf = b""
@@ -286,7 +288,7 @@ class Session(asyncio.Protocol):
         client.filter_state = "TRUSTED" if client.trusted else "ACCEPT"
         verdict = await self.server.policy.mail(client, envelope)
         self._log_verdict("mail", verdict, sender=str(sender), size=envelope.declared_size,
-                          body_type=envelope.body)
+                          mime=envelope.body)
         await self._answer(verdict)
 
     async def _on_data_start(self, envelope: Envelope) -> None:
@@ -373,10 +375,10 @@ class Session(asyncio.Protocol):
         self._flush()
         loop = asyncio.get_running_loop()
         try:
-            new_transport = await asyncio.wait_for(
-                loop.start_tls(transport, self, ctx, server_side=True),
-                timeout=self.server.config.server.command_timeout,
-            )
+            # Awaited directly (not wrapped in a task by wait_for) so that start_tls
+            # switches the transport to TLS before any further byte reaches us.
+            async with asyncio.timeout(self.server.config.server.command_timeout):
+                new_transport = await loop.start_tls(transport, self, ctx, server_side=True)
         except (TimeoutError, OSError, ConnectionError) as exc:
             self.log_event("tls", outcome="failed", error=str(exc)[:200] or type(exc).__name__)
             self.server.metrics.tls("failed", "")
