@@ -70,7 +70,7 @@ def build_context(config: Config) -> ServerContext:
         hostname=hostname,
         local_domains=config.delivery.local_domains or [hostname, "localhost"],
     )
-    metrics = Metrics()
+    metrics = Metrics.from_config(config.metrics)
     return ServerContext(
         config=config,
         hostname=hostname,

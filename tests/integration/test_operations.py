@@ -1,0 +1,211 @@
+"""End to end: CLI, reload, graceful shutdown, timeouts, limits, PROXY, metrics, logs."""
+
+from __future__ import annotations
+
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.server import RunningServer, start_server
+
+MESSAGE = b"Subject: ops\r\n\r\nhello\r\n"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mailgate.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_cli_help_version_and_check_config(tmp_path: Path) -> None:
+    helped = _cli("--help")
+    assert helped.returncode == 0
+    for command in ("serve", "check-config", "passwd", "version"):
+        assert command in helped.stdout
+    assert _cli("version").stdout.startswith("mailgate ")
+    good = tmp_path / "good.toml"
+    good.write_text("[server]\nmax_recipients = 200\n")
+    ok = _cli("check-config", str(good))
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[server]\nmax_recipients = "ten"\n[policy]\ntrusted_netwrks = []\n')
+    refused = _cli("check-config", str(bad))
+    assert refused.returncode != 0
+    assert "bad.toml: server.max_recipients" in refused.stderr
+    assert "trusted_networks" in refused.stderr  # the "did you mean" hint
+    assert "Traceback" not in refused.stderr
+    started = _cli("serve", "--config", str(bad))
+    assert started.returncode != 0 and "Traceback" not in started.stderr
+
+
+def test_session_id_links_logs_and_received_header(server: RunningServer) -> None:
+    with smtplib.SMTP(server.host, server.port, timeout=10) as smtp:
+        smtp.ehlo("client.mailgate.org")
+        smtp.sendmail("a@client.mailgate.org", ["root@localhost"], MESSAGE)
+    [stored] = server.messages("root")
+    message_id = re.search(rb"id ([0-9a-f]+)\.(\d+)", stored)
+    assert message_id is not None
+    sid = message_id.group(1).decode()
+    assert _wait_for(lambda: "event=close" in server.log())
+    lines = [line for line in server.log().splitlines() if f"sid={sid}" in line]
+    events = [re.search(r"event=(\S+)", line).group(1) for line in lines]
+    assert events[:1] == ["connect"] and events[-1] == "close"
+    for stage in ("helo", "mail", "rcpt", "data", "delivery", "message"):
+        assert stage in events
+    assert all("hello" not in line for line in lines)  # no message bodies in logs
+
+
+def test_command_timeout_sends_421(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, f'[server]\ncommand_timeout = 1\nspool_dir = "{tmp_path}/s"\n')
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            assert sock.recv(1024).startswith(b"220")
+            got = b""
+            while b"\r\n" not in got:
+                chunk = sock.recv(1024)
+                if not chunk:
+                    break
+                got += chunk
+            assert got.startswith(b"421 4.4.2 mx.mailgate.test")
+            assert sock.recv(1024) == b""  # and then it closes
+    finally:
+        srv.stop()
+
+
+def test_connection_limit_per_client(tmp_path: Path) -> None:
+    srv = start_server(tmp_path,
+                       f'[server]\nmax_connections_per_ip = 2\nspool_dir = "{tmp_path}/s"\n')
+    try:
+        held = [socket.create_connection((srv.host, srv.port), timeout=10) for _ in range(2)]
+        for sock in held:
+            assert sock.recv(1024).startswith(b"220 ")
+        with socket.create_connection((srv.host, srv.port), timeout=10) as third:
+            assert third.recv(1024).startswith(b"421 4.7.0")
+        for sock in held:
+            sock.close()
+        time.sleep(0.3)
+        with socket.create_connection((srv.host, srv.port), timeout=10) as again:
+            assert again.recv(1024).startswith(b"220 ")
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_then_421_and_exit_0(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, f'[server]\nshutdown_grace = 1\nspool_dir = "{tmp_path}/s"\n')
+    with socket.create_connection((srv.host, srv.port), timeout=15) as idle:
+        assert idle.recv(1024).startswith(b"220")
+        srv.signal(signal.SIGTERM)
+        got = idle.recv(1024)
+        assert got.startswith(b"421 4.3.2 mx.mailgate.test shutting down")
+    assert srv.proc.wait(15) == 0
+    with pytest.raises(OSError):
+        socket.create_connection((srv.host, srv.port), timeout=2)
+
+
+def test_sighup_reloads_and_keeps_old_config_when_broken(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, f'[server]\nspool_dir = "{tmp_path}/s"\n')
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.docmd("MAIL", "FROM:<a@client.mailgate.org>")
+            assert smtp.docmd("RCPT", "TO:<zed@localhost>")[0] == 550
+            # A session that is open across the reload keeps working.
+            text = srv.config_path.read_text()
+            srv.config_path.write_text(text + '\n[delivery.aliases]\nzed = ["root"]\n')
+            srv.signal(signal.SIGHUP)
+            assert _wait_for(lambda: "event=reload" in srv.log())
+            assert "outcome=ok" in srv.log()
+            assert smtp.docmd("RCPT", "TO:<zed@localhost>")[0] == 250
+            assert smtp.data(b"Subject: reload\r\n\r\nhi\r\n")[0] == 250
+        assert len(srv.messages("root")) == 1  # zed is an alias of root now
+        srv.config_path.write_text("[server\nbroken")
+        srv.signal(signal.SIGHUP)
+        assert _wait_for(lambda: "outcome=refused" in srv.log())
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.docmd("MAIL", "FROM:<a@client.mailgate.org>")
+            assert smtp.docmd("RCPT", "TO:<zed@localhost>")[0] == 250  # old config in force
+    finally:
+        srv.stop()
+
+
+def test_proxy_protocol_from_allowed_balancer(tmp_path: Path) -> None:
+    port = _free_port()
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/s"
+        proxy_from = ["127.0.0.1/32"]
+
+        [policy]
+        verify_sender_domain = false  # the proxied client is untrusted; no DNS here
+
+        [[listener]]
+        address = "127.0.0.1:{port}"
+        proxy_protocol = true
+    """)
+    try:
+        with socket.create_connection((srv.host, port), timeout=10) as sock:
+            sock.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 25\r\n")
+            assert sock.recv(1024).startswith(b"220 ")
+            sock.sendall(b"EHLO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                         b"RCPT TO:<root@localhost>\r\nDATA\r\n")
+            got = b""
+            while b"354" not in got:
+                got += sock.recv(4096)
+            sock.sendall(b"Subject: proxied\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+            while b"221" not in got:
+                got += sock.recv(4096)
+        [stored] = srv.messages("root")
+        assert b"[198.51.100.7]" in stored
+        assert "ip=198.51.100.7" in srv.log()
+        with socket.create_connection((srv.host, port), timeout=10) as sock:
+            sock.sendall(b"PROXY NONSENSE\r\n")
+            assert sock.recv(1024).startswith(b"421 4.7.0")
+    finally:
+        srv.stop()
+
+
+def test_metrics_endpoint(tmp_path: Path) -> None:
+    mport = _free_port()
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/s"
+
+        [metrics]
+        listen = "127.0.0.1:{mport}"
+    """)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.sendmail("a@client.mailgate.org", ["root@localhost"], MESSAGE)
+            smtp.docmd("MAIL", "FROM:<a@client.mailgate.org>")
+            smtp.docmd("RCPT", "TO:<nobody-known@localhost>")
+        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
+        text = body.decode()
+        assert re.search(r'mailgate_messages_total\{[^}]*outcome="accepted"[^}]*\} 1\.0', text)
+        assert "mailgate_connections_total" in text
+        assert "mailgate_delivery_latency_seconds" in text
+    finally:
+        srv.stop()
