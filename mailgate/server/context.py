@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from mailgate.config.schema import Config
 from mailgate.config.server import ListenerConfig
-from mailgate.delivery.base import Delivery, RecipientResult
+from mailgate.delivery.base import Delivery, RecipientResult, TraceInfo
+from mailgate.delivery.dsn import bounce_envelope, bounce_recipients, build_dsn, read_headers
 from mailgate.delivery.spool import SpoolDir
 from mailgate.ops.metrics import Metrics
 from mailgate.policy.base import Mailboxes, Policy
@@ -118,10 +119,48 @@ class ServerContext:
                 del self._per_ip[ip]
 
     async def bounce(
-        self, session: Session, envelope: Envelope, failed: list[RecipientResult]
+        self, session: Session, envelope: Envelope, failed: list[RecipientResult], spool_path: str
     ) -> bool:
-        """Send an RFC 3464 report for ``failed`` to the sender; True when it is durable."""
-        return False
+        """Send an RFC 3464 report for ``failed`` to the sender; True when it is durable.
+
+        mailgate has no queue, so the report is delivered now, through the same router
+        (a local sender's mailbox, or the relay for a remote one).  False means it
+        could not be made durable, and the caller defers the whole message instead.
+        """
+        report_envelope = bounce_envelope(envelope)
+        if report_envelope is None:
+            return False  # the null sender: never bounce a bounce; defer instead
+        reportable = bounce_recipients(failed)
+        if not reportable:
+            return True  # NOTIFY=NEVER: the sender asked not to hear of failures
+        spool = None
+        try:
+            headers = await read_headers(spool_path)
+            report = build_dsn(
+                envelope=envelope, failed=reportable, reporting_mta=self.hostname,
+                original_headers=headers,
+            )
+            spool = self.spool.create(f"{session.message_id}.dsn")
+            spool.write(report)
+            spool.close()
+        except OSError:
+            if spool is not None:
+                spool.discard()
+            return False
+        trace = TraceInfo(
+            session_id=f"{session.message_id}.dsn", helo=self.hostname, client_ip="127.0.0.1",
+            reverse_name="localhost", hostname=self.hostname, protocol="ESMTP",
+        )
+        try:
+            results = await self.delivery.deliver(report_envelope, trace, spool)
+        finally:
+            spool.discard()
+        session.log_event(
+            "dsn", id=session.message_id, to=str(envelope.sender),
+            failed=",".join(str(r.recipient.address) for r in reportable),
+            code=results[0].reply.code if results else 0,
+        )
+        return bool(results) and all(r.ok for r in results)
 
 
 def with_normalize(settings: Settings) -> Settings:

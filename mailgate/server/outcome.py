@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 async def combine_results(
-    session: Session, envelope: Envelope, results: list[RecipientResult]
+    session: Session, envelope: Envelope, results: list[RecipientResult], spool_path: str
 ) -> Reply:
     accepted = reply("data.accepted", id=session.message_id)
     if not results:
@@ -39,6 +39,6 @@ async def combine_results(
         return temporary[0].reply
     if len(failed) == len(results):
         return failed[0].reply
-    if await session.server.bounce(session, envelope, failed):
+    if spool_path and await session.server.bounce(session, envelope, failed, spool_path):
         return accepted
     return reply("delivery.downstream_temp")
