@@ -83,6 +83,29 @@ class Router:
             return False
         return not isinstance(self.route(Address(local, domain)), Reply)
 
+    async def verify_recipient(self, local: str, domain: str) -> bool | None:
+        """Ask the downstream of each of the recipient's targets, where it can say.
+
+        LMTP destinations check RCPT before the client is answered, so a downstream
+        refusal reaches the client as a 550 at RCPT rather than as a bounce later.
+        True: every downstream that can tell accepts; False: one refuses; None: one
+        could not say now (the caller answers 4xx).
+        """
+        targets = self.route(Address(local, domain))
+        if isinstance(targets, Reply):
+            return False
+        answer: bool | None = True
+        for target in targets:
+            check = getattr(self.destinations.get(target.destination), "verify_recipient", None)
+            if check is None:
+                continue
+            verdict = await check(target.address)
+            if verdict is False:
+                return False
+            if verdict is None:
+                answer = None
+        return answer
+
     # --- routing ------------------------------------------------------------------
 
     def canonical_user(self, local: str) -> str:

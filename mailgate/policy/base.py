@@ -89,6 +89,10 @@ class Mailboxes(Protocol):
 
     def has_recipient(self, local: str, domain: str) -> bool: ...
 
+    async def verify_recipient(self, local: str, domain: str) -> bool | None:
+        """Would the downstream take it?  True, False, or None for "cannot say now"."""
+        ...
+
 
 class Step:
     """A policy step: accepts everything unless a subclass says otherwise.

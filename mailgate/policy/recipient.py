@@ -44,6 +44,14 @@ class RecipientStep(Step):
             return self._refuse("rcpt.relay_denied", "relay", address)
         if not self._mailboxes.has_recipient(address.local, domain):
             return self._refuse("rcpt.unknown", "unknown", address)
+        # A site's own Mailboxes may have no downstream to ask.
+        verify = getattr(self._mailboxes, "verify_recipient", None)
+        if verify is not None:
+            downstream = await verify(address.local, domain)
+            if downstream is False:
+                return self._refuse("rcpt.unknown", "downstream_unknown", address)
+            if downstream is None:
+                return self._refuse("delivery.downstream_rcpt_temp", "downstream_tempfail", address)
         return ACCEPT
 
     def _local_domain(self, client: Client, address: Address) -> str | None:
