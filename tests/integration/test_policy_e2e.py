@@ -1,0 +1,131 @@
+"""End to end: the upas policy over the wire, for an untrusted client.
+
+DNS answers come from a real DNS server on loopback loaded with our own zones.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dnslib.server import DNSLogger, DNSServer
+
+from tests.integration.server import RunningServer, start_server
+from tests.policy.conftest import BASE_ZONES, ZoneResolver
+
+UNTRUSTED = "[policy]\ntrusted_networks = []\n"
+
+
+@pytest.fixture(scope="module")
+def dns_address() -> Iterator[str]:
+    server = DNSServer(ZoneResolver(BASE_ZONES), address="127.0.0.1", port=0,
+                       logger=DNSLogger(logf=lambda _m: None))
+    server.start_thread()
+    try:
+        yield f"127.0.0.1:{server.server.server_address[1]}"
+    finally:
+        server.stop()
+        server.server.server_close()
+
+
+def _start(tmp_path: Path, dns: str, extra: str = "") -> RunningServer:
+    return start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+        max_errors = 7
+
+        [policy]
+        trusted_networks = []
+        dns_servers = ["{dns}"]
+        dns_timeout = 1.0
+        {extra}
+    """)
+
+
+def test_helo_sender_and_relay_checks(tmp_path: Path, dns_address: str) -> None:
+    srv = _start(tmp_path, dns_address)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            code, text = smtp.ehlo("host.example.com")
+            assert (code, text[:5]) == (550, b"5.7.1")  # RFC 2606 name, session goes on
+            code, text = smtp.ehlo("nodot")
+            assert (code, text[:5]) == (550, b"5.7.1")
+            assert smtp.ehlo("client.sender.lab")[0] == 250
+            assert smtp.docmd("MAIL", "FROM:<x@nx.sender.lab>")[:2] == (
+                550, b"5.1.8 Sender domain must exist: nx.sender.lab")
+            assert smtp.docmd("MAIL", "FROM:<x@nullmx.sender.lab>")[0] == 550
+            assert smtp.docmd("MAIL", "FROM:<x@y.servfail.sender.lab>")[:1] == (451,)
+            assert smtp.docmd("MAIL", "FROM:<x@mx.sender.lab>")[0] == 250
+            assert smtp.docmd("RCPT", "TO:<someone@elsewhere.lab>")[:2] == (
+                550, b"5.7.1 Relaying denied")
+            assert smtp.docmd("RCPT", 'TO:<"root@elsewhere.lab"@localhost>')[0] == 550
+            # The error budget (max_errors = 7) is spent: 421 and the connection closes.
+            code, text = smtp.docmd("NOOP")
+            assert (code, text[:5]) == (421, b"4.7.0")
+    finally:
+        srv.stop()
+
+
+def test_helo_hangup_mode(tmp_path: Path, dns_address: str) -> None:
+    srv = _start(tmp_path, dns_address, 'helo_refusal = "hangup"')
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            sock.recv(1024)
+            sock.sendall(b"EHLO localhost\r\n")
+            assert sock.recv(1024).startswith(b"421 4.7.1")
+            assert sock.recv(1024) == b""
+    finally:
+        srv.stop()
+
+
+def test_greylisting_over_the_wire(tmp_path: Path, dns_address: str) -> None:
+    srv = _start(tmp_path, dns_address, f"""
+        [greylist]
+        enabled = true
+        min_delay = 0
+        sqlite_path = "{tmp_path}/grey.sqlite"
+    """)
+    try:
+        for expected in (451, 250):
+            with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+                smtp.ehlo("client.sender.lab")
+                smtp.docmd("MAIL", "FROM:<x@mx.sender.lab>")
+                code, text = smtp.docmd("RCPT", "TO:<root@localhost>")
+                assert code == expected, text
+                if code == 451:
+                    assert text.startswith(b"4.7.1")
+    finally:
+        srv.stop()
+
+
+def test_access_list_states(tmp_path: Path, dns_address: str) -> None:
+    access = tmp_path / "access"
+    access.write_text(
+        "deny sender *@a.sender.lab\n"
+        "block sender *@aaaa.sender.lab\n"
+        "delay sender *@deep.sub.sender.lab\n"
+    )
+    quarantine = tmp_path / "quarantine"
+    srv = _start(tmp_path, dns_address, f"""
+        access_file = "{access}"
+        blocked_disposition = "quarantine"
+        quarantine_dir = "{quarantine}"
+    """)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.sender.lab")
+            code, text = smtp.docmd("MAIL", "FROM:<x@a.sender.lab>")
+            assert code == 554 and b"postmaster@mx.mailgate.test" in text
+            code, text = smtp.docmd("MAIL", "FROM:<x@deep.sub.sender.lab>")
+            assert (code, text[:5]) == (451, b"4.7.1")
+            assert smtp.docmd("MAIL", "FROM:<x@aaaa.sender.lab>")[0] == 250
+            assert smtp.docmd("RCPT", "TO:<root@localhost>")[0] == 250
+            code, text = smtp.data(b"Subject: spam\r\n\r\nbuy now\r\n")
+            assert (code, text[:5]) == (554, b"5.7.1")
+        assert srv.messages("root") == []
+        assert len(list(quarantine.iterdir())) == 1
+    finally:
+        srv.stop()
