@@ -78,11 +78,24 @@ def test_starttls_discards_what_was_pipelined_after_it() -> None:
     s.ehlo()
     out = s.send("STARTTLS\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\n")
     assert codes(out) == ["220 2.0.0"]
-    # Bytes arriving before the handshake completes are ignored too.
-    assert s.send("MAIL FROM:<x@example.net>\r\n") == []
+    assert s.conn.buffered == 0  # the plaintext behind STARTTLS is gone
+    # What the driver feeds from now on came through the handshake: it waits for
+    # tls_started() and is then read in the fresh session.
+    assert s.send("EHLO again.example\r\n") == []
     s.conn.tls_started()
     assert not s.of(ev.MailFrom)
-    assert s.conn.helo is None  # RFC 3207 4.2: a new EHLO is needed
+    s.pump()
+    assert s.conn.helo == "again.example"
+    assert s.conn.data_to_send().startswith(b"250-mx.example.org you are again.example\r\n")
+    assert codes(s.send("MAIL FROM:<a@example.net>\r\n")) == ["250 2.1.0"]
+    assert len(s.of(ev.MailFrom)) == 1
+
+
+def test_tls_session_starts_fresh() -> None:
+    s = Session(starttls=True)
+    s.transaction()
+    s.send("STARTTLS\r\n")
+    assert s.conn.helo is None and s.conn.envelope is None  # RFC 3207 4.2
     assert codes(s.send("MAIL FROM:<a@example.net>\r\n")) == ["503 5.5.1"]
 
 
