@@ -17,11 +17,14 @@ from mailgate.protocol.envelope import Envelope
 
 FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be no longer than 78 characters
 _TOKEN_LIMIT = 255  # a domain name's maximum; bounds every client-supplied token
-# anything that could end a line, split a clause or unbalance a comment or literal
-_DOMAIN_UNSAFE = re.compile(r"[\x00-\x20\x7f()<>\[\]\\;,\"]+")
-_DOMAIN_UNSAFE_LITERAL = re.compile(r"[\x00-\x20\x7f()<>\\;,\"]+")
-_COMMENT_UNSAFE = re.compile(r"[\x00-\x1f\x7f()\\]+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# anything that could end a line, split a clause or unbalance a comment or literal;
+# C1 controls and U+2028/2029 too: UTF-8 values (SMTPUTF8) may carry them, and many
+# readers (str.splitlines, some MUAs) take NEL or LINE SEPARATOR for a line end
+_BREAKS = "\x00-\x1f\x7f-\x9f\u2028\u2029"
+_DOMAIN_UNSAFE = re.compile(rf"[{_BREAKS} ()<>\[\]\\;,\"]+")
+_DOMAIN_UNSAFE_LITERAL = re.compile(rf"[{_BREAKS} ()<>\\;,\"]+")
+_COMMENT_UNSAFE = re.compile(rf"[{_BREAKS}()\\]+")
+_CONTROL = re.compile(rf"[{_BREAKS}]+")
 
 
 def protocol_name(extended: bool, tls: bool, auth: bool, smtputf8: bool) -> str:

@@ -52,6 +52,8 @@ def parse_domain(text: str, *, utf8: bool = False, helo: bool = False) -> str:
     """A domain name (no trailing dot) or raise GrammarError('syntax.args')."""
     if not text or len(text.encode("utf-8", "surrogatepass")) > MAX_DOMAIN:
         raise GrammarError("syntax.args", detail="bad domain")
+    if utf8 and not text.isprintable():  # no U-label holds C1 controls or U+2028/2029
+        raise GrammarError("syntax.args", detail="bad domain")
     label_re = _LABEL_UTF8 if utf8 else (_LABEL_HELO if helo else _LABEL)
     for label in text.split("."):
         if not label_re.match(label):
