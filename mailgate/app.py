@@ -122,7 +122,7 @@ class MailServer:
         bound = []
         for listener in self.listeners:
             host, port = split_host_port(listener.config.address)
-            ssl_ctx = self.ctx.tls.server_context() if listener.implicit_tls else None
+            ssl_ctx = self.ctx.tls.listener_context() if listener.implicit_tls else None
             if listener.implicit_tls and ssl_ctx is None:
                 raise ConfigError([f"listener {listener.config.address}: role smtps needs [tls]"])
             server = await loop.create_server(
@@ -182,7 +182,11 @@ class MailServer:
         ctx.delivery = fresh.delivery
         ctx.mailboxes = fresh.mailboxes
         ctx.authenticator = fresh.authenticator
-        ctx.tls = fresh.tls
+        try:
+            # In place, so that implicit-TLS listeners follow the new certificates.
+            ctx.tls.reload(fresh.config.tls)
+        except (ValueError, OSError) as exc:
+            log_event("reload", level="error", outcome="tls_refused", error=str(exc)[:500])
         self.listeners_settings_refresh()
         log_event("reload", outcome="ok")
 

@@ -45,16 +45,49 @@ class TLSContexts:
         """Load every certificate now; ValueError "file: problem" when one is broken."""
         self._config = config
         self._loaded = self._load() if config.pairs else None
+        self._listener: ssl.SSLContext | None = None
 
     def server_context(self) -> ssl.SSLContext | None:
         """The context to wrap server connections with, or None without certificates."""
         return self._loaded.default if self._loaded else None
 
-    def reload(self) -> None:
+    def listener_context(self) -> ssl.SSLContext | None:
+        """A context that stays bound to an implicit-TLS listening socket (port 465).
+
+        A listening socket keeps the context it was created with, so this one follows
+        reloads in place: its default certificate is replaced and its SNI callback
+        always looks in the current table.
+        """
+        if self._loaded is None:
+            return None
+        if self._listener is None:
+            cert, key = self._config.pairs[0]
+            self._listener = self._context(cert, key)
+            self._listener.sni_callback = self._choose_current
+        return self._listener
+
+    def _choose_current(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext
+    ) -> None:
+        if self._loaded is not None:
+            _choose(self._loaded, ssl_object, server_name)
+
+    def reload(self, config: TLSConfig | None = None) -> None:
         """Re-read all certificates into new contexts; on ValueError the old ones stay."""
-        if self._config.pairs:
-            self._loaded = self._load()
-            log.info("TLS certificates reloaded: %d", len(self._config.pairs))
+        config = config or self._config
+        if not config.pairs:
+            return
+        previous = self._config
+        self._config = config
+        try:
+            loaded = self._load()
+            if self._listener is not None:
+                self._listener.load_cert_chain(*config.pairs[0])
+        except (ValueError, OSError, ssl.SSLError):
+            self._config = previous
+            raise
+        self._loaded = loaded
+        log.info("TLS certificates reloaded: %d", len(config.pairs))
 
     def _load(self) -> _Loaded:
         contexts: list[ssl.SSLContext] = []

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import shutil
+import signal
 import smtplib
 import socket
 import ssl
@@ -310,3 +311,33 @@ def test_tls_handshake_failure_is_logged_and_closed(tls_server: RunningServer) -
     # The server is still serving.
     with smtplib.SMTP("127.0.0.1", public, timeout=10) as smtp:
         assert smtp.noop()[0] == 250
+
+
+def test_sighup_reloads_certificates_without_dropping_sessions(
+    tls_server: RunningServer, ca: trustme.CA, tmp_path: Path
+) -> None:
+    public, _, smtps = _ports(tls_server)
+
+    def served_cert() -> tuple[bytes, bytes]:
+        with smtplib.SMTP("127.0.0.1", public, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.starttls(context=_client_context(ca))
+            starttls = smtp.sock.getpeercert(binary_form=True)
+        with smtplib.SMTP_SSL("127.0.0.1", smtps, timeout=10,
+                              context=_client_context(ca)) as smtp:
+            implicit = smtp.sock.getpeercert(binary_form=True)
+        return starttls, implicit
+
+    before = served_cert()
+    open_session = smtplib.SMTP_SSL("127.0.0.1", smtps, timeout=10, context=_client_context(ca))
+    open_session.ehlo("client.mailgate.org")
+    _pki(tmp_path, ca)  # new certificates over the old files
+    tls_server.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "event=reload" not in tls_server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = served_cert()
+    assert after[0] != before[0] and after[1] != before[1]
+    assert after[0] == after[1]
+    assert open_session.noop()[0] == 250  # the session from before the reload goes on
+    open_session.quit()
