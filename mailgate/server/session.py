@@ -16,6 +16,7 @@ import shutil
 import time
 from typing import TYPE_CHECKING, cast
 
+from mailgate.auth.mechanisms import Challenge, Success
 from mailgate.delivery.base import RecipientResult, TraceInfo
 from mailgate.delivery.trace import protocol_name, received_header
 from mailgate.ops.logging import SessionLog
@@ -61,6 +62,7 @@ class Session(asyncio.Protocol):
         self._proxy_buf = b""
         self._spool: SpoolFile | None = None
         self._exchange: SaslExchange | None = None
+        self._auth_mechanism = ""
         self._messages = 0
         self._message_started = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -244,7 +246,7 @@ class Session(asyncio.Protocol):
         elif isinstance(event, ev.AuthAborted):
             self._exchange = None
             self.log_event("auth", outcome="aborted")
-            server.metrics.auth("?", "aborted")
+            server.metrics.auth(self._auth_mechanism or "?", "aborted")
         elif isinstance(event, ev.Verify):
             addr = event.address
             if server.mailboxes.has_recipient(addr.local, addr.domain):
@@ -428,13 +430,11 @@ class Session(asyncio.Protocol):
         await self._auth_step(event.initial)
 
     async def _auth_step(self, data: bytes | None) -> None:
-        from mailgate.auth.mechanisms import Challenge, Success
-
         conn = self.conn
         client = self.client
         exchange = self._exchange
         assert conn is not None and client is not None
-        mech = getattr(self, "_auth_mechanism", "?")
+        mech = self._auth_mechanism
         if exchange is None:
             conn.auth_failure(reply("auth.bad_response"))
             return
