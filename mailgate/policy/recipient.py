@@ -52,6 +52,10 @@ class RecipientStep(Step):
                 return self._refuse("rcpt.unknown", "downstream_unknown", address)
             if downstream is None:
                 return self._refuse("delivery.downstream_rcpt_temp", "downstream_tempfail", address)
+        if address.domain and domain != address.domain_lower:
+            # user@[our address] (or user@[]) is local mail: make it user@hostname, or
+            # delivery, which knows no addresses, would hand it to the relay.
+            recipient.address = Address(address.local, domain, address.quoted)
         return ACCEPT
 
     def _local_domain(self, client: Client, address: Address) -> str | None:
