@@ -119,3 +119,23 @@ def test_size_declared_and_exceeded(tmp_path) -> None:
         assert srv.messages("root") == []
     finally:
         srv.stop()
+
+
+def test_bdat_chunks_and_smtputf8_over_the_wire(server: RunningServer) -> None:
+    body = "Subject: caf\u00e9\r\n\r\nr\u00e9sum\u00e9\r\n.not stuffed in BDAT\r\n".encode()
+    first, second = body[:20], body[20:]
+    got = _talk(
+        server,
+        b"EHLO client.mailgate.org\r\n"
+        + "MAIL FROM:<j\u00f6rg@client.mailgate.org> SMTPUTF8 BODY=8BITMIME\r\n".encode()
+        + b"RCPT TO:<root@localhost>\r\n"
+        + f"BDAT {len(first)}\r\n".encode() + first
+        + f"BDAT {len(second)} LAST\r\n".encode() + second
+        + b"QUIT\r\n",
+        b"221 ",
+    )
+    codes = [line[:3] for line in got.decode().splitlines()]
+    assert codes[-5:] == ["250", "250", "250", "250", "221"], got
+    [stored] = server.messages("root")
+    assert stored.endswith("r\u00e9sum\u00e9\n.not stuffed in BDAT\n".encode())
+    assert b"with UTF8SMTP" in stored
