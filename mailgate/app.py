@@ -32,6 +32,8 @@ from mailgate.server.context import (
 from mailgate.server.session import Session
 from mailgate.tls import TLSContexts
 
+RETIRE_AFTER = 600.0  # seconds a replaced policy/router stays open after a reload
+
 
 def default_hostname() -> str:
     """The machine's fully qualified name, falling back to its plain host name."""
@@ -177,10 +179,16 @@ class MailServer:
             log_event("reload", level="error", outcome="refused", error=str(exc)[:500])
             return
         ctx = self.ctx
+        retired = (ctx.policy, ctx.delivery)
         ctx.config = fresh.config
         ctx.policy = fresh.policy
         ctx.delivery = fresh.delivery
         ctx.mailboxes = fresh.mailboxes
+        # Calls already running on the old policy and router may still need them for
+        # a while: close them (greylist store, LMTP verifier) only after a grace period.
+        asyncio.get_running_loop().call_later(
+            RETIRE_AFTER, lambda: asyncio.ensure_future(_close_parts(*retired))
+        )
         ctx.authenticator = fresh.authenticator
         try:
             # In place, so that implicit-TLS listeners follow the new certificates.
@@ -221,6 +229,16 @@ class MailServer:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)
+        await _close_parts(self.ctx.policy, self.ctx.delivery)
+
+
+async def _close_parts(*parts: object) -> None:
+    """Close a policy's and a router's resources, whichever they have."""
+    for part in parts:
+        close = getattr(part, "close", None) or getattr(part, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
 
 
 def describe_delivery(config: Config) -> str:

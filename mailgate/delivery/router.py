@@ -106,6 +106,13 @@ class Router:
                 answer = None
         return answer
 
+    async def aclose(self) -> None:
+        """Close the destinations' cached connections (the LMTP verifier)."""
+        for destination in self.destinations.values():
+            close = getattr(destination, "aclose", None)
+            if close is not None:
+                await close()
+
     # --- routing ------------------------------------------------------------------
 
     def canonical_user(self, local: str) -> str:

@@ -54,6 +54,16 @@ class PolicyEngine:
     async def message(self, client: Client, envelope: Envelope, body: Spooled) -> Verdict:
         return await self._run("message", client, lambda step: step.message(client, envelope, body))
 
+    async def close(self) -> None:
+        """Release what the steps hold (the greylist's SQLite or Redis store)."""
+        for step in self.steps:
+            close = getattr(step, "close", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception as exc:  # closing must not stop the others
+                    log.warning("closing %s failed: %s", getattr(step, "name", step), exc)
+
     async def reload(self) -> None:
         """Reload every step that can (the access list); keep the old state on an error.
 
