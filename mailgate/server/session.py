@@ -180,10 +180,17 @@ class Session(asyncio.Protocol):
         conn = self.conn
         assert conn is not None
         settings = self.server.config.server
+        loop = asyncio.get_running_loop()
+        # command_timeout runs per command, not per read: a client trickling a byte at a
+        # time (slowloris) must still finish each command line in time.  It restarts when
+        # the engine acted (an event or a reply); in the data each read restarts it
+        # (RFC 5321 4.5.3.2.5 times a data block, and the size limit bounds the data).
+        deadline = 0.0
+        acted = True
         while True:
             event = conn.next_event()
             if event is ev.NEED_DATA:
-                self._flush()
+                acted = self._flush() or acted
                 if conn.closed or self._lost:
                     return
                 if self._stopping:
@@ -196,10 +203,14 @@ class Session(asyncio.Protocol):
                 if self._paused and self.transport is not None:
                     self._paused = False
                     self.transport.resume_reading()
+                if acted:
+                    deadline = loop.time() + settings.command_timeout
+                    acted = False
                 await self._wait_input(
-                    settings.data_timeout if conn.in_data else settings.command_timeout
+                    settings.data_timeout if conn.in_data else deadline - loop.time()
                 )
                 continue
+            acted = True
             if isinstance(event, ev.BodyChunk):
                 self._write_body(event.data)
                 continue
@@ -516,16 +527,18 @@ class Session(asyncio.Protocol):
             self._spool.discard()
             self._spool = None
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
+        """Send the engine's output; whether there was any."""
         conn = self.conn
         transport = self.transport
         if conn is None or transport is None:
-            return
+            return False
         out = conn.data_to_send()
         if out and not transport.is_closing():
             transport.write(out)
         if conn.closed and not transport.is_closing():
             transport.close()
+        return bool(out)
 
     async def _read_proxy_header(self) -> bool:
         """PROXY v1/v2 from an allowed load balancer: the proxied address becomes the
