@@ -19,6 +19,8 @@ from mailgate.config.loader import load_config, split_host_port
 from mailgate.config.schema import Config
 from mailgate.config.server import ListenerConfig
 from mailgate.delivery.factory import build_router
+from mailgate.delivery.maildir import MaildirDestination
+from mailgate.delivery.router import Router
 from mailgate.delivery.spool import SpoolDir
 from mailgate.ops.logging import log_event, setup_logging
 from mailgate.ops.metrics import Metrics
@@ -121,6 +123,13 @@ class MailServer:
         removed = self.ctx.spool.cleanup()
         if removed:
             log_event("spool_cleanup", removed=removed)
+        router = self.ctx.delivery
+        destinations = router.destinations if isinstance(router, Router) else {}
+        for name, destination in destinations.items():
+            if isinstance(destination, MaildirDestination):
+                removed = destination.cleanup_tmp()  # a crash's half-written deliveries
+                if removed:
+                    log_event("maildir_cleanup", destination=name, removed=removed)
         bound = []
         for listener in self.listeners:
             host, port = split_host_port(listener.config.address)

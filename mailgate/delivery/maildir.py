@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import glob
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from mailgate.delivery.spool import (
     WRITE_BUFFER,
     crlf_to_lf,
     mailbox_component,
+    pid_alive,
     read_chunks,
     reply_for_os_error,
 )
@@ -35,16 +38,28 @@ from mailgate.protocol.replies import Reply, reply
 log = logging.getLogger(__name__)
 
 _SUBDIRS = ("tmp", "new", "cur")
+_UNIQUE = re.compile(r"^\d+\.M\d+P(\d+)Q\d+\.")
 _NO_LINK = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP})
 _deliveries = itertools.count()
+TMP_MAX_AGE = 36 * 3600  # the Maildir convention: a tmp/ file this old is abandoned
 
 
 def unique_name(hostname: str) -> str:
     """A maildir file name no other delivery on any host uses."""
     now = time.time()
     sec = int(now)
-    host = hostname.replace("/", "\\057").replace(":", "\\072") or "localhost"
+    host = _host_part(hostname)
     return f"{sec}.M{int((now - sec) * 1e6)}P{os.getpid()}Q{next(_deliveries)}.{host}"
+
+
+def _host_part(hostname: str) -> str:
+    return hostname.replace("/", "\\057").replace(":", "\\072") or "localhost"
+
+
+def _writer_pid(name: str) -> int | None:
+    """The pid in a name made by unique_name, or None for any other name."""
+    match = _UNIQUE.match(name)
+    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -74,6 +89,33 @@ class MaildirDestination:
         self.hostname = hostname
         self.committer = committer
         self._ready: set[str] = set()  # maildirs known to have tmp/, new/ and cur/
+
+    def cleanup_tmp(self) -> int:
+        """At start-up: remove tmp/ files that no delivery will finish; return how many.
+
+        A file of ours (``...P<pid>Q<n>.<our host>``) whose process is gone was left by
+        a crash; any file older than 36 hours is abandoned (the Maildir rule).  Files
+        of a live process, or another host's, are left alone.  Blocking: call it
+        before serving.
+        """
+        own = f".{_host_part(self.hostname)}"
+        depth = 2 if self.layout == "domain/user" else 1
+        pattern = os.path.join(self.root, *["*"] * depth, "tmp", "*")
+        removed = 0
+        now = time.time()
+        for path in glob.glob(pattern):
+            name = os.path.basename(path)
+            pid = _writer_pid(name) if name.endswith(own) else None
+            try:
+                gone = pid is not None and (pid == os.getpid() or not pid_alive(pid))
+                if gone or now - os.lstat(path).st_mtime > TMP_MAX_AGE:
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("maildir: cannot clean %s: %s", path, exc)
+        return removed
 
     def mailbox(self, address: Address) -> str:
         """The maildir of ``address``; ValueError if its names are unsafe as paths."""
