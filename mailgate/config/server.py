@@ -29,7 +29,9 @@ class ServerConfig:
     tarpit_delay: float = 0.0  # seconds before the nth refusal: delay * 2**(n-1) (9front)
     tarpit_max_delay: float = 30.0
     helo_delay: float = 0.0  # seconds before the HELO/EHLO reply (upas -D)
-    command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: 5 minutes
+    # RFC 5321 4.5.3.2.7: 5 minutes for a whole command line (not per read, so a
+    # client trickling one byte at a time cannot hold a connection for ever)
+    command_timeout: float = 300.0
     data_timeout: float = 180.0  # RFC 5321 4.5.3.2.5: 3 minutes per data block
     shutdown_grace: float = 30.0  # seconds sessions may finish after SIGTERM
     max_connections: int = 1000
