@@ -83,6 +83,9 @@ class Authenticator:
         if failures >= self._throttle.limits.close_after:
             return reply("closing.auth_throttled", host=self._hostname)
         if failures >= self._throttle.limits.after:
+            # A client that keeps trying while throttled keeps counting, so that it
+            # reaches close_after and is cut off rather than answered 454 for ever.
+            self._throttle.failure(client_ip, None)
             return reply("auth.throttled")
         return None
 

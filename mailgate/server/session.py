@@ -585,8 +585,11 @@ class Session(asyncio.Protocol):
             fields[key] = value
         if client is not None and client.filter_state not in ("ACCEPT", "TRUSTED"):
             fields["filter"] = client.filter_state
-        if self.conn is not None and self.conn.errors:
-            fields["errors"] = self.conn.errors
+        if self.conn is not None:
+            # Logged before the reply is queued: count the refusal being logged too.
+            errors = self.conn.errors + (1 if verdict.reply and verdict.reply.is_error else 0)
+            if errors:
+                fields["errors"] = errors
         self.log_event(stage, **fields)
 
     def _log_delivery(

@@ -52,8 +52,11 @@ def test_454_then_421(make_auth: Callable[..., Authenticator]) -> None:
     auth = make_auth(throttle_after=2, throttle_close_after=4)
     seen = []
     for _ in range(5):
-        seen.append(throttle(auth))
-        fail(auth)
+        verdict = throttle(auth)
+        seen.append(verdict)
+        if verdict is None:
+            fail(auth)  # the session runs an exchange only when not throttled
+    # Trying again while throttled counts too, so a persistent guesser is cut off.
     assert seen == [None, None, "auth.throttled", "auth.throttled", "closing.auth_throttled"]
     reply = asyncio.run(auth.check_throttle(IP))
     assert reply is not None and reply.code == 421 and "mx.example.org" in reply.text
@@ -77,11 +80,12 @@ def test_success_resets_the_user_not_the_address(auth: Authenticator) -> None:
 def test_counts_expire(make_auth: Callable[..., Authenticator], clock: FakeClock) -> None:
     auth = make_auth(throttle_after=1, throttle_window=60)
     fail(auth)
-    assert throttle(auth) == "auth.throttled"
     clock.now += 59
-    assert throttle(auth) == "auth.throttled"
+    assert throttle(auth) == "auth.throttled"  # and this try counts, at t=59
     clock.now += 2
-    assert throttle(auth) is None
+    assert throttle(auth) == "auth.throttled"  # the first failure expired, not the try
+    clock.now += 61
+    assert throttle(auth) is None  # a minute without trying: the window is clean
     assert auth.failure_delay(IP, "alice") == 0
 
 
