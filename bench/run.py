@@ -1,0 +1,165 @@
+"""Benchmark entry point: mailgate against aiosmtpd on uvloop, driven by smtp-source.
+
+    .venv/bin/python bench/run.py            # full run (3 rounds, ~15 minutes on 2 cores)
+    .venv/bin/python bench/run.py --quick    # 1 round, a tenth of the messages, ~2 minutes
+    .venv/bin/python bench/run.py --part idle   # only the idle-connection test
+
+Every measurement starts a fresh server process (so VmHWM is that load's peak) and the
+servers take turns within each round, in an order that alternates between rounds.
+Markdown tables go to stdout, raw numbers to <workdir>/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bigmsg import big_messages
+from idle import rss_per_connection
+from loads import LOADS, Load, Measurement, measure, smtp_source_argv
+from procstat import machine
+from servers import check_tools, command, raise_nofile, start
+
+SERVERS = ("mailgate", "aiosmtpd")
+MODES = ("discard", "maildir")
+# in durable mode p1 and p2 are cut to this many messages so a full run stays under
+# ~15 minutes (fsync-bound runs are slow); stated in the tables
+DURABLE_CAP = 5_000
+
+
+def load_for(load: Load, mode: str, scale: float) -> Load:
+    scaled = load.scaled(scale)
+    if mode == "maildir" and scaled.messages > DURABLE_CAP:
+        return Load(scaled.name, scaled.what, DURABLE_CAP, scaled.size, scaled.sessions,
+                    scaled.reuse)
+    return scaled
+
+
+def run_loads(workdir: Path, rounds: int, scale: float, only: list[str]) -> list[Measurement]:
+    results: list[Measurement] = []
+    for round_no in range(1, rounds + 1):
+        order = SERVERS if round_no % 2 else tuple(reversed(SERVERS))
+        for base in LOADS:
+            if only and base.name not in only:
+                continue
+            for mode in MODES:
+                load = load_for(base, mode, scale)
+                for name in order:
+                    server = start(name, mode, workdir)
+                    try:
+                        m = measure(load, server, round_no)
+                    finally:
+                        server.stop()
+                    results.append(m)
+                    print(f"# round {round_no} {load.name} {mode} {name}: "
+                          f"{m.msgs_per_s} msg/s, {m.cpu_ms_per_msg} ms CPU/msg, "
+                          f"{m.peak_rss_mb} MB peak", file=sys.stderr, flush=True)
+    return results
+
+
+def loads_table(results: list[Measurement], scale: float) -> str:
+    rows = ["| load | mode | messages | server | msg/s (median) | CPU ms/msg | peak RSS MB "
+            "| mailgate ÷ aiosmtpd |", "|---|---|---|---|---|---|---|---|"]
+    for base in LOADS:
+        for mode in MODES:
+            medians = {}
+            for name in SERVERS:
+                ms = [m for m in results if (m.load, m.mode, m.server) == (base.name, mode, name)]
+                if ms:
+                    medians[name] = (
+                        statistics.median(m.msgs_per_s for m in ms),
+                        statistics.median(m.cpu_ms_per_msg for m in ms),
+                        max(m.peak_rss_mb for m in ms),
+                    )
+            if len(medians) < 2:
+                continue
+            ratio = medians["mailgate"][0] / medians["aiosmtpd"][0]
+            messages = load_for(base, mode, scale).messages
+            for name in SERVERS:
+                rate, cpu, rss = medians[name]
+                shown = f"**{ratio:.2f}x**" if name == "mailgate" else ""
+                rows.append(f"| {base.name} | {mode} | {messages} | {name} | {rate:.0f} "
+                            f"| {cpu:.3f} | {rss:.1f} | {shown} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 round, a tenth of the mail")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--part", choices=["all", "loads", "idle", "big"], default="all")
+    parser.add_argument("--load", action="append", default=[], help="only this load (p1..p4)")
+    parser.add_argument("--workdir", default="/var/tmp/mailgate-bench")
+    args = parser.parse_args()
+    check_tools()
+    limit = raise_nofile()  # the idle test holds 10,000 client sockets
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rounds, scale = (1, 0.1) if args.quick else (args.rounds, 1.0)
+    started = time.monotonic()
+    print(f"Machine: {machine()}; descriptor limit {limit}\n")
+    raw: dict[str, object] = {"machine": machine(), "quick": args.quick}
+
+    if args.part in ("all", "loads"):
+        results = run_loads(workdir, rounds, scale, args.load)
+        raw["loads"] = [asdict(m) for m in results]
+        print(f"## Loads ({rounds} round(s), medians)\n\n{loads_table(results, scale)}\n")
+        print("smtp-source commands (port varies):\n")
+        for base in LOADS:
+            print(f"    {' '.join(smtp_source_argv(base.scaled(scale), 0))}")
+        print()
+
+    if args.part in ("all", "idle"):
+        counts = (1_000,) if args.quick else (1_000, 10_000)
+        rows = ["| server | connections | RSS before MB | RSS after MB | KB per connection |",
+                "|---|---|---|---|---|"]
+        idle: list[dict[str, object]] = []
+        for count in counts:
+            for name in SERVERS:
+                server = start(name, "discard", workdir)
+                try:
+                    r = rss_per_connection(server, count)
+                finally:
+                    server.stop()
+                idle.append({"server": name, **r})
+                rows.append(f"| {name} | {count} | {r['rss_before_mb']} | {r['rss_after_mb']} "
+                            f"| {r['kb_per_connection']} |")
+                print(f"# idle {name} {count}: {r}", file=sys.stderr, flush=True)
+        raw["idle"] = idle
+        print("## Idle connections (EHLO said, waiting)\n\n" + "\n".join(rows) + "\n")
+
+    if args.part in ("all", "big"):
+        count = 3 if args.quick else 10
+        rows = ["| server | messages x MB | seconds | RSS before MB | RSS max MB | growth MB |",
+                "|---|---|---|---|---|---|"]
+        big: list[dict[str, object]] = []
+        for name in SERVERS:
+            server = start(name, "maildir", workdir)
+            try:
+                r = big_messages(server, count)
+            finally:
+                server.stop()
+            big.append({"server": name, **r})
+            rows.append(f"| {name} | {count} x {r['size_mb']} | {r['seconds']} "
+                        f"| {r['rss_before_mb']} | {r['rss_max_mb']} | {r['growth_mb']} |")
+            print(f"# big {name}: {r}", file=sys.stderr, flush=True)
+        raw["big"] = big
+        print("## Big messages in parallel (durable Maildir mode)\n\n" + "\n".join(rows) + "\n")
+
+    print("Server commands:\n")
+    for name in SERVERS:
+        print(f"    {' '.join(command(name, '<mode>', 0, workdir / '<run>'))}")
+    print(f"\nTotal time: {time.monotonic() - started:.0f} s")
+    (workdir / "results.json").write_text(json.dumps(raw, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Starting and stopping the servers under test, each in its own process."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+NOFILE = 65536  # 10,000 idle connections need more descriptors than the default
+
+# smtp-source's identity in every run (mailgate refuses HELO localhost and reserved
+# names such as .test, so the bench uses a made-up name under .internal)
+HELO = "client.bench.internal"
+SENDER = "bench@client.bench.internal"
+RECIPIENT = "user@bench.internal"
+
+MAILGATE_CONFIG = """\
+[server]
+hostname = "mx.bench.internal"
+spool_dir = "{work}/spool"
+max_message_size = 62914560          # the 50 MB memory test
+max_connections = 20000              # the idle-connection test
+max_connections_per_ip = 20000
+
+[[listener]]
+address = "127.0.0.1:{port}"
+
+[policy]
+verify_sender_domain = false         # no DNS on the bench machine (127.0.0.1 is trusted anyway)
+
+[delivery]
+maildir_root = "{work}/maildir"
+local_domains = ["bench.internal"]
+system_users = false
+local_users = ["user"]
+default = "{default}"
+
+[delivery.destinations.blackhole]
+type = "discard"
+"""
+
+
+def raise_nofile() -> int:
+    """Raise this process's descriptor limit to NOFILE, or to the hard limit if lower
+    (without CAP_SYS_RESOURCE the hard limit cannot grow); return the new limit."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+        return NOFILE
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        return limit
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    name: str  # "mailgate" or "aiosmtpd"
+    mode: str  # "discard" or "maildir"
+    port: int
+    proc: subprocess.Popen[bytes]
+    work: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def command(name: str, mode: str, port: int, work: Path) -> list[str]:
+    """The exact command line that starts ``name`` (also printed in RESULTS.md)."""
+    if name == "mailgate":
+        return [str(VENV_BIN / "mailgate"), "serve", "--config", str(work / "mailgate.toml")]
+    return [
+        str(VENV_BIN / "python"), str(ROOT / "bench" / "aiosmtpd_server.py"),
+        "--port", str(port), "--mode", mode, "--maildir", str(work / "maildir" / "user"),
+    ]
+
+
+def start(name: str, mode: str, workdir: Path) -> Server:
+    """Start a fresh server (fresh peak-RSS counter) and wait until it accepts."""
+    port = free_port()
+    work = workdir / f"{name}-{mode}-{port}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    default = "blackhole" if mode == "discard" else "local"
+    (work / "mailgate.toml").write_text(
+        MAILGATE_CONFIG.format(work=work, port=port, default=default)
+    )
+    proc = subprocess.Popen(
+        command(name, mode, port, work),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # mailgate logs every event; the cost is still paid
+        preexec_fn=raise_nofile,  # what `prlimit --nofile` would do
+        cwd=work,
+    )
+    server = Server(name, mode, port, proc, work)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.recv(512)  # the greeting: the server is ready
+            time.sleep(0.2)  # let it see the probe's close before measuring
+            return server
+        except OSError:
+            time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"{name} did not start listening on {port}")
+
+
+def check_tools() -> None:
+    """smtp-source must exist and Postfix's own daemon must not be running."""
+    if shutil.which("smtp-source") is None:
+        sys.exit(
+            "smtp-source not found: echo 'postfix postfix/main_mailer_type select No "
+            "configuration' | debconf-set-selections; DEBIAN_FRONTEND=noninteractive "
+            "apt-get install -y postfix; postfix stop"
+        )
+    if _postfix_master_running():
+        subprocess.run(["postfix", "stop"], check=False, capture_output=True)
+        time.sleep(1)
+        if _postfix_master_running():
+            sys.exit("a Postfix master process is running; stop it first (postfix stop)")
+
+
+def _postfix_master_running() -> bool:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() == "master":
+                    return True
+        except OSError:
+            continue
+    return False
