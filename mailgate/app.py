@@ -22,7 +22,7 @@ from mailgate.delivery.factory import build_router
 from mailgate.delivery.maildir import MaildirDestination
 from mailgate.delivery.router import Router
 from mailgate.delivery.spool import SpoolDir
-from mailgate.ops.logging import log_event, setup_logging
+from mailgate.ops.logging import flush_logs, log_event, setup_logging
 from mailgate.ops.metrics import Metrics
 from mailgate.policy.factory import build_policy
 from mailgate.server.context import (
@@ -270,6 +270,7 @@ async def serve(config: Config, config_path: str | None, announce: bool = True) 
     log_event("started", hostname=server.ctx.hostname, listeners=len(bound))
     await server.wait_stopped()
     log_event("stopped")
+    flush_logs()
     return 0
 
 

@@ -45,6 +45,13 @@ def new_session_id() -> str:
 
 
 class Session(asyncio.Protocol):
+    # Slots: an idle session should cost a few KB (ten thousand of them wait at once).
+    __slots__ = (
+        "_auth_mechanism", "_busy", "_exchange", "_lost", "_message_started", "_messages",
+        "_paused", "_proxy_buf", "_spool", "_stopping", "_task", "_timed_out", "_waiter",
+        "client", "conn", "listener", "log", "server", "sid", "transport",
+    )  # fmt: skip
+
     def __init__(self, server: ServerContext, listener: ListenerContext) -> None:
         self.server = server
         self.listener = listener
@@ -309,7 +316,8 @@ class Session(asyncio.Protocol):
         conn = self.conn
         assert client is not None and conn is not None
         verdict = await self.server.policy.data(client, envelope)
-        self._log_verdict("data", verdict, rcpts=len(envelope.recipients))
+        if not verdict.accepted or verdict.tags:  # an accepted DATA is in the message line
+            self._log_verdict("data", verdict, rcpts=len(envelope.recipients))
         if not verdict.accepted:
             await self._answer(verdict)
             return
