@@ -44,6 +44,10 @@ class SpoolReader(Protocol):
     @property
     def size(self) -> int: ...
 
+    def held(self) -> bytes | None:
+        """The whole message when it is small and held in memory (no file yet), else None."""
+        ...
+
 
 class Delivery(Protocol):
     """Stores or hands off one message; returns one result per envelope recipient.

@@ -155,7 +155,10 @@ class MaildirDestination:
             header = header.replace(b"\r\n", b"\n")
         run = _Run(unique_name(self.hostname))
         try:
-            await asyncio.to_thread(self._stage, run, boxes, header, spool.path, binary)
+            # A small message held in memory is written straight into the maildir.
+            held = spool.held() if hasattr(spool, "held") else None
+            source = held if held is not None else spool.path
+            await asyncio.to_thread(self._stage, run, boxes, header, source, binary)
             await self._sync(run, run.to_sync, list(run.staged))
             await asyncio.to_thread(self._publish, run)
             dirs = run.dirs | {os.path.join(box, "new") for box in run.published}
@@ -177,7 +180,9 @@ class MaildirDestination:
             log.error("maildir: fsync failed: %s", exc)
             run.fail(boxes, exc)
 
-    def _stage(self, run: _Run, boxes: list[str], header: bytes, spool: str, binary: bool) -> None:
+    def _stage(
+        self, run: _Run, boxes: list[str], header: bytes, spool: str | bytes, binary: bool
+    ) -> None:
         """Write the message into the first maildir's tmp/, link it into the others'."""
         source = None
         for box in boxes:
@@ -231,12 +236,13 @@ class MaildirDestination:
             del run.staged[box]  # its tmp/ name is gone
 
 
-def _write_message(path: str, header: bytes, spool: str, binary: bool) -> None:
+def _write_message(path: str, header: bytes, spool: str | bytes, binary: bool) -> None:
+    """``spool`` is the spool file's path, or the message itself when held in memory."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb", buffering=WRITE_BUFFER) as out:
             out.write(header)
-            chunks = read_chunks(spool)
+            chunks: Iterable[bytes] = [spool] if isinstance(spool, bytes) else read_chunks(spool)
             for chunk in chunks if binary else crlf_to_lf(chunks):
                 out.write(chunk)
     except BaseException:

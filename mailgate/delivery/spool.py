@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 SUFFIX = ".spool"
 WRITE_BUFFER = 256 * 1024  # big writes: one syscall per 256 KiB of body
 READ_CHUNK = 1024 * 1024  # destinations stream the spool in pieces this big
+MEMORY_LIMIT = 128 * 1024  # a message up to this size is held in memory, not on disk
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _NAME = re.compile(r"^.*\.(\d+)\.\d+" + re.escape(SUFFIX) + "$")
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -65,24 +66,67 @@ def mailbox_component(name: str) -> str:
 
 
 class SpoolFile:
-    """One spooled message: written once by the server, then read by the destinations."""
+    """One spooled message: written once by the server, then read by the destinations.
+
+    A message of at most MEMORY_LIMIT octets stays in memory, and the file is only
+    created when a destination asks for :attr:`path`: a small message that is
+    discarded or stored in a Maildir then costs no spool syscalls at all.  Memory
+    stays bounded by MEMORY_LIMIT per message in flight.
+    """
+
+    __slots__ = ("_closed", "_gone", "_memory", "_path", "_writer", "size")
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self._path = path
         self.size = 0
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._writer: BinaryIO | None = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        self._memory: bytearray | None = bytearray()
+        self._writer: BinaryIO | None = None
+        self._closed = False
         self._gone = False
+
+    @property
+    def path(self) -> str:
+        """The spool file's path; a message held in memory is written out first."""
+        if self._memory is not None:
+            self._spill()
+        return self._path
+
+    def held(self) -> bytes | None:
+        """The whole message when it is small enough to be held in memory, else None."""
+        return bytes(self._memory) if self._memory is not None else None
+
+    def _spill(self) -> None:
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        writer = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+        try:
+            writer.write(self._memory or b"")
+            if self._closed:
+                writer.close()
+        except BaseException:
+            writer.close()
+            os.unlink(self._path)
+            raise
+        self._memory = None
+        self._writer = None if self._closed else writer
 
     def write(self, data: bytes) -> None:
         """Append ``data`` (buffered).  Raises OSError, e.g. ENOSPC: see reply_for_os_error."""
-        if self._writer is None:
-            raise ValueError(f"spool file {self.path} is closed")
+        if self._closed:
+            raise ValueError(f"spool file {self._path} is closed")
+        memory = self._memory
+        if memory is not None:
+            if len(memory) + len(data) <= MEMORY_LIMIT:
+                memory += data
+                self.size += len(data)
+                return
+            self._spill()
+        assert self._writer is not None
         self._writer.write(data)
         self.size += len(data)
 
     def close(self) -> None:
         """Flush and close the writer (no fsync).  Raises OSError like ``write``."""
+        self._closed = True
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
@@ -92,21 +136,27 @@ class SpoolFile:
         try:
             self.close()
         except OSError as exc:  # a flush that hits a full disk: the file goes anyway
-            log.debug("spool %s: flush on discard failed: %s", self.path, exc)
+            log.debug("spool %s: flush on discard failed: %s", self._path, exc)
+        if self._memory is not None:
+            self._memory = None  # never written out: no file to remove, none to make
+            self._gone = True
+            return
         if not self._gone:
             self._gone = True
             try:
-                os.unlink(self.path)
+                os.unlink(self._path)
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                log.warning("spool %s: cannot remove: %s", self.path, exc)
+                log.warning("spool %s: cannot remove: %s", self._path, exc)
 
     def read_head(self, limit: int) -> bytes:
         """The first ``limit`` bytes of the spooled message (for content filters)."""
+        if self._memory is not None:
+            return bytes(self._memory[: max(0, limit)])
         if self._writer is not None:
             self._writer.flush()
-        with open(self.path, "rb") as f:
+        with open(self._path, "rb") as f:
             return f.read(max(0, limit))
 
 
@@ -123,12 +173,9 @@ class SpoolDir:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
             self._ready = True
         sid = _UNSAFE.sub("_", session_id)[:64] or "msg"
-        while True:
-            name = f"{sid}.{os.getpid()}.{next(_names)}{SUFFIX}"
-            try:
-                return SpoolFile(os.path.join(self.path, name))
-            except FileExistsError:
-                continue  # left by an earlier process that had our pid
+        # Unique within this process; cleanup() at start-up removed what an earlier
+        # process with our pid may have left under the same name.
+        return SpoolFile(os.path.join(self.path, f"{sid}.{os.getpid()}.{next(_names)}{SUFFIX}"))
 
     def cleanup(self) -> int:
         """Remove spool files left by processes that are gone; return how many."""

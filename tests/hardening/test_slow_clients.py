@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from mailgate.delivery.spool import MEMORY_LIMIT
 from tests.hardening.wire import (
     HELO,
     HOSTNAME,
@@ -110,10 +111,14 @@ def test_a_thousand_hostile_connections(tmp_path: Path, long_run: bool) -> None:
         trickler = Trickler(trickling)
         trickler.start()
         stalled = _connect(server, hostile - hostile // 2)
-        for sock in stalled:  # in the middle of DATA, with body bytes spooled, then silence
-            sock.sendall(STALL + b"Subject: stalled\r\n\r\n" + b"z" * 2000 + b"\r\n")
+        # In the middle of DATA, then silence.  Most bodies are small (held in memory);
+        # the first fifty pass the spool's memory limit so that they are on disk.
+        big = b"z" * (MEMORY_LIMIT + 2000)
+        for i, sock in enumerate(stalled):
+            body = big if i < 50 else b"z" * 2000
+            sock.sendall(STALL + b"Subject: stalled\r\n\r\n" + body + b"\r\n")
         spool = tmp_path / "spool"
-        assert wait_until(lambda: len(files_under(spool)) >= len(stalled) // 2, 10)
+        assert wait_until(lambda: len(files_under(spool)) >= 50 // 2, 10)
         busy = _ordinary_message(server)
         assert busy < max(20 * idle, 5.0), (busy, idle)
         peak = rss_kb(server.proc.pid)
