@@ -8,7 +8,9 @@ break between clauses allows it.
 
 from __future__ import annotations
 
+import functools
 import re
+import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -42,9 +44,10 @@ def received_header(trace: TraceInfo, envelope: Envelope, now: datetime | None =
     by <hostname> with <protocol> id <id> for <rcpt>; <RFC 5322 date>``, the ``for``
     clause only when the message has exactly one recipient.
     """
-    when = now if now is not None else datetime.now(UTC).astimezone()
-    if when.tzinfo is None:
-        when = when.astimezone()
+    if now is None:
+        date = _now_date(int(time.time()))
+    else:
+        date = format_datetime(now if now.tzinfo is not None else now.astimezone())
     clauses = [
         "from " + _domain(trace.helo),
         f"({_domain(trace.reverse_name or '')} {_literal(trace.client_ip)})",
@@ -61,8 +64,14 @@ def received_header(trace: TraceInfo, envelope: Envelope, now: datetime | None =
     if len(envelope.recipients) == 1:
         clauses.append(f"for <{_address(str(envelope.recipients[0].address))}>")
     clauses[-1] += ";"
-    clauses.append(format_datetime(when))
+    clauses.append(date)
     return _fold("Received:", clauses)
+
+
+@functools.lru_cache(maxsize=2)
+def _now_date(second: int) -> str:
+    """The RFC 5322 local date of a second: every message of that second shares it."""
+    return format_datetime(datetime.fromtimestamp(second, UTC).astimezone())
 
 
 def return_path_header(envelope: Envelope) -> bytes:

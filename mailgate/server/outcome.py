@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mailgate.delivery.base import RecipientResult
+from mailgate.delivery.base import RecipientResult, SpoolReader
 from mailgate.protocol.envelope import Envelope
 from mailgate.protocol.replies import Reply, reply
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 async def combine_results(
-    session: Session, envelope: Envelope, results: list[RecipientResult], spool_path: str
+    session: Session, envelope: Envelope, results: list[RecipientResult], spool: SpoolReader
 ) -> Reply:
     accepted = reply("data.accepted", id=session.message_id)
     if not results:
@@ -39,6 +39,7 @@ async def combine_results(
         return temporary[0].reply
     if len(failed) == len(results):
         return failed[0].reply
-    if spool_path and await session.server.bounce(session, envelope, failed, spool_path):
+    # Only a report needs the spool as a file (its header is quoted in the report).
+    if await session.server.bounce(session, envelope, failed, spool.path):
         return accepted
     return reply("delivery.downstream_temp")

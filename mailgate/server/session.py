@@ -358,7 +358,7 @@ class Session(asyncio.Protocol):
             await self._answer(verdict)
             return
         results = await server.delivery.deliver(envelope, self._trace(envelope), spool)
-        final = await combine_results(self, envelope, results, spool.path)
+        final = await combine_results(self, envelope, results, spool)
         self._drop_spool()
         elapsed = time.monotonic() - self._message_started
         server.metrics.delivery_latency(elapsed)
