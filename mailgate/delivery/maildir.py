@@ -158,9 +158,9 @@ class MaildirDestination:
             # A small message held in memory is written straight into the maildir.
             held = spool.held() if hasattr(spool, "held") else None
             source = held if held is not None else spool.path
-            await asyncio.to_thread(self._stage, run, boxes, header, source, binary)
-            await self._sync(run, run.to_sync, list(run.staged))
-            await asyncio.to_thread(self._publish, run)
+            # One worker hop writes, fsyncs and publishes the file; the directory
+            # fsyncs, which concurrent messages share, go through the group commit.
+            await asyncio.to_thread(self._stage_and_publish, run, boxes, header, source, binary)
             dirs = run.dirs | {os.path.join(box, "new") for box in run.published}
             await self._sync(run, sorted(dirs), list(run.published))
         except Exception:
@@ -179,6 +179,18 @@ class MaildirDestination:
         except OSError as exc:
             log.error("maildir: fsync failed: %s", exc)
             run.fail(boxes, exc)
+
+    def _stage_and_publish(
+        self, run: _Run, boxes: list[str], header: bytes, spool: str | bytes, binary: bool
+    ) -> None:
+        """Write and fsync the file in tmp/, then link it into new/ (worker thread).
+
+        The message is visible in new/ before the directory fsync; its 250 is not
+        sent before that fsync, so a crash in between can only cause a resend.
+        """
+        self._stage(run, boxes, header, spool, binary)
+        self.committer.count_direct(files=len(run.to_sync))
+        self._publish(run)
 
     def _stage(
         self, run: _Run, boxes: list[str], header: bytes, spool: str | bytes, binary: bool
@@ -245,6 +257,8 @@ def _write_message(path: str, header: bytes, spool: str | bytes, binary: bool) -
             chunks: Iterable[bytes] = [spool] if isinstance(spool, bytes) else read_chunks(spool)
             for chunk in chunks if binary else crlf_to_lf(chunks):
                 out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())  # durable before it is linked into new/
     except BaseException:
         _unlink_all([path])
         raise
@@ -266,6 +280,8 @@ def _copy(source: str, target: str) -> None:
         with os.fdopen(fd, "wb", buffering=WRITE_BUFFER) as out:
             for chunk in read_chunks(source):
                 out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
     except BaseException:
         _unlink_all([target])
         raise
