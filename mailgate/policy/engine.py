@@ -28,6 +28,12 @@ class PolicyEngine:
     def __init__(self, steps: Sequence[Step], trusted_networks: NetworkList) -> None:
         self.steps = tuple(steps)
         self._trusted = trusted_networks
+        # Per stage, only the steps that do something there: a Step subclass that does
+        # not override a stage would just accept, and this runs for every command.
+        self._by_stage = {
+            stage: tuple(step for step in self.steps if _acts_at(step, stage))
+            for stage in _STAGES
+        }
 
     async def connect(self, client: Client) -> Verdict:
         try:
@@ -86,7 +92,7 @@ class PolicyEngine:
         # Accepting steps may tag too (greylist "passed"); their tags reach the log
         # along with those of the refusal, if any.
         tags: tuple[tuple[str, str], ...] = ()
-        for step in self.steps:
+        for step in self._by_stage[stage]:
             try:
                 verdict = await call(step)
             except Exception:
@@ -99,3 +105,11 @@ class PolicyEngine:
                 return Verdict(verdict.reply, verdict.close, tags + verdict.tags)
             tags += verdict.tags
         return Verdict(tags=tags) if tags else ACCEPT
+
+
+_STAGES = ("connect", "helo", "mail", "rcpt", "data", "message")
+
+
+def _acts_at(step: Step, stage: str) -> bool:
+    """False only for a Step subclass that inherits the accept-all method of ``stage``."""
+    return getattr(type(step), stage, None) is not getattr(Step, stage)
