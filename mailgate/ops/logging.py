@@ -301,8 +301,11 @@ _BARE: Final = re.compile(r"[!#-<>-\[\]-~]+")
 
 def logfmt_value(value: object) -> str:
     """One logfmt value: bare when safe, else double-quoted with escapes."""
-    if type(value) is int:
+    kind = type(value)
+    if kind is int:
         return str(value)
+    if kind is str and len(value) <= MAX_VALUE and _BARE.fullmatch(value):  # the common case
+        return value
     text = _text(value)
     if _BARE.fullmatch(text) or (
         text and text.isprintable() and not any(c in text for c in ' "=\\')
