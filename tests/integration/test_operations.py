@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import re
 import signal
 import smtplib
@@ -207,5 +209,25 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
         assert re.search(r'mailgate_messages_total\{[^}]*outcome="accepted"[^}]*\} 1\.0', text)
         assert "mailgate_connections_total" in text
         assert "mailgate_delivery_latency_seconds" in text
+    finally:
+        srv.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop needs root")
+def test_drops_privileges_after_binding(tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    tmp_path.chmod(0o777)  # the spool and maildir live here and must stay writable
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+        user = "nobody"
+    """)
+    try:
+        status = Path(f"/proc/{srv.proc.pid}/status").read_text()
+        uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)", status, re.M)
+        assert uids is not None and {int(u) for u in uids.groups()} == {nobody.pw_uid}
+        assert "event=privileges_dropped" in srv.log()
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            assert smtp.ehlo("client.mailgate.org")[0] == 250
     finally:
         srv.stop()
