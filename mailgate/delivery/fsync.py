@@ -63,6 +63,20 @@ class GroupCommitter:
             self.stats.requests += 1
             self.stats.file_fsyncs += files
 
+    @property
+    def idle(self) -> bool:
+        """No pass is running or waiting: a lone delivery gains nothing by queueing."""
+        return self._task is None and not self._pending
+
+    def sync_now(self, items: Iterable[PathOrFd]) -> dict[PathOrFd, OSError]:
+        """fsync ``items`` in the calling (worker) thread; the failures by item."""
+        errors, files, dirs = _sync_all(list(dict.fromkeys(items)))
+        with self._stats_lock:
+            self.stats.requests += 1
+            self.stats.file_fsyncs += files
+            self.stats.dir_fsyncs += dirs
+        return errors
+
     async def _drain(self) -> None:
         try:
             while self._pending:

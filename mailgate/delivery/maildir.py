@@ -159,10 +159,15 @@ class MaildirDestination:
             held = spool.held() if hasattr(spool, "held") else None
             source = held if held is not None else spool.path
             # One worker hop writes, fsyncs and publishes the file; the directory
-            # fsyncs, which concurrent messages share, go through the group commit.
-            await asyncio.to_thread(self._stage_and_publish, run, boxes, header, source, binary)
-            dirs = run.dirs | {os.path.join(box, "new") for box in run.published}
-            await self._sync(run, sorted(dirs), list(run.published))
+            # fsyncs, which concurrent messages share, go through the group commit,
+            # unless this delivery is alone: then the same hop does them too.
+            lone = self.committer.idle
+            await asyncio.to_thread(
+                self._stage_and_publish, run, boxes, header, source, binary, lone
+            )
+            if not lone:
+                dirs = run.dirs | {os.path.join(box, "new") for box in run.published}
+                await self._sync(run, sorted(dirs), list(run.published))
         except Exception:
             log.exception("maildir: unexpected failure")
             run.fail(boxes, OSError(errno.EIO, "unexpected failure"))
@@ -181,9 +186,11 @@ class MaildirDestination:
             run.fail(boxes, exc)
 
     def _stage_and_publish(
-        self, run: _Run, boxes: list[str], header: bytes, spool: str | bytes, binary: bool
+        self, run: _Run, boxes: list[str], header: bytes, spool: str | bytes, binary: bool,
+        sync_dirs: bool,
     ) -> None:
-        """Write and fsync the file in tmp/, then link it into new/ (worker thread).
+        """Write and fsync the file in tmp/, link it into new/ and, with ``sync_dirs``,
+        fsync the directories too (worker thread).
 
         The message is visible in new/ before the directory fsync; its 250 is not
         sent before that fsync, so a crash in between can only cause a resend.
@@ -191,6 +198,13 @@ class MaildirDestination:
         self._stage(run, boxes, header, spool, binary)
         self.committer.count_direct(files=len(run.to_sync))
         self._publish(run)
+        if sync_dirs and run.published:
+            dirs = run.dirs | {os.path.join(box, "new") for box in run.published}
+            errors = self.committer.sync_now(sorted(dirs))
+            if errors:
+                failure = next(iter(errors.values()))
+                log.error("maildir: fsync failed: %s", failure)
+                run.fail(list(run.published), failure)
 
     def _stage(
         self, run: _Run, boxes: list[str], header: bytes, spool: str | bytes, binary: bool
