@@ -22,6 +22,7 @@ from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.grammar import (
     GrammarError,
     decode_xtext,
+    is_local_part,
     parse_helo_name,
     parse_notify,
     parse_orcpt,
@@ -574,10 +575,15 @@ class Connection:
             self._send(reply("vrfy.cannot"))
             return
         text = arg.strip()
-        if not text.startswith("<"):
-            text = f"<{text}>"
+        if text.startswith("<") and text.endswith(">"):
+            text = text[1:-1]
+        utf8 = not text.isascii()
+        if "@" not in text and is_local_part(text, utf8=utf8):
+            # RFC 5321 3.5.3: VRFY may name a user without a domain (a local user).
+            self._decide(ev.Verify(Address(text, "")))
+            return
         try:
-            address = parse_path(text, utf8=not text.isascii(), allow_null=False)
+            address = parse_path(f"<{text}>", utf8=utf8, allow_null=False)
         except GrammarError:
             return self._refuse("VRFY", reply("syntax.recipient"))
         self._decide(ev.Verify(address))

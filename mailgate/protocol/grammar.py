@@ -117,6 +117,12 @@ def _split_quoted_local(path: str) -> tuple[str, str]:
     raise GrammarError("syntax.args", detail="unterminated quoted local part")
 
 
+def is_local_part(text: str, *, utf8: bool) -> bool:
+    """A dot-string local part (no quoting), within the RFC 5321 length limit."""
+    atom = _ATOM_UTF8 if utf8 else _ATOM_ASCII
+    return bool(atom.match(text)) and len(text.encode("utf-8", "surrogatepass")) <= MAX_LOCAL_PART
+
+
 def parse_mailbox(text: str, *, utf8: bool) -> Address:
     """``Local-part "@" (Domain / address-literal)`` per RFC 5321 4.1.2."""
     if text.startswith('"'):

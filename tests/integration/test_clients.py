@@ -139,3 +139,18 @@ def test_bdat_chunks_and_smtputf8_over_the_wire(server: RunningServer) -> None:
     [stored] = server.messages("root")
     assert stored.endswith("r\u00e9sum\u00e9\n.not stuffed in BDAT\n".encode())
     assert b"with UTF8SMTP" in stored
+
+
+def test_vrfy_when_verification_is_enabled(tmp_path) -> None:
+    from tests.integration.server import start_server
+
+    srv = start_server(tmp_path, f'[server]\nvrfy = true\nspool_dir = "{tmp_path}/spool"\n')
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            assert smtp.has_extn("vrfy")
+            assert smtp.verify("root")[0] == 250
+            assert smtp.verify("<postmaster@localhost>")[0] == 250
+            assert smtp.verify("nobody-by-this-name")[:1] == (550,)
+    finally:
+        srv.stop()

@@ -228,6 +228,14 @@ def test_vrfy_with_verification_is_a_decision() -> None:
     assert codes(s.send("VRFY <bad..addr@example.org>\r\n")) == ["501 5.1.3"]
 
 
+def test_vrfy_takes_a_bare_user_name() -> None:
+    s = Session(vrfy=True)
+    assert codes(s.send("VRFY joe\r\n")) == ["250 2.1.5"]
+    assert s.of(ev.Verify) == [ev.Verify(Address("joe", ""))]
+    assert codes(s.send("VRFY jo..e\r\n")) == ["501 5.1.3"]
+    assert codes(s.send("VRFY " + "j" * 65 + "\r\n")) == ["501 5.1.3"]
+
+
 def test_expn_is_refused() -> None:
     s = Session()
     assert codes(s.send("EXPN staff\r\n")) == ["502 5.5.1"]
