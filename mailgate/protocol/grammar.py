@@ -44,10 +44,6 @@ _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")
 _GENERAL_TAG = re.compile(r"[A-Za-z0-9\-]*[A-Za-z0-9]:[!-Z^-~]+\Z")
 
 
-def is_ascii(text: str) -> bool:
-    return text.isascii()
-
-
 def parse_domain(text: str, *, utf8: bool = False, helo: bool = False) -> str:
     """A domain name (no trailing dot) or raise GrammarError('syntax.args')."""
     if not text or len(text.encode("utf-8", "surrogatepass")) > MAX_DOMAIN:

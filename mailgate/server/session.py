@@ -27,6 +27,7 @@ from mailgate.protocol.envelope import Envelope
 from mailgate.protocol.replies import Reply, reply
 from mailgate.server.outcome import combine_results
 from mailgate.server.proxy import ProxyError, parse_proxy
+from mailgate.tls import describe
 
 if TYPE_CHECKING:
     from mailgate.auth.mechanisms import SaslExchange
@@ -424,11 +425,9 @@ class Session(asyncio.Protocol):
         client = self.client
         assert client is not None
         client.tls = True
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            client.tls_version = ssl_object.version()
-            cipher = ssl_object.cipher()
-            client.tls_cipher = cipher[0] if cipher else None
+        version, cipher = describe(transport.get_extra_info("ssl_object"))
+        client.tls_version = version or None
+        client.tls_cipher = cipher or None
 
     async def _on_auth_start(self, event: ev.AuthStart) -> None:
         conn = self.conn
