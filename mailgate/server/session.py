@@ -49,7 +49,8 @@ class Session(asyncio.Protocol):
     # Slots: an idle session should cost a few KB (ten thousand of them wait at once).
     __slots__ = (
         "_auth_mechanism", "_busy", "_exchange", "_lost", "_message_started", "_messages",
-        "_paused", "_proxy_buf", "_spool", "_stopping", "_task", "_timed_out", "_waiter",
+        "_paused", "_proxy_buf", "_spool", "_stopping", "_task", "_timed_out", "_trace_info",
+        "_waiter",
         "client", "conn", "listener", "log", "server", "sid", "transport",
     )  # fmt: skip
 
@@ -69,6 +70,7 @@ class Session(asyncio.Protocol):
         self._busy = False
         self._proxy_buf = b""
         self._spool: SpoolFile | None = None
+        self._trace_info: TraceInfo | None = None  # of the message being received
         self._exchange: SaslExchange | None = None
         self._auth_mechanism = ""
         self._messages = 0
@@ -326,7 +328,10 @@ class Session(asyncio.Protocol):
         self._message_started = time.monotonic()
         try:
             self._spool = self.server.spool.create(self.message_id)
-            self._spool.write(received_header(self._trace(envelope), envelope))
+            # Nothing in it can change before the end of the data (no RCPT after a
+            # BDAT, no TLS or AUTH mid-message): the delivery reuses it.
+            self._trace_info = self._trace(envelope)
+            self._spool.write(received_header(self._trace_info, envelope))
         except OSError as exc:
             self._drop_spool()
             self.log_event("spool", level="error", error=str(exc)[:200])
@@ -358,7 +363,8 @@ class Session(asyncio.Protocol):
             server.metrics.message("refused", verdict.reply.code, verdict.reply.enhanced, size)
             await self._answer(verdict)
             return
-        results = await server.delivery.deliver(envelope, self._trace(envelope), spool)
+        trace = self._trace_info or self._trace(envelope)
+        results = await server.delivery.deliver(envelope, trace, spool)
         final = await combine_results(self, envelope, results, spool)
         self._drop_spool()
         elapsed = time.monotonic() - self._message_started
