@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from mailgate.auth.factory import build_authenticator
 from mailgate.config.errors import ConfigError
-from mailgate.config.loader import load_config, split_host_port
+from mailgate.config.loader import load_config
 from mailgate.config.schema import Config
 from mailgate.config.server import ListenerConfig
 from mailgate.delivery.factory import build_router
@@ -31,6 +31,8 @@ from mailgate.server.context import (
     listener_settings,
     with_normalize,
 )
+from mailgate.server.limits import ConnectionCounts
+from mailgate.server.listen import bind_listener
 from mailgate.server.session import Session
 from mailgate.tls import TLSContexts
 
@@ -64,7 +66,7 @@ def apply_overrides(config: Config, overrides: Overrides) -> Config:
     return config
 
 
-def build_context(config: Config) -> ServerContext:
+def build_context(config: Config, counts: ConnectionCounts | None = None) -> ServerContext:
     hostname = config.server.hostname or default_hostname()
     router = build_router(config.delivery, hostname)
     policy = build_policy(config, router, hostname)
@@ -85,6 +87,7 @@ def build_context(config: Config) -> ServerContext:
         authenticator=authenticator,
         tls=tls,
         metrics=metrics,
+        counts=counts,
     )
 
 
@@ -107,66 +110,92 @@ def build_listeners(ctx: ServerContext) -> list[ListenerContext]:
     return out
 
 
+def bind_all(config: Config) -> list[list[socket.socket]]:
+    """The sockets of every configured listener, in order (OSError if one fails)."""
+    bound: list[list[socket.socket]] = []
+    try:
+        for entry in config.listener:
+            bound.append(bind_listener(entry.address))
+    except BaseException:
+        for sock in (s for socks in bound for s in socks):
+            sock.close()
+        raise
+    return bound
+
+
+def clean_leftovers(spool: SpoolDir, router: object) -> None:
+    """At start, before any session: what a crash left in the spool and in Maildir tmp/."""
+    removed = spool.cleanup()
+    if removed:
+        log_event("spool_cleanup", removed=removed)
+    destinations = router.destinations if isinstance(router, Router) else {}
+    for name, destination in destinations.items():
+        if isinstance(destination, MaildirDestination):
+            removed = destination.cleanup_tmp()  # a crash's half-written deliveries
+            if removed:
+                log_event("maildir_cleanup", destination=name, removed=removed)
+
+
+def drop_privileges(config: Config) -> None:
+    """Bind low ports as root, then run as the configured user (server.user)."""
+    settings = config.server
+    if not settings.user or os.geteuid() != 0:
+        return
+    import grp
+    import pwd
+
+    pw = pwd.getpwnam(settings.user)
+    gid = grp.getgrnam(settings.group).gr_gid if settings.group else pw.pw_gid
+    os.setgroups([gid])
+    os.setgid(gid)
+    os.setuid(pw.pw_uid)
+    log_event("privileges_dropped", user=settings.user, gid=gid)
+
+
 class MailServer:
     """Listeners, signals, reload and graceful shutdown around one ServerContext."""
 
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
+    def __init__(
+        self, config: Config, config_path: str | None = None,
+        counts: ConnectionCounts | None = None,
+    ) -> None:
         self.config_path = config_path
-        self.ctx = build_context(config)
+        self.ctx = build_context(config, counts)
         self.listeners = build_listeners(self.ctx)
         self.servers: list[asyncio.base_events.Server] = []
         self._stop = asyncio.Event()
 
-    async def start(self) -> list[tuple[str, int]]:
-        """Bind every listener; returns the bound (host, port) pairs."""
+    async def start(
+        self, sockets: list[list[socket.socket]] | None = None
+    ) -> list[tuple[str, int]]:
+        """Serve every listener; returns the bound (host, port) pairs.
+
+        ``sockets``: already bound (one list per listener) by the supervisor of several
+        workers, which also cleaned up and dropped privileges; else all that is done here.
+        """
         loop = asyncio.get_running_loop()
-        removed = self.ctx.spool.cleanup()
-        if removed:
-            log_event("spool_cleanup", removed=removed)
-        router = self.ctx.delivery
-        destinations = router.destinations if isinstance(router, Router) else {}
-        for name, destination in destinations.items():
-            if isinstance(destination, MaildirDestination):
-                removed = destination.cleanup_tmp()  # a crash's half-written deliveries
-                if removed:
-                    log_event("maildir_cleanup", destination=name, removed=removed)
+        prebound = sockets is not None
+        if sockets is None:
+            clean_leftovers(self.ctx.spool, self.ctx.delivery)
+            sockets = bind_all(self.ctx.config)
         bound = []
-        for listener in self.listeners:
-            host, port = split_host_port(listener.config.address)
+        for listener, socks in zip(self.listeners, sockets, strict=True):
             ssl_ctx = self.ctx.tls.listener_context() if listener.implicit_tls else None
             if listener.implicit_tls and ssl_ctx is None:
                 raise ConfigError([f"listener {listener.config.address}: role smtps needs [tls]"])
-            server = await loop.create_server(
-                lambda lc=listener: Session(self.ctx, lc),
-                host=host or None,
-                port=port,
-                ssl=ssl_ctx,
-                reuse_address=True,
-                backlog=1024,
-            )
-            self.servers.append(server)
-            for sock in server.sockets:
+            for sock in socks:
+                server = await loop.create_server(
+                    lambda lc=listener: Session(self.ctx, lc), sock=sock, ssl=ssl_ctx,
+                    backlog=1024,
+                )
+                self.servers.append(server)
                 addr = sock.getsockname()
                 bound.append((addr[0], addr[1]))
         if self.ctx.config.metrics.listen:
             self.ctx.metrics.start(self.ctx.config.metrics.listen)
-        self._drop_privileges()
+        if not prebound:
+            drop_privileges(self.ctx.config)
         return bound
-
-    def _drop_privileges(self) -> None:
-        """Bind low ports as root, then run as the configured user (server.user)."""
-        settings = self.ctx.config.server
-        if not settings.user or os.geteuid() != 0:
-            return
-        import grp
-        import pwd
-
-        pw = pwd.getpwnam(settings.user)
-        gid = grp.getgrnam(settings.group).gr_gid if settings.group else pw.pw_gid
-        os.setgroups([gid])
-        os.setgid(gid)
-        os.setuid(pw.pw_uid)
-        log_event("privileges_dropped", user=settings.user, gid=gid)
 
     def install_signals(self) -> None:
         loop = asyncio.get_running_loop()

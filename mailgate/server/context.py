@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ from mailgate.policy.base import Mailboxes, Policy
 from mailgate.protocol.connection import Settings
 from mailgate.protocol.envelope import Envelope
 from mailgate.protocol.replies import Reply, reply
+from mailgate.server.limits import ConnectionCounts
 
 if TYPE_CHECKING:
     from mailgate.server.session import Session
@@ -74,6 +74,7 @@ class ServerContext:
         authenticator: Any,
         tls: Any,
         metrics: Metrics,
+        counts: ConnectionCounts | None = None,
     ) -> None:
         self.config = config
         self.hostname = hostname
@@ -85,7 +86,8 @@ class ServerContext:
         self.tls = tls
         self.metrics = metrics
         self.sessions: set[Session] = set()
-        self._per_ip: Counter[IPAddress] = Counter()
+        # shared with the other worker processes, if any (the limits are server-wide)
+        self.counts = counts or ConnectionCounts()
         self._admitted: set[Session] = set()
         self._normalize = parse_networks(config.server.normalize_bare_lf_from)
         self._proxy_from = parse_networks(config.server.proxy_from)
@@ -100,12 +102,13 @@ class ServerContext:
         """Connection limits, before the greeting: None, or the 421 to send."""
         assert session.client is not None
         limits = self.config.server
-        ip = session.client.ip
-        if len(self._admitted) >= limits.max_connections:
+        refused = self.counts.try_add(
+            session.client.ip, limits.max_connections, limits.max_connections_per_ip
+        )
+        if refused == "total":
             return reply("closing.too_many_connections", host=self.hostname)
-        if self._per_ip[ip] >= limits.max_connections_per_ip:
+        if refused == "address":
             return reply("closing.too_many_from_client", host=self.hostname)
-        self._per_ip[ip] += 1
         self._admitted.add(session)
         return None
 
@@ -113,10 +116,7 @@ class ServerContext:
         if session in self._admitted:
             self._admitted.discard(session)
             assert session.client is not None
-            ip = session.client.ip
-            self._per_ip[ip] -= 1
-            if self._per_ip[ip] <= 0:
-                del self._per_ip[ip]
+            self.counts.remove(session.client.ip)
 
     async def bounce(
         self, session: Session, envelope: Envelope, failed: list[RecipientResult], spool_path: str

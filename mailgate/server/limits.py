@@ -1,0 +1,103 @@
+"""Connection counts shared by every worker process: server-wide and per client address.
+
+``max_connections`` and ``max_connections_per_ip`` are limits of the server, not of
+one worker, so the counts live in one anonymous shared memory map made before the
+workers are forked.  Each worker writes only its own row (no lock, no lost update);
+a check adds up the rows.  The per-address counts are a count-min sketch: an address
+is counted in two slots chosen by two different hashes, and its count is the smaller
+of the two.  Another address sharing both slots can only make the count higher, so a
+collision may refuse a connection early, never admit one over the limit.
+
+Admission takes the slot first and checks afterwards: two workers admitting the last
+free place at the same instant both see the other and both refuse, rather than both
+admit.  When a worker dies its connections die with it, and the supervisor clears its
+row before starting the next one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import mmap
+from typing import Final
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+SLOTS: Final = 1 << 14  # per hash and worker; 2 x 16384 x 4 bytes = 128 KiB a worker
+_ROW: Final = 1 + 2 * SLOTS  # the worker's total, then the two hash tables
+_MIX1: Final = 0x9E3779B97F4A7C15  # odd 64-bit multipliers (Fibonacci / splitmix)
+_MIX2: Final = 0xBF58476D1CE4E5B9
+_MASK64: Final = (1 << 64) - 1
+
+
+def _slots(ip: IPAddress) -> tuple[int, int]:
+    value = int(ip)
+    folded = (value ^ (value >> 64)) & _MASK64  # IPv6: mix the prefix into the host part
+    first = ((folded * _MIX1) & _MASK64) >> 50  # the top 14 bits
+    second = ((folded * _MIX2) & _MASK64) >> 50
+    return 1 + first, 1 + SLOTS + second
+
+
+class ConnectionCounts:
+    """The connections of ``workers`` processes; this process writes row ``row``."""
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError("workers: at least 1")
+        self.workers = workers
+        self.row = 0
+        # MAP_SHARED anonymous memory survives fork() shared, not copied.
+        self._map = mmap.mmap(-1, workers * _ROW * 4, flags=mmap.MAP_SHARED)
+        self._cells = memoryview(self._map).cast("i")
+
+    def use_row(self, row: int) -> None:
+        """In a freshly forked worker: count this process's connections in ``row``."""
+        if not 0 <= row < self.workers:
+            raise ValueError(f"row {row} outside 0..{self.workers - 1}")
+        self.row = row
+
+    def clear_row(self, row: int) -> None:
+        """A worker died: its connections are gone."""
+        start = row * _ROW
+        self._cells[start : start + _ROW] = memoryview(bytes(_ROW * 4)).cast("i")
+
+    def total(self) -> int:
+        cells = self._cells
+        return sum(cells[w * _ROW] for w in range(self.workers))
+
+    def from_address(self, ip: IPAddress) -> int:
+        """Connections open from ``ip`` (possibly more, never fewer: see the module)."""
+        first, second = _slots(ip)
+        return min(self._sum(first), self._sum(second))
+
+    def try_add(self, ip: IPAddress, max_total: int, max_per_ip: int) -> str | None:
+        """Count a new connection from ``ip``; None, or which limit refuses it
+        ("total" or "address"), in which case nothing stays counted."""
+        first, second = _slots(ip)
+        base = self.row * _ROW
+        cells = self._cells
+        cells[base] += 1
+        cells[base + first] += 1
+        cells[base + second] += 1
+        refusal = None
+        if self.total() > max_total:
+            refusal = "total"
+        elif min(self._sum(first), self._sum(second)) > max_per_ip:
+            refusal = "address"
+        if refusal is not None:
+            self._take(base, first, second)
+        return refusal
+
+    def remove(self, ip: IPAddress) -> None:
+        """A connection counted by :meth:`try_add` in this process has closed."""
+        first, second = _slots(ip)
+        self._take(self.row * _ROW, first, second)
+
+    def _take(self, base: int, first: int, second: int) -> None:
+        cells = self._cells
+        cells[base] -= 1
+        cells[base + first] -= 1
+        cells[base + second] -= 1
+
+    def _sum(self, slot: int) -> int:
+        cells = self._cells
+        return sum(cells[w * _ROW + slot] for w in range(self.workers))
