@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from mailgate.delivery.base import Destination, RecipientResult, SpoolReader, TraceInfo
@@ -26,6 +26,9 @@ from mailgate.protocol.replies import Reply, reply
 log = logging.getLogger(__name__)
 
 MAX_ALIAS_DEPTH = 20  # deeper nesting is a configuration error (451 4.3.0)
+# Routes remembered per Router: a recipient is routed at RCPT (has_recipient, then
+# verify_recipient) and again at delivery.  Bounded, since clients choose the keys.
+ROUTE_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,15 @@ class Router:
     def __init__(self, table: RoutingTable, destinations: Mapping[str, Destination]) -> None:
         self.table = table
         self.destinations = dict(destinations)
+        # The table and destinations never change (a reload builds a new Router), so a
+        # route, once found, holds for this Router's life.
+        self._routes: dict[tuple[str, str, bool], tuple[Target, ...] | Reply] = {}
+        # the destinations whose downstream can check a recipient at RCPT (LMTP)
+        self._verifiers: dict[str, Callable[[Address], Awaitable[bool | None]]] = {
+            name: check
+            for name, destination in self.destinations.items()
+            if (check := getattr(destination, "verify_recipient", None)) is not None
+        }
 
     # --- policy.base.Mailboxes ----------------------------------------------------
 
@@ -81,7 +93,7 @@ class Router:
     def has_recipient(self, local: str, domain: str) -> bool:
         if domain and not self.is_local_domain(domain):
             return False
-        return not isinstance(self.route(Address(local, domain)), Reply)
+        return not isinstance(self._route(local, domain, False), Reply)
 
     async def verify_recipient(self, local: str, domain: str) -> bool | None:
         """Ask the downstream of each of the recipient's targets, where it can say.
@@ -91,12 +103,12 @@ class Router:
         True: every downstream that can tell accepts; False: one refuses; None: one
         could not say now (the caller answers 4xx).
         """
-        targets = self.route(Address(local, domain))
+        targets = self._route(local, domain, False)
         if isinstance(targets, Reply):
             return False
         answer: bool | None = True
         for target in targets:
-            check = getattr(self.destinations.get(target.destination), "verify_recipient", None)
+            check = self._verifiers.get(target.destination)
             if check is None:
                 continue
             verdict = await check(target.address)
@@ -123,10 +135,28 @@ class Router:
 
     def route(self, address: Address) -> list[Target] | Reply:
         """The final targets of one recipient, or the reply that refuses it."""
+        targets = self._route(address.local, address.domain, address.quoted)
+        return targets if isinstance(targets, Reply) else list(targets)
+
+    def _route(self, local: str, domain: str, quoted: bool) -> tuple[Target, ...] | Reply:
+        """:meth:`route` of that address, remembered: immutable, so callers share it."""
+        key = (local, domain, quoted)
+        known = self._routes.get(key)
+        if known is not None:
+            return known
+        found = self._resolve(Address(local, domain, quoted))
+        # A refusal for a configuration error is logged each time, so it is not kept.
+        if not isinstance(found, Reply) or found.name in ("rcpt.unknown", "rcpt.relay_denied"):
+            if len(self._routes) >= ROUTE_CACHE_SIZE:
+                del self._routes[next(iter(self._routes))]  # the oldest
+            self._routes[key] = found
+        return found
+
+    def _resolve(self, address: Address) -> tuple[Target, ...] | Reply:
         domain = (address.domain or self.table.postmaster_domain).lower()
         if not self.is_local_domain(domain):
             if self.table.relay:
-                return [Target(self.table.relay, address)]
+                return (Target(self.table.relay, address),)
             return reply("rcpt.relay_denied")
         try:
             user = self.canonical_user(address.local)
@@ -135,7 +165,7 @@ class Router:
             if refusal.reply.name == "rcpt.unknown":  # name the address the client gave
                 return reply("rcpt.unknown", address=address)
             return refusal.reply
-        return list({t.key: t for t in targets}.values())
+        return tuple({t.key: t for t in targets}.values())
 
     def _expand(
         self, user: str, domain: str, quoted: bool, chain: frozenset[str], depth: int
@@ -201,25 +231,33 @@ class Router:
         plans: dict[str, dict[tuple[str, str, str], Recipient]] = {}
         routed: list[list[tuple[str, str, str]] | Reply] = []
         for rcpt in envelope.recipients:
-            targets = self.route(rcpt.address)
+            address = rcpt.address
+            targets = self._route(address.local, address.domain, address.quoted)
             if isinstance(targets, Reply):
                 routed.append(targets)
                 continue
+            keys = []
             for t in targets:
+                key = t.key
                 plan = plans.setdefault(t.destination, {})
-                plan.setdefault(t.key, Recipient(t.address, rcpt.notify, rcpt.orcpt))
-            routed.append([t.key for t in targets])
+                plan.setdefault(key, Recipient(t.address, rcpt.notify, rcpt.orcpt))
+                keys.append(key)
+            routed.append(keys)
         names = list(plans)
-        outcomes = await asyncio.gather(
-            *(self._run(n, envelope, trace, spool, list(plans[n].values())) for n in names)
-        )
+        if len(names) == 1:  # the usual case: one destination needs no task of its own
+            name = names[0]
+            outcomes = [await self._run(name, envelope, trace, spool, list(plans[name].values()))]
+        else:
+            outcomes = await asyncio.gather(
+                *(self._run(n, envelope, trace, spool, list(plans[n].values())) for n in names)
+            )
         done = {
             key: answer
             for name, answers in zip(names, outcomes, strict=True)
             for key, answer in zip(plans[name], answers, strict=True)
         }
         return [
-            RecipientResult(rcpt, r if isinstance(r, Reply) else _worst(done[k] for k in r))
+            RecipientResult(rcpt, r if isinstance(r, Reply) else _worst([done[k] for k in r]))
             for rcpt, r in zip(envelope.recipients, routed, strict=True)
         ]
 
@@ -245,10 +283,11 @@ class Router:
         return [result.reply for result in results]
 
 
-def _worst(replies: Iterable[Reply]) -> Reply:
+def _worst(answers: list[Reply]) -> Reply:
     """The reply for an address that fanned out: a permanent failure, else a temporary
     one (a retry cannot fix the first), else success."""
-    answers = list(replies)
+    if len(answers) == 1:  # the usual case: no fan-out
+        return answers[0]
     for failed in ([r for r in answers if r.code >= 500], [r for r in answers if r.code >= 400]):
         if failed:
             return failed[0]

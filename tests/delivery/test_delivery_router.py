@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
-from delivery_helpers import TRACE, envelope, files, spooled
+from delivery_helpers import TRACE, address, envelope, files, spooled
 
 from mailgate.config.delivery import (
     DeliveryConfig,
@@ -17,8 +18,10 @@ from mailgate.config.delivery import (
     PipeConfig,
 )
 from mailgate.delivery import factory
+from mailgate.delivery.discard import DiscardDestination
 from mailgate.delivery.factory import DeliveryConfigError, build_router
-from mailgate.delivery.router import Router
+from mailgate.delivery.router import ROUTE_CACHE_SIZE, Router, RoutingTable
+from mailgate.protocol.envelope import Address
 
 HOST = "mx.example.org"
 MESSAGE = b"Subject: routed\r\n\r\nhello\r\n"
@@ -208,3 +211,70 @@ def test_destination_config_type_comes_from_its_sub_table() -> None:
         DestinationConfig(type="mbox", pipe=PipeConfig(["x"]))
     with pytest.raises(ValueError, match=r"mbox\.path"):
         MboxConfig(path="/var/mail/{uid}")
+
+
+def test_routes_are_remembered_but_never_shared_as_lists(tmp_path: Path) -> None:
+    r = router(tmp_path, aliases={"team": ["alice", "bob"]})
+    first = r.route(address("team@example.org"))
+    assert isinstance(first, list)
+    first.clear()  # a caller's list is its own
+    again = r.route(address("team@example.org"))
+    assert isinstance(again, list) and [t.address.local for t in again] == ["alice", "bob"]
+    assert deliver(tmp_path, r, "team@example.org") == ["250 2.0.0 OK"]
+    assert count(tmp_path, "alice") == count(tmp_path, "bob") == 1
+
+
+def test_the_route_memory_is_bounded(tmp_path: Path) -> None:
+    r = router(tmp_path, catch_all={"example.org": "alice"})
+    for i in range(ROUTE_CACHE_SIZE + 10):
+        assert r.has_recipient(f"user{i}", "example.org")
+    assert len(r._routes) == ROUTE_CACHE_SIZE
+    assert r.has_recipient("user0", "example.org")  # forgotten, then found again
+
+
+def test_a_configuration_error_is_logged_at_every_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    chain = {f"a{i}": [f"a{i + 1}"] for i in range(30)}
+    r = router(tmp_path, aliases=chain)
+    with caplog.at_level(logging.ERROR, logger="mailgate.delivery.router"):
+        for _ in range(2):
+            assert deliver(tmp_path, r, "a0@example.org")[0].startswith("451 4.3.0")
+    assert len([rec for rec in caplog.records if "nest deeper" in rec.getMessage()]) == 2
+
+
+class _Verifying:
+    """A destination whose downstream knows only alice, and cannot say for carol."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def deliver(self, *args: Any) -> list[Any]:
+        raise AssertionError("not delivered to in this test")
+
+    async def verify_recipient(self, address: Address) -> bool | None:
+        self.asked.append(address.local)
+        return {"alice": True, "carol": None}.get(address.local, False)
+
+
+def test_verify_recipient_asks_only_downstreams_that_can_tell(tmp_path: Path) -> None:
+    verifying = _Verifying()
+    table = RoutingTable(
+        postmaster_domain="example.org",
+        local_domains=frozenset({"example.org"}),
+        default="blackhole",
+        users={"alice": "lmtp", "bob": "lmtp", "carol": "lmtp"},
+        aliases={"both": ("alice", "dave")},
+    )
+    r = Router(table, {"blackhole": DiscardDestination(), "lmtp": verifying})
+
+    def verify(local: str, domain: str = "example.org") -> bool | None:
+        return asyncio.run(r.verify_recipient(local, domain))
+
+    assert verify("alice") is True
+    assert verify("bob") is False
+    assert verify("carol") is None
+    assert verify("dave") is True  # the discard destination cannot tell
+    assert verify("both") is True
+    assert verify("x", "remote.test") is False  # no relay: refused before any downstream
+    assert verifying.asked == ["alice", "bob", "carol", "alice"]
