@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -337,35 +336,41 @@ class Connection:
         error budget first (and a client line that is literally NUL is still a line).
         """
         buf = self._buf
-        while True:
-            nl = buf.find(b"\n")
-            if limit is None:
-                head = bytes(buf[:4]).upper()
-                limit = (
-                    MAX_AUTH_LINE
-                    if head == b"AUTH"
-                    else MAX_MAIL_RCPT_LINE
-                    if head in (b"MAIL", b"RCPT")
-                    else MAX_COMMAND_LINE
-                )
-            if nl < 0:
-                if len(buf) > limit or self._discard_line:
-                    self._discard_line = True
-                    del buf[:]
-                return None
-            if self._discard_line or nl + 1 > limit:
+        nl = buf.find(b"\n")
+        # Fast path, the usual command: complete, CRLF-ended, within the smallest
+        # limit (so within any), no stray CR.  Everything else takes the full checks.
+        if 0 < nl < MAX_COMMAND_LINE and buf[nl - 1] == 13 and not self._discard_line:  # CR
+            line = bytes(buf[: nl - 1])
+            if b"\r" not in line:
                 del buf[: nl + 1]
-                self._discard_line = False
-                return reply("syntax.too_long")
-            line = bytes(buf[:nl])
+                return line
+        if limit is None:
+            head = bytes(buf[:4]).upper()
+            limit = (
+                MAX_AUTH_LINE
+                if head == b"AUTH"
+                else MAX_MAIL_RCPT_LINE
+                if head in (b"MAIL", b"RCPT")
+                else MAX_COMMAND_LINE
+            )
+        if nl < 0:
+            if len(buf) > limit or self._discard_line:
+                self._discard_line = True
+                del buf[:]
+            return None
+        if self._discard_line or nl + 1 > limit:
             del buf[: nl + 1]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            elif not self.settings.normalize_bare_lf:
-                return reply("syntax.bare_lf")
-            if b"\r" in line:
-                return reply("syntax.bare_lf")
-            return line
+            self._discard_line = False
+            return reply("syntax.too_long")
+        line = bytes(buf[:nl])
+        del buf[: nl + 1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        elif not self.settings.normalize_bare_lf:
+            return reply("syntax.bare_lf")
+        if b"\r" in line:
+            return reply("syntax.bare_lf")
+        return line
 
     def _command(self, raw: bytes | Reply) -> None:
         line: str | None = None
@@ -518,7 +523,7 @@ class Connection:
             return self._refuse("DATA", reply("seq.need_rcpt"))
         if env.body == "BINARYMIME":
             return self._refuse("DATA", reply("seq.binarymime_data"))
-        self._decide(ev.DataStart(copy.copy(env), chunked=False))
+        self._decide(ev.DataStart(env.copy(), chunked=False))
 
     def _cmd_bdat(self, arg: str) -> None:
         parts = arg.split(" ")
@@ -542,7 +547,7 @@ class Connection:
             return
         env.chunked = True
         self._chunk_sink = False
-        self._decide(ev.DataStart(copy.copy(env), chunked=True))
+        self._decide(ev.DataStart(env.copy(), chunked=True))
 
     def _sink_chunk(self, r: Reply) -> None:
         """Read and drop the chunk of a refused BDAT, then send ``r``."""

@@ -34,7 +34,8 @@ _ATOM_ASCII = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
 _ATOM_UTF8 = re.compile(rf"[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*\Z")
 # A domain label; HELO names are allowed "_" (common in Windows host names, policy
 # judges them), address domains are not.
-_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\Z")
+_LABEL_TEXT = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
+_LABEL = re.compile(_LABEL_TEXT + r"\Z")
 _LABEL_HELO = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_\-]{0,61}[A-Za-z0-9_])?\Z")
 _LABEL_UTF8 = re.compile(
     rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9\-{_UTF8}]{{0,61}}[A-Za-z0-9{_UTF8}])?\Z"
@@ -148,6 +149,34 @@ def parse_mailbox(text: str, *, utf8: bool) -> Address:
 
 def parse_path(text: str, *, utf8: bool, allow_null: bool) -> Address:
     """``<[A-d-l:]Mailbox>``; a source route is accepted and dropped (Appendix C)."""
+    simple = _parse_simple_path(text)
+    if simple is not None:
+        return simple
+    return _parse_full_path(text, utf8=utf8, allow_null=allow_null)
+
+
+# Almost every path is <dot-atom@host.name> in ASCII.  For those, one regex does what
+# the full grammar would (same atoms, same labels, same limits); anything else, even
+# a valid path, is left to the full grammar.
+_SIMPLE_PATH = re.compile(
+    rf"<([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@({_LABEL_TEXT}(?:\.{_LABEL_TEXT})*)>\Z"
+)
+
+
+def _parse_simple_path(text: str) -> Address | None:
+    """The address of a plain ``<local@domain>`` path, or None for the full grammar."""
+    if len(text) > MAX_PATH:
+        return None
+    match = _SIMPLE_PATH.match(text)
+    if match is None:
+        return None
+    local, domain = match.groups()
+    if len(local) > MAX_LOCAL_PART:
+        return None
+    return Address(local, domain)
+
+
+def _parse_full_path(text: str, *, utf8: bool, allow_null: bool) -> Address:
     if len(text.encode("utf-8", "surrogatepass")) > MAX_PATH:
         raise GrammarError("syntax.args", detail="path too long")
     if len(text) < 2 or text[0] != "<" or text[-1] != ">":
@@ -182,6 +211,12 @@ def split_path_and_params(arg: str, prefix: str) -> tuple[str, list[str]]:
     if not rest.startswith("<"):
         # RFC 5321 special case: a bare address is a syntax error, but be explicit.
         raise GrammarError("syntax.args", detail="path must be in angle brackets")
+    if '"' not in rest:
+        # No quoted local part, so nothing to skip: the path ends at the first ">".
+        end = rest.find(">")
+        if end < 0:
+            raise GrammarError("syntax.args", detail="path must be in angle brackets")
+        return _path_and_params(rest, end + 1)
     in_quote = False
     escaped = False
     for i, ch in enumerate(rest):
@@ -192,12 +227,16 @@ def split_path_and_params(arg: str, prefix: str) -> tuple[str, list[str]]:
         elif ch == '"':
             in_quote = not in_quote
         elif ch == ">" and not in_quote:
-            path = rest[: i + 1]
-            params = rest[i + 1 :]
-            if params and not params.startswith(" "):
-                raise GrammarError("syntax.args", detail="junk after path")
-            return path, params.split()
+            return _path_and_params(rest, i + 1)
     raise GrammarError("syntax.args", detail="path must be in angle brackets")
+
+
+def _path_and_params(rest: str, end: int) -> tuple[str, list[str]]:
+    """Split ``rest`` after the path's closing ">" at ``end``."""
+    params = rest[end:]
+    if params and not params.startswith(" "):
+        raise GrammarError("syntax.args", detail="junk after path")
+    return rest[:end], params.split()
 
 
 @dataclass(frozen=True, slots=True)
