@@ -17,6 +17,7 @@ from email.utils import format_datetime
 from mailgate.delivery.base import TraceInfo
 from mailgate.protocol.envelope import Envelope
 
+_NAME = "Received:"
 FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be no longer than 78 characters
 _TOKEN_LIMIT = 255  # a domain name's maximum; bounds every client-supplied token
 # anything that could end a line, split a clause or unbalance a comment or literal;
@@ -48,24 +49,52 @@ def received_header(trace: TraceInfo, envelope: Envelope, now: datetime | None =
         date = _now_date(int(time.time()))
     else:
         date = format_datetime(now if now.tzinfo is not None else now.astimezone())
-    clauses = [
-        "from " + _domain(trace.helo),
-        f"({_domain(trace.reverse_name or '')} {_literal(trace.client_ip)})",
-    ]
-    if trace.tls_version or trace.tls_cipher:
-        tls = _comment(trace.tls_version or "TLS")
-        cipher = f" with cipher {_comment(trace.tls_cipher)}" if trace.tls_cipher else ""
-        clauses.append(f"(using {tls}{cipher})")
-    clauses += [
-        "by " + _domain(trace.hostname),
-        "with " + _atom(trace.protocol or "ESMTP"),
-        "id " + _atom(trace.session_id or "unknown"),
-    ]
+    lines = list(
+        _head(
+            trace.helo,
+            trace.reverse_name,
+            trace.client_ip,
+            trace.tls_version,
+            trace.tls_cipher,
+            trace.hostname,
+            trace.protocol,
+        )
+    )
+    clauses = ["id " + _atom(trace.session_id or "unknown")]
     if len(envelope.recipients) == 1:
         clauses.append(f"for <{_address(str(envelope.recipients[0].address))}>")
     clauses[-1] += ";"
     clauses.append(date)
-    return _fold("Received:", clauses)
+    _fold(lines, clauses)
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=256)
+def _head(
+    helo: str,
+    reverse_name: str | None,
+    client_ip: str,
+    tls_version: str | None,
+    tls_cipher: str | None,
+    hostname: str,
+    protocol: str,
+) -> tuple[str, ...]:
+    """The folded lines up to the ``id`` clause: every message of a session shares them."""
+    clauses = [
+        "from " + _domain(helo),
+        f"({_domain(reverse_name or '')} {_literal(client_ip)})",
+    ]
+    if tls_version or tls_cipher:
+        tls = _comment(tls_version or "TLS")
+        cipher = f" with cipher {_comment(tls_cipher)}" if tls_cipher else ""
+        clauses.append(f"(using {tls}{cipher})")
+    clauses += [
+        "by " + _domain(hostname),
+        "with " + _atom(protocol or "ESMTP"),
+    ]
+    lines = [_NAME]
+    _fold(lines, clauses)
+    return tuple(lines)
 
 
 @functools.lru_cache(maxsize=2)
@@ -81,14 +110,13 @@ def return_path_header(envelope: Envelope) -> bytes:
     return f"Return-Path: <{path}>\r\n".encode()
 
 
-def _fold(name: str, clauses: list[str]) -> bytes:
-    lines = [name]
+def _fold(lines: list[str], clauses: list[str]) -> None:
+    """Append ``clauses`` to the field's ``lines``, each on the last line if it fits."""
     for clause in clauses:
-        if len(lines[-1]) + 1 + len(clause) > FOLD_AT and lines[-1] != name:
+        if len(lines[-1]) + 1 + len(clause) > FOLD_AT and lines[-1] != _NAME:
             lines.append("\t" + clause)
         else:
             lines[-1] += " " + clause
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
 
 def _bounded(text: str) -> str:

@@ -138,3 +138,16 @@ def test_return_path_for_sender_and_null_sender() -> None:
     assert return_path_header(envelope(sender=None)) == b"Return-Path: <>\r\n"
     evil = envelope(sender=Address("a\r\nX-Bad: 1", "example.net"))
     assert return_path_header(evil).count(b"\r\n") == 1
+
+
+def test_messages_of_one_session_keep_their_own_id_and_recipient() -> None:
+    # the clauses before "id" are shared between messages; the rest must not leak
+    first = received_header(trace(session_id="S1.1"), envelope("a@example.org"), WHEN)
+    second = received_header(trace(session_id="S1.2"), envelope("b@example.org"), WHEN)
+    third = received_header(trace(session_id="S1.3"), envelope("c@x.org", "d@x.org"), WHEN)
+    assert b"id S1.1" in first and b"<a@example.org>" in first
+    assert b"id S1.2" in second and b"<b@example.org>" in second and b"S1.1" not in second
+    assert b"id S1.3;" in third and b"for <" not in third
+    assert first.split(b" id ")[0] == second.split(b" id ")[0] == third.split(b" id ")[0]
+    other = received_header(trace(session_id="S1.1", helo="other.example.net"), envelope(), WHEN)
+    assert b"from other.example.net" in other
