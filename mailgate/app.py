@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+from collections.abc import Coroutine
 from dataclasses import dataclass
 
 from mailgate.auth.factory import build_authenticator
@@ -191,7 +192,7 @@ class MailServer:
                 self.servers.append(server)
                 addr = sock.getsockname()
                 bound.append((addr[0], addr[1]))
-        if self.ctx.config.metrics.listen:
+        if self.ctx.config.metrics.listen and not prebound:  # else the supervisor serves them
             self.ctx.metrics.start(self.ctx.config.metrics.listen)
         if not prebound:
             drop_privileges(self.ctx.config)
@@ -289,6 +290,7 @@ async def serve(config: Config, config_path: str | None, announce: bool = True) 
     server = MailServer(config, config_path)
     bound = await server.start()
     server.install_signals()
+    flush_logs()  # what start() logged (cleanup, privilege drop) comes before the announce
     if announce:
         where = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in bound)
         print(
@@ -303,9 +305,40 @@ async def serve(config: Config, config_path: str | None, announce: bool = True) 
     return 0
 
 
+async def serve_worker(
+    config: Config, config_path: str | None, counts: ConnectionCounts,
+    sockets: list[list[socket.socket]], index: int, ready_fd: int,
+) -> int:
+    """One of several workers (mailgate/supervisor.py): serve the supervisor's sockets."""
+    server = MailServer(config, config_path, counts)
+    await server.start(sockets)
+    server.install_signals()
+    os.write(ready_fd, b"R")
+    os.close(ready_fd)
+    log_event("worker_started", worker=index, pid=os.getpid())
+    await server.wait_stopped()
+    flush_logs()
+    return 0
+
+
+def run_worker(
+    config: Config, config_path: str | None, counts: ConnectionCounts,
+    sockets: list[list[socket.socket]], index: int, ready_fd: int,
+) -> int:
+    return _run_loop(serve_worker(config, config_path, counts, sockets, index, ready_fd))
+
+
 def run(config: Config, config_path: str | None) -> int:
+    from mailgate.supervisor import Supervisor, worker_count
+
+    if worker_count(config) > 1:
+        return Supervisor(config, config_path).run()
+    return _run_loop(serve(config, config_path))
+
+
+def _run_loop(main: Coroutine[None, None, int]) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(config, config_path))
-    return uvloop.run(serve(config, config_path))
+        return asyncio.run(main)
+    return uvloop.run(main)

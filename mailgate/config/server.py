@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+MAX_WORKERS = 64
+
 
 @dataclass
 class ListenerConfig:
@@ -42,5 +44,13 @@ class ServerConfig:
     proxy_from: list[str] = field(default_factory=list)  # load balancers allowed to send PROXY
     vrfy: bool = False  # answer VRFY from the recipient tables instead of 252
     spool_dir: str = "spool"
+    # processes serving connections: 1 (one process), N, or 0 for one per CPU.  The
+    # connection limits hold for the whole server; AUTH failure throttling is per
+    # worker (see docs/deployment.md).
+    workers: int = 1
     user: str = ""  # drop privileges to this user after binding (when started as root)
     group: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers: from 0 (one per CPU) to {MAX_WORKERS}, not {self.workers}")

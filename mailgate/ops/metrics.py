@@ -1,6 +1,9 @@
 """Prometheus metrics, served on their own address (``metrics.listen``).
 
 Each :class:`Metrics` has its own registry, so tests (and a reload) can make several.
+With several worker processes (``server.workers``), every worker writes its values to
+files in a directory the supervisor made (prometheus_client's multiprocess mode) and
+the supervisor alone serves /metrics, adding up the workers' values.
 Label values a client could choose (an AUTH mechanism name) are folded into a fixed
 set, so no client can grow the number of time series.  When metrics are off the
 server gets a :class:`NullMetrics`, whose methods do nothing at all.
@@ -8,11 +11,20 @@ server gets a :class:`NullMetrics`, whose methods do nothing at all.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Final
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+    values,
+)
 
 from mailgate.config.loader import split_host_port
 from mailgate.config.ops import DEFAULT_LATENCY_BUCKETS, MetricsConfig
@@ -41,7 +53,8 @@ class Metrics:
         self._server: WSGIServer | None = None
         r = self.registry
         self._open = Gauge(
-            "mailgate_connections_open", "Connections now open", ["listener"], registry=r
+            "mailgate_connections_open", "Connections now open", ["listener"], registry=r,
+            multiprocess_mode="livesum",  # workers: the sum over the living ones
         )
         self._connections = Counter(
             "mailgate_connections", "Connections accepted", ["listener"], registry=r
@@ -130,6 +143,31 @@ class Metrics:
 
     def reply(self, code: int) -> None:
         self._replies.labels(f"{code // 100}xx" if 200 <= code < 600 else OTHER).inc()
+
+
+def write_to_shared_directory(path: str) -> None:
+    """In a worker, before its Metrics are made: keep values in files under ``path``."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    # prometheus_client chooses where values live when it is imported, from this
+    # variable; the worker learns the directory later, so it chooses again.
+    values.ValueClass = values.get_value_class()
+
+
+def serve_shared_directory(listen: str, path: str) -> WSGIServer:
+    """The supervisor's /metrics: the sum of the workers' files under ``path``.
+
+    Raises ValueError for a malformed address and OSError when it cannot be bound.
+    """
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    host, port = split_host_port(listen)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server
+
+
+def forget_worker(pid: int, path: str) -> None:
+    """A worker exited: its open-connection gauge no longer counts."""
+    multiprocess.mark_process_dead(pid, path)
 
 
 def _code(code: int) -> str:

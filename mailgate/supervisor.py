@@ -1,0 +1,253 @@
+"""Several worker processes on the same listening sockets (``server.workers``).
+
+One Python process uses one core.  With workers, a small supervisor binds the
+listeners, cleans up after a crash and drops privileges once, then forks the workers;
+each runs a whole server (its own event loop, policy, delivery and group commit) and
+accepts from the shared sockets, so the kernel hands a new connection to whichever
+worker is free to accept it.  Connection limits are counted across workers in shared
+memory (server/limits.py).
+
+The supervisor only relays signals: SIGHUP reaches every worker (each reloads, as a
+single process would), SIGTERM/SIGINT stop them gracefully.  A worker that dies is
+started again; one that fails while starting stops the whole server, since the next
+one would fail the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from wsgiref.simple_server import WSGIServer
+
+from mailgate.config.errors import ConfigError
+from mailgate.config.loader import load_config
+from mailgate.config.schema import Config
+from mailgate.delivery.factory import build_router
+from mailgate.delivery.spool import SpoolDir
+from mailgate.ops.logging import flush_logs, log_event, setup_logging
+from mailgate.ops.metrics import (
+    forget_worker,
+    serve_shared_directory,
+    write_to_shared_directory,
+)
+from mailgate.server.limits import ConnectionCounts
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+START_TIMEOUT = 60.0  # seconds a worker may take to build its parts and listen
+RESTART_PAUSE = 1.0  # at least this long between two starts of the same worker
+KILL_AFTER = 15.0  # after the shutdown grace, stragglers are killed
+
+
+def worker_count(config: Config) -> int:
+    return config.server.workers or os.cpu_count() or 1
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: str | None) -> None:
+        from mailgate.app import default_hostname
+
+        self.config = config
+        self.config_path = config_path
+        # Every worker must name itself the same way (greeting, Received).
+        config.server.hostname = config.server.hostname or default_hostname()
+        self.workers = worker_count(config)
+        self.counts = ConnectionCounts(self.workers)
+        self.sockets: list[list[socket.socket]] = []
+        self.pids: dict[int, int] = {}  # pid -> worker index
+        self._started: dict[int, float] = {}  # worker index -> monotonic start time
+        self.metrics_dir = ""  # where the workers write their metrics, when served
+        self._metrics: WSGIServer | None = None
+
+    def run(self) -> int:
+        from mailgate.app import bind_all, clean_leftovers, describe_delivery, drop_privileges
+
+        config = self.config
+        setup_logging(config.logging)
+        hostname = config.server.hostname
+        clean_leftovers(SpoolDir(config.server.spool_dir), build_router(config.delivery, hostname))
+        self.sockets = bind_all(config)
+        try:
+            self._serve_metrics()
+            drop_privileges(config)
+        except BaseException:
+            self._close()
+            raise
+        # Blocked here and in the children until they unblock them: a signal sent
+        # while a worker is being forked must not be lost or kill it half-made.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            failed = self._start_all()
+            if failed is not None:
+                self._stop_all(grace=0.0)
+                return failed
+            bound = [s.getsockname() for socks in self.sockets for s in socks]
+            where = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p, *_ in bound)
+            print(
+                f"mailgate {hostname}: listening on {where}; delivering to "
+                f"{describe_delivery(config)}; {self.workers} workers",
+                flush=True,
+            )
+            log_event("started", hostname=hostname, listeners=len(bound), workers=self.workers)
+            self._supervise()
+        finally:
+            # The signals stay blocked: a second SIGTERM (a service manager's and a
+            # terminal's) must not kill the supervisor before its last log line.
+            self._close()
+        log_event("stopped")
+        flush_logs()
+        return 0
+
+    def _serve_metrics(self) -> None:
+        listen = self.config.metrics.listen
+        if not listen:
+            return
+        self.metrics_dir = tempfile.mkdtemp(prefix="mailgate-metrics-")
+        user = self.config.server.user
+        if user and os.geteuid() == 0:  # the workers write here after the drop
+            shutil.chown(self.metrics_dir, user)
+        self._metrics = serve_shared_directory(listen, self.metrics_dir)
+
+    def _close(self) -> None:
+        for sock in (s for socks in self.sockets for s in socks):
+            sock.close()
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics.server_close()
+        if self.metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    # -- starting ---------------------------------------------------------------------
+
+    def _start_all(self) -> int | None:
+        """Start every worker and wait until each listens; the exit status if one failed."""
+        for index in range(self.workers):
+            failed = self._start(index)
+            if failed is not None:
+                return failed
+        return None
+
+    def _start(self, index: int) -> int | None:
+        ready_r, ready_w = os.pipe()
+        flush_logs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.close(ready_r)
+            os._exit(_worker(self, index, ready_w))
+        os.close(ready_w)
+        self.pids[pid] = index
+        self._started[index] = time.monotonic()
+        try:
+            ready, _, _ = select.select([ready_r], [], [], START_TIMEOUT)
+            if ready and os.read(ready_r, 1) == b"R":
+                return None
+        finally:
+            os.close(ready_r)
+        # It exited (or hung) before listening: collect its status.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        del self.pids[pid]
+        code = os.waitstatus_to_exitcode(status)
+        return code if code > 0 else 1
+
+    # -- running ----------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while True:
+            info = signal.sigtimedwait(SIGNALS, 1.0)
+            if info is None:
+                continue
+            if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                log_event("shutdown", workers=len(self.pids))
+                self._stop_all(grace=self.config.server.shutdown_grace + KILL_AFTER)
+                return
+            if info.si_signo == signal.SIGHUP:
+                self._reload()
+            elif info.si_signo == signal.SIGCHLD:
+                self._reap()
+
+    def _reload(self) -> None:
+        try:
+            load_config(self.config_path)  # a broken file: one error here, not one per worker
+        except ConfigError as exc:
+            log_event("reload", level="error", outcome="refused", error=str(exc)[:500])
+            return
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    def _reap(self) -> None:
+        while self.pids:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            index = self.pids.pop(pid, None)
+            if index is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if self.metrics_dir:
+                forget_worker(pid, self.metrics_dir)
+            log_event("worker_exited", level="error", worker=index, pid=pid, status=code)
+            self.counts.clear_row(index)  # its connections died with it
+            pause = self._started[index] + RESTART_PAUSE - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)  # a worker that keeps crashing must not spin
+            failed = self._start(index)
+            if failed is not None:
+                log_event("worker_failed", level="error", worker=index, status=failed)
+
+    def _stop_all(self, grace: float) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.pids:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                self.pids.pop(pid, None)
+                continue
+            if time.monotonic() >= deadline:
+                for straggler in list(self.pids):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(straggler, signal.SIGKILL)
+                    os.waitpid(straggler, 0)
+                    del self.pids[straggler]
+                return
+            time.sleep(0.05)
+
+
+def _worker(supervisor: Supervisor, index: int, ready_fd: int) -> int:
+    """The body of worker ``index`` (in the forked child); its exit status."""
+    from mailgate.app import run_worker
+
+    for signo in SIGNALS:
+        signal.signal(signo, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    supervisor.counts.use_row(index)
+    if supervisor.metrics_dir:
+        write_to_shared_directory(supervisor.metrics_dir)
+    try:
+        return run_worker(
+            supervisor.config, supervisor.config_path, supervisor.counts, supervisor.sockets,
+            index, ready_fd,
+        )
+    except (ConfigError, ValueError) as exc:  # DeliveryConfigError is a ValueError
+        print(f"mailgate: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:
+        print(f"mailgate: cannot start: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except BaseException as exc:  # whatever happens, the child exits with a status
+        print(f"mailgate: worker {index} failed: {exc!r}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        flush_logs()

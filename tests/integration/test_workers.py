@@ -1,0 +1,161 @@
+"""End to end with several worker processes (server.workers): one server to its clients."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tests.integration.server import RunningServer, start_server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout: float = 15) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _worker_pids(srv: RunningServer) -> list[int]:
+    return [int(p) for p in re.findall(r"event=worker_started worker=\d+ pid=(\d+)", srv.log())]
+
+
+def _children(pid: int) -> set[int]:
+    tasks = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(p) for p in tasks.read_text().split()} if tasks.exists() else set()
+
+
+def _send(srv: RunningServer, n: int) -> None:
+    with smtplib.SMTP(srv.host, srv.port, timeout=15) as smtp:
+        smtp.ehlo("client.mailgate.org")
+        message = f"Subject: workers {n}\r\n\r\nhello\r\n".encode()
+        smtp.sendmail("a@client.mailgate.org", ["root@localhost"], message)
+
+
+def _start(tmp_path: Path, extra: str = "") -> RunningServer:
+    return start_server(tmp_path, f'[server]\nworkers = 2\nspool_dir = "{tmp_path}/s"\n{extra}')
+
+
+def test_workers_share_the_port_and_deliver(tmp_path: Path) -> None:
+    srv = _start(tmp_path)
+    try:
+        assert _wait_for(lambda: len(_worker_pids(srv)) == 2)
+        assert set(_worker_pids(srv)) == _children(srv.proc.pid)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: _send(srv, n), range(40)))
+        bodies = srv.messages("root")
+        assert len(bodies) == 40
+        numbers = {int(m.group(1)) for b in bodies if (m := re.search(rb"workers (\d+)", b))}
+        assert numbers == set(range(40))
+    finally:
+        assert srv.stop() == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in _worker_pids(srv))
+    assert "event=stopped" in srv.log()
+
+
+def test_connection_limit_holds_across_workers(tmp_path: Path) -> None:
+    srv = _start(tmp_path, "max_connections_per_ip = 3\n")
+    try:
+        held = [socket.create_connection((srv.host, srv.port), timeout=10) for _ in range(3)]
+        for sock in held:
+            assert sock.recv(1024).startswith(b"220 ")
+        for _ in range(3):  # whichever worker takes it, the fourth is one too many
+            with socket.create_connection((srv.host, srv.port), timeout=10) as extra:
+                assert extra.recv(1024).startswith(b"421 4.7.0")
+        held.pop().close()
+        assert _wait_for(lambda: _greeted(srv))
+        for sock in held:
+            sock.close()
+    finally:
+        srv.stop()
+
+
+def _greeted(srv: RunningServer) -> bool:
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        return sock.recv(1024).startswith(b"220 ")
+
+
+def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
+    srv = _start(tmp_path)
+    try:
+        assert _wait_for(lambda: len(_worker_pids(srv)) == 2)
+        victim = _worker_pids(srv)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert _wait_for(lambda: len(_worker_pids(srv)) == 3)
+        assert f"event=worker_exited worker=0 pid={victim} status=-9" in srv.log()
+        assert victim not in _children(srv.proc.pid) and len(_children(srv.proc.pid)) == 2
+        for n in range(6):
+            _send(srv, n)
+        assert len(srv.messages("root")) == 6
+    finally:
+        srv.stop()
+
+
+def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
+    srv = _start(tmp_path)
+    try:
+        assert _wait_for(lambda: len(_worker_pids(srv)) == 2)
+        srv.config_path.write_text(srv.config_path.read_text() + "\n[broken\n")
+        srv.signal(signal.SIGHUP)
+        assert _wait_for(lambda: "outcome=refused" in srv.log())
+        assert srv.log().count("event=reload") == 1  # the supervisor refused it, once
+        srv.config_path.write_text(srv.config_path.read_text().replace("\n[broken\n", ""))
+        srv.signal(signal.SIGHUP)
+        assert _wait_for(lambda: srv.log().count("event=reload outcome=ok") == 2)
+        _send(srv, 1)
+    finally:
+        srv.stop()
+
+
+def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
+    config = tmp_path / "mailgate.toml"
+    config.write_text(
+        f'[server]\nworkers = 2\nspool_dir = "{tmp_path}/s"\n'
+        f'[tls]\ncert = "{tmp_path}/missing.pem"\nkey = "{tmp_path}/missing.key"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mailgate.cli", "serve", "--config", str(config),
+         "--listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "missing.pem" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "listening on" not in done.stdout
+
+
+def test_metrics_add_up_the_workers(tmp_path: Path) -> None:
+    mport = _free_port()
+    leftovers = set(Path(tempfile.gettempdir()).glob("mailgate-metrics-*"))
+    srv = _start(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda n: _send(srv, n), range(12)))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
+        found = re.search(
+            rb'mailgate_messages_total\{[^}]*outcome="accepted"[^}]*\} (\S+)', text
+        )
+        assert found is not None and float(found.group(1)) == 12.0
+        opened = re.search(rb"mailgate_connections_total\{[^}]*\} (\S+)", text)
+        assert opened is not None and float(opened.group(1)) == 12.0
+    finally:
+        srv.stop()
+    # the workers' metric files went with the server
+    assert set(Path(tempfile.gettempdir()).glob("mailgate-metrics-*")) == leftovers
