@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from mailgate.policy.base import ACCEPT, Client, Spooled, Step, Verdict
 from mailgate.policy.networks import NetworkList, is_trusted
@@ -19,7 +20,7 @@ from mailgate.protocol.replies import reply
 
 log = logging.getLogger("mailgate.policy")
 
-StageCall = Callable[[Step], Awaitable[Verdict]]
+StageMethod = Callable[..., Awaitable[Verdict]]  # a step's method for one stage
 
 
 class PolicyEngine:
@@ -28,10 +29,13 @@ class PolicyEngine:
     def __init__(self, steps: Sequence[Step], trusted_networks: NetworkList) -> None:
         self.steps = tuple(steps)
         self._trusted = trusted_networks
-        # Per stage, only the steps that do something there: a Step subclass that does
-        # not override a stage would just accept, and this runs for every command.
-        self._by_stage = {
-            stage: tuple(step for step in self.steps if _acts_at(step, stage))
+        # Per stage, the bound methods of only the steps that do something there: a Step
+        # subclass that does not override a stage would just accept, and this runs for
+        # every command.
+        self._calls: dict[str, tuple[tuple[Step, StageMethod], ...]] = {
+            stage: tuple(
+                (step, getattr(step, stage)) for step in self.steps if _acts_at(step, stage)
+            )
             for stage in _STAGES
         }
 
@@ -41,24 +45,42 @@ class PolicyEngine:
         except Exception:  # an address object of some unexpected kind: not trusted
             log.exception("policy: cannot classify client address %r", client.ip)
         client.filter_state = "TRUSTED" if client.trusted else "ACCEPT"
-        return await self._run("connect", client, lambda step: step.connect(client))
+        calls = self._calls["connect"]
+        if not calls:
+            return ACCEPT
+        return await self._run("connect", client, calls, (client,))
 
     async def helo(self, client: Client, name: str) -> Verdict:
-        return await self._run("helo", client, lambda step: step.helo(client, name))
+        calls = self._calls["helo"]
+        if not calls:
+            return ACCEPT
+        return await self._run("helo", client, calls, (client, name))
 
     async def mail(self, client: Client, envelope: Envelope) -> Verdict:
         # A new transaction: its filter state starts afresh (AUTH may have come since).
         client.filter_state = "TRUSTED" if is_trusted(client) else "ACCEPT"
-        return await self._run("mail", client, lambda step: step.mail(client, envelope))
+        calls = self._calls["mail"]
+        if not calls:
+            return ACCEPT
+        return await self._run("mail", client, calls, (client, envelope))
 
     async def rcpt(self, client: Client, envelope: Envelope, recipient: Recipient) -> Verdict:
-        return await self._run("rcpt", client, lambda step: step.rcpt(client, envelope, recipient))
+        calls = self._calls["rcpt"]
+        if not calls:
+            return ACCEPT
+        return await self._run("rcpt", client, calls, (client, envelope, recipient))
 
     async def data(self, client: Client, envelope: Envelope) -> Verdict:
-        return await self._run("data", client, lambda step: step.data(client, envelope))
+        calls = self._calls["data"]
+        if not calls:
+            return ACCEPT
+        return await self._run("data", client, calls, (client, envelope))
 
     async def message(self, client: Client, envelope: Envelope, body: Spooled) -> Verdict:
-        return await self._run("message", client, lambda step: step.message(client, envelope, body))
+        calls = self._calls["message"]
+        if not calls:
+            return ACCEPT
+        return await self._run("message", client, calls, (client, envelope, body))
 
     async def close(self) -> None:
         """Release what the steps hold (the greylist's SQLite or Redis store)."""
@@ -88,13 +110,19 @@ class PolicyEngine:
         if problems:
             raise ValueError("\n".join(problems))
 
-    async def _run(self, stage: str, client: Client, call: StageCall) -> Verdict:
+    async def _run(
+        self,
+        stage: str,
+        client: Client,
+        calls: tuple[tuple[Step, StageMethod], ...],
+        args: tuple[Any, ...],
+    ) -> Verdict:
         # Accepting steps may tag too (greylist "passed"); their tags reach the log
         # along with those of the refusal, if any.
         tags: tuple[tuple[str, str], ...] = ()
-        for step in self._by_stage[stage]:
+        for step, method in calls:
             try:
-                verdict = await call(step)
+                verdict = await method(*args)
             except Exception:
                 log.exception(
                     "policy step %s failed at %s session=%s", step.name, stage, client.session_id

@@ -26,6 +26,8 @@ class RecipientStep(Step):
         self._mailboxes = mailboxes
         self._hostname = hostname
         self._allow_loopback = allow_loopback_literal
+        # A site's own Mailboxes may have no downstream to ask.
+        self._verify = getattr(mailboxes, "verify_recipient", None)
 
     async def rcpt(self, client: Client, envelope: Envelope, recipient: Recipient) -> Verdict:
         address = recipient.address
@@ -35,7 +37,8 @@ class RecipientStep(Step):
         may_relay = is_trusted(client)
         if not may_relay and ROUTING_CHARACTERS.intersection(address.local):
             return self._refuse("rcpt.relay_denied", "route_in_local_part", address)
-        domain = self._local_domain(client, address)
+        given = address.domain_lower
+        domain = self._local_domain(client, address, given)
         if domain is None:
             if address.domain == "[]":
                 return self._refuse("rcpt.loopback_disabled", "loopback", address)
@@ -44,23 +47,22 @@ class RecipientStep(Step):
             return self._refuse("rcpt.relay_denied", "relay", address)
         if not self._mailboxes.has_recipient(address.local, domain):
             return self._refuse("rcpt.unknown", "unknown", address)
-        # A site's own Mailboxes may have no downstream to ask.
-        verify = getattr(self._mailboxes, "verify_recipient", None)
+        verify = self._verify
         if verify is not None:
             downstream = await verify(address.local, domain)
             if downstream is False:
                 return self._refuse("rcpt.unknown", "downstream_unknown", address)
             if downstream is None:
                 return self._refuse("delivery.downstream_rcpt_temp", "downstream_tempfail", address)
-        if address.domain and domain != address.domain_lower:
+        if given and domain != given:
             # user@[our address] (or user@[]) is local mail: make it user@hostname, or
             # delivery, which knows no addresses, would hand it to the relay.
             recipient.address = Address(address.local, domain, address.quoted)
         return ACCEPT
 
-    def _local_domain(self, client: Client, address: Address) -> str | None:
-        """The local domain ``address`` is delivered in, or None when it is not local."""
-        domain = address.domain_lower
+    def _local_domain(self, client: Client, address: Address, domain: str) -> str | None:
+        """The local domain ``address`` (whose domain in lower case is ``domain``) is
+        delivered in, or None when it is not local."""
         if not domain:
             return self._hostname  # a domainless local part, as upas: a local user
         if domain == "[]":
