@@ -39,8 +39,10 @@ class NetworkList:
     """A set of networks that answers "is this client inside one of them"."""
 
     def __init__(self, networks: Iterable[Network] = ()) -> None:
-        self._v4 = [n for n in networks if isinstance(n, ipaddress.IPv4Network)]
-        self._v6 = [n for n in networks if isinstance(n, ipaddress.IPv6Network)]
+        # (network, mask) as integers: an address is inside when its own integer, masked,
+        # is the network's, which is what ``ip in network`` computes, minus its checks
+        self._v4 = [_bits(n) for n in networks if isinstance(n, ipaddress.IPv4Network)]
+        self._v6 = [_bits(n) for n in networks if isinstance(n, ipaddress.IPv6Network)]
 
     @classmethod
     def parse(cls, entries: Iterable[str], key: str) -> NetworkList:
@@ -56,7 +58,17 @@ class NetworkList:
     def __contains__(self, ip: IPAddress) -> bool:
         ip = unmap(ip)
         candidates = self._v4 if isinstance(ip, ipaddress.IPv4Address) else self._v6
-        return any(ip in network for network in candidates)
+        if not candidates:
+            return False
+        value = int(ip)
+        for network, mask in candidates:  # noqa: SIM110 - any() would build a generator
+            if value & mask == network:
+                return True
+        return False
+
+
+def _bits(network: Network) -> tuple[int, int]:
+    return int(network.network_address), int(network.netmask)
 
 
 def is_trusted(client: Client) -> bool:
