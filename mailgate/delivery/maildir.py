@@ -266,9 +266,18 @@ def _write_message(path: str, header: bytes, spool: str | bytes, binary: bool) -
     """``spool`` is the spool file's path, or the message itself when held in memory."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
+        if isinstance(spool, bytes):
+            # A message held in memory goes out in one write, without a 256 KiB
+            # buffer allocated for it: most mail is small.
+            try:
+                _write_all(fd, header + (spool if binary else spool.replace(b"\r\n", b"\n")))
+                os.fsync(fd)  # durable before it is linked into new/
+            finally:
+                os.close(fd)
+            return
         with os.fdopen(fd, "wb", buffering=WRITE_BUFFER) as out:
             out.write(header)
-            chunks: Iterable[bytes] = [spool] if isinstance(spool, bytes) else read_chunks(spool)
+            chunks = read_chunks(spool)
             for chunk in chunks if binary else crlf_to_lf(chunks):
                 out.write(chunk)
             out.flush()
@@ -276,6 +285,12 @@ def _write_message(path: str, header: bytes, spool: str | bytes, binary: bool) -
     except BaseException:
         _unlink_all([path])
         raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _try_link(source: str, target: str) -> bool:
