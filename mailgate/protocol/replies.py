@@ -12,7 +12,7 @@ neither inject a reply line nor make one longer than RFC 5321's 512 octets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 ECHO_LIMIT: Final = 64  # the most characters of any client value echoed in a reply
@@ -37,6 +37,9 @@ class Reply:
     enhanced: str | None
     lines: tuple[str, ...]
     name: str = ""
+    # The wire form, made on first use: replies are immutable and the constant and
+    # memoised ones are sent over and over.
+    _bytes: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def is_error(self) -> bool:
@@ -47,7 +50,11 @@ class Reply:
         return "\n".join(self.lines)
 
     def to_bytes(self) -> bytes:
-        return _wire(self)
+        data = self._bytes
+        if data is None:
+            data = _wire(self)
+            object.__setattr__(self, "_bytes", data)  # a cache, not state: see above
+        return data
 
     def with_preface(self, lines: list[str]) -> Reply:
         """The same reply with extra (cleaned) lines before its own, e.g. a mailer's stderr."""
@@ -179,9 +186,6 @@ CATALOGUE: Final[dict[str, Template]] = {
 
 
 def _wire(r: Reply) -> bytes:
-    cached = _WIRE.get(r)
-    if cached is not None:
-        return cached
     head = f"{r.enhanced} " if r.enhanced else ""
     last = len(r.lines) - 1
     out = []
@@ -189,10 +193,7 @@ def _wire(r: Reply) -> bytes:
         raw = f"{r.code}{' ' if i == last else '-'}{head}{line}".encode("utf-8", "replace")
         limit = MAX_LINE - 2 if r.code != 334 else 12288
         out.append(raw[:limit] + b"\r\n")
-    data = b"".join(out)
-    if r.name in _CONSTANT_NAMES:
-        _WIRE[r] = data
-    return data
+    return b"".join(out)
 
 
 # Values that are ours, not the client's, and may be longer than an echo: a SASL
@@ -209,9 +210,6 @@ def _build(name: str, tpl: Template, args: dict[str, object]) -> Reply:
     return Reply(tpl.code, tpl.enhanced, tuple(text.split("\n")), name)
 
 
-_CONSTANT_NAMES: Final = frozenset(n for n, t in CATALOGUE.items() if "{" not in t.text)
-_WIRE: dict[Reply, bytes] = {}
-
 # Replies with no placeholders are built once: the hot path only looks them up.
 _CONSTANT: Final[dict[str, Reply]] = {
     name: _build(name, tpl, {}) for name, tpl in CATALOGUE.items() if "{" not in tpl.text
@@ -223,7 +221,21 @@ def reply(key: str, /, **args: object) -> Reply:
     constant = _CONSTANT.get(key)
     if constant is not None:
         return constant
-    return _build(key, CATALOGUE[key], args)
+    # The text depends on the names and the str() of the values only.
+    memo_key = (key, *args, *map(str, args.values()))
+    filled = _FILLED.get(memo_key)
+    if filled is None:
+        if len(_FILLED) >= _FILLED_MAX:
+            _FILLED.clear()
+        filled = _FILLED[memo_key] = _build(key, CATALOGUE[key], args)
+    return filled
+
+
+# Filled-in replies recur: the same sender on every MAIL of a connection, the same
+# recipients, HELO names.  The latest ones are kept (with their wire bytes, see
+# Reply.to_bytes); a bounded number, since the values come from clients.
+_FILLED_MAX: Final = 256
+_FILLED: dict[tuple[str, ...], Reply] = {}
 
 
 def multiline(key: str, lines: list[str], /, **args: object) -> Reply:
