@@ -278,3 +278,13 @@ def test_verify_recipient_asks_only_downstreams_that_can_tell(tmp_path: Path) ->
     assert verify("both") is True
     assert verify("x", "remote.test") is False  # no relay: refused before any downstream
     assert verifying.asked == ["alice", "bob", "carol", "alice"]
+
+
+def test_a_lone_recipient_gets_its_destinations_answer(tmp_path: Path) -> None:
+    (tmp_path / "blocked").write_text("a file where the mbox directory should be")
+    broken = DestinationConfig(mbox=MboxConfig(path=str(tmp_path / "blocked/{user}")))
+    r = router(tmp_path, destinations={"broken": broken}, users={"bob": "broken"})
+    assert deliver(tmp_path, r, "bob@example.org")[0].startswith("451 4.3.0")
+    assert deliver(tmp_path, r, "Alice+news@example.org") == ["250 2.0.0 OK"]
+    assert deliver(tmp_path, r, "nobody@example.org")[0].startswith("550 5.1.1")
+    assert count(tmp_path, "alice") == 1
