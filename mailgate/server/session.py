@@ -48,9 +48,9 @@ def new_session_id() -> str:
 class Session(asyncio.Protocol):
     # Slots: an idle session should cost a few KB (ten thousand of them wait at once).
     __slots__ = (
-        "_auth_mechanism", "_busy", "_exchange", "_lost", "_message_started", "_messages",
-        "_paused", "_proxy_buf", "_spool", "_stopping", "_task", "_timed_out", "_trace_info",
-        "_waiter",
+        "_auth_mechanism", "_busy", "_deadline", "_exchange", "_lost", "_message_started",
+        "_messages", "_paused", "_proxy_buf", "_spool", "_stopping", "_task", "_timed_out",
+        "_timer", "_trace_info", "_waiter",
         "client", "conn", "listener", "log", "server", "sid", "transport",
     )  # fmt: skip
 
@@ -63,6 +63,8 @@ class Session(asyncio.Protocol):
         self.client: Client | None = None
         self.log: SessionLog | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # loop time at which the current wait times out
         self._paused = False
         self._lost = False
         self._timed_out = False
@@ -132,16 +134,30 @@ class Session(asyncio.Protocol):
 
     async def _wait_input(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
+        deadline = self._deadline = loop.time() + timeout
+        # One timer per session, moved only when a deadline comes earlier than it: a
+        # wait almost always ends long before its deadline, and a timer made and
+        # cancelled per command cost more than the rest of the wait.
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer)
         waiter = loop.create_future()
         self._waiter = waiter
-        handle = loop.call_later(timeout, self._fire_timeout)
         try:
             await waiter
         finally:
-            handle.cancel()
             self._waiter = None
 
-    def _fire_timeout(self) -> None:
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._waiter is None:
+            return  # busy (a verdict, a delivery): the next wait arms it again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:  # the deadline moved on since it was armed
+            self._timer = loop.call_at(self._deadline, self._on_timer)
+            return
         self._timed_out = True
         self._wake()
 
@@ -621,6 +637,9 @@ class Session(asyncio.Protocol):
         )
 
     def _cleanup(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()  # else it would hold the session until it fires
+            self._timer = None
         self._drop_spool()
         server = self.server
         server.sessions.discard(self)
