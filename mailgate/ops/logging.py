@@ -24,7 +24,8 @@ import re
 import sys
 import time
 import traceback
-from typing import Any, Final, TextIO
+from collections.abc import Callable
+from typing import Any, Final, TextIO, TypeVar
 
 from mailgate.config.loader import split_host_port
 from mailgate.config.ops import LoggingConfig
@@ -46,30 +47,51 @@ _direct: _DirectWriter | None = None  # set when lines go to a stream (not syslo
 _KEY_JUNK = re.compile(r"[^A-Za-z0-9_.-]")
 _ESCAPES: Final = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _FACILITIES: Final = logging.handlers.SysLogHandler.facility_names
+_T = TypeVar("_T")
 
 
 class SessionLog:
     """The log of one SMTP session: every line carries ``sid`` and the bound context."""
 
-    __slots__ = ("_context", "session_id")
+    __slots__ = ("_bound", "_bound_keys", "_context", "_head", "_sid")
 
     def __init__(self, session_id: str, **context: object) -> None:
-        self.session_id = session_id
+        self._sid = session_id
         self._context = context
+        # The logfmt text every line of the session repeats, rendered once.
+        self._head = f" sid={logfmt_value(session_id)} event="
+        self._bound = _logfmt_bound(context)
+        self._bound_keys = frozenset(context)
+
+    @property
+    def session_id(self) -> str:
+        return self._sid
 
     def bind(self, **fields: object) -> None:
         """Add fields to every later line of this session (e.g. ``helo=`` after EHLO)."""
         self._context.update(fields)
+        self._bound = _logfmt_bound(self._context)
+        self._bound_keys = frozenset(self._context)
 
     def event(self, name: str, /, level: str = "info", **fields: object) -> None:
         """Log event ``name``; a field may itself be called ``name`` (positional-only)."""
         levelno = LEVELS.get(level, logging.INFO)
         direct = _direct
         if direct is not None:  # the hot path: no LogRecord, no handler chain
-            if levelno >= direct.level:
-                direct.write(levelno, name, self.session_id, {**self._context, **fields})
+            if levelno < direct.level:
+                return
+            bound = self._bound
+            if bound is not None and not direct.as_json and self._bound_keys.isdisjoint(fields):
+                line = _logfmt_fields(fields)
+                if line is not None:
+                    direct.add(
+                        f"ts={_timestamp(time.time())}{_LEVEL_PARTS[levelno]}{self._head}"
+                        f"{_EVENT_NAMES[name]}{bound}{line}"
+                    )
+                    return
+            direct.write(levelno, name, self._sid, {**self._context, **fields})
         elif _logger.isEnabledFor(levelno):  # a disabled level costs this check only
-            _emit(levelno, name, self.session_id, {**self._context, **fields})
+            _emit(levelno, name, self._sid, {**self._context, **fields})
 
 
 def log_event(name: str, /, level: str = "info", **fields: object) -> None:
@@ -103,7 +125,10 @@ class _DirectWriter:
         self.pending: list[str] = []
 
     def write(self, levelno: int, name: str, sid: str | None, fields: dict[str, object]) -> None:
-        self.pending.append(_render(self.as_json, True, time.time(), levelno, sid, name, fields))
+        self.add(_render(self.as_json, True, time.time(), levelno, sid, name, fields))
+
+    def add(self, line: str) -> None:
+        self.pending.append(line)
         if len(self.pending) > 1:
             return  # a flush is already scheduled
         # The lines of one event-loop turn leave in one write (a write per line was a
@@ -236,8 +261,8 @@ def _render(
         head["sid"] = sid
     head["event"] = name
     for k, v in fields.items():
-        key = f"{k}_" if k in RESERVED else _key(k)
-        head[key] = REDACTED if _is_secret(key) else v
+        key, secret = _FIELD_KEYS[k]
+        head[key] = REDACTED if secret else v
     return _json_line(head) if as_json else _logfmt_line(head)
 
 
@@ -260,19 +285,47 @@ def _second(second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
+# (millisecond, second, text) of the last time stamp: the lines of one message are
+# often written in the same millisecond.  One tuple, so that a thread logging at the
+# same moment can never see the text of another millisecond.
+_last_stamp: tuple[int, int, str] = (-1, -1, "")
+
+
 def _timestamp(created: float) -> str:
-    millis = int(created * 1000) % 1000
-    return f"{_second(int(created))}.{millis:03d}Z"
+    global _last_stamp
+    ms = int(created * 1000)
+    second = int(created)
+    last_ms, last_second, text = _last_stamp
+    if ms != last_ms or second != last_second:
+        text = f"{_second(second)}.{ms % 1000:03d}Z"
+        _last_stamp = (ms, second, text)
+    return text
 
 
-@functools.lru_cache(maxsize=512)
-def _key(name: str) -> str:
-    return _KEY_JUNK.sub("_", name) or "_"
+class _Memo(dict[str, _T]):
+    """``fn(name)`` remembered, for names the code chooses (events, fields): few and
+    reused on every line.  Bounded all the same, by starting afresh when full."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[[str], _T]) -> None:
+        super().__init__()
+        self._fn = fn
+
+    def __missing__(self, name: str) -> _T:
+        if len(self) >= 512:
+            self.clear()
+        value = self[name] = self._fn(name)
+        return value
 
 
-@functools.lru_cache(maxsize=512)
-def _is_secret(key: str) -> bool:
-    return any(part in SECRET_PARTS for part in re.split(r"[_.-]", key.lower()))
+def _field_key(name: str) -> tuple[str, bool]:
+    """A field's key as logged (reserved names get a ``_``) and whether it is secret."""
+    key = f"{name}_" if name in RESERVED else _KEY_JUNK.sub("_", name) or "_"
+    return key, any(part in SECRET_PARTS for part in re.split(r"[_.-]", key.lower()))
+
+
+_FIELD_KEYS: Final = _Memo(_field_key)
 
 
 def _text(value: object) -> str:
@@ -297,19 +350,18 @@ def _text(value: object) -> str:
 
 # Printable ASCII but space, '"', '=' and backslash: such a value needs no quoting.
 _BARE: Final = re.compile(r"[!#-<>-\[\]-~]+")
+_bare: Final = _BARE.fullmatch
 
 
 def logfmt_value(value: object) -> str:
     """One logfmt value: bare when safe, else double-quoted with escapes."""
     kind = type(value)
-    if kind is int:
+    if kind is int or kind is float:  # digits, ".", "e", "+", "-", "inf", "nan": all bare
         return str(value)
-    if kind is str and len(value) <= MAX_VALUE and _BARE.fullmatch(value):  # the common case
+    if kind is str and len(value) <= MAX_VALUE and _bare(value):  # the common case
         return value
     text = _text(value)
-    if _BARE.fullmatch(text) or (
-        text and text.isprintable() and not any(c in text for c in ' "=\\')
-    ):
+    if _bare(text) or (text and text.isprintable() and not any(c in text for c in ' "=\\')):
         return text
     return '"' + "".join(_escape(c) for c in text) + '"'
 
@@ -331,6 +383,47 @@ def _escape(char: str) -> str:
 
 def _logfmt_line(line: dict[str, object]) -> str:
     return " ".join(f"{k}={logfmt_value(v)}" for k, v in line.items())
+
+
+def _plain_key(name: str) -> str:
+    """``" name="`` for a field logged under its own name, never redacted; else ""."""
+    key, secret = _FIELD_KEYS[name]
+    return f" {name}=" if key == name and not secret else ""
+
+
+_PLAIN_KEYS: Final = _Memo(_plain_key)
+_EVENT_NAMES: Final = _Memo(logfmt_value)
+_LEVEL_PARTS: Final = {no: f" level={name}" for no, name in _LEVEL_NAMES.items()}
+_IMMUTABLE: Final = frozenset({str, int, float, bool, type(None)})
+
+
+def _logfmt_fields(fields: dict[str, object]) -> str | None:
+    """The fields as `` key=value`` each, what _logfmt_line writes for them, or None
+    when a key must be renamed or redacted: then two keys may become one, and only
+    _render's dict of renamed keys gets that right."""
+    parts: list[str] = []
+    for name, value in fields.items():
+        prefix = _PLAIN_KEYS[name]
+        if not prefix:
+            return None
+        parts.append(prefix)
+        kind = type(value)
+        # logfmt_value's commonest cases, without the call
+        if kind is str and len(value) <= MAX_VALUE and _bare(value):
+            parts.append(value)
+        elif kind is int:
+            parts.append(str(value))
+        else:
+            parts.append(logfmt_value(value))
+    return "".join(parts)
+
+
+def _logfmt_bound(context: dict[str, object]) -> str | None:
+    """A session's bound context as logfmt, rendered once, or None when it must be
+    rendered with each line (see _logfmt_fields; or a value whose text could change)."""
+    if any(type(value) not in _IMMUTABLE for value in context.values()):
+        return None
+    return _logfmt_fields(context)
 
 
 def _json_value(value: object) -> Any:

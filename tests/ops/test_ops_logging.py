@@ -270,3 +270,130 @@ def test_unreachable_syslog_falls_back_to_the_stream(tmp_path: Path) -> None:
     first, second = lines(out)
     assert f'event=syslog_unavailable address={missing} error="' in first
     assert second.endswith("level=info event=startup")
+
+
+# --- the pre-rendered session line (logfmt) -----------------------------------------------
+# A session renders its sid and bound context once and plain fields inline; anything
+# else (a renamed or secret key, a field that replaces a bound one) takes the general
+# path.  Each case below is written out by hand as the general path writes it.
+
+
+def after_ts(stream: io.StringIO) -> list[str]:
+    return [line.split(" ", 1)[1] for line in lines(stream)]
+
+
+def test_a_bound_value_needing_quotes(stream: io.StringIO) -> None:
+    log = SessionLog("S1", ip="192.0.2.1", listener='a b"c', note="", port=25, tls=None)
+    log.event("x", n=1)
+    log.event("y")
+    assert after_ts(stream) == [
+        'level=info sid=S1 event=x ip=192.0.2.1 listener="a b\\"c" note="" port=25 tls="" n=1',
+        'level=info sid=S1 event=y ip=192.0.2.1 listener="a b\\"c" note="" port=25 tls=""',
+    ]
+
+
+def test_bind_after_lines_were_written(stream: io.StringIO) -> None:
+    log = SessionLog("S1", ip="192.0.2.1")
+    log.event("connect")
+    log.bind(helo="two words", ip="198.51.100.7")
+    log.event("helo", n=2)
+    assert after_ts(stream) == [
+        "level=info sid=S1 event=connect ip=192.0.2.1",
+        'level=info sid=S1 event=helo ip=198.51.100.7 helo="two words" n=2',
+    ]
+
+
+def test_a_field_replaces_a_bound_one_in_its_place(stream: io.StringIO) -> None:
+    log = SessionLog("S1", ip="192.0.2.1", listener="l1")
+    log.event("x", n=1, ip="198.51.100.7")
+    log.event("y", n=2)
+    assert after_ts(stream) == [
+        "level=info sid=S1 event=x ip=198.51.100.7 listener=l1 n=1",
+        "level=info sid=S1 event=y ip=192.0.2.1 listener=l1 n=2",
+    ]
+
+
+def test_secret_and_reserved_names_bound_or_as_fields(stream: io.StringIO) -> None:
+    log = SessionLog("S1", token="t0p", event="bound")
+    log.event("x", password="hunter2", level_name="ok", sid="forged")
+    SessionLog("S2").event("y", a=1, client_secret="hunter2", b=2)
+    assert after_ts(stream) == [
+        "level=info sid=S1 event=x token=[redacted] event_=bound password=[redacted] "
+        "level_name=ok sid_=forged",
+        "level=info sid=S2 event=y a=1 client_secret=[redacted] b=2",
+    ]
+
+
+def test_keys_renamed_alike_are_written_once(stream: io.StringIO) -> None:
+    SessionLog("S1", **{"a b": 1}).event("x", a_b=2, c=3)
+    SessionLog("S2").event("y", **{"ts": 1, "ts_": 2, "d": "e"})
+    assert after_ts(stream) == [
+        "level=info sid=S1 event=x a_b=2 c=3",
+        "level=info sid=S2 event=y ts_=2 d=e",
+    ]
+
+
+def test_values_whose_text_can_change_are_rendered_with_each_line(stream: io.StringIO) -> None:
+    seen: list[str] = []
+    log = SessionLog("S1", seen=seen, data=b"abc")
+    log.event("x")
+    seen.append("a")
+    log.event("y")
+    assert after_ts(stream) == [
+        'level=info sid=S1 event=x seen=[] data="<3 bytes>"',
+        "level=info sid=S1 event=y seen=['a'] data=\"<3 bytes>\"",
+    ]
+
+
+def test_values_of_every_kind_and_an_unusual_sid(stream: io.StringIO) -> None:
+    log = SessionLog("s 1", ip="192.0.2.1")
+    log.event(
+        "odd event", level="warning", f=0.5, g=float("inf"), big=10**30, yes=True,
+        none=None, raw=b"x", long="y" * (MAX_VALUE + 1), nl="a\nb", name="n",
+    )
+    assert after_ts(stream) == [
+        'level=warning sid="s 1" event="odd event" ip=192.0.2.1 f=0.5 g=inf '
+        f'big={10**30} yes=true none="" raw="<1 bytes>" long={"y" * MAX_VALUE}... '
+        'nl="a\\nb" name=n'
+    ]
+
+
+def test_the_time_stamp_follows_the_clock(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = iter([1764072448.2461, 1764072448.2469, 1764072448.2471, 1764072449.0001])
+    monkeypatch.setattr(mailgate.ops.logging.time, "time", lambda: next(clock))
+    log = SessionLog("S1")
+    for _ in range(4):
+        log.event("x")
+    assert [line.split(" ", 1)[0] for line in lines(stream)] == [
+        "ts=2025-11-25T12:07:28.246Z",
+        "ts=2025-11-25T12:07:28.246Z",
+        "ts=2025-11-25T12:07:28.247Z",
+        "ts=2025-11-25T12:07:29.000Z",
+    ]
+
+
+keys = st.sampled_from(
+    ["a", "b", "ip", "a b", "a_b", "ts", "ts_", "event", "sid", "password", "x.token", "é"]
+)
+values = st.one_of(
+    st.text(max_size=12), st.integers(), st.floats(), st.booleans(), st.none(),
+    st.binary(max_size=3), st.lists(st.integers(), max_size=2),
+)  # fmt: skip
+field_dicts = st.dictionaries(keys, values, max_size=5)
+
+
+@given(field_dicts, field_dicts, field_dicts)
+def test_a_session_line_is_what_the_general_renderer_writes(
+    context: dict[str, object], bound: dict[str, object], fields: dict[str, object]
+) -> None:
+    out = io.StringIO()
+    use(out)
+    log = SessionLog("S1", **context)
+    log.bind(**bound)
+    log.event("ev", **fields)
+    expected = mailgate.ops.logging._render(
+        False, False, 0.0, logging.INFO, "S1", "ev", {**context, **bound, **fields}
+    )
+    assert after_ts(out) == [expected]
