@@ -146,4 +146,6 @@ def _atom(value: str) -> str:
 
 
 def _address(value: str) -> str:
+    if value.isprintable():  # holds no _BREAKS (all unprintable): no regex to run
+        return value.replace(">", "?")[: 2 * _TOKEN_LIMIT]
     return _CONTROL.sub("?", value).replace(">", "?")[: 2 * _TOKEN_LIMIT]
