@@ -21,6 +21,7 @@ import logging
 import logging.handlers
 import os
 import re
+import select
 import sys
 import time
 import traceback
@@ -144,8 +145,27 @@ class _DirectWriter:
             return
         # Nowhere left to report a failing log stream: the lines are dropped.
         with contextlib.suppress(Exception):
-            self.stream.write("\n".join(lines) + "\n")
-            self.stream.flush()
+            for piece in _whole_line_pieces("\n".join(lines) + "\n"):
+                self.stream.write(piece)
+                self.stream.flush()
+
+
+def _whole_line_pieces(text: str) -> list[str]:
+    """``text`` cut at line ends into pieces of at most PIPE_BUF bytes, the size the
+    kernel writes to a pipe in one piece: worker processes share stderr, and a line
+    must never be split by another worker's write (a longer line goes alone)."""
+    limit = select.PIPE_BUF if text.isascii() else select.PIPE_BUF // 4  # UTF-8: <= 4 bytes
+    if len(text) <= limit:
+        return [text]
+    pieces = []
+    start = 0
+    while start < len(text):
+        end = text.rfind("\n", start, start + limit) + 1
+        if end <= start:  # one line longer than the limit
+            end = text.index("\n", start) + 1
+        pieces.append(text[start:end])
+        start = end
+    return pieces
 
 
 def setup_logging(config: LoggingConfig, stream: TextIO = sys.stderr) -> None:

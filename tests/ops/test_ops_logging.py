@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import select
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,14 @@ from hypothesis import strategies as st
 
 import mailgate.ops.logging
 from mailgate.config.ops import LoggingConfig
-from mailgate.ops.logging import MAX_VALUE, SessionLog, log_event, logfmt_value, setup_logging
+from mailgate.ops.logging import (
+    MAX_VALUE,
+    SessionLog,
+    flush_logs,
+    log_event,
+    logfmt_value,
+    setup_logging,
+)
 
 TS = r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
@@ -397,3 +405,35 @@ def test_a_session_line_is_what_the_general_renderer_writes(
         False, False, 0.0, logging.INFO, "S1", "ev", {**context, **bound, **fields}
     )
     assert after_ts(out) == [expected]
+
+
+class _Writes(io.StringIO):
+    """A stream that remembers each flushed write, as a pipe would see them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+@pytest.mark.parametrize("value", ["x" * 150, "é" * 150, "y" * 5000])
+def test_batched_lines_leave_in_whole_line_pieces_of_pipe_size(value: str) -> None:
+    """Workers share stderr: a write must never cut a line another can interleave with."""
+    stream = _Writes()
+    setup_logging(LoggingConfig(), stream)
+    log = SessionLog("S1")
+    try:
+        for n in range(100):
+            log.event("rcpt", n=n, to=value)
+        flush_logs()
+    finally:
+        setup_logging(LoggingConfig())
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 100 and all(f"n={n} " in lines[n] for n in range(100))
+    assert len(stream.writes) > 1
+    for piece in stream.writes:
+        assert piece.endswith("\n")
+        assert len(piece.encode()) <= select.PIPE_BUF or piece.count("\n") == 1
