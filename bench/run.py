@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -42,7 +43,9 @@ def load_for(load: Load, mode: str, scale: float) -> Load:
     return scaled
 
 
-def run_loads(workdir: Path, rounds: int, scale: float, only: list[str]) -> list[Measurement]:
+def run_loads(
+    workdir: Path, rounds: int, scale: float, only: list[str], workers: int
+) -> list[Measurement]:
     results: list[Measurement] = []
     for round_no in range(1, rounds + 1):
         order = SERVERS if round_no % 2 else tuple(reversed(SERVERS))
@@ -52,7 +55,7 @@ def run_loads(workdir: Path, rounds: int, scale: float, only: list[str]) -> list
             for mode in MODES:
                 load = load_for(base, mode, scale)
                 for name in order:
-                    server = start(name, mode, workdir)
+                    server = start(name, mode, workdir, workers)
                     try:
                         m = measure(load, server, round_no)
                     finally:
@@ -97,18 +100,22 @@ def main() -> int:
     parser.add_argument("--part", choices=["all", "loads", "idle", "big"], default="all")
     parser.add_argument("--load", action="append", default=[], help="only this load (p1..p4)")
     parser.add_argument("--workdir", default="/var/tmp/mailgate-bench")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="mailgate's server.workers (0, the default: one per CPU)")
     args = parser.parse_args()
     check_tools()
     limit = raise_nofile()  # the idle test holds 10,000 client sockets
-    workdir = Path(args.workdir)
+    results_dir = Path(args.workdir)
+    # a directory per bench, removed at its end (see Server.stop)
+    workdir = results_dir / f"run-{int(time.time())}"
     workdir.mkdir(parents=True, exist_ok=True)
     rounds, scale = (1, 0.1) if args.quick else (args.rounds, 1.0)
     started = time.monotonic()
-    print(f"Machine: {machine()}; descriptor limit {limit}\n")
-    raw: dict[str, object] = {"machine": machine(), "quick": args.quick}
+    print(f"Machine: {machine()}; descriptor limit {limit}; mailgate workers = {args.workers}\n")
+    raw: dict[str, object] = {"machine": machine(), "quick": args.quick, "workers": args.workers}
 
     if args.part in ("all", "loads"):
-        results = run_loads(workdir, rounds, scale, args.load)
+        results = run_loads(workdir, rounds, scale, args.load, args.workers)
         raw["loads"] = [asdict(m) for m in results]
         print(f"## Loads ({rounds} round(s), medians)\n\n{loads_table(results, scale)}\n")
         print("smtp-source commands (port varies):\n")
@@ -123,7 +130,7 @@ def main() -> int:
         idle: list[dict[str, object]] = []
         for count in counts:
             for name in SERVERS:
-                server = start(name, "discard", workdir)
+                server = start(name, "discard", workdir, args.workers)
                 try:
                     r = rss_per_connection(server, count)
                 finally:
@@ -141,7 +148,7 @@ def main() -> int:
                 "|---|---|---|---|---|---|"]
         big: list[dict[str, object]] = []
         for name in SERVERS:
-            server = start(name, "maildir", workdir)
+            server = start(name, "maildir", workdir, args.workers)
             try:
                 r = big_messages(server, count)
             finally:
@@ -157,7 +164,8 @@ def main() -> int:
     for name in SERVERS:
         print(f"    {' '.join(command(name, '<mode>', 0, workdir / '<run>'))}")
     print(f"\nTotal time: {time.monotonic() - started:.0f} s")
-    (workdir / "results.json").write_text(json.dumps(raw, indent=1))
+    (results_dir / "results.json").write_text(json.dumps(raw, indent=1))
+    shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
