@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True, slots=True)
+# Immutable by contract, not frozen: see mailgate.protocol.events (two per message).
+@dataclass(slots=True, unsafe_hash=True)
 class Address:
     """A mailbox from a MAIL or RCPT path.
 

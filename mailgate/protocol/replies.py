@@ -29,7 +29,9 @@ def clean(value: object, limit: int = ECHO_LIMIT) -> str:
     return text
 
 
-@dataclass(frozen=True, slots=True)
+# Immutable by contract, not frozen: see mailgate.protocol.events (one or more per
+# command).
+@dataclass(slots=True, unsafe_hash=True)
 class Reply:
     """One (possibly multi-line) reply: the code, the enhanced code and the text lines."""
 
@@ -53,7 +55,7 @@ class Reply:
         data = self._bytes
         if data is None:
             data = _wire(self)
-            object.__setattr__(self, "_bytes", data)  # a cache, not state: see above
+            self._bytes = data
         return data
 
     def with_preface(self, lines: list[str]) -> Reply:
@@ -187,11 +189,14 @@ CATALOGUE: Final[dict[str, Template]] = {
 
 def _wire(r: Reply) -> bytes:
     head = f"{r.enhanced} " if r.enhanced else ""
-    last = len(r.lines) - 1
+    limit = MAX_LINE - 2 if r.code != 334 else 12288
+    lines = r.lines
+    if len(lines) == 1:  # most replies: no list to join
+        return f"{r.code} {head}{lines[0]}".encode("utf-8", "replace")[:limit] + b"\r\n"
+    last = len(lines) - 1
     out = []
-    for i, line in enumerate(r.lines):
+    for i, line in enumerate(lines):
         raw = f"{r.code}{' ' if i == last else '-'}{head}{line}".encode("utf-8", "replace")
-        limit = MAX_LINE - 2 if r.code != 334 else 12288
         out.append(raw[:limit] + b"\r\n")
     return b"".join(out)
 
@@ -222,7 +227,11 @@ def reply(key: str, /, **args: object) -> Reply:
     if constant is not None:
         return constant
     # The text depends on the names and the str() of the values only.
-    memo_key = (key, *args, *map(str, args.values()))
+    if len(args) == 1:  # most filled-in replies: a shorter key, made faster
+        ((name, value),) = args.items()
+        memo_key: tuple[str, ...] = (key, name, str(value))
+    else:
+        memo_key = (key, *args, *map(str, args.values()))
     filled = _FILLED.get(memo_key)
     if filled is None:
         if len(_FILLED) >= _FILLED_MAX:
