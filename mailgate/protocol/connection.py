@@ -149,9 +149,11 @@ class Connection:
         return self.state in (_DATA, _BDAT)
 
     def data_to_send(self) -> bytes:
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
+        out = self._out
+        # Usually one reply: hand its bytes over as they are, without a join.
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
 
     def next_event(self) -> ev.Event | ev._Sentinel:
         while True:

@@ -247,6 +247,8 @@ class Param:
 
 def parse_params(items: list[str]) -> list[Param]:
     """``keyword[=value]`` items; duplicates are an error (RFC 5321 4.1.2)."""
+    if not items:  # the usual MAIL or RCPT
+        return []
     seen: set[str] = set()
     out = []
     for item in items:
