@@ -39,7 +39,8 @@ class GroupCommitter:
         self._task: asyncio.Task[None] | None = None
 
     async def sync(self, items: Iterable[PathOrFd]) -> None:
-        """Return once every path (file or directory) or fd in ``items`` is fsync'ed.
+        """Return once every path (file or directory) or fd (counted as a file) in ``items``
+        is fsync'ed.
 
         Raises the OSError of the first item of this request that failed; other
         requests of the same pass are not affected by it.
@@ -118,8 +119,8 @@ def _sync_all(items: list[PathOrFd]) -> tuple[dict[PathOrFd, OSError], int, int]
     files = dirs = 0
     for item in items:
         try:
-            if isinstance(item, int):
-                is_dir = stat.S_ISDIR(os.fstat(item).st_mode)
+            if isinstance(item, int):  # an open file being delivered: no fstat needed
+                is_dir = False
                 os.fsync(item)
             else:
                 fd = os.open(item, os.O_RDONLY | os.O_CLOEXEC)
