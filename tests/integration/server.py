@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailgate.ops.logging import FLUSH_DELAY
+
 _ANNOUNCE = re.compile(r"listening on (\S+?):(\d+)")
 
 
@@ -27,6 +29,8 @@ class RunningServer:
     extra_ports: list[int] = field(default_factory=list)
 
     def log(self) -> str:
+        # info lines leave the server up to FLUSH_DELAY after their event, together
+        time.sleep(4 * FLUSH_DELAY)
         return self.stderr_path.read_text(errors="replace")
 
     def messages(self, user: str = "root") -> list[bytes]:

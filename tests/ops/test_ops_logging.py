@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 import mailgate.ops.logging
 from mailgate.config.ops import LoggingConfig
 from mailgate.ops.logging import (
+    FLUSH_DELAY,
     MAX_VALUE,
     SessionLog,
     flush_logs,
@@ -437,3 +439,26 @@ def test_batched_lines_leave_in_whole_line_pieces_of_pipe_size(value: str) -> No
     for piece in stream.writes:
         assert piece.endswith("\n")
         assert len(piece.encode()) <= select.PIPE_BUF or piece.count("\n") == 1
+
+
+def test_info_lines_wait_a_moment_to_leave_together_warnings_do_not() -> None:
+    stream = _Writes()
+    setup_logging(LoggingConfig(), stream)
+    log = SessionLog("S1")
+
+    async def main() -> tuple[int, int, int]:
+        log.event("rcpt", to="a@b.example")
+        log.event("rcpt", to="c@d.example")
+        await asyncio.sleep(0)
+        after_a_turn = len(stream.writes)
+        await asyncio.sleep(FLUSH_DELAY * 4)
+        after_the_delay = len(stream.writes)
+        log.event("spool", level="warning", error="disk full")
+        await asyncio.sleep(0)
+        return after_a_turn, after_the_delay, len(stream.writes)
+
+    try:
+        assert asyncio.run(main()) == (0, 1, 2)  # two info lines in one write; the warning at once
+    finally:
+        setup_logging(LoggingConfig())
+    assert stream.getvalue().count("\n") == 3
