@@ -55,7 +55,7 @@ _T = TypeVar("_T")
 class SessionLog:
     """The log of one SMTP session: every line carries ``sid`` and the bound context."""
 
-    __slots__ = ("_bound", "_bound_keys", "_context", "_head", "_sid")
+    __slots__ = ("_bound", "_context", "_head", "_sid")
 
     def __init__(self, session_id: str, **context: object) -> None:
         self._sid = session_id
@@ -63,7 +63,6 @@ class SessionLog:
         # The logfmt text every line of the session repeats, rendered once.
         self._head = f" sid={logfmt_value(session_id)} event="
         self._bound = _logfmt_bound(context)
-        self._bound_keys = frozenset(context)
 
     @property
     def session_id(self) -> str:
@@ -73,7 +72,6 @@ class SessionLog:
         """Add fields to every later line of this session (e.g. ``helo=`` after EHLO)."""
         self._context.update(fields)
         self._bound = _logfmt_bound(self._context)
-        self._bound_keys = frozenset(self._context)
 
     def event(self, name: str, /, level: str = "info", **fields: object) -> None:
         """Log event ``name``; a field may itself be called ``name`` (positional-only)."""
@@ -83,7 +81,9 @@ class SessionLog:
             if levelno < direct.level:
                 return
             bound = self._bound
-            if bound is not None and not direct.as_json and self._bound_keys.isdisjoint(fields):
+            # (the keys view, not a set kept per session: 10,000 idle sessions each
+            # paid 216 bytes for one)
+            if bound is not None and not direct.as_json and self._context.keys().isdisjoint(fields):
                 line = _logfmt_fields(fields)
                 if line is not None:
                     direct.add(

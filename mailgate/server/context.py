@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -88,7 +89,7 @@ class ServerContext:
         self.sessions: set[Session] = set()
         # shared with the other worker processes, if any (the limits are server-wide)
         self.counts = counts or ConnectionCounts()
-        self._admitted: set[Session] = set()
+        self._sweep: asyncio.TimerHandle | None = None
         self._normalize = parse_networks(config.server.normalize_bare_lf_from)
         self._proxy_from = parse_networks(config.server.proxy_from)
 
@@ -109,14 +110,36 @@ class ServerContext:
             return reply("closing.too_many_connections", host=self.hostname)
         if refused == "address":
             return reply("closing.too_many_from_client", host=self.hostname)
-        self._admitted.add(session)
+        session.admitted = True
         return None
 
     def release(self, session: Session) -> None:
-        if session in self._admitted:
-            self._admitted.discard(session)
+        if session.admitted:
+            session.admitted = False
             assert session.client is not None
             self.counts.remove(session.client.ip)
+
+    def watch_deadlines(self) -> None:
+        """Make sure waiting sessions are checked for their timeout.
+
+        One timer for the whole server instead of one per session: a timer handle
+        cost ~600 bytes, more than a tenth of an idle session.  A session times out
+        at most one sweep interval after its deadline (a tenth of the shortest
+        timeout, at most a second), which RFC 5321's minutes-long timeouts allow.
+        """
+        if self._sweep is None:
+            settings = self.config.server
+            interval = min(1.0, settings.command_timeout / 10, settings.data_timeout / 10)
+            loop = asyncio.get_running_loop()
+            self._sweep = loop.call_later(max(interval, 0.01), self._sweep_deadlines)
+
+    def _sweep_deadlines(self) -> None:
+        self._sweep = None
+        now = asyncio.get_running_loop().time()
+        for session in list(self.sessions):  # a timed-out session may leave the set
+            session.check_deadline(now)
+        if self.sessions:
+            self.watch_deadlines()
 
     async def bounce(
         self, session: Session, envelope: Envelope, failed: list[RecipientResult], spool_path: str

@@ -50,8 +50,8 @@ class Session(asyncio.Protocol):
     __slots__ = (
         "_auth_mechanism", "_busy", "_deadline", "_exchange", "_lost", "_message_started",
         "_messages", "_paused", "_proxy_buf", "_spool", "_stopping", "_task", "_timed_out",
-        "_timer", "_trace_info", "_waiter",
-        "client", "conn", "listener", "log", "server", "sid", "transport",
+        "_trace_info", "_waiter",
+        "admitted", "client", "conn", "listener", "log", "server", "sid", "transport",
     )  # fmt: skip
 
     def __init__(self, server: ServerContext, listener: ListenerContext) -> None:
@@ -63,8 +63,8 @@ class Session(asyncio.Protocol):
         self.client: Client | None = None
         self.log: SessionLog | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0  # loop time at which the current wait times out
+        self.admitted = False  # counted in the server's connection limits
         self._paused = False
         self._lost = False
         self._timed_out = False
@@ -132,34 +132,25 @@ class Session(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait_input(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = self._deadline = loop.time() + timeout
-        # One timer per session, moved only when a deadline comes earlier than it: a
-        # wait almost always ends long before its deadline, and a timer made and
-        # cancelled per command cost more than the rest of the wait.
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(deadline, self._on_timer)
-        waiter = loop.create_future()
-        self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+    def _input_waiter(self, timeout: float) -> asyncio.Future[None]:
+        """The future to await for more input: done on data, EOF, close or timeout.
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._waiter is None:
-            return  # busy (a verdict, a delivery): the next wait arms it again
+        A plain function handing out the future (not a coroutine awaiting it), and
+        the timeout checked by the server's one sweep (ServerContext.watch_deadlines)
+        rather than a timer per session: an idle session then keeps no frame and no
+        timer of its own, which counts when ten thousand of them wait at once.
+        """
         loop = asyncio.get_running_loop()
-        if loop.time() < self._deadline:  # the deadline moved on since it was armed
-            self._timer = loop.call_at(self._deadline, self._on_timer)
-            return
-        self._timed_out = True
-        self._wake()
+        self._deadline = loop.time() + timeout
+        self.server.watch_deadlines()
+        waiter = self._waiter = loop.create_future()
+        return waiter
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the server's sweep: time out a wait whose deadline has passed."""
+        if self._waiter is not None and now >= self._deadline:
+            self._timed_out = True
+            self._wake()
 
     # -- the session ------------------------------------------------------------------
 
@@ -232,9 +223,10 @@ class Session(asyncio.Protocol):
                 if acted:
                     deadline = loop.time() + settings.command_timeout
                     acted = False
-                await self._wait_input(
+                await self._input_waiter(
                     settings.data_timeout if conn.in_data else deadline - loop.time()
                 )
+                self._waiter = None
                 continue
             acted = True
             if isinstance(event, ev.BodyChunk):
@@ -594,7 +586,8 @@ class Session(asyncio.Protocol):
             if remaining <= 0:
                 self.transport.close()
                 return False
-            await self._wait_input(remaining)
+            await self._input_waiter(remaining)
+            self._waiter = None
         self._proxy_buf = self._proxy_buf[header.consumed :]
         if not header.local:
             client.ip = _ip(str(header.source_ip))
@@ -637,9 +630,6 @@ class Session(asyncio.Protocol):
         )
 
     def _cleanup(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()  # else it would hold the session until it fires
-            self._timer = None
         self._drop_spool()
         server = self.server
         server.sessions.discard(self)
