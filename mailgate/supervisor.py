@@ -42,6 +42,7 @@ from mailgate.server.limits import ConnectionCounts
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 START_TIMEOUT = 60.0  # seconds a worker may take to build its parts and listen
 RESTART_PAUSE = 1.0  # at least this long between two starts of the same worker
+MAX_RETRY_DELAY = 30.0  # a worker that cannot start is tried again this often, at most
 KILL_AFTER = 15.0  # after the shutdown grace, stragglers are killed
 
 
@@ -62,6 +63,7 @@ class Supervisor:
         self.sockets: list[list[socket.socket]] = []
         self.pids: dict[int, int] = {}  # pid -> worker index
         self._started: dict[int, float] = {}  # worker index -> monotonic start time
+        self._retry: dict[int, tuple[float, float]] = {}  # index -> (when, delay) to retry
         self.metrics_dir = ""  # where the workers write their metrics, when served
         self._metrics: WSGIServer | None = None
 
@@ -95,14 +97,14 @@ class Supervisor:
                 flush=True,
             )
             log_event("started", hostname=hostname, listeners=len(bound), workers=self.workers)
-            self._supervise()
+            status = self._supervise()
         finally:
             # The signals stay blocked: a second SIGTERM (a service manager's and a
             # terminal's) must not kill the supervisor before its last log line.
             self._close()
         log_event("stopped")
         flush_logs()
-        return 0
+        return status
 
     def _serve_metrics(self) -> None:
         listen = self.config.metrics.listen
@@ -161,26 +163,37 @@ class Supervisor:
 
     # -- running ----------------------------------------------------------------------
 
-    def _supervise(self) -> None:
+    def _supervise(self) -> int:
+        """Relay signals and keep the workers running; the exit status."""
         while True:
             info = signal.sigtimedwait(SIGNALS, 1.0)
-            if info is None:
-                continue
-            if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                 log_event("shutdown", workers=len(self.pids))
                 self._stop_all(grace=self.config.server.shutdown_grace + KILL_AFTER)
-                return
-            if info.si_signo == signal.SIGHUP:
+                return 0
+            if info is not None and info.si_signo == signal.SIGHUP:
                 self._reload()
-            elif info.si_signo == signal.SIGCHLD:
+            elif info is not None and info.si_signo == signal.SIGCHLD:
                 self._reap()
+            self._retry_due()
+            if not self.pids:
+                # Nothing serves the sockets any more: better a clean exit the
+                # service manager sees (and restarts) than clients queueing forever.
+                log_event("no_workers", level="error", failing=len(self._retry))
+                return 1
 
     def _reload(self) -> None:
         try:
-            load_config(self.config_path)  # a broken file: one error here, not one per worker
+            # a broken file: one error here, not one per worker
+            fresh = load_config(self.config_path)
         except ConfigError as exc:
             log_event("reload", level="error", outcome="refused", error=str(exc)[:500])
             return
+        # What a worker started from now on runs with, as the running workers reload:
+        # the sockets stay as bound, the name as it was unless the file sets one.
+        fresh.listener = self.config.listener
+        fresh.server.hostname = fresh.server.hostname or self.config.server.hostname
+        self.config = fresh
         for pid in self.pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
@@ -201,9 +214,23 @@ class Supervisor:
             pause = self._started[index] + RESTART_PAUSE - time.monotonic()
             if pause > 0:
                 time.sleep(pause)  # a worker that keeps crashing must not spin
-            failed = self._start(index)
-            if failed is not None:
-                log_event("worker_failed", level="error", worker=index, status=failed)
+            self._restart(index, RESTART_PAUSE)
+
+    def _restart(self, index: int, delay: float) -> None:
+        failed = self._start(index)
+        if failed is None:
+            self._retry.pop(index, None)
+            return
+        # Try again later, less and less often: the cause (a certificate, a full disk)
+        # may be fixed without a restart of the whole server.
+        log_event("worker_failed", level="error", worker=index, status=failed, retry_in=delay)
+        self._retry[index] = (time.monotonic() + delay, min(delay * 2, MAX_RETRY_DELAY))
+
+    def _retry_due(self) -> None:
+        now = time.monotonic()
+        for index, (when, delay) in list(self._retry.items()):
+            if when <= now:
+                self._restart(index, delay)
 
     def _stop_all(self, grace: float) -> None:
         for pid in self.pids:

@@ -15,6 +15,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import trustme
+
 from tests.integration.server import RunningServer, start_server
 
 
@@ -159,3 +161,55 @@ def test_metrics_add_up_the_workers(tmp_path: Path) -> None:
         srv.stop()
     # the workers' metric files went with the server
     assert set(Path(tempfile.gettempdir()).glob("mailgate-metrics-*")) == leftovers
+
+
+def test_a_replacement_worker_starts_from_the_reloaded_config(tmp_path: Path) -> None:
+    config = f"""
+        [server]
+        workers = 2
+        spool_dir = "{tmp_path}/s"
+        [delivery]
+        maildir_root = "{tmp_path}/maildir"
+        system_users = false
+        local_users = ["alice"]
+    """
+    srv = start_server(tmp_path, config)
+    try:
+        assert _wait_for(lambda: len(_worker_pids(srv)) == 2)
+        srv.config_path.write_text(
+            srv.config_path.read_text().replace('["alice"]', '["alice", "bob"]')
+        )
+        srv.signal(signal.SIGHUP)
+        assert _wait_for(lambda: srv.log().count("event=reload outcome=ok") == 2)
+        for pid in _worker_pids(srv)[:2]:  # both workers of the first config
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        assert _wait_for(lambda: len(_worker_pids(srv)) == 4)
+        for _ in range(6):  # whichever replacement answers knows bob
+            with smtplib.SMTP(srv.host, srv.port, timeout=15) as smtp:
+                smtp.ehlo("client.mailgate.org")
+                smtp.mail("a@client.mailgate.org")
+                assert smtp.rcpt("bob@localhost")[0] == 250
+    finally:
+        srv.stop()
+
+
+def test_workers_that_cannot_restart_are_retried_then_the_server_exits(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("mx.mailgate.test")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    srv = _start(tmp_path, f'[tls]\ncert = "{tmp_path}/cert.pem"\nkey = "{tmp_path}/key.pem"\n')
+    try:
+        assert _wait_for(lambda: len(_worker_pids(srv)) == 2)
+        (tmp_path / "cert.pem").unlink()  # a replacement can no longer start
+        first, second = _worker_pids(srv)
+        os.kill(first, signal.SIGKILL)
+        assert _wait_for(lambda: "event=worker_failed worker=0" in srv.log())
+        _send(srv, 1)  # the other worker still serves
+        os.kill(second, signal.SIGKILL)
+        assert srv.proc.wait(30) == 1
+        assert "event=no_workers" in srv.log()
+        assert "Traceback" not in srv.log()
+    finally:
+        srv.stop()
