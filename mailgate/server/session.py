@@ -10,6 +10,7 @@ pipelined group (whenever the engine needs more input).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import os
 import shutil
@@ -161,7 +162,7 @@ class Session(asyncio.Protocol):
         try:
             if listener.config.proxy_protocol and not await self._read_proxy_header():
                 return
-            self.log = SessionLog(self.sid, ip=str(self.client.ip), listener=listener.name)
+            self.log = SessionLog(self.sid, ip=ip_text(self.client.ip), listener=listener.name)
             self.log.event("connect", port=self.client.port, tls=self.client.tls)
             server.metrics.connection_opened(listener.name)
             settings = listener.settings
@@ -503,7 +504,7 @@ class Session(asyncio.Protocol):
         return TraceInfo(
             session_id=self.message_id,
             helo=envelope.helo,
-            client_ip=str(client.ip),
+            client_ip=ip_text(client.ip),
             reverse_name=client.reverse_name,
             hostname=self.server.hostname,
             protocol=protocol_name(
@@ -643,7 +644,10 @@ class Session(asyncio.Protocol):
             transport.close()
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A peer address as an address object (cached: the same clients come back, and
+    parsing one cost more than the rest of accepting the connection)."""
     try:
         addr = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
@@ -651,6 +655,12 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
+
+
+@functools.lru_cache(maxsize=4096)
+def ip_text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """``str(ip)``, cached for the same reason (it is in every log line and header)."""
+    return str(ip)
 
 
 __all__ = ["Session", "Settings", "new_session_id"]
