@@ -9,8 +9,10 @@ memory (server/limits.py).
 
 The supervisor only relays signals: SIGHUP reaches every worker (each reloads, as a
 single process would), SIGTERM/SIGINT stop them gracefully.  A worker that dies is
-started again; one that fails while starting stops the whole server, since the next
-one would fail the same way.
+started again, from the configuration as last reloaded.  At start-up a worker that
+cannot start stops the whole server (the others would fail the same way); later, a
+replacement that cannot start is retried with a growing delay, and when no worker is
+left the supervisor exits with status 1 so that the service manager notices.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def worker_count(config: Config) -> int:
 
 
 class Supervisor:
+    """Binds, forks ``server.workers`` workers, relays signals and restarts the dead."""
+
     def __init__(self, config: Config, config_path: str | None) -> None:
         from mailgate.app import default_hostname
 
