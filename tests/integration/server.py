@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,3 +96,20 @@ def start_server(
     ports = [int(p) for _, p in re.findall(r"(\S+?):(\d+)[,;]", line)]
     return RunningServer(proc, host.strip("[]"), int(port), workdir, maildir, stderr_path,
                          config_path, ports)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 15) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.server import RunningServer, start_server
+from tests.integration.server import RunningServer, free_port, start_server, wait_for
 
 MESSAGE = b"Subject: ops\r\n\r\nhello\r\n"
 
@@ -26,19 +26,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_cli_help_version_and_check_config(tmp_path: Path) -> None:
@@ -70,7 +57,7 @@ def test_session_id_links_logs_and_received_header(server: RunningServer) -> Non
     message_id = re.search(rb"id ([0-9a-f]+)\.(\d+)", stored)
     assert message_id is not None
     sid = message_id.group(1).decode()
-    assert _wait_for(lambda: "event=close" in server.log())
+    assert wait_for(lambda: "event=close" in server.log())
     lines = [line for line in server.log().splitlines() if f"sid={sid}" in line]
     events = [re.search(r"event=(\S+)", line).group(1) for line in lines]
     assert events[:1] == ["connect"] and events[-1] == "close"
@@ -137,14 +124,14 @@ def test_sighup_reloads_and_keeps_old_config_when_broken(tmp_path: Path) -> None
             text = srv.config_path.read_text()
             srv.config_path.write_text(text + '\n[delivery.aliases]\nzed = ["root"]\n')
             srv.signal(signal.SIGHUP)
-            assert _wait_for(lambda: "event=reload" in srv.log())
+            assert wait_for(lambda: "event=reload" in srv.log())
             assert "outcome=ok" in srv.log()
             assert smtp.docmd("RCPT", "TO:<zed@localhost>")[0] == 250
             assert smtp.data(b"Subject: reload\r\n\r\nhi\r\n")[0] == 250
         assert len(srv.messages("root")) == 1  # zed is an alias of root now
         srv.config_path.write_text("[server\nbroken")
         srv.signal(signal.SIGHUP)
-        assert _wait_for(lambda: "outcome=refused" in srv.log())
+        assert wait_for(lambda: "outcome=refused" in srv.log())
         with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
             smtp.ehlo("client.mailgate.org")
             smtp.docmd("MAIL", "FROM:<a@client.mailgate.org>")
@@ -154,7 +141,7 @@ def test_sighup_reloads_and_keeps_old_config_when_broken(tmp_path: Path) -> None
 
 
 def test_proxy_protocol_from_allowed_balancer(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     srv = start_server(tmp_path, f"""
         [server]
         spool_dir = "{tmp_path}/s"
@@ -190,7 +177,7 @@ def test_proxy_protocol_from_allowed_balancer(tmp_path: Path) -> None:
 
 
 def test_metrics_endpoint(tmp_path: Path) -> None:
-    mport = _free_port()
+    mport = free_port()
     srv = start_server(tmp_path, f"""
         [server]
         spool_dir = "{tmp_path}/s"

@@ -17,22 +17,7 @@ from pathlib import Path
 
 import trustme
 
-from tests.integration.server import RunningServer, start_server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(predicate, timeout: float = 15) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+from tests.integration.server import RunningServer, free_port, start_server, wait_for
 
 
 def _worker_pids(srv: RunningServer) -> list[int]:
@@ -58,7 +43,7 @@ def _start(tmp_path: Path, extra: str = "") -> RunningServer:
 def test_workers_share_the_port_and_deliver(tmp_path: Path) -> None:
     srv = _start(tmp_path)
     try:
-        assert _wait_for(lambda: len(_worker_pids(srv)) == 2)
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
         assert set(_worker_pids(srv)) == _children(srv.proc.pid)
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda n: _send(srv, n), range(40)))
@@ -82,7 +67,7 @@ def test_connection_limit_holds_across_workers(tmp_path: Path) -> None:
             with socket.create_connection((srv.host, srv.port), timeout=10) as extra:
                 assert extra.recv(1024).startswith(b"421 4.7.0")
         held.pop().close()
-        assert _wait_for(lambda: _greeted(srv))
+        assert wait_for(lambda: _greeted(srv))
         for sock in held:
             sock.close()
     finally:
@@ -97,10 +82,10 @@ def _greeted(srv: RunningServer) -> bool:
 def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
     srv = _start(tmp_path)
     try:
-        assert _wait_for(lambda: len(_worker_pids(srv)) == 2)
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
         victim = _worker_pids(srv)[0]
         os.kill(victim, signal.SIGKILL)
-        assert _wait_for(lambda: len(_worker_pids(srv)) == 3)
+        assert wait_for(lambda: len(_worker_pids(srv)) == 3)
         assert f"event=worker_exited worker=0 pid={victim} status=-9" in srv.log()
         assert victim not in _children(srv.proc.pid) and len(_children(srv.proc.pid)) == 2
         for n in range(6):
@@ -113,14 +98,14 @@ def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
 def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
     srv = _start(tmp_path)
     try:
-        assert _wait_for(lambda: len(_worker_pids(srv)) == 2)
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
         srv.config_path.write_text(srv.config_path.read_text() + "\n[broken\n")
         srv.signal(signal.SIGHUP)
-        assert _wait_for(lambda: "outcome=refused" in srv.log())
+        assert wait_for(lambda: "outcome=refused" in srv.log())
         assert srv.log().count("event=reload") == 1  # the supervisor refused it, once
         srv.config_path.write_text(srv.config_path.read_text().replace("\n[broken\n", ""))
         srv.signal(signal.SIGHUP)
-        assert _wait_for(lambda: srv.log().count("event=reload outcome=ok") == 2)
+        assert wait_for(lambda: srv.log().count("event=reload outcome=ok") == 2)
         _send(srv, 1)
     finally:
         srv.stop()
@@ -144,7 +129,7 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
 
 
 def test_metrics_add_up_the_workers(tmp_path: Path) -> None:
-    mport = _free_port()
+    mport = free_port()
     leftovers = set(Path(tempfile.gettempdir()).glob("mailgate-metrics-*"))
     srv = _start(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
     try:
@@ -175,16 +160,16 @@ def test_a_replacement_worker_starts_from_the_reloaded_config(tmp_path: Path) ->
     """
     srv = start_server(tmp_path, config)
     try:
-        assert _wait_for(lambda: len(_worker_pids(srv)) == 2)
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
         srv.config_path.write_text(
             srv.config_path.read_text().replace('["alice"]', '["alice", "bob"]')
         )
         srv.signal(signal.SIGHUP)
-        assert _wait_for(lambda: srv.log().count("event=reload outcome=ok") == 2)
+        assert wait_for(lambda: srv.log().count("event=reload outcome=ok") == 2)
         for pid in _worker_pids(srv)[:2]:  # both workers of the first config
             os.kill(pid, signal.SIGKILL)
             time.sleep(0.2)
-        assert _wait_for(lambda: len(_worker_pids(srv)) == 4)
+        assert wait_for(lambda: len(_worker_pids(srv)) == 4)
         for _ in range(6):  # whichever replacement answers knows bob
             with smtplib.SMTP(srv.host, srv.port, timeout=15) as smtp:
                 smtp.ehlo("client.mailgate.org")
@@ -201,11 +186,11 @@ def test_workers_that_cannot_restart_are_retried_then_the_server_exits(tmp_path:
     cert.private_key_pem.write_to_path(tmp_path / "key.pem")
     srv = _start(tmp_path, f'[tls]\ncert = "{tmp_path}/cert.pem"\nkey = "{tmp_path}/key.pem"\n')
     try:
-        assert _wait_for(lambda: len(_worker_pids(srv)) == 2)
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
         (tmp_path / "cert.pem").unlink()  # a replacement can no longer start
         first, second = _worker_pids(srv)
         os.kill(first, signal.SIGKILL)
-        assert _wait_for(lambda: "event=worker_failed worker=0" in srv.log())
+        assert wait_for(lambda: "event=worker_failed worker=0" in srv.log())
         _send(srv, 1)  # the other worker still serves
         os.kill(second, signal.SIGKILL)
         assert srv.proc.wait(30) == 1
