@@ -72,12 +72,12 @@ class Supervisor:
         self._metrics: WSGIServer | None = None
 
     def run(self) -> int:
-        from mailgate.app import bind_all, clean_leftovers, describe_delivery, drop_privileges
+        from mailgate.app import bind_all, describe_delivery, drop_privileges
 
         config = self.config
         setup_logging(config.logging)
         hostname = config.server.hostname
-        clean_leftovers(SpoolDir(config.server.spool_dir), build_router(config.delivery, hostname))
+        self._clean_leftovers()
         self.sockets = bind_all(config)
         try:
             self._serve_metrics()
@@ -109,6 +109,15 @@ class Supervisor:
         log_event("stopped")
         flush_logs()
         return status
+
+    def _clean_leftovers(self) -> None:
+        """What dead processes left in the spool and in Maildir tmp/ (files of living
+        workers are recognised by their pid and left alone)."""
+        from mailgate.app import clean_leftovers
+
+        config = self.config
+        router = build_router(config.delivery, config.server.hostname)
+        clean_leftovers(SpoolDir(config.server.spool_dir), router)
 
     def _serve_metrics(self) -> None:
         listen = self.config.metrics.listen
@@ -215,6 +224,10 @@ class Supervisor:
                 forget_worker(pid, self.metrics_dir)
             log_event("worker_exited", level="error", worker=index, pid=pid, status=code)
             self.counts.clear_row(index)  # its connections died with it
+            try:
+                self._clean_leftovers()  # its half-received and half-delivered mail
+            except (OSError, ValueError) as exc:
+                log_event("cleanup", level="error", error=str(exc)[:300])
             pause = self._started[index] + RESTART_PAUSE - time.monotonic()
             if pause > 0:
                 time.sleep(pause)  # a worker that keeps crashing must not spin

@@ -198,3 +198,21 @@ def test_workers_that_cannot_restart_are_retried_then_the_server_exits(tmp_path:
         assert "Traceback" not in srv.log()
     finally:
         srv.stop()
+
+
+def test_what_a_dead_worker_left_in_the_spool_is_removed(tmp_path: Path) -> None:
+    srv = _start(tmp_path)
+    try:
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
+        victim, survivor = _worker_pids(srv)
+        spool = tmp_path / "s"
+        spool.mkdir(exist_ok=True)
+        left = spool / f"abc.{victim}.1.spool"  # a message the victim was receiving
+        busy = spool / f"abc.{survivor}.1.spool"  # one the other worker is receiving
+        left.write_bytes(b"half a message")
+        busy.write_bytes(b"half another")
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda: "event=spool_cleanup removed=1" in srv.log())
+        assert not left.exists() and busy.exists()
+    finally:
+        srv.stop()
