@@ -77,6 +77,10 @@ class _Run:
         for box in boxes:
             self.failed.setdefault(box, reply_for_os_error(exc))
 
+    def dirs_to_sync(self) -> list[str]:
+        """The directories whose new entries must be durable before the 250."""
+        return sorted(self.dirs | {os.path.join(box, "new") for box in self.published})
+
 
 class MaildirDestination:
     """Maildirs under ``root``: ``root/<user>/`` or ``root/<domain>/<user>/``."""
@@ -172,8 +176,7 @@ class MaildirDestination:
                     self._stage_and_publish, run, boxes, header, source, binary, lone
                 )
                 if not lone:
-                    dirs = run.dirs | {os.path.join(box, "new") for box in run.published}
-                    await self._sync(run, sorted(dirs), list(run.published))
+                    await self._sync(run, run.dirs_to_sync(), list(run.published))
         except Exception:
             log.exception("maildir: unexpected failure")
             run.fail(boxes, OSError(errno.EIO, "unexpected failure"))
@@ -196,8 +199,7 @@ class MaildirDestination:
         system call made there while the loop is busy).  Only the fsyncs, which wait
         on the disk, leave the loop, and each pass serves every message waiting.
         """
-        data = header + (held if binary else held.replace(b"\r\n", b"\n"))
-        fds = self._stage_bytes(run, boxes, data)
+        fds = self._stage_bytes(run, boxes, _stored_form(header, held, binary))
         try:
             if fds:
                 await self._sync(run, fds, list(run.staged))
@@ -206,8 +208,7 @@ class MaildirDestination:
                 os.close(fd)
         self._publish(run)
         if run.published:
-            dirs = run.dirs | {os.path.join(box, "new") for box in run.published}
-            await self._sync(run, sorted(dirs), list(run.published))
+            await self._sync(run, run.dirs_to_sync(), list(run.published))
 
     def _stage_bytes(self, run: _Run, boxes: list[str], data: bytes) -> list[int]:
         """Write ``data`` into the first maildir's tmp/ and link it into the others';
@@ -249,8 +250,7 @@ class MaildirDestination:
         self.committer.count_direct(files=len(run.to_sync))
         self._publish(run)
         if sync_dirs and run.published:
-            dirs = run.dirs | {os.path.join(box, "new") for box in run.published}
-            errors = self.committer.sync_now(sorted(dirs))
+            errors = self.committer.sync_now(run.dirs_to_sync())
             if errors:
                 failure = next(iter(errors.values()))
                 log.error("maildir: fsync failed: %s", failure)
@@ -314,17 +314,20 @@ class MaildirDestination:
 
 def _write_message(path: str, header: bytes, spool: str | bytes, binary: bool) -> None:
     """``spool`` is the spool file's path, or the message itself when held in memory."""
+    if isinstance(spool, bytes):
+        # A message held in memory goes out in one write, without a 256 KiB buffer
+        # allocated for it: most mail is small.
+        fd = _create(path, _stored_form(header, spool, binary))
+        try:
+            os.fsync(fd)  # durable before it is linked into new/
+        except BaseException:
+            _unlink_all([path])
+            raise
+        finally:
+            os.close(fd)
+        return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        if isinstance(spool, bytes):
-            # A message held in memory goes out in one write, without a 256 KiB
-            # buffer allocated for it: most mail is small.
-            try:
-                _write_all(fd, header + (spool if binary else spool.replace(b"\r\n", b"\n")))
-                os.fsync(fd)  # durable before it is linked into new/
-            finally:
-                os.close(fd)
-            return
         with os.fdopen(fd, "wb", buffering=WRITE_BUFFER) as out:
             out.write(header)
             chunks = read_chunks(spool)
@@ -335,6 +338,12 @@ def _write_message(path: str, header: bytes, spool: str | bytes, binary: bool) -
     except BaseException:
         _unlink_all([path])
         raise
+
+
+def _stored_form(header: bytes, message: bytes, binary: bool) -> bytes:
+    """What a maildir file holds: the header and the message, with LF line ends
+    unless the message is binary (BINARYMIME data is stored as it came)."""
+    return header + (message if binary else message.replace(b"\r\n", b"\n"))
 
 
 def _create(path: str, data: bytes) -> int:

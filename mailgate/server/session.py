@@ -647,7 +647,7 @@ class Session(asyncio.Protocol):
 @functools.lru_cache(maxsize=4096)
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """A peer address as an address object (cached: the same clients come back, and
-    parsing one cost more than the rest of accepting the connection)."""
+    parsing and printing addresses were ~2.5 % of the CPU on one-message connections)."""
     try:
         addr = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
