@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from servers import HELO, MAILGATE_CONFIG  # noqa: E402  (bench/ is this script's path)
+
 from mailgate.config.loader import load_config  # noqa: E402
 from mailgate.delivery.base import TraceInfo  # noqa: E402
 from mailgate.delivery.factory import build_router  # noqa: E402
@@ -35,31 +37,13 @@ from mailgate.policy.base import Client  # noqa: E402
 from mailgate.policy.factory import build_policy  # noqa: E402
 from mailgate.protocol.envelope import Address, Envelope, Recipient  # noqa: E402
 
-CONFIG = """\
-[server]
-hostname = "mx.bench.internal"
-spool_dir = "{work}/spool"
-
-[policy]
-verify_sender_domain = false
-
-[delivery]
-maildir_root = "{work}/maildir"
-local_domains = ["bench.internal"]
-system_users = false
-local_users = ["user"]
-default = "{default}"
-
-[delivery.destinations.blackhole]
-type = "discard"
-"""
-HELO = "client.bench.internal"
 BODY = b"Subject: bench\r\n\r\n" + b"x" * 1000 + b"\r\n"
 
 
 async def run(work: str, default: str, messages: int, rounds: int) -> list[float]:
     path = Path(work) / "mailgate.toml"
-    path.write_text(CONFIG.format(work=work, default=default))
+    # the bench's own mailgate configuration, one process, no listener used
+    path.write_text(MAILGATE_CONFIG.format(work=work, port=0, default=default, workers=1))
     (Path(work) / "spool").mkdir()
     config = load_config(str(path))
     hostname = config.server.hostname

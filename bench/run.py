@@ -26,7 +26,7 @@ from bigmsg import big_messages
 from idle import rss_per_connection
 from loads import LOADS, Load, Measurement, measure, smtp_source_argv
 from procstat import machine
-from servers import check_tools, command, raise_nofile, start
+from servers import check_tools, command, on_fresh_server, raise_nofile
 
 SERVERS = ("mailgate", "aiosmtpd")
 MODES = ("discard", "maildir")
@@ -55,11 +55,10 @@ def run_loads(
             for mode in MODES:
                 load = load_for(base, mode, scale)
                 for name in order:
-                    server = start(name, mode, workdir, workers)
-                    try:
-                        m = measure(load, server, round_no)
-                    finally:
-                        server.stop()
+                    m = on_fresh_server(
+                        name, mode, workdir, workers,
+                        lambda server, load=load, r=round_no: measure(load, server, r),
+                    )
                     results.append(m)
                     print(f"# round {round_no} {load.name} {mode} {name}: "
                           f"{m.msgs_per_s} msg/s, {m.cpu_ms_per_msg} ms CPU/msg, "
@@ -130,11 +129,8 @@ def main() -> int:
         idle: list[dict[str, object]] = []
         for count in counts:
             for name in SERVERS:
-                server = start(name, "discard", workdir, args.workers)
-                try:
-                    r = rss_per_connection(server, count)
-                finally:
-                    server.stop()
+                r = on_fresh_server(name, "discard", workdir, args.workers,
+                                    lambda server, n=count: rss_per_connection(server, n))
                 idle.append({"server": name, **r})
                 rows.append(f"| {name} | {count} | {r['rss_before_mb']} | {r['rss_after_mb']} "
                             f"| {r['kb_per_connection']} |")
@@ -148,11 +144,8 @@ def main() -> int:
                 "|---|---|---|---|---|---|"]
         big: list[dict[str, object]] = []
         for name in SERVERS:
-            server = start(name, "maildir", workdir, args.workers)
-            try:
-                r = big_messages(server, count)
-            finally:
-                server.stop()
+            r = on_fresh_server(name, "maildir", workdir, args.workers,
+                                lambda server: big_messages(server, count))
             big.append({"server": name, **r})
             rows.append(f"| {name} | {count} x {r['size_mb']} | {r['seconds']} "
                         f"| {r['rss_before_mb']} | {r['rss_max_mb']} | {r['growth_mb']} |")

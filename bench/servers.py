@@ -9,8 +9,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -136,6 +140,17 @@ def start(name: str, mode: str, workdir: Path, workers: int = 0) -> Server:
             time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"{name} did not start listening on {port}")
+
+
+def on_fresh_server(
+    name: str, mode: str, workdir: Path, workers: int, measure: Callable[[Server], T]
+) -> T:
+    """``measure`` run against a server started for it alone, stopped afterwards."""
+    server = start(name, mode, workdir, workers)
+    try:
+        return measure(server)
+    finally:
+        server.stop()
 
 
 def check_tools() -> None:
