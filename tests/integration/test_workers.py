@@ -25,8 +25,17 @@ def _worker_pids(srv: RunningServer) -> list[int]:
 
 
 def _children(pid: int) -> set[int]:
-    tasks = Path(f"/proc/{pid}/task/{pid}/children")
-    return {int(p) for p in tasks.read_text().split()} if tasks.exists() else set()
+    """Live child processes of ``pid``, from each process's stat (works on any kernel,
+    unlike /proc/PID/task/PID/children)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # it exited meanwhile
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
 
 
 def _send(srv: RunningServer, n: int) -> None:
