@@ -123,6 +123,18 @@ def test_wrong_types(tmp_path: Path, toml: str, message: str) -> None:
     assert errors_of(tmp_path, toml) == [f"mailgate.toml: {message}"]
 
 
+@pytest.mark.parametrize("workers", [-1, 65])
+def test_workers_out_of_range(tmp_path: Path, workers: int) -> None:
+    assert errors_of(tmp_path, f"[server]\nworkers = {workers}\n") == [
+        f"mailgate.toml: server.workers: from 0 (one per CPU) to 64, not {workers}"
+    ]
+
+
+def test_workers_in_range(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "[server]\nworkers = 0\n")).server.workers == 0
+    assert load_config(write(tmp_path, "[server]\nworkers = 64\n")).server.workers == 64
+
+
 def test_unknown_keys_suggest_the_closest(tmp_path: Path) -> None:
     assert errors_of(tmp_path, "[policy]\ntrusted_netwrks = []\n[polcy]\n[server]\nzzz = 1\n") == [
         "mailgate.toml: policy.trusted_netwrks: unknown key (did you mean trusted_networks?)",

@@ -225,3 +225,28 @@ def test_what_a_dead_worker_left_in_the_spool_is_removed(tmp_path: Path) -> None
         assert not left.exists() and busy.exists()
     finally:
         srv.stop()
+
+
+def test_a_metrics_address_in_use_stops_the_supervisor_cleanly(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = tmp_path / "mailgate.toml"
+    config.write_text(
+        f'[server]\nworkers = 2\nspool_dir = "{tmp_path}/s"\n'
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
+    )
+    leftovers = set(Path(tempfile.gettempdir()).glob("mailgate-metrics-*"))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "mailgate.cli", "serve", "--config", str(config),
+             "--listen", "127.0.0.1:0"],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )
+    finally:
+        taken.close()
+    assert done.returncode == 1
+    assert "mailgate: cannot start:" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert set(Path(tempfile.gettempdir()).glob("mailgate-metrics-*")) == leftovers
