@@ -166,7 +166,7 @@ class MaildirDestination:
         lone = self._in_progress == 0 and self.committer.idle
         self._in_progress += 1
         try:
-            held = spool.held() if hasattr(spool, "held") else None
+            held = spool.held()
             if held is not None and not lone:
                 await self._store_held(run, boxes, header, held, binary)
             else:

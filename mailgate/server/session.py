@@ -133,18 +133,18 @@ class Session(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _input_waiter(self, timeout: float) -> asyncio.Future[None]:
-        """The future to await for more input: done on data, EOF, close or timeout.
+    def _input_waiter(self, deadline: float) -> asyncio.Future[None]:
+        """The future to await for more input: done on data, EOF, close, or once the
+        loop's clock passes ``deadline``.
 
         A plain function handing out the future (not a coroutine awaiting it), and
         the timeout checked by the server's one sweep (ServerContext.watch_deadlines)
         rather than a timer per session: an idle session then keeps no frame and no
         timer of its own, which counts when ten thousand of them wait at once.
         """
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + timeout
+        self._deadline = deadline
         self.server.watch_deadlines()
-        waiter = self._waiter = loop.create_future()
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
         return waiter
 
     def check_deadline(self, now: float) -> None:
@@ -225,7 +225,7 @@ class Session(asyncio.Protocol):
                     deadline = loop.time() + settings.command_timeout
                     acted = False
                 await self._input_waiter(
-                    settings.data_timeout if conn.in_data else deadline - loop.time()
+                    loop.time() + settings.data_timeout if conn.in_data else deadline
                 )
                 self._waiter = None
                 continue
@@ -587,7 +587,7 @@ class Session(asyncio.Protocol):
             if remaining <= 0:
                 self.transport.close()
                 return False
-            await self._input_waiter(remaining)
+            await self._input_waiter(asyncio.get_running_loop().time() + remaining)
             self._waiter = None
         self._proxy_buf = self._proxy_buf[header.consumed :]
         if not header.local:
