@@ -109,7 +109,7 @@ def log_event(name: str, /, level: str = "info", **fields: object) -> None:
 
 
 def flush_logs() -> None:
-    """Write out lines still waiting for the end of the event-loop turn (at exit)."""
+    """Write out the lines still waiting to leave together (at exit, before an announce)."""
     if _direct is not None:
         _direct.flush()
 
