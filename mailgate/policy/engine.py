@@ -45,42 +45,24 @@ class PolicyEngine:
         except Exception:  # an address object of some unexpected kind: not trusted
             log.exception("policy: cannot classify client address %r", client.ip)
         client.filter_state = "TRUSTED" if client.trusted else "ACCEPT"
-        calls = self._calls["connect"]
-        if not calls:
-            return ACCEPT
-        return await self._run("connect", client, calls, (client,))
+        return await self._run("connect", client, (client,))
 
     async def helo(self, client: Client, name: str) -> Verdict:
-        calls = self._calls["helo"]
-        if not calls:
-            return ACCEPT
-        return await self._run("helo", client, calls, (client, name))
+        return await self._run("helo", client, (client, name))
 
     async def mail(self, client: Client, envelope: Envelope) -> Verdict:
         # A new transaction: its filter state starts afresh (AUTH may have come since).
         client.filter_state = "TRUSTED" if is_trusted(client) else "ACCEPT"
-        calls = self._calls["mail"]
-        if not calls:
-            return ACCEPT
-        return await self._run("mail", client, calls, (client, envelope))
+        return await self._run("mail", client, (client, envelope))
 
     async def rcpt(self, client: Client, envelope: Envelope, recipient: Recipient) -> Verdict:
-        calls = self._calls["rcpt"]
-        if not calls:
-            return ACCEPT
-        return await self._run("rcpt", client, calls, (client, envelope, recipient))
+        return await self._run("rcpt", client, (client, envelope, recipient))
 
     async def data(self, client: Client, envelope: Envelope) -> Verdict:
-        calls = self._calls["data"]
-        if not calls:
-            return ACCEPT
-        return await self._run("data", client, calls, (client, envelope))
+        return await self._run("data", client, (client, envelope))
 
     async def message(self, client: Client, envelope: Envelope, body: Spooled) -> Verdict:
-        calls = self._calls["message"]
-        if not calls:
-            return ACCEPT
-        return await self._run("message", client, calls, (client, envelope, body))
+        return await self._run("message", client, (client, envelope, body))
 
     async def close(self) -> None:
         """Release what the steps hold (the greylist's SQLite or Redis store)."""
@@ -110,17 +92,11 @@ class PolicyEngine:
         if problems:
             raise ValueError("\n".join(problems))
 
-    async def _run(
-        self,
-        stage: str,
-        client: Client,
-        calls: tuple[tuple[Step, StageMethod], ...],
-        args: tuple[Any, ...],
-    ) -> Verdict:
+    async def _run(self, stage: str, client: Client, args: tuple[Any, ...]) -> Verdict:
         # Accepting steps may tag too (greylist "passed"); their tags reach the log
         # along with those of the refusal, if any.
         tags: tuple[tuple[str, str], ...] = ()
-        for step, method in calls:
+        for step, method in self._calls[stage]:
             try:
                 verdict = await method(*args)
             except Exception:
