@@ -227,17 +227,6 @@ class Router:
     async def _deliver(
         self, envelope: Envelope, trace: TraceInfo, spool: SpoolReader
     ) -> list[RecipientResult]:
-        if len(envelope.recipients) == 1:  # the usual case, without the bookkeeping below
-            rcpt = envelope.recipients[0]
-            address = rcpt.address
-            targets = self._route(address.local, address.domain, address.quoted)
-            if isinstance(targets, Reply):
-                return [RecipientResult(rcpt, targets)]
-            if len(targets) == 1:
-                target = targets[0]
-                handed = [Recipient(target.address, rcpt.notify, rcpt.orcpt)]
-                [answer] = await self._run(target.destination, envelope, trace, spool, handed)
-                return [RecipientResult(rcpt, answer)]
         # destination → (target key → the Recipient handed to it): each target once
         plans: dict[str, dict[tuple[str, str, str], Recipient]] = {}
         routed: list[list[tuple[str, str, str]] | Reply] = []
