@@ -226,6 +226,8 @@ def reply(key: str, /, **args: object) -> Reply:
     constant = _CONSTANT.get(key)
     if constant is not None:
         return constant
+    if key in _UNIQUE:
+        return _build(key, CATALOGUE[key], args)
     # The text depends on the names and the str() of the values only.
     if len(args) == 1:  # most filled-in replies: a shorter key, made faster
         ((name, value),) = args.items()
@@ -244,6 +246,9 @@ def reply(key: str, /, **args: object) -> Reply:
 # recipients, HELO names.  The latest ones are kept (with their wire bytes, see
 # Reply.to_bytes); a bounded number, since the values come from clients.
 _FILLED_MAX: Final = 256
+# Filled in with a value that is new every time (a message id): remembering them would
+# only push out the replies that do recur, and empty the memo every 256 messages.
+_UNIQUE: Final = frozenset({"data.accepted"})
 _FILLED: dict[tuple[str, ...], Reply] = {}
 
 

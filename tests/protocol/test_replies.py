@@ -155,3 +155,12 @@ def test_a_long_configured_hostname_still_fits_a_reply_line() -> None:
     conn.greet()
     greeting = conn.data_to_send()
     assert greeting.endswith(b" ESMTP mailgate\r\n") and len(greeting) <= MAX_LINE
+
+
+def test_per_message_replies_do_not_push_recurring_ones_out_of_the_memo() -> None:
+    # The same HELO answer recurs on every connection of a client; the final 250
+    # carries a new message id each time and must not evict it.
+    helo = reply("helo", host=HOST, name="client.example.net")
+    accepted = [reply("data.accepted", id=f"S1.{n}") for n in range(1000)]
+    assert reply("helo", host=HOST, name="client.example.net") is helo
+    assert accepted[7].to_bytes() == b"250 2.0.0 OK: queued as S1.7\r\n"
