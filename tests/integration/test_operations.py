@@ -52,7 +52,10 @@ def test_cli_help_version_and_check_config(tmp_path: Path) -> None:
 def test_session_id_links_logs_and_received_header(server: RunningServer) -> None:
     with smtplib.SMTP(server.host, server.port, timeout=10) as smtp:
         smtp.ehlo("client.mailgate.org")
-        smtp.sendmail("a@client.mailgate.org", ["root@localhost"], MESSAGE)
+        refusals = smtp.sendmail(
+            "a@client.mailgate.org", ["root@localhost", "no-such-user@localhost"], MESSAGE
+        )
+    assert refusals["no-such-user@localhost"][0] == 550
     [stored] = server.messages("root")
     message_id = re.search(rb"id ([0-9a-f]+)\.(\d+)", stored)
     assert message_id is not None
@@ -61,8 +64,17 @@ def test_session_id_links_logs_and_received_header(server: RunningServer) -> Non
     lines = [line for line in server.log().splitlines() if f"sid={sid}" in line]
     events = [re.search(r"event=(\S+)", line).group(1) for line in lines]
     assert events[:1] == ["connect"] and events[-1] == "close"
-    for stage in ("helo", "mail", "rcpt", "delivery", "message"):
+    for stage in ("helo", "delivery", "message"):
         assert stage in events
+    # At "info" an accepted MAIL or RCPT has no line of its own (the message line names
+    # the sender, the delivery line the recipient); the refused RCPT has one.
+    assert "mail" not in events
+    [rcpt] = [line for line in lines if "event=rcpt" in line]
+    assert "to=no-such-user@localhost" in rcpt and "code=550" in rcpt
+    [message] = [line for line in lines if "event=message" in line]
+    assert "sender=a@client.mailgate.org" in message
+    [delivery] = [line for line in lines if "event=delivery" in line]
+    assert "to=root@localhost" in delivery
     assert all("hello" not in line for line in lines)  # no message bodies in logs
 
 
