@@ -5,6 +5,10 @@ A message for several maildirs is written once and hard-linked into each of them
 message: a file appears in new/ only once its data is on disk, and the name is
 unique (``<sec>.M<usec>P<pid>Q<n>.<host>``, the maildir convention), so concurrent
 deliveries never collide; a name that exists anyway is never overwritten.
+
+A message for one maildir is written, where Linux allows, into an unnamed file in
+tmp/ (``O_TMPFILE``) that gets its only name when it is linked into new/: nothing is
+created and removed in tmp/ per message, and a crash leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 _SUBDIRS = ("tmp", "new", "cur")
 _UNIQUE = re.compile(r"^\d+\.M\d+P(\d+)Q\d+\.")
 _NO_LINK = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP})
+_O_TMPFILE: int | None = getattr(os, "O_TMPFILE", None)  # Linux only
 _deliveries = itertools.count()
 TMP_MAX_AGE = 36 * 3600  # the Maildir convention: a tmp/ file this old is abandoned
 
@@ -68,6 +73,8 @@ class _Run:
 
     name: str
     staged: dict[str, str] = field(default_factory=dict)  # maildir → its file in tmp/
+    # maildir → the open descriptor of its unnamed file in tmp/ (closed by _publish)
+    unnamed: dict[str, int] = field(default_factory=dict)
     to_sync: list[str] = field(default_factory=list)  # distinct files written in tmp/
     dirs: set[str] = field(default_factory=set)  # directories with new entries
     published: dict[str, str] = field(default_factory=dict)  # maildir → its file in new/
@@ -93,6 +100,7 @@ class MaildirDestination:
         self.hostname = hostname
         self.committer = committer
         self._ready: set[str] = set()  # maildirs known to have tmp/, new/ and cur/
+        self._unnamed: bool | None = None  # O_TMPFILE usable here (None: not tried yet)
         self._in_progress = 0  # deliveries under way (a lone one needs no group commit)
 
     def cleanup_tmp(self) -> int:
@@ -184,6 +192,7 @@ class MaildirDestination:
             self._in_progress -= 1
             # only after a failure is anything left here: cheap unlinks, on the loop
             _unlink_all(run.staged.values())
+            _close_all(run)
             for box in run.failed:  # never leave a copy whose 250 was not sent
                 _unlink_all([run.published.pop(box)] if box in run.published else [])
         return {box: run.failed.get(box) or reply("ok") for box in boxes}
@@ -202,10 +211,11 @@ class MaildirDestination:
         fds = self._stage_bytes(run, boxes, _stored_form(header, held, binary))
         try:
             if fds:
-                await self._sync(run, fds, list(run.staged))
+                await self._sync(run, fds, [*run.staged, *run.unnamed])
         finally:
             for fd in fds:
-                os.close(fd)
+                if fd not in run.unnamed.values():  # those are linked through their fd
+                    os.close(fd)
         self._publish(run)
         if run.published:
             await self._sync(run, run.dirs_to_sync(), list(run.published))
@@ -219,6 +229,11 @@ class MaildirDestination:
             tmp = os.path.join(box, "tmp", run.name)
             try:
                 self._ensure(box, run.dirs)
+                if len(boxes) == 1 and self._unnamed_works(box):
+                    fd = run.unnamed[box] = _create_unnamed(box)
+                    fds.append(fd)
+                    _write_all(fd, data)
+                    continue
                 if source is None or not _try_link(source, tmp):
                     fds.append(_create(tmp, data))
                     source = source or tmp
@@ -265,6 +280,11 @@ class MaildirDestination:
             tmp = os.path.join(box, "tmp", run.name)
             try:
                 self._ensure(box, run.dirs)
+                if len(boxes) == 1 and self._unnamed_works(box):
+                    fd = run.unnamed[box] = _create_unnamed(box)
+                    _write_into(fd, header, spool, binary)
+                    run.to_sync.append(tmp)
+                    continue
                 if source is None:
                     _write_message(tmp, header, spool, binary)
                     run.to_sync.append(tmp)
@@ -297,8 +317,28 @@ class MaildirDestination:
                 pass
         self._ready.add(box)
 
+    def _unnamed_works(self, box: str) -> bool:
+        """Whether unnamed files can be made in tmp/ and linked by their descriptor:
+        tried once per process on the first maildir (it needs Linux, a file system
+        with O_TMPFILE, and /proc for the link)."""
+        if self._unnamed is None:
+            self._unnamed = _unnamed_supported(os.path.join(box, "tmp"))
+        return self._unnamed
+
     def _publish(self, run: _Run) -> None:
         """Link each staged file into new/ under a name nobody uses."""
+        for box, fd in list(run.unnamed.items()):
+            del run.unnamed[box]
+            try:
+                if box not in run.failed:
+                    run.published[box] = _link_unique_fd(
+                        fd, os.path.join(box, "new"), run.name, self.hostname
+                    )
+            except OSError as exc:
+                log.error("maildir %s: cannot move into new/: %s", box, exc)
+                run.fail([box], exc)
+            finally:
+                os.close(fd)
         for box, tmp in list(run.staged.items()):
             if box in run.failed:
                 continue
@@ -312,32 +352,82 @@ class MaildirDestination:
             del run.staged[box]  # its tmp/ name is gone
 
 
-def _write_message(path: str, header: bytes, spool: str | bytes, binary: bool) -> None:
-    """``spool`` is the spool file's path, or the message itself when held in memory."""
-    if isinstance(spool, bytes):
-        # A message held in memory goes out in one write, without a 256 KiB buffer
-        # allocated for it: most mail is small.
-        fd = _create(path, _stored_form(header, spool, binary))
+def _create_unnamed(box: str) -> int:
+    """An open, unnamed file in the maildir's tmp/ (O_TMPFILE)."""
+    assert _O_TMPFILE is not None
+    return os.open(os.path.join(box, "tmp"), _O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+
+
+def _link_fd(fd: int, target: str) -> None:
+    # linkat(AT_SYMLINK_FOLLOW) on the /proc link names the open file itself.  Python
+    # calls linkat only when given a dir_fd; an absolute path ignores its value.
+    os.link(f"/proc/self/fd/{fd}", target, src_dir_fd=fd, follow_symlinks=True)
+
+
+def _unnamed_supported(tmp_dir: str) -> bool:
+    if _O_TMPFILE is None:
+        return False
+    probe = os.path.join(tmp_dir, f".probe.{os.getpid()}.{next(_deliveries)}")
+    try:
+        fd = os.open(tmp_dir, _O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    try:
+        _link_fd(fd, probe)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    _unlink_all([probe])
+    return True
+
+
+def _link_unique_fd(fd: int, new_dir: str, name: str, hostname: str) -> str:
+    """Link the unnamed file ``fd`` into ``new_dir`` (never over an existing file)."""
+    for _ in range(10):
+        target = os.path.join(new_dir, name)
         try:
-            os.fsync(fd)  # durable before it is linked into new/
-        except BaseException:
-            _unlink_all([path])
-            raise
-        finally:
-            os.close(fd)
+            _link_fd(fd, target)
+        except FileExistsError:
+            name = unique_name(hostname)
+            continue
+        return target
+    raise OSError(errno.EEXIST, "no unique maildir name found", new_dir)
+
+
+def _close_all(run: _Run) -> None:
+    for fd in run.unnamed.values():
+        os.close(fd)
+    run.unnamed.clear()
+
+
+def _write_into(fd: int, header: bytes, spool: str | bytes, binary: bool) -> None:
+    """Write the message into the open file ``fd`` and fsync it; ``spool`` is the spool
+    file's path or the message itself."""
+    if isinstance(spool, bytes):
+        _write_all(fd, _stored_form(header, spool, binary))
+        os.fsync(fd)
         return
+    with os.fdopen(fd, "wb", buffering=WRITE_BUFFER, closefd=False) as out:
+        out.write(header)
+        chunks = read_chunks(spool)
+        for chunk in chunks if binary else crlf_to_lf(chunks):
+            out.write(chunk)
+        out.flush()
+        os.fsync(fd)
+
+
+def _write_message(path: str, header: bytes, spool: str | bytes, binary: bool) -> None:
+    """``spool`` is the spool file's path, or the message itself when held in memory
+    (then it goes out in one write, without a 256 KiB buffer: most mail is small)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb", buffering=WRITE_BUFFER) as out:
-            out.write(header)
-            chunks = read_chunks(spool)
-            for chunk in chunks if binary else crlf_to_lf(chunks):
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())  # durable before it is linked into new/
+        _write_into(fd, header, spool, binary)  # durable before it is linked into new/
     except BaseException:
         _unlink_all([path])
         raise
+    finally:
+        os.close(fd)
 
 
 def _stored_form(header: bytes, message: bytes, binary: bool) -> bytes:

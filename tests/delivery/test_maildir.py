@@ -10,24 +10,37 @@ from pathlib import Path
 import pytest
 from delivery_helpers import TRACE, as_stored, envelope, files, spooled, tmpfs
 
+from mailgate.delivery import maildir
 from mailgate.delivery.fsync import GroupCommitter
 from mailgate.delivery.maildir import MaildirDestination
+from mailgate.delivery.spool import MEMORY_LIMIT
 from mailgate.protocol.envelope import NULL_ADDRESS, Address, Recipient
 
 MESSAGE = b"Subject: hello\r\nFrom: a@example.net\r\n\r\nFrom the start\r\nline 2\r\n"
 NAME = re.compile(r"^\d+\.M\d+P\d+Q\d+\.mx\.example\.org$")
 
 
-def destination(root: Path, layout: str = "user") -> MaildirDestination:
-    return MaildirDestination(str(root), layout, "mx.example.org", GroupCommitter())  # type: ignore[arg-type]
+def destination(root: Path, layout: str = "user", unnamed: bool = True) -> MaildirDestination:
+    dest = MaildirDestination(str(root), layout, "mx.example.org", GroupCommitter())  # type: ignore[arg-type]
+    if not unnamed:
+        dest._unnamed = False  # as where O_TMPFILE (or /proc) is missing
+    return dest
+
+
+# Unnamed files in tmp/ (O_TMPFILE) where the file system has them, and the named
+# tmp/ file everywhere else: every single-maildir test runs both ways.
+WAYS = pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed", "named"])
 
 
 def rcpts(*addresses: str) -> list[Recipient]:
     return [Recipient(Address(*a.split("@"))) for a in addresses]
 
 
-def test_delivery_creates_the_maildir_and_stores_the_message_exactly(tmp_path: Path) -> None:
-    dest = destination(tmp_path / "md")
+@WAYS
+def test_delivery_creates_the_maildir_and_stores_the_message_exactly(
+    tmp_path: Path, unnamed: bool
+) -> None:
+    dest = destination(tmp_path / "md", unnamed=unnamed)
     env = envelope("alice@example.org")
     spool = spooled(tmp_path, MESSAGE, env)
     results = asyncio.run(dest.deliver(env, TRACE, spool, rcpts("alice@example.org")))
@@ -46,8 +59,9 @@ def test_delivery_creates_the_maildir_and_stores_the_message_exactly(tmp_path: P
     assert stats.file_fsyncs == 1 and stats.dir_fsyncs >= 2
 
 
-def test_fifty_concurrent_deliveries_never_collide(tmp_path: Path) -> None:
-    dest = destination(tmp_path / "md")
+@WAYS
+def test_fifty_concurrent_deliveries_never_collide(tmp_path: Path, unnamed: bool) -> None:
+    dest = destination(tmp_path / "md", unnamed=unnamed)
     env = envelope("alice@example.org")
     spools = [
         spooled(tmp_path / f"s{i}", MESSAGE + f"message {i}\r\n".encode(), env) for i in range(50)
@@ -148,3 +162,58 @@ def test_a_relative_root_is_fixed_at_start(tmp_path: Path, monkeypatch: pytest.M
     (result,) = asyncio.run(dest.deliver(env, TRACE, spool, rcpts("alice@example.org")))
     assert result.reply.code == 250
     assert len(files(tmp_path / "maildir" / "alice" / "new")) == 1
+
+
+def _unnamed_files_work(directory: Path) -> bool:
+    directory.mkdir(parents=True, exist_ok=True)
+    return maildir._unnamed_supported(str(directory))
+
+
+@pytest.mark.parametrize("size", [len(MESSAGE), MEMORY_LIMIT * 3], ids=["held", "spooled"])
+def test_one_maildir_gets_an_unnamed_file_and_tmp_is_never_changed(
+    tmp_path: Path, size: int
+) -> None:
+    if not _unnamed_files_work(tmp_path / "probe"):
+        pytest.skip("no O_TMPFILE on this file system")
+    dest = destination(tmp_path / "md")
+    env = envelope("alice@example.org")
+    body = MESSAGE + b"x" * max(0, size - len(MESSAGE)) + b"\r\n"
+    first = spooled(tmp_path / "s0", body, env)
+    asyncio.run(dest.deliver(env, TRACE, first, rcpts("alice@example.org")))
+    tmp = tmp_path / "md" / "alice" / "tmp"
+    before = tmp.stat().st_mtime_ns  # no name created or removed in tmp/ from now on
+
+    async def main() -> list[list[object]]:
+        alone = await dest.deliver(env, TRACE, spools[0], rcpts("alice@example.org"))
+        together = await asyncio.gather(
+            *(dest.deliver(env, TRACE, s, rcpts("alice@example.org")) for s in spools[1:])
+        )
+        return [alone, *together]
+
+    spools = [spooled(tmp_path / f"s{i}", body + f"{i}\r\n".encode(), env) for i in range(1, 6)]
+    outcomes = asyncio.run(main())
+    assert all(result.reply.code == 250 for results in outcomes for result in results)  # type: ignore[attr-defined]
+    assert tmp.stat().st_mtime_ns == before and files(tmp) == []
+    stored = files(tmp_path / "md" / "alice" / "new")
+    assert sorted(p.read_bytes() for p in stored) == sorted(
+        as_stored(s) for s in [first, *spools]
+    )
+    assert all(p.stat().st_nlink == 1 and p.stat().st_mode & 0o777 == 0o600 for p in stored)
+
+
+@WAYS
+def test_a_name_taken_in_new_is_never_overwritten(
+    tmp_path: Path, unnamed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = destination(tmp_path / "md", unnamed=unnamed)
+    new = tmp_path / "md" / "alice" / "new"
+    new.mkdir(parents=True)
+    (new / "taken").write_bytes(b"someone else's mail")
+    names = iter(["taken", "free"])
+    monkeypatch.setattr(maildir, "unique_name", lambda hostname: next(names))
+    env = envelope("alice@example.org")
+    spool = spooled(tmp_path, MESSAGE, env)
+    (result,) = asyncio.run(dest.deliver(env, TRACE, spool, rcpts("alice@example.org")))
+    assert result.reply.code == 250
+    assert (new / "taken").read_bytes() == b"someone else's mail"
+    assert (new / "free").read_bytes() == as_stored(spool)
