@@ -3,13 +3,15 @@ without sockets: run by hand, never by the test suite.
 
 The real ``Session`` protocol of ``mailgate serve`` gets the bench's smtp-source
 transcript of load p4 (EHLO once, then per message MAIL, RCPT, DATA and a ~1 KB body,
-each sent after the previous reply) through ``data_received``, on uvloop, with the
+each sent after the previous reply; with ``--connect`` that of p1, a new session with
+EHLO and QUIT per message) through ``data_received``, on uvloop, with the
 bench configuration (bench/servers.py, discard or Maildir) and log lines rendered and
 written to /dev/null.  A fake transport takes the replies.  What is left out is the
 kernel's part (the socket system calls), which the loads in bench/run.py measure.
 
     .venv/bin/python bench/session_micro.py               # discard, 5,000 messages x 5
     .venv/bin/python bench/session_micro.py --maildir -n 2000
+    .venv/bin/python bench/session_micro.py --connect       # a session per message
     PYTHONPATH=/tmp/base .venv/bin/python bench/session_micro.py   # another version
 
 Prints the best round's process-CPU microseconds per message (noise only adds time),
@@ -76,7 +78,7 @@ async def _exchange(session: Session, transport: _Transport, data: bytes, code: 
 
 
 async def run(
-    work: str, default: str, messages: int, rounds: int, walls: list[float]
+    work: str, default: str, messages: int, rounds: int, walls: list[float], per_connection: bool
 ) -> list[float]:
     path = Path(work) / "mailgate.toml"
     path.write_text(MAILGATE_CONFIG.format(work=work, port=0, default=default, workers=1))
@@ -86,18 +88,38 @@ async def run(
         setup_logging(config.logging, stream=devnull)
         ctx = build_context(config)
         listener = build_listeners(ctx)[0]
-        session = Session(ctx, listener)
-        transport = _Transport()
-        session.connection_made(transport)  # type: ignore[arg-type]
-        await transport.replies.get()  # the greeting
-        await _exchange(session, transport, HELO, b"250")
         body = _body()
 
-        async def one() -> None:
+        async def connect() -> tuple[Session, _Transport]:
+            session = Session(ctx, listener)
+            transport = _Transport()
+            session.connection_made(transport)  # type: ignore[arg-type]
+            await transport.replies.get()  # the greeting
+            await _exchange(session, transport, HELO, b"250")
+            return session, transport
+
+        async def quit(session: Session, transport: _Transport) -> None:
+            await _exchange(session, transport, b"QUIT\r\n", b"221")
+            session.connection_lost(None)  # what the transport does once closed
+            assert session._task is not None
+            await session._task
+
+        session, transport = await connect()
+
+        async def message() -> None:
             await _exchange(session, transport, MAIL, b"250")
             await _exchange(session, transport, RCPT, b"250")
             await _exchange(session, transport, DATA, b"354")
             await _exchange(session, transport, body, b"250")
+
+        async def one() -> None:
+            nonlocal session, transport
+            if per_connection:  # load p1: one message per connection
+                session, transport = await connect()
+                await message()
+                await quit(session, transport)
+            else:
+                await message()
 
         for _ in range(min(messages, 500)):  # warm up
             await one()
@@ -108,8 +130,8 @@ async def run(
                 await one()
             results.append((time.process_time() - start) / messages * 1e6)
             walls.append((time.perf_counter() - wall) / messages * 1e6)
-        asyncio.get_running_loop().call_soon(session.data_received, b"QUIT\r\n")
-        await transport.replies.get()
+        if not per_connection:
+            await quit(session, transport)
         await asyncio.sleep(0.1)  # let the log writer's timer run before /dev/null closes
     return results
 
@@ -119,11 +141,15 @@ def main() -> None:
     parser.add_argument("-n", "--messages", type=int, default=5000)
     parser.add_argument("-r", "--rounds", type=int, default=5)
     parser.add_argument("--maildir", action="store_true", help="durable Maildir delivery")
+    parser.add_argument("--connect", action="store_true",
+                        help="a new session per message (EHLO ... QUIT), as load p1")
     args = parser.parse_args()
     default = "local" if args.maildir else "blackhole"
     with tempfile.TemporaryDirectory(prefix="mailgate-session-micro-") as work:
         walls: list[float] = []
-        results = uvloop.run(run(work, default, args.messages, args.rounds, walls))
+        results = uvloop.run(
+            run(work, default, args.messages, args.rounds, walls, args.connect)
+        )
     print(" ".join(f"{r:.1f}" for r in results))
     # the wall time matters in Maildir mode: one message waits for its fsyncs
     print(f"best {min(results):.1f} µs of CPU, {min(walls):.1f} µs of wall time "
