@@ -5,6 +5,11 @@ directory fsync per message caps throughput.  A :class:`GroupCommitter` runs at 
 one sync pass at a time; requests that arrive while a pass runs are gathered into the
 next pass, which fsyncs each distinct file and directory once.  Under load N messages
 therefore cost far fewer passes and directory fsyncs than N.
+
+A pass's fsyncs are issued from several threads at once: a file system such as ext4
+then commits them in shared journal transactions, where one after the other each
+waits for a commit of its own (50 small files on the bench machine: 8.5 ms in one
+thread, 4.4 ms in eight).
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import os
 import stat
 import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 PathOrFd = str | int
+SYNC_THREADS = 8  # a pass's fsyncs in flight at once
 
 
 @dataclass
@@ -37,6 +44,7 @@ class GroupCommitter:
         self._stats_lock = threading.Lock()  # count_direct runs in worker threads
         self._pending: list[tuple[tuple[PathOrFd, ...], asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._threads: ThreadPoolExecutor | None = None  # made on the first pass
 
     async def sync(self, items: Iterable[PathOrFd]) -> None:
         """Return once every path (file or directory) or fd (counted as a file) in ``items``
@@ -85,7 +93,7 @@ class GroupCommitter:
                 distinct = list(dict.fromkeys(item for wanted, _ in batch for item in wanted))
                 self.stats.passes += 1
                 try:
-                    errors, files, dirs = await asyncio.to_thread(_sync_all, distinct)
+                    errors, files, dirs = await self._pass(distinct)
                 except asyncio.CancelledError:
                     _fail(batch + self._pending, "cancelled")
                     self._pending = []
@@ -105,6 +113,23 @@ class GroupCommitter:
                         future.set_exception(failed)
         finally:
             self._task = None
+
+    async def _pass(self, items: list[PathOrFd]) -> tuple[dict[PathOrFd, OSError], int, int]:
+        """fsync ``items`` in up to SYNC_THREADS threads at once; as _sync_all."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="mailgate-fsync")
+        loop = asyncio.get_running_loop()
+        ways = min(SYNC_THREADS, len(items))
+        parts = await asyncio.gather(
+            *(loop.run_in_executor(self._threads, _sync_all, items[i::ways]) for i in range(ways))
+        )
+        errors: dict[PathOrFd, OSError] = {}
+        files = dirs = 0
+        for part_errors, part_files, part_dirs in parts:
+            errors.update(part_errors)
+            files += part_files
+            dirs += part_dirs
+        return errors, files, dirs
 
 
 def _fail(batch: list[tuple[tuple[PathOrFd, ...], asyncio.Future[None]]], why: str) -> None:

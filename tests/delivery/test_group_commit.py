@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from pathlib import Path
 
+import pytest
+
+from mailgate.delivery import fsync
 from mailgate.delivery.fsync import GroupCommitter
 
 
@@ -80,3 +85,38 @@ def test_file_descriptors_and_empty_requests(tmp_path: Path) -> None:
         os.close(fd)
     assert committer.stats.file_fsyncs == 1
     assert committer.stats.passes == 1
+
+
+def test_a_pass_issues_its_fsyncs_in_parallel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file system can only merge fsyncs into one journal commit if they are in
+    # flight together: count how many are at once.
+    lock = threading.Lock()
+    in_flight = [0]
+    most = [0]
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.05)
+        real_fsync(fd)
+        with lock:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(fsync.os, "fsync", slow_fsync)
+    committer = GroupCommitter()
+    paths = make_files(tmp_path, 20)
+    missing = str(tmp_path / "missing")
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            committer.sync(paths), committer.sync([missing]), return_exceptions=True
+        )
+
+    first, second = asyncio.run(main())
+    assert first is None and isinstance(second, FileNotFoundError)
+    assert most[0] == fsync.SYNC_THREADS
+    assert committer.stats.file_fsyncs == 20 and committer.stats.passes <= 2
