@@ -13,8 +13,10 @@ import signal
 import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mailgate.auth.factory import build_authenticator
+from mailgate.auth.throttle import Failures
 from mailgate.config.errors import ConfigError
 from mailgate.config.loader import load_config
 from mailgate.config.schema import Config
@@ -36,6 +38,9 @@ from mailgate.server.limits import ConnectionCounts
 from mailgate.server.listen import bind_listener
 from mailgate.server.session import Session
 from mailgate.tls import TLSContexts
+
+if TYPE_CHECKING:
+    from mailgate.supervisor import WorkerShared
 
 RETIRE_AFTER = 600.0  # seconds a replaced policy/router stays open after a reload
 
@@ -67,7 +72,11 @@ def apply_overrides(config: Config, overrides: Overrides) -> Config:
     return config
 
 
-def build_context(config: Config, counts: ConnectionCounts | None = None) -> ServerContext:
+def build_context(
+    config: Config,
+    counts: ConnectionCounts | None = None,
+    auth_failures: Failures | None = None,
+) -> ServerContext:
     hostname = config.server.hostname or default_hostname()
     router = build_router(config.delivery, hostname)
     policy = build_policy(config, router, hostname)
@@ -76,6 +85,7 @@ def build_context(config: Config, counts: ConnectionCounts | None = None) -> Ser
         config.auth,
         hostname=hostname,
         local_domains=config.delivery.local_domains or [hostname, "localhost"],
+        failures=auth_failures,
     )
     metrics = Metrics.from_config(config.metrics)
     return ServerContext(
@@ -159,9 +169,11 @@ class MailServer:
     def __init__(
         self, config: Config, config_path: str | None = None,
         counts: ConnectionCounts | None = None,
+        auth_failures: Failures | None = None,
     ) -> None:
         self.config_path = config_path
-        self.ctx = build_context(config, counts)
+        self.ctx = build_context(config, counts, auth_failures)
+        self._auth_failures = auth_failures  # the workers' shared counts, if any
         self.listeners = build_listeners(self.ctx)
         self.servers: list[asyncio.base_events.Server] = []
         self._stop = asyncio.Event()
@@ -213,7 +225,10 @@ class MailServer:
             config.server.hostname = self.ctx.hostname if not config.server.hostname else (
                 config.server.hostname
             )
-            fresh = build_context(config)
+            # The AUTH failure counts go on: a reload must not reset a guesser's budget.
+            old = self.ctx.authenticator
+            failures = old.failures if old else self._auth_failures
+            fresh = build_context(config, auth_failures=failures)
         except (ConfigError, ValueError, OSError) as exc:
             log_event("reload", level="error", outcome="refused", error=str(exc)[:500])
             return
@@ -306,11 +321,11 @@ async def serve(config: Config, config_path: str | None, announce: bool = True) 
 
 
 async def serve_worker(
-    config: Config, config_path: str | None, counts: ConnectionCounts,
+    config: Config, config_path: str | None, shared: WorkerShared,
     sockets: list[list[socket.socket]], index: int, ready_fd: int,
 ) -> int:
     """One of several workers (mailgate/supervisor.py): serve the supervisor's sockets."""
-    server = MailServer(config, config_path, counts)
+    server = MailServer(config, config_path, shared.connections, shared.auth_failures)
     await server.start(sockets)
     server.install_signals()
     os.write(ready_fd, b"R")
@@ -322,10 +337,11 @@ async def serve_worker(
 
 
 def run_worker(
-    config: Config, config_path: str | None, counts: ConnectionCounts,
+    config: Config, config_path: str | None, shared: WorkerShared,
     sockets: list[list[socket.socket]], index: int, ready_fd: int,
 ) -> int:
-    return _run_loop(serve_worker(config, config_path, counts, sockets, index, ready_fd))
+    return _run_loop(serve_worker(config, config_path, shared, sockets, index, ready_fd))
+
 
 
 def run(config: Config, config_path: str | None) -> int:

@@ -26,8 +26,10 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
+from mailgate.auth.throttle import SharedFailureCounter
 from mailgate.config.errors import ConfigError
 from mailgate.config.loader import load_config
 from mailgate.config.schema import Config
@@ -52,6 +54,20 @@ def worker_count(config: Config) -> int:
     return config.server.workers or os.cpu_count() or 1
 
 
+@dataclass
+class WorkerShared:
+    """What the workers of one server count together, in memory made before the fork:
+    connections (server.max_connections*) and AUTH failures (auth.throttle_*)."""
+
+    connections: ConnectionCounts
+    auth_failures: SharedFailureCounter
+
+    def use_row(self, index: int) -> None:
+        """In worker ``index``: count in that worker's rows."""
+        self.connections.use_row(index)
+        self.auth_failures.use_row(index)
+
+
 class Supervisor:
     """Binds, forks ``server.workers`` workers, relays signals and restarts the dead."""
 
@@ -63,7 +79,10 @@ class Supervisor:
         # Every worker must name itself the same way (greeting, Received).
         config.server.hostname = config.server.hostname or default_hostname()
         self.workers = worker_count(config)
-        self.counts = ConnectionCounts(self.workers)
+        self.shared = WorkerShared(
+            ConnectionCounts(self.workers),
+            SharedFailureCounter(config.auth.throttle_window, self.workers),
+        )
         self.sockets: list[list[socket.socket]] = []
         self.pids: dict[int, int] = {}  # pid -> worker index
         self._started: dict[int, float] = {}  # worker index -> monotonic start time
@@ -223,7 +242,8 @@ class Supervisor:
             if self.metrics_dir:
                 forget_worker(pid, self.metrics_dir)
             log_event("worker_exited", level="error", worker=index, pid=pid, status=code)
-            self.counts.clear_row(index)  # its connections died with it
+            # Its connections died with it; its AUTH failure counts stay for the next.
+            self.shared.connections.clear_row(index)
             try:
                 self._clean_leftovers()  # its half-received and half-delivered mail
             except (OSError, ValueError) as exc:
@@ -276,12 +296,12 @@ def _worker(supervisor: Supervisor, index: int, ready_fd: int) -> int:
     for signo in SIGNALS:
         signal.signal(signo, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-    supervisor.counts.use_row(index)
+    supervisor.shared.use_row(index)
     if supervisor.metrics_dir:
         write_to_shared_directory(supervisor.metrics_dir)
     try:
         return run_worker(
-            supervisor.config, supervisor.config_path, supervisor.counts, supervisor.sockets,
+            supervisor.config, supervisor.config_path, supervisor.shared, supervisor.sockets,
             index, ready_fd,
         )
     except (ConfigError, ValueError) as exc:  # DeliveryConfigError is a ValueError

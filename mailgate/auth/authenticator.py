@@ -15,7 +15,7 @@ from mailgate.auth.mechanisms import (
     ScramExchange,
 )
 from mailgate.auth.senders import SenderMap
-from mailgate.auth.throttle import Clock, Throttle
+from mailgate.auth.throttle import Clock, Failures, Throttle
 from mailgate.auth.users import ARGON2, CRAM, SCRAM, UserRecord, file_signature, load_users
 from mailgate.protocol.replies import Reply, reply
 
@@ -75,6 +75,11 @@ class Authenticator:
             "SCRAM-SHA-256": lambda: ScramExchange(self._credentials, self._throttle, client_ip),
         }
         return factories[name]()
+
+    @property
+    def failures(self) -> Failures:
+        """The AUTH failure counts, for the authenticator that replaces this one."""
+        return self._throttle.counter
 
     async def check_throttle(self, client_ip: str) -> Reply | None:
         """None, or the reply that refuses this AUTH (421: the session then closes)."""

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from mailgate.auth.authenticator import Authenticator
 from mailgate.auth.senders import SenderMap, parse_senders_file
-from mailgate.auth.throttle import Clock, FailureCounter, Throttle, ThrottleLimits
+from mailgate.auth.throttle import Clock, FailureCounter, Failures, Throttle, ThrottleLimits
 from mailgate.auth.users import load_users
 from mailgate.config.auth import AuthConfig
 
@@ -19,14 +19,18 @@ def build_authenticator(
     hostname: str = "",
     local_domains: Iterable[str] = (),
     clock: Clock = time.monotonic,
+    failures: Failures | None = None,
 ) -> Authenticator | None:
     """The Authenticator, or None when no users file is configured.
 
     ``hostname`` goes into CRAM-MD5 challenges and the 421 reply (default: this
     machine's name); ``local_domains`` are the default sender domains when
     ``sender_domains`` is empty (without either, users not in the senders map may
-    use no address at all).  Reads files at startup, so it blocks; a broken users or
-    senders file raises ValueError "file:line: problem".
+    use no address at all).  ``failures`` counts AUTH failures: the counter of the
+    authenticator being replaced on a reload, or the workers' shared one (its window
+    is set from ``config``); without it a new in-memory counter starts from zero.
+    Reads files at startup, so it blocks; a broken users or senders file raises
+    ValueError "file:line: problem".
     """
     if not config.users_file:
         return None
@@ -39,6 +43,11 @@ def build_authenticator(
             raise ValueError(f"{config.senders_file}: {e}") from None
         for user, entries in parse_senders_file(text, config.senders_file).items():
             table.setdefault(user, []).extend(entries)
+    if failures is None:
+        counter: Failures = FailureCounter(config.throttle_window, clock)
+    else:
+        counter = failures
+        counter.window = config.throttle_window
     limits = ThrottleLimits(
         after=config.throttle_after,
         close_after=config.throttle_close_after,
@@ -49,7 +58,7 @@ def build_authenticator(
         users_file=config.users_file,
         users=load_users(config.users_file),
         configured=config.mechanisms,
-        throttle=Throttle(limits, FailureCounter(config.throttle_window, clock)),
+        throttle=Throttle(limits, counter),
         senders=SenderMap(table, config.sender_domains or local_domains),
         hostname=hostname or socket.gethostname(),
         reload_interval=config.reload_interval,

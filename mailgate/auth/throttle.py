@@ -3,22 +3,42 @@
 A count is forgotten ``window`` seconds after its last failure.  Success resets the
 user's count (the person got the password right) but not the address's: otherwise a
 client holding one valid account could reset its budget between guesses at others.
+
+One process counts in a dict (:class:`FailureCounter`); the worker processes of one
+server count together in shared memory (:class:`SharedFailureCounter`), so that a
+guesser cannot multiply its budget by the number of workers.  Either outlives a
+reload: a SIGHUP must not hand a guesser a fresh budget.
 """
 
 from __future__ import annotations
 
+import hashlib
+import mmap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final, Protocol
 
 Clock = Callable[[], float]
+
+
+class Failures(Protocol):
+    """What the throttle needs of a counter; ``window`` may change on a reload."""
+
+    window: float
+
+    def get(self, key: str) -> int: ...
+
+    def add(self, key: str) -> int: ...
+
+    def reset(self, key: str) -> None: ...
 
 
 class FailureCounter:
     """key -> failures within the window; expired entries are dropped as they are seen."""
 
     def __init__(self, window: float, clock: Clock = time.monotonic, max_keys: int = 100_000):
-        self._window = window
+        self.window = window
         self._clock = clock
         self._max_keys = max_keys  # bounds memory under a flood of distinct addresses
         self._counts: dict[str, tuple[int, float]] = {}  # key -> (count, expiry)
@@ -36,7 +56,7 @@ class FailureCounter:
         count = self.get(key) + 1
         if key not in self._counts and len(self._counts) >= self._max_keys:
             self._purge()
-        self._counts[key] = (count, self._clock() + self._window)
+        self._counts[key] = (count, self._clock() + self.window)
         return count
 
     def reset(self, key: str) -> None:
@@ -51,6 +71,79 @@ class FailureCounter:
             self._counts = dict(by_expiry[len(by_expiry) // 2 :])
 
 
+class SharedFailureCounter:
+    """FailureCounter's counts in memory shared by the worker processes of one server
+    (made before they are forked): a guesser spreading its attempts over connections
+    that different workers accept is counted once, not once per worker.
+
+    Each worker writes only its own row (no lock, no lost update) and a count is the
+    sum over the rows.  A key is counted in two slots chosen by two hashes and its
+    count is the smaller sum (a count-min sketch): another key sharing both slots can
+    only make it higher.  A row's count in a slot is forgotten ``window`` seconds after
+    that row's last failure there; a worker that dies leaves its counts to its
+    replacement, which writes the same row.
+    """
+
+    SLOTS: Final = 1 << 12  # per hash and worker: 2 x 4096 x 12 bytes = 96 KiB a worker
+
+    def __init__(self, window: float, workers: int, clock: Clock = time.monotonic) -> None:
+        if workers < 1:
+            raise ValueError("workers: at least 1")
+        self.window = window  # a reload may change it
+        self._clock = clock  # CLOCK_MONOTONIC: one clock for every process of the machine
+        self._workers = workers
+        self._row = 0
+        cells = workers * 2 * self.SLOTS
+        # MAP_SHARED anonymous memory survives fork() shared, not copied.
+        self._map = mmap.mmap(-1, cells * 12, flags=mmap.MAP_SHARED)
+        view = memoryview(self._map)
+        self._stamps = view[: cells * 8].cast("d")  # when the row last counted a failure
+        self._counts = view[cells * 8 :].cast("i")
+
+    def use_row(self, row: int) -> None:
+        """In a freshly forked worker: count this process's failures in ``row``."""
+        if not 0 <= row < self._workers:
+            raise ValueError(f"row {row} outside 0..{self._workers - 1}")
+        self._row = row
+
+    def get(self, key: str) -> int:
+        now = self._clock()
+        return min(self._live(slot, now) for slot in _failure_slots(key, self.SLOTS))
+
+    def add(self, key: str) -> int:
+        now = self._clock()
+        base = self._row * 2 * self.SLOTS
+        stamps, counts = self._stamps, self._counts
+        for slot in _failure_slots(key, self.SLOTS):
+            cell = base + slot
+            if stamps[cell] + self.window <= now:
+                counts[cell] = 0  # this row's earlier failures there are forgotten
+            counts[cell] += 1
+            stamps[cell] = now
+        return self.get(key)
+
+    def reset(self, key: str) -> None:
+        for slot in _failure_slots(key, self.SLOTS):
+            for row in range(self._workers):
+                self._counts[row * 2 * self.SLOTS + slot] = 0
+
+    def _live(self, slot: int, now: float) -> int:
+        stamps, counts, window = self._stamps, self._counts, self.window
+        total = 0
+        for row in range(self._workers):
+            cell = row * 2 * self.SLOTS + slot
+            if stamps[cell] + window > now:
+                total += counts[cell]
+        return total
+
+
+def _failure_slots(key: str, slots: int) -> tuple[int, int]:
+    # A hash that is the same in every process (str hashes are salted per interpreter;
+    # forked workers share the salt, but nothing should depend on that).
+    digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return digest % slots, slots + (digest >> 32) % slots
+
+
 @dataclass(frozen=True, slots=True)
 class ThrottleLimits:
     after: int  # failures from an address before "454 try later"
@@ -60,24 +153,24 @@ class ThrottleLimits:
 
 
 class Throttle:
-    def __init__(self, limits: ThrottleLimits, counter: FailureCounter) -> None:
+    def __init__(self, limits: ThrottleLimits, counter: Failures) -> None:
         self.limits = limits
-        self._counter = counter
+        self.counter = counter  # kept across a reload (factory.build_authenticator)
 
     def failure(self, client_ip: str, user: str | None) -> None:
-        self._counter.add(f"ip:{client_ip}")
+        self.counter.add(f"ip:{client_ip}")
         if user:
-            self._counter.add(f"user:{user}")
+            self.counter.add(f"user:{user}")
 
     def success(self, user: str) -> None:
-        self._counter.reset(f"user:{user}")
+        self.counter.reset(f"user:{user}")
 
     def client_failures(self, client_ip: str) -> int:
-        return self._counter.get(f"ip:{client_ip}")
+        return self.counter.get(f"ip:{client_ip}")
 
     def delay(self, client_ip: str, user: str | None) -> float:
         """Seconds to wait before answering a failure: grows with the larger count."""
-        n = max(self.client_failures(client_ip), self._counter.get(f"user:{user}") if user else 0)
+        n = max(self.client_failures(client_ip), self.counter.get(f"user:{user}") if user else 0)
         if n == 0:
             return 0.0
         # 2**(n-1) overflows a float for a huge n; the cap is reached long before.

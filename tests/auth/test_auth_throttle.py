@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 from auth_helpers import FakeClock
 
 from mailgate.auth.authenticator import Authenticator
+from mailgate.auth.factory import build_authenticator
 from mailgate.auth.mechanisms import Success
-from mailgate.auth.throttle import FailureCounter
+from mailgate.auth.throttle import FailureCounter, SharedFailureCounter
+from mailgate.config.auth import AuthConfig
 
 IP = "198.51.100.9"
 
@@ -97,3 +102,69 @@ def test_counter_bounds_its_memory() -> None:
         clock.now += 1
     assert counter.get("k24") == 1
     assert sum(counter.get(f"k{i}") for i in range(25)) <= 10
+
+
+def test_worker_processes_count_failures_together() -> None:
+    counter = SharedFailureCounter(window=60, workers=3)
+    pid = os.fork()
+    if pid == 0:  # worker 1: three failures, then gone
+        try:
+            counter.use_row(1)
+            for _ in range(3):
+                counter.add("ip:198.51.100.9")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    counter.use_row(2)
+    assert counter.add("ip:198.51.100.9") == 4  # its own and the other worker's
+    counter.use_row(0)
+    counter.add("ip:198.51.100.9")
+    assert counter.get("ip:198.51.100.9") == 5
+    assert counter.get("ip:192.0.2.1") == 0
+    counter.reset("ip:198.51.100.9")  # in every worker's row
+    assert counter.get("ip:198.51.100.9") == 0
+
+
+def test_shared_counts_expire_a_window_after_each_workers_last_failure() -> None:
+    clock = FakeClock()
+    counter = SharedFailureCounter(window=60, workers=2, clock=clock)
+    counter.add("user:alice")
+    clock.now += 50
+    counter.use_row(1)
+    counter.add("user:alice")
+    assert counter.get("user:alice") == 2
+    clock.now += 20  # row 0's failure is 70 s old, row 1's 20 s
+    assert counter.get("user:alice") == 1
+    counter.use_row(0)
+    assert counter.add("user:alice") == 2  # row 0 starts again from its expired count
+    with pytest.raises(ValueError):
+        counter.use_row(2)
+
+
+def test_the_throttle_works_the_same_over_shared_counts(
+    users_file: Path, clock: FakeClock
+) -> None:
+    config = AuthConfig(users_file=str(users_file), throttle_after=2, throttle_close_after=3)
+    shared = SharedFailureCounter(window=1, workers=2, clock=clock)
+    auth = build_authenticator(config, hostname="mx.example.org", clock=clock, failures=shared)
+    assert auth is not None
+    assert shared.window == config.throttle_window  # the configured window, not the given
+    fail(auth)
+    shared.use_row(1)  # the next failure in another worker
+    fail(auth)
+    assert throttle(auth) == "auth.throttled"
+    assert throttle(auth) == "closing.auth_throttled"
+
+
+def test_a_reload_keeps_the_failure_counts(
+    make_auth: Callable[..., Authenticator], users_file: Path, clock: FakeClock
+) -> None:
+    auth = make_auth(throttle_after=2)
+    fail(auth)
+    fail(auth)
+    config = AuthConfig(users_file=str(users_file), throttle_after=2)
+    reloaded = build_authenticator(
+        config, hostname="mx.example.org", clock=clock, failures=auth.failures
+    )
+    assert reloaded is not None
+    assert throttle(reloaded) == "auth.throttled"  # not a fresh budget for the guesser

@@ -5,13 +5,51 @@ deliberate delays (the feature itself), never speed targets."""
 from __future__ import annotations
 
 import base64
+import signal
 import smtplib
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from tests.integration.server import start_server
+from tests.integration.server import RunningServer, start_server, wait_for
+
+WRONG = base64.b64encode(b"\0alice\0wrong password").decode()
+
+
+def auth_server(tmp_path: Path, extra: str = "") -> RunningServer:
+    """AUTH for alice on a plaintext listener (extra_ports[0]), throttled after two
+    failures and cut off after three."""
+    users = tmp_path / "users"
+    subprocess.run(
+        [sys.executable, "-m", "mailgate.cli", "passwd", "alice", "--users-file", str(users),
+         "--stdin"],
+        input="right password\n", text=True, check=True, capture_output=True,
+    )
+    return start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+        max_errors = 50
+        {extra}
+
+        [[listener]]
+        address = "127.0.0.1:0"
+        allow_plaintext_auth = true
+
+        [auth]
+        users_file = "{users}"
+        throttle_after = 2
+        throttle_close_after = 3
+        failure_delay = 0.05
+        failure_max_delay = 0.1
+    """)
+
+
+def auth_once(srv: RunningServer) -> int:
+    """One AUTH with the wrong password on a new connection; the reply code."""
+    with smtplib.SMTP(srv.host, srv.extra_ports[0], timeout=10) as smtp:
+        smtp.ehlo("client.mailgate.org")
+        return smtp.docmd("AUTH", f"PLAIN {WRONG}")[0]
 
 
 def test_helo_delay_and_growing_tarpit(tmp_path: Path) -> None:
@@ -42,37 +80,39 @@ def test_helo_delay_and_growing_tarpit(tmp_path: Path) -> None:
 
 
 def test_auth_failures_are_throttled_then_cut_off(tmp_path: Path) -> None:
-    users = tmp_path / "users"
-    subprocess.run(
-        [sys.executable, "-m", "mailgate.cli", "passwd", "alice", "--users-file", str(users),
-         "--stdin"],
-        input="right password\n", text=True, check=True, capture_output=True,
-    )
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path}/spool"
-        max_errors = 50
-
-        [[listener]]
-        address = "127.0.0.1:0"
-        allow_plaintext_auth = true
-
-        [auth]
-        users_file = "{users}"
-        throttle_after = 2
-        throttle_close_after = 3
-        failure_delay = 0.05
-        failure_max_delay = 0.1
-    """)
-    wrong = base64.b64encode(b"\0alice\0wrong password").decode()
+    srv = auth_server(tmp_path)
     try:
         with smtplib.SMTP(srv.host, srv.extra_ports[0], timeout=10) as smtp:
             smtp.ehlo("client.mailgate.org")
-            codes = [smtp.docmd("AUTH", f"PLAIN {wrong}") for _ in range(3)]
+            codes = [smtp.docmd("AUTH", f"PLAIN {WRONG}") for _ in range(3)]
             assert [c for c, _ in codes[:2]] == [535, 535]
             assert codes[2][0] == 454 and codes[2][1].startswith(b"4.7.0")
-            code, text = smtp.docmd("AUTH", f"PLAIN {wrong}")
+            code, text = smtp.docmd("AUTH", f"PLAIN {WRONG}")
             assert (code, text[:5]) == (421, b"4.7.0")
-        assert "wrong password" not in srv.log() and wrong not in srv.log()
+        assert "wrong password" not in srv.log() and WRONG not in srv.log()
+    finally:
+        srv.stop()
+
+
+def test_a_reload_does_not_reset_the_auth_failure_counts(tmp_path: Path) -> None:
+    srv = auth_server(tmp_path)
+    try:
+        assert [auth_once(srv), auth_once(srv)] == [535, 535]
+        srv.signal(signal.SIGHUP)
+        assert wait_for(lambda: "event=reload outcome=ok" in srv.log())
+        assert auth_once(srv) == 454
+    finally:
+        srv.stop()
+
+
+def test_worker_processes_throttle_a_guesser_together(tmp_path: Path) -> None:
+    # Each failure on a new connection, which either worker may accept: counted per
+    # worker, five connections would leave one worker with at most two failures.
+    srv = auth_server(tmp_path, "workers = 2")
+    try:
+        assert wait_for(lambda: srv.log().count("event=worker_started") == 2)
+        codes = [auth_once(srv) for _ in range(5)]
+        assert codes[:2] == [535, 535]
+        assert codes[2:] == [454, 421, 421]
     finally:
         srv.stop()
