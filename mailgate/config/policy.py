@@ -33,6 +33,9 @@ class PolicyConfig:
     quarantine_dir: str = ""  # required when blocked_disposition = "quarantine"
     # accept the upas loopback form user@[] as a local recipient
     allow_loopback_literal: bool = False
+    # more Received: fields than this (ours included) is a mail loop: 554 5.4.6
+    # (RFC 5321 6.3: at least 100)
+    max_received_headers: int = 100
 
     def __post_init__(self) -> None:
         if self.helo_refusal not in ("reply", "hangup"):
@@ -48,6 +51,8 @@ class PolicyConfig:
             raise ValueError(
                 "policy.quarantine_dir: required when blocked_disposition = quarantine"
             )
+        if self.max_received_headers < 1:
+            raise ValueError("policy.max_received_headers: must be at least 1")
         if not self.dns_timeout > 0:
             raise ValueError("policy.dns_timeout: must be positive")
         for network in self.trusted_networks:

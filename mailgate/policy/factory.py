@@ -1,10 +1,11 @@
 """Builds the policy engine from the configuration.
 
 Step order matters, since the first refusal wins and later steps read what earlier
-ones recorded: the access list (whose ``allow`` rules excuse a client from the DNSBL),
-the DNSBL, the HELO checks, sender verification, recipients and relay control,
-greylisting (last of the built-in checks, so only mail that would otherwise be accepted
-is delayed), then the site's own steps.
+ones recorded: the hop count (a mail loop is refused whoever sends it), the access
+list (whose ``allow`` rules excuse a client from the DNSBL), the DNSBL, the HELO
+checks, sender verification, recipients and relay control, greylisting (last of the
+built-in checks, so only mail that would otherwise be accepted is delayed), then the
+site's own steps.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mailgate.policy.dns import Resolver
 from mailgate.policy.dnsbl import DnsblStep
 from mailgate.policy.engine import PolicyEngine
 from mailgate.policy.helo import HeloStep
+from mailgate.policy.hops import HopCountStep
 from mailgate.policy.networks import NetworkList
 from mailgate.policy.recipient import RecipientStep
 from mailgate.policy.sender import SenderDomainStep
@@ -34,7 +36,7 @@ def build_policy(
     """The engine for ``config``.  Raises ValueError on a bad access file or DNS setup."""
     policy = config.policy
     trusted = NetworkList.parse(policy.trusted_networks, "policy.trusted_networks")
-    steps: list[Step] = []
+    steps: list[Step] = [HopCountStep(policy.max_received_headers)]
     if policy.access_file:
         steps.append(
             AccessStep(

@@ -129,6 +129,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "rcpt.ok":                Template(250, "2.1.5", "Recipient <{address}> OK"),
     "data.go":                Template(354, None, "Start mail input; end with <CRLF>.<CRLF>"),
     "data.accepted":          Template(250, "2.0.0", "OK: queued as {id}"),
+    "data.loop":              Template(554, "5.4.6", "Too many hops ({count} Received: header fields), mail loop suspected"),
     "bdat.chunk":             Template(250, "2.0.0", "{size} octets received"),
     # --- STARTTLS (RFC 3207) -------------------------------------------------
     "starttls.ready":         Template(220, "2.0.0", "Ready to start TLS"),

@@ -17,6 +17,7 @@ from mailgate.policy.dnsbl import DnsblStep
 from mailgate.policy.engine import PolicyEngine
 from mailgate.policy.factory import build_policy
 from mailgate.policy.helo import HeloStep
+from mailgate.policy.hops import HopCountStep
 from mailgate.policy.networks import NetworkList, parse_network
 from mailgate.policy.recipient import RecipientStep
 from mailgate.policy.sender import SenderDomainStep
@@ -93,10 +94,12 @@ def test_factory_composes_steps_from_the_switches(dns_server: LoopbackDNS, tmp_p
         extra_steps=[site],
     )
     kinds = [type(step) for step in engine.steps]
-    assert kinds == [AccessStep, DnsblStep, HeloStep, SenderDomainStep, RecipientStep, Recorder]
+    assert kinds == [
+        HopCountStep, AccessStep, DnsblStep, HeloStep, SenderDomainStep, RecipientStep, Recorder
+    ]
 
     bare = build_policy(config(helo_checks=False, verify_sender_domain=False), BOXES, HOST)
-    assert [type(step) for step in bare.steps] == [RecipientStep]
+    assert [type(step) for step in bare.steps] == [HopCountStep, RecipientStep]
 
 
 def test_factory_adds_greylisting_when_enabled(tmp_path: Path) -> None:
