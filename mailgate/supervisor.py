@@ -8,11 +8,14 @@ worker is free to accept it.  Connection limits are counted across workers in sh
 memory (server/limits.py).
 
 The supervisor only relays signals: SIGHUP reaches every worker (each reloads, as a
-single process would), SIGTERM/SIGINT stop them gracefully.  A worker that dies is
-started again, from the configuration as last reloaded.  At start-up a worker that
-cannot start stops the whole server (the others would fail the same way); later, a
-replacement that cannot start is retried with a growing delay, and when no worker is
-left the supervisor exits with status 1 so that the service manager notices.
+single process would), SIGTERM/SIGINT stop them gracefully.  It runs no thread of its
+own, since it forks (a child of a threaded process may inherit a lock some other
+thread held): /metrics is served by a small process of its own, restarted if it
+dies.  A worker that dies is started again, from the configuration as last
+reloaded.  At start-up a worker that cannot start stops the whole server (the others
+would fail the same way); later, a replacement that cannot start is retried with a
+growing delay, and when no worker is left the supervisor exits with status 1 so that
+the service manager notices.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
 
 from mailgate.auth.throttle import SharedFailureCounter
 from mailgate.config.errors import ConfigError
@@ -37,6 +39,7 @@ from mailgate.delivery.factory import build_router
 from mailgate.delivery.spool import SpoolDir
 from mailgate.ops.logging import flush_logs, log_event, setup_logging
 from mailgate.ops.metrics import (
+    bind_metrics,
     forget_worker,
     serve_shared_directory,
     write_to_shared_directory,
@@ -88,7 +91,9 @@ class Supervisor:
         self._started: dict[int, float] = {}  # worker index -> monotonic start time
         self._retry: dict[int, tuple[float, float]] = {}  # index -> (when, delay) to retry
         self.metrics_dir = ""  # where the workers write their metrics, when served
-        self._metrics: WSGIServer | None = None
+        self._metrics_sock: socket.socket | None = None  # bound before the privilege drop
+        self._metrics_pid = 0  # the process serving /metrics
+        self._metrics_started = 0.0
 
     def run(self) -> int:
         from mailgate.app import bind_all, describe_delivery, drop_privileges
@@ -108,6 +113,7 @@ class Supervisor:
         # while a worker is being forked must not be lost or kill it half-made.
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
+            self._start_metrics()
             failed = self._start_all()
             if failed is not None:
                 self._stop_all(grace=0.0)
@@ -146,14 +152,58 @@ class Supervisor:
         user = self.config.server.user
         if user and os.geteuid() == 0:  # the workers write here after the drop
             shutil.chown(self.metrics_dir, user)
-        self._metrics = serve_shared_directory(listen, self.metrics_dir)
+        self._metrics_sock = bind_metrics(listen)
+
+    def _start_metrics(self) -> None:
+        """Fork the process that serves /metrics (its server runs threads)."""
+        sock = self._metrics_sock
+        if sock is None:
+            return
+        flush_logs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for signo in SIGNALS:
+                    signal.signal(signo, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+                for listening in (s for socks in self.sockets for s in socks):
+                    listening.close()  # only the workers answer SMTP
+                serve_shared_directory(sock, self.metrics_dir)
+            except BaseException as exc:
+                print(f"mailgate: metrics endpoint failed: {exc!r}", file=sys.stderr, flush=True)
+            finally:
+                os._exit(1)
+        self._metrics_pid = pid
+        self._metrics_started = time.monotonic()
+        log_event("metrics_started", pid=pid)
+
+    def close_metrics_socket(self) -> None:
+        """In a worker: the /metrics socket is not its business."""
+        if self._metrics_sock is not None:
+            self._metrics_sock.close()
+            self._metrics_sock = None
+
+    def _metrics_exited(self, status: int) -> None:
+        log_event("metrics_exited", level="error", pid=self._metrics_pid,
+                  status=os.waitstatus_to_exitcode(status))
+        self._metrics_pid = 0
+        pause = self._metrics_started + RESTART_PAUSE - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)  # one that keeps dying must not spin
+        self._start_metrics()
 
     def _close(self) -> None:
         for sock in (s for socks in self.sockets for s in socks):
             sock.close()
-        if self._metrics is not None:
-            self._metrics.shutdown()
-            self._metrics.server_close()
+        if self._metrics_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._metrics_pid, signal.SIGTERM)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self._metrics_pid, 0)
+            self._metrics_pid = 0
+        self.close_metrics_socket()
         if self.metrics_dir:
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
@@ -235,6 +285,9 @@ class Supervisor:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 return
+            if pid == self._metrics_pid:
+                self._metrics_exited(status)
+                continue
             index = self.pids.pop(pid, None)
             if index is None:
                 continue
@@ -276,6 +329,8 @@ class Supervisor:
         deadline = time.monotonic() + grace
         while self.pids:
             pid, _status = os.waitpid(-1, os.WNOHANG)
+            if pid == self._metrics_pid:
+                self._metrics_pid = 0  # reaped: never signal that pid again
             if pid:
                 self.pids.pop(pid, None)
                 continue
@@ -297,6 +352,7 @@ def _worker(supervisor: Supervisor, index: int, ready_fd: int) -> int:
         signal.signal(signo, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     supervisor.shared.use_row(index)
+    supervisor.close_metrics_socket()  # served by the metrics process alone
     if supervisor.metrics_dir:
         write_to_shared_directory(supervisor.metrics_dir)
     try:

@@ -3,7 +3,7 @@
 Each :class:`Metrics` has its own registry, so tests (and a reload) can make several.
 With several worker processes (``server.workers``), every worker writes its values to
 files in a directory the supervisor made (prometheus_client's multiprocess mode) and
-the supervisor alone serves /metrics, adding up the workers' values.
+one process of the supervisor's alone serves /metrics, adding up the workers' values.
 Label values a client could choose (an AUTH mechanism name) are folded into a fixed
 set, so no client can grow the number of time series.  When metrics are off the
 server gets a :class:`NullMetrics`, whose methods do nothing at all.
@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+from socketserver import ThreadingMixIn
 from typing import Final
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    make_wsgi_app,
     multiprocess,
     start_http_server,
     values,
@@ -153,16 +156,49 @@ def write_to_shared_directory(path: str) -> None:
     values.ValueClass = values.get_value_class()
 
 
-def serve_shared_directory(listen: str, path: str) -> WSGIServer:
-    """The supervisor's /metrics: the sum of the workers' files under ``path``.
+def bind_metrics(listen: str) -> socket.socket:
+    """A listening socket for /metrics on ``listen`` (HOST:PORT), bound now (before
+    privileges are dropped) and served by :func:`serve_shared_directory` later.
 
     Raises ValueError for a malformed address and OSError when it cannot be bound.
     """
+    host, port = split_host_port(listen)
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    return socket.create_server(address, family=family, backlog=64)
+
+
+def serve_shared_directory(sock: socket.socket, path: str) -> None:
+    """Serve /metrics on ``sock`` until this process ends: the sum of the workers'
+    files under ``path``.  Meant for a process of its own (the supervisor forks one),
+    since the server runs threads and a process that forks must not."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)
-    host, port = split_host_port(listen)
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server
+    _BoundServer(sock, make_wsgi_app(registry)).serve_forever()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # a scrape is no news; errors show up in the scraper
+
+
+class _BoundServer(ThreadingMixIn, WSGIServer):
+    """A WSGI server on a socket that is already bound and listening; each request in
+    a thread of its own, so one slow scraper does not hold up the others."""
+
+    daemon_threads = True
+
+    def __init__(self, sock: socket.socket, app: object) -> None:
+        self.address_family = sock.family
+        super().__init__(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
+        self.socket.close()  # the one made by the constructor, never bound
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        self.server_name = str(self.server_address[0])
+        self.server_port = int(self.server_address[1])
+        self.setup_environ()
+        self.set_app(app)  # type: ignore[arg-type]
 
 
 def forget_worker(pid: int, path: str) -> None:

@@ -137,11 +137,27 @@ def test_a_worker_that_cannot_start_stops_the_server(tmp_path: Path) -> None:
     assert "listening on" not in done.stdout
 
 
+def _threads(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"^Threads:\s+(\d+)", status, re.MULTILINE)
+    assert found is not None
+    return int(found.group(1))
+
+
+def _metrics_pids(srv: RunningServer) -> list[int]:
+    return [int(p) for p in re.findall(r"event=metrics_started pid=(\d+)", srv.log())]
+
+
 def test_metrics_add_up_the_workers(tmp_path: Path) -> None:
     mport = free_port()
     leftovers = set(Path(tempfile.gettempdir()).glob("mailgate-metrics-*"))
     srv = _start(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
     try:
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2 and len(_metrics_pids(srv)) == 1)
+        # /metrics is served by a process of its own: the supervisor, which forks,
+        # runs no thread besides its main one.
+        assert _threads(srv.proc.pid) == 1
+        assert _children(srv.proc.pid) == {*_worker_pids(srv), *_metrics_pids(srv)}
         with ThreadPoolExecutor(6) as pool:
             list(pool.map(lambda n: _send(srv, n), range(12)))
         text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
@@ -250,3 +266,21 @@ def test_a_metrics_address_in_use_stops_the_supervisor_cleanly(tmp_path: Path) -
     assert "mailgate: cannot start:" in done.stderr
     assert "Traceback" not in done.stderr
     assert set(Path(tempfile.gettempdir()).glob("mailgate-metrics-*")) == leftovers
+
+
+def test_a_dead_metrics_process_is_replaced(tmp_path: Path) -> None:
+    mport = free_port()
+    srv = _start(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
+    try:
+        assert wait_for(lambda: len(_metrics_pids(srv)) == 1)
+        _send(srv, 1)
+        os.kill(_metrics_pids(srv)[0], signal.SIGKILL)
+        assert wait_for(lambda: len(_metrics_pids(srv)) == 2)
+        assert "event=metrics_exited" in srv.log()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
+        assert re.search(rb'mailgate_messages_total\{[^}]*outcome="accepted"[^}]*\} 1\.0', text)
+        assert len(_worker_pids(srv)) == 2  # the workers were never touched
+    finally:
+        assert srv.stop() == 0
+    # nothing outlives the supervisor: the replacement was stopped and reaped too
+    assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in _metrics_pids(srv)))
