@@ -45,6 +45,8 @@ _SUBDIRS = ("tmp", "new", "cur")
 _UNIQUE = re.compile(r"^\d+\.M\d+P(\d+)Q\d+\.")
 _NO_LINK = frozenset({errno.EXDEV, errno.EMLINK, errno.EPERM, errno.ENOTSUP})
 _O_TMPFILE: int | None = getattr(os, "O_TMPFILE", None)  # Linux only
+# what open(O_TMPFILE) fails with on a file system that has no unnamed files
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})
 _deliveries = itertools.count()
 TMP_MAX_AGE = 36 * 3600  # the Maildir convention: a tmp/ file this old is abandoned
 
@@ -229,8 +231,9 @@ class MaildirDestination:
             tmp = os.path.join(box, "tmp", run.name)
             try:
                 self._ensure(box, run.dirs)
-                if len(boxes) == 1 and self._unnamed_works(box):
-                    fd = run.unnamed[box] = _create_unnamed(box)
+                fd = self._unnamed_file(boxes, box)
+                if fd is not None:
+                    run.unnamed[box] = fd
                     fds.append(fd)
                     _write_all(fd, data)
                     continue
@@ -280,8 +283,9 @@ class MaildirDestination:
             tmp = os.path.join(box, "tmp", run.name)
             try:
                 self._ensure(box, run.dirs)
-                if len(boxes) == 1 and self._unnamed_works(box):
-                    fd = run.unnamed[box] = _create_unnamed(box)
+                fd = self._unnamed_file(boxes, box)
+                if fd is not None:
+                    run.unnamed[box] = fd
                     _write_into(fd, header, spool, binary)
                     run.to_sync.append(tmp)
                     continue
@@ -317,13 +321,26 @@ class MaildirDestination:
                 pass
         self._ready.add(box)
 
-    def _unnamed_works(self, box: str) -> bool:
-        """Whether unnamed files can be made in tmp/ and linked by their descriptor:
-        tried once per process on the first maildir (it needs Linux, a file system
-        with O_TMPFILE, and /proc for the link)."""
+    def _unnamed_file(self, boxes: list[str], box: str) -> int | None:
+        """An open unnamed file in ``box``'s tmp/ when the message goes to that one
+        maildir alone and unnamed files work; else None, for the named tmp/ file.
+
+        Whether they work (Linux, O_TMPFILE, /proc for the link) is tried once per
+        process on the first maildir; one on a file system without O_TMPFILE (NFS,
+        say, among local ones) gets the named file each time.
+        """
+        if len(boxes) != 1:
+            return None
         if self._unnamed is None:
             self._unnamed = _unnamed_supported(os.path.join(box, "tmp"))
-        return self._unnamed
+        if not self._unnamed:
+            return None
+        try:
+            return _create_unnamed(box)
+        except OSError as exc:
+            if exc.errno in _NO_TMPFILE:
+                return None
+            raise
 
     def _publish(self, run: _Run) -> None:
         """Link each staged file into new/ under a name nobody uses."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 from pathlib import Path
@@ -217,3 +218,27 @@ def test_a_name_taken_in_new_is_never_overwritten(
     assert result.reply.code == 250
     assert (new / "taken").read_bytes() == b"someone else's mail"
     assert (new / "free").read_bytes() == as_stored(spool)
+
+
+def test_a_maildir_without_unnamed_files_gets_the_named_tmp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on a file system without O_TMPFILE (NFS) while the first maildir had it:
+    # what open(O_TMPFILE) answers there is simulated, the rest is real.
+    dest = destination(tmp_path / "md")
+    env = envelope("alice@example.org")
+    first = spooled(tmp_path / "s0", MESSAGE, env)
+    asyncio.run(dest.deliver(env, TRACE, first, rcpts("alice@example.org")))
+
+    def no_tmpfile(box: str) -> int:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported", box)
+
+    monkeypatch.setattr(maildir, "_create_unnamed", no_tmpfile)
+    spool = spooled(tmp_path / "s1", MESSAGE + b"second\r\n", env)
+    (result,) = asyncio.run(dest.deliver(env, TRACE, spool, rcpts("alice@example.org")))
+    assert result.reply.code == 250
+    box = tmp_path / "md" / "alice"
+    assert files(box / "tmp") == []
+    assert sorted(p.read_bytes() for p in files(box / "new")) == sorted(
+        [as_stored(first), as_stored(spool)]
+    )
