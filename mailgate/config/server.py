@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 MAX_WORKERS = 64
+# A client waits 5 minutes for the greeting (RFC 5321 4.5.3.2.1); senders that give up
+# sooner exist, and a longer pause only holds connections open.
+MAX_GREET_PAUSE = 30.0
 
 
 @dataclass
@@ -31,6 +34,9 @@ class ServerConfig:
     tarpit_delay: float = 0.0  # seconds before the nth refusal: delay * 2**(n-1) (9front)
     tarpit_max_delay: float = 30.0
     helo_delay: float = 0.0  # seconds before the HELO/EHLO reply (upas -D)
+    # seconds an untrusted client of a public listener waits for the greeting; one
+    # that talks before it (RFC 5321 3.1 says wait) is refused at MAIL (upas, 2014)
+    greet_pause: float = 0.0
     # RFC 5321 4.5.3.2.7: 5 minutes for a whole command line (not per read, so a
     # client trickling one byte at a time cannot hold a connection for ever)
     command_timeout: float = 300.0
@@ -45,12 +51,16 @@ class ServerConfig:
     vrfy: bool = False  # answer VRFY from the recipient tables instead of 252
     spool_dir: str = "spool"
     # processes serving connections: 1 (one process), N, or 0 for one per CPU.  The
-    # connection limits hold for the whole server; AUTH failure throttling is per
-    # worker (see docs/deployment.md).
+    # connection limits and AUTH failure counts hold for the whole server
+    # (see docs/deployment.md).
     workers: int = 1
     user: str = ""  # drop privileges to this user after binding (when started as root)
     group: str = ""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.greet_pause <= MAX_GREET_PAUSE:
+            raise ValueError(
+                f"greet_pause: from 0 (off) to {MAX_GREET_PAUSE:g} seconds, not {self.greet_pause}"
+            )
         if not 0 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers: from 0 (one per CPU) to {MAX_WORKERS}, not {self.workers}")

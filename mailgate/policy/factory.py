@@ -2,10 +2,10 @@
 
 Step order matters, since the first refusal wins and later steps read what earlier
 ones recorded: the hop count (a mail loop is refused whoever sends it), the access
-list (whose ``allow`` rules excuse a client from the DNSBL), the DNSBL, the HELO
-checks, sender verification, recipients and relay control, greylisting (last of the
-built-in checks, so only mail that would otherwise be accepted is delayed), then the
-site's own steps.
+list (whose ``allow`` rules excuse a client from the DNSBL), the DNSBL, the clients
+that talked before the greeting, the HELO checks, sender verification, recipients
+and relay control, greylisting (last of the built-in checks, so only mail that would
+otherwise be accepted is delayed), then the site's own steps.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from mailgate.policy.engine import PolicyEngine
 from mailgate.policy.helo import HeloStep
 from mailgate.policy.hops import HopCountStep
 from mailgate.policy.networks import NetworkList
+from mailgate.policy.pregreet import PregreetStep
 from mailgate.policy.recipient import RecipientStep
 from mailgate.policy.sender import SenderDomainStep
 
@@ -48,6 +49,8 @@ def build_policy(
         resolver = Resolver(policy.dns_servers, policy.dns_timeout)
     if resolver is not None and policy.dnsbl_zones:
         steps.append(DnsblStep(resolver, policy.dnsbl_zones))
+    if config.server.greet_pause > 0:
+        steps.append(PregreetStep())
     if policy.helo_checks:
         names = [*policy.local_names, *(local_names or [])]
         steps.append(HeloStep(hostname, names, policy.helo_refusal, policy.helo_literal_must_match))

@@ -154,6 +154,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "auth.sender_not_owned":  Template(553, "5.7.1", "Sender address <{address}> not owned by user {user}"),
     # --- policy: HELO, sender, recipient, relay ------------------------------
     "helo.refused":           Template(550, "5.7.1", "HELO/EHLO name {name} refused: {reason}"),
+    "protocol.pregreet":      Template(550, "5.5.1", "Protocol error: {ip} talked before the greeting"),
     "sender.domain_missing":  Template(550, "5.1.8", "Sender domain must exist: {domain}"),
     "sender.dns_tempfail":    Template(451, "4.4.3", "Temporary DNS failure looking up sender domain {domain}"),
     "sender.null_mx":         Template(550, "5.7.27", "Sender domain {domain} does not accept mail (null MX)"),

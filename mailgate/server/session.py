@@ -22,6 +22,7 @@ from mailgate.delivery.base import RecipientResult, TraceInfo
 from mailgate.delivery.trace import protocol_name, received_header
 from mailgate.ops.logging import SessionLog
 from mailgate.policy.base import Client, Verdict
+from mailgate.policy.pregreet import TAG as PREGREET
 from mailgate.protocol import events as ev
 from mailgate.protocol.connection import Connection, Settings
 from mailgate.protocol.envelope import Envelope
@@ -183,6 +184,7 @@ class Session(asyncio.Protocol):
             if refusal is not None:
                 self.conn.refuse(refusal)
             else:
+                await self._greet_pause()
                 self.conn.greet()
             await self._loop()
         except Exception as exc:  # the last guard: a bug must not kill the server
@@ -193,6 +195,21 @@ class Session(asyncio.Protocol):
                 self._flush()
         finally:
             self._cleanup()
+
+    async def _greet_pause(self) -> None:
+        """server.greet_pause: hold the greeting back from an untrusted client of a
+        public listener and note whether it talked meanwhile (policy/pregreet.py
+        refuses its MAIL)."""
+        pause = self.server.config.server.greet_pause
+        client = self.client
+        conn = self.conn
+        assert client is not None and conn is not None
+        if pause <= 0 or client.trusted or self.listener.config.role != "public":
+            return
+        await asyncio.sleep(pause)
+        if conn.buffered and not self._lost:
+            client.tags[PREGREET] = str(conn.buffered)
+            self.log_event("pregreet", octets=conn.buffered)
 
     async def _loop(self) -> None:
         conn = self.conn

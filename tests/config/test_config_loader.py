@@ -135,6 +135,13 @@ def test_workers_in_range(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "[server]\nworkers = 64\n")).server.workers == 64
 
 
+@pytest.mark.parametrize("pause", ["-1", "31"])
+def test_greet_pause_out_of_range(tmp_path: Path, pause: str) -> None:
+    assert errors_of(tmp_path, f"[server]\ngreet_pause = {pause}\n") == [
+        f"mailgate.toml: server.greet_pause: from 0 (off) to 30 seconds, not {float(pause)}"
+    ]
+
+
 def test_unknown_keys_suggest_the_closest(tmp_path: Path) -> None:
     assert errors_of(tmp_path, "[policy]\ntrusted_netwrks = []\n[polcy]\n[server]\nzzz = 1\n") == [
         "mailgate.toml: policy.trusted_netwrks: unknown key (did you mean trusted_networks?)",

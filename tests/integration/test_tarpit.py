@@ -5,8 +5,10 @@ deliberate delays (the feature itself), never speed targets."""
 from __future__ import annotations
 
 import base64
+import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -114,5 +116,62 @@ def test_worker_processes_throttle_a_guesser_together(tmp_path: Path) -> None:
         codes = [auth_once(srv) for _ in range(5)]
         assert codes[:2] == [535, 535]
         assert codes[2:] == [454, 421, 421]
+    finally:
+        srv.stop()
+
+
+def _read_replies(sock: socket.socket, count: int = 1) -> list[bytes]:
+    """The next ``count`` whole replies (their lines joined), however they arrive."""
+    data = b""
+    while len(re.findall(rb"(?m)^\d{3} [^\r\n]*\r\n", data)) < count:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return re.findall(rb"(?:\d{3}-[^\r\n]*\r\n)*\d{3} [^\r\n]*\r\n", data)
+
+
+def test_a_client_that_talks_before_the_greeting_is_refused_at_mail(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+        greet_pause = 0.5
+
+        [policy]
+        trusted_networks = []
+        verify_sender_domain = false
+    """)
+    try:
+        # The bot: EHLO at once, without waiting for the 220.
+        with socket.create_connection((srv.host, srv.port), timeout=10) as bot:
+            started = time.monotonic()
+            bot.sendall(b"EHLO bot.mailgate.org\r\n")
+            greeting, ehlo = _read_replies(bot, 2)
+            assert time.monotonic() - started >= 0.5
+            assert greeting.startswith(b"220 ")
+            assert ehlo.startswith(b"250-")  # what it sent is still read and answered
+            bot.sendall(b"MAIL FROM:<a@client.mailgate.org>\r\n")
+            assert _read_replies(bot) == [
+                b"550 5.5.1 Protocol error: 127.0.0.1 talked before the greeting\r\n"
+            ]
+        # A real mail server waits for the greeting and is served.
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.sendmail("a@client.mailgate.org", ["root@localhost"], b"Subject: x\r\n\r\nhi\r\n")
+        assert len(srv.messages("root")) == 1
+        log = srv.log()
+        assert "event=pregreet" in log and "octets=23" in log and "reason=talked_first" in log
+    finally:
+        srv.stop()
+
+
+def test_trusted_clients_are_greeted_at_once(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, f'[server]\nspool_dir = "{tmp_path}/spool"\ngreet_pause = 5\n')
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            started = time.monotonic()
+            [greeting] = _read_replies(sock)
+            assert greeting.startswith(b"220 ")
+            assert time.monotonic() - started < 4  # 127.0.0.1 is trusted by default
     finally:
         srv.stop()
