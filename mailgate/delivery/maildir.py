@@ -194,7 +194,6 @@ class MaildirDestination:
             self._in_progress -= 1
             # only after a failure is anything left here: cheap unlinks, on the loop
             _unlink_all(run.staged.values())
-            _close_all(run)
             for box in run.failed:  # never leave a copy whose 250 was not sent
                 _unlink_all([run.published.pop(box)] if box in run.published else [])
         return {box: run.failed.get(box) or reply("ok") for box in boxes}
@@ -211,14 +210,16 @@ class MaildirDestination:
         on the disk, leave the loop, and each pass serves every message waiting.
         """
         fds = self._stage_bytes(run, boxes, _stored_form(header, held, binary))
+        unnamed = set(run.unnamed.values())  # linked through their fd, closed by _publish
         try:
             if fds:
                 await self._sync(run, fds, [*run.staged, *run.unnamed])
+            self._publish(run)
         finally:
             for fd in fds:
-                if fd not in run.unnamed.values():  # those are linked through their fd
+                if fd not in unnamed:
                     os.close(fd)
-        self._publish(run)
+            _close_all(run)  # unnamed files a failure or a cancellation left unlinked
         if run.published:
             await self._sync(run, run.dirs_to_sync(), list(run.published))
 
@@ -264,9 +265,14 @@ class MaildirDestination:
         The message is visible in new/ before the directory fsync; its 250 is not
         sent before that fsync, so a crash in between can only cause a resend.
         """
-        self._stage(run, boxes, header, spool, binary)
-        self.committer.count_direct(files=len(run.to_sync))
-        self._publish(run)
+        try:
+            self._stage(run, boxes, header, spool, binary)
+            self.committer.count_direct(files=len(run.to_sync))
+            self._publish(run)
+        finally:
+            # here, in this thread: were the awaiting task cancelled, the loop must not
+            # close descriptors this thread may still use
+            _close_all(run)
         if sync_dirs and run.published:
             errors = self.committer.sync_now(run.dirs_to_sync())
             if errors:

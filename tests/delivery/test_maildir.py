@@ -242,3 +242,23 @@ def test_a_maildir_without_unnamed_files_gets_the_named_tmp_file(
     assert sorted(p.read_bytes() for p in files(box / "new")) == sorted(
         [as_stored(first), as_stored(spool)]
     )
+
+
+@WAYS
+def test_no_descriptor_is_left_open(tmp_path: Path, unnamed: bool) -> None:
+    dest = destination(tmp_path / "md", unnamed=unnamed)
+    env = envelope("alice@example.org")
+    spools = [spooled(tmp_path / f"s{i}", MESSAGE + f"{i}\r\n".encode(), env) for i in range(12)]
+    big = spooled(tmp_path / "big", MESSAGE + b"z" * (MEMORY_LIMIT * 2) + b"\r\n", env)
+
+    async def main() -> None:
+        await dest.deliver(env, TRACE, spools[0], rcpts("alice@example.org"))  # alone
+        await dest.deliver(env, TRACE, big, rcpts("alice@example.org"))  # from the spool file
+        await asyncio.gather(  # together: on the loop, fsyncs in the group commit
+            *(dest.deliver(env, TRACE, s, rcpts("alice@example.org")) for s in spools[1:])
+        )
+
+    before = len(os.listdir("/proc/self/fd"))
+    asyncio.run(main())
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert len(files(tmp_path / "md" / "alice" / "new")) == 13
