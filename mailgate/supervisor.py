@@ -21,6 +21,7 @@ the service manager notices.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import select
 import shutil
@@ -51,6 +52,7 @@ START_TIMEOUT = 60.0  # seconds a worker may take to build its parts and listen
 RESTART_PAUSE = 1.0  # at least this long between two starts of the same worker
 MAX_RETRY_DELAY = 30.0  # a worker that cannot start is tried again this often, at most
 KILL_AFTER = 15.0  # after the shutdown grace, stragglers are killed
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def worker_count(config: Config) -> int:
@@ -130,6 +132,8 @@ class Supervisor:
         finally:
             # The signals stay blocked: a second SIGTERM (a service manager's and a
             # terminal's) must not kill the supervisor before its last log line.
+            if self.pids:  # left by an unexpected error: the workers go too
+                self._stop_all(grace=self.config.server.shutdown_grace + KILL_AFTER)
             self._close()
         log_event("stopped")
         flush_logs()
@@ -162,8 +166,10 @@ class Supervisor:
         flush_logs()
         sys.stdout.flush()
         sys.stderr.flush()
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
+            _die_with(supervisor)
             try:
                 for signo in SIGNALS:
                     signal.signal(signo, signal.SIG_DFL)
@@ -222,8 +228,10 @@ class Supervisor:
         flush_logs()
         sys.stdout.flush()
         sys.stderr.flush()
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
+            _die_with(supervisor)
             os.close(ready_r)
             os._exit(_worker(self, index, ready_w))
         os.close(ready_w)
@@ -342,6 +350,21 @@ class Supervisor:
                     del self.pids[straggler]
                 return
             time.sleep(0.05)
+
+
+def _die_with(supervisor: int) -> None:
+    """In a child just forked: be sent SIGTERM when the supervisor dies, however it
+    dies (SIGKILL too), so that no worker or metrics process lives on holding the
+    sockets a restarted server must bind.  The signal is still blocked here; a child
+    whose supervisor is already gone gets it as soon as it unblocks it."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return  # not allowed here: the service manager's cgroup still cleans up
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != supervisor:  # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _worker(supervisor: Supervisor, index: int, ready_fd: int) -> int:

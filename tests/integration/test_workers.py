@@ -284,3 +284,35 @@ def test_a_dead_metrics_process_is_replaced(tmp_path: Path) -> None:
         assert srv.stop() == 0
     # nothing outlives the supervisor: the replacement was stopped and reaped too
     assert wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in _metrics_pids(srv)))
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie waiting for its new parent to reap it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"
+
+
+def test_nothing_outlives_a_killed_supervisor(tmp_path: Path) -> None:
+    # Without a service manager's cgroup to clean up, workers and the metrics process
+    # left running would hold the sockets a restarted server has to bind.
+    mport = free_port()
+    srv = _start(tmp_path, f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
+    children: list[int] = []
+    try:
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2 and len(_metrics_pids(srv)) == 1)
+        children = [*_worker_pids(srv), *_metrics_pids(srv)]
+        srv.signal(signal.SIGKILL)
+        assert wait_for(lambda: not any(_running(pid) for pid in children))
+        again = _start(tmp_path / "again", f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
+        try:
+            assert wait_for(lambda: len(_worker_pids(again)) == 2)  # its metrics port is free
+        finally:
+            again.stop()
+    finally:
+        srv.stop()
+        for pid in children:  # should this fail, leave nothing running behind
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
