@@ -25,10 +25,17 @@ class TraceInfo:
 
 @dataclass(frozen=True, slots=True)
 class RecipientResult:
-    """The outcome for one recipient: ``reply`` is 250 when its copy is durable."""
+    """The outcome for one recipient: ``reply`` is 250 when its copy is durable.
+
+    ``action`` says what a success was, for a NOTIFY=SUCCESS report (RFC 3464 2.3.3):
+    "delivered" into a mailbox or to a program, "relayed" to an MTA without DSN,
+    "expanded" to several addresses, or "" when the next MTA was given the DSN
+    parameters and reports itself.
+    """
 
     recipient: Recipient
     reply: Reply
+    action: str = "delivered"
 
     @property
     def ok(self) -> bool:
@@ -46,6 +53,10 @@ class SpoolReader(Protocol):
 
     def held(self) -> bytes | None:
         """The whole message when it is small and held in memory (no file yet), else None."""
+        ...
+
+    def read_head(self, limit: int) -> bytes:
+        """The first ``limit`` octets (a report quotes the header from them)."""
         ...
 
 

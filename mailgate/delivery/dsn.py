@@ -1,10 +1,15 @@
-"""RFC 3464 delivery status notifications for recipients that failed after the data.
+"""RFC 3464 delivery status notifications: failures after the data, and successes
+the sender asked for.
 
-Used when a downstream (LMTP, smarthost, pipe run per recipient) refuses some
-recipients but not all after the client was told the data went through: the server
-answers 250 and the envelope sender gets this multipart/report naming every failed
-recipient (see docs/delivery-lmtp.md).  mailgate has no queue, so a temporary
-failure is reported as failed too, with its 4.x.x status.
+A failure report is used when a downstream (LMTP, smarthost, pipe run per recipient)
+refuses some recipients but not all after the client was told the data went
+through: the server answers 250 and the envelope sender gets this multipart/report
+naming every failed recipient (see docs/delivery-lmtp.md).  mailgate has no queue,
+so a temporary failure is reported as failed too, with its 4.x.x status.
+
+A success report goes to the sender for the recipients given NOTIFY=SUCCESS (RFC 3461
+5.2.2): "delivered" into a mailbox, "relayed" to an MTA without DSN, or "expanded"
+by an alias.  A downstream that was handed NOTIFY itself reports, not us.
 
 The report is ``multipart/report; report-type=delivery-status`` (RFC 6522) with a
 human-readable part, the ``message/delivery-status`` part and the original header as
@@ -26,6 +31,8 @@ from mailgate.protocol.envelope import NULL_ADDRESS, Envelope, Recipient
 
 HEADER_LIMIT = 64 * 1024  # octets of the original header quoted in the report
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_FAILURE_SUBJECT = "Undelivered Mail Returned to Sender"
+_SUCCESS_SUBJECT = "Successful Mail Delivery Report"
 
 
 def bounce_recipients(results: list[RecipientResult]) -> list[RecipientResult]:
@@ -35,6 +42,11 @@ def bounce_recipients(results: list[RecipientResult]) -> list[RecipientResult]:
         for r in results
         if not r.ok and (not r.recipient.notify or "FAILURE" in r.recipient.notify)
     ]
+
+
+def success_recipients(results: list[RecipientResult]) -> list[RecipientResult]:
+    """The successes the sender asked to hear of and that nobody further on reports."""
+    return [r for r in results if r.ok and r.action and "SUCCESS" in r.recipient.notify]
 
 
 def bounce_envelope(envelope: Envelope) -> Envelope | None:
@@ -52,7 +64,11 @@ async def read_headers(spool_path: str, limit: int = HEADER_LIMIT) -> bytes:
         with open(spool_path, "rb") as f:
             return f.read(limit)
 
-    head = await asyncio.to_thread(read)
+    return header_section(await asyncio.to_thread(read))
+
+
+def header_section(head: bytes) -> bytes:
+    """The header fields at the start of ``head`` (a message's first octets)."""
     end = head.find(b"\r\n\r\n")
     if end < 0:  # no body, or a header longer than the limit: whole lines only
         end = head.rfind(b"\r\n")
@@ -67,8 +83,12 @@ def build_dsn(
     original_headers: bytes,
     arrival: datetime | None = None,
     now: datetime | None = None,
+    success: bool = False,
 ) -> bytes:
-    """The report message with CRLF line ends, ready to spool and hand to a destination."""
+    """The report message with CRLF line ends, ready to spool and hand to a destination.
+
+    ``failed`` are the recipients reported on: failures, or with ``success`` the
+    successes (each with its RecipientResult.action)."""
     now = now or datetime.now(UTC)
     mta = _safe(reporting_mta)
     boundary = f"=_mailgate_{uuid.uuid4().hex}"
@@ -80,13 +100,16 @@ def build_dsn(
     addr_type = "utf-8" if utf8 else "rfc822"
 
     listing = "\r\n".join(
-        f"  <{_safe(str(r.recipient.address))}>: {_diagnostic(r)}" for r in failed
+        f"  <{_safe(str(r.recipient.address))}>: "
+        + (f"{r.action} ({_diagnostic(r)})" if success else _diagnostic(r))
+        for r in failed
     )
-    human = (
-        f"This is the mail system at {mta}.\r\n\r\n"
-        "Your message could not be delivered to the following recipients:\r\n\r\n"
-        f"{listing}\r\n"
+    what = (
+        "Your message was delivered to the following recipients, as you asked:"
+        if success
+        else "Your message could not be delivered to the following recipients:"
     )
+    human = f"This is the mail system at {mta}.\r\n\r\n{what}\r\n\r\n{listing}\r\n"
     per_message = [f"Reporting-MTA: dns; {mta}"]
     if envelope.envid:
         per_message.append(f"Original-Envelope-Id: {_safe(envelope.envid)}")
@@ -99,8 +122,8 @@ def build_dsn(
             fields.append(f"Original-Recipient: {_safe(r.recipient.orcpt)}")
         fields += [
             f"Final-Recipient: {addr_type}; {_safe(str(r.recipient.address))}",
-            "Action: failed",
-            f"Status: {r.reply.enhanced or ('5.0.0' if r.reply.code >= 500 else '4.0.0')}",
+            f"Action: {r.action if success else 'failed'}",
+            f"Status: {r.reply.enhanced or _default_status(r.reply.code)}",
             f"Diagnostic-Code: smtp; {_diagnostic(r)}",
         ]
         blocks.append("\r\n".join(fields))
@@ -109,7 +132,7 @@ def build_dsn(
     head = (
         f"From: Mail Delivery System <MAILER-DAEMON@{mta}>\r\n"
         f"To: <{sender}>\r\n"
-        "Subject: Undelivered Mail Returned to Sender\r\n"
+        f"Subject: {_SUCCESS_SUBJECT if success else _FAILURE_SUBJECT}\r\n"
         f"Date: {format_datetime(now)}\r\n"
         f"Message-ID: <{uuid.uuid4().hex}@{mta}>\r\n"
         "Auto-Submitted: auto-replied\r\n"
@@ -130,6 +153,10 @@ def build_dsn(
     out += original_headers
     out += f"\r\n--{boundary}--\r\n".encode()
     return out
+
+
+def _default_status(code: int) -> str:
+    return "5.0.0" if code >= 500 else "4.0.0" if code >= 400 else "2.0.0"
 
 
 def _diagnostic(result: RecipientResult) -> str:

@@ -74,8 +74,10 @@ class LMTPDestination:
             return []
         final: dict[int, Reply] = {}
         conn: Connection | None = None
+        reports_itself = False  # took NOTIFY with the RCPT: its own DSNs, not ours
         try:
             conn = await self._connect()
+            reports_itself = conn.supports("DSN")
             await self._transfer(conn, envelope, spool, recipients, final)
             await conn.quit()
         except ClientError as e:
@@ -86,7 +88,10 @@ class LMTPDestination:
             if conn is not None:
                 conn.abort()
         fallback = reply("delivery.downstream_temp")
-        return [RecipientResult(r, final.get(i, fallback)) for i, r in enumerate(recipients)]
+        action = "" if reports_itself else "delivered"
+        return [
+            RecipientResult(r, final.get(i, fallback), action) for i, r in enumerate(recipients)
+        ]
 
     async def _connect(self) -> Connection:
         conn = await Connection.open(self._config.address, self._config.timeout)

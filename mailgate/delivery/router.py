@@ -257,7 +257,14 @@ class Router:
             for key, answer in zip(plans[name], answers, strict=True)
         }
         return [
-            RecipientResult(rcpt, r if isinstance(r, Reply) else _worst([done[k] for k in r]))
+            RecipientResult(rcpt, r)
+            if isinstance(r, Reply)
+            else RecipientResult(
+                rcpt,
+                _worst([done[k].reply for k in r]),
+                # an alias of several addresses was "expanded" (RFC 3464 2.3.3)
+                done[r[0]].action if len(r) == 1 else "expanded",
+            )
             for rcpt, r in zip(envelope.recipients, routed, strict=True)
         ]
 
@@ -268,8 +275,8 @@ class Router:
         trace: TraceInfo,
         spool: SpoolReader,
         recipients: list[Recipient],
-    ) -> list[Reply]:
-        """One destination's replies, one per recipient, whatever the destination does."""
+    ) -> list[RecipientResult]:
+        """One destination's results, one per recipient, whatever the destination does."""
         destination = self.destinations.get(name)
         try:
             if destination is None:
@@ -279,8 +286,9 @@ class Router:
                 raise ValueError(f"{len(results)} results for {len(recipients)} recipients")
         except Exception:
             log.exception("destination %s failed for %s", name, trace.session_id)
-            return [reply("delivery.local_error")] * len(recipients)
-        return [result.reply for result in results]
+            failed = reply("delivery.local_error")
+            return [RecipientResult(r, failed) for r in recipients]
+        return results
 
 
 def _worst(answers: list[Reply]) -> Reply:

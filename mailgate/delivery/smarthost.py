@@ -74,9 +74,11 @@ class SmarthostDestination:
             return []
         final: dict[int, Reply] = {}
         conn: Connection | None = None
+        reports_itself = False  # took NOTIFY with the RCPT: its own DSNs, not ours
         try:
             conn = await Connection.open(self._address, self._config.timeout)
             await self._hello(conn)
+            reports_itself = conn.supports("DSN")
             await self._authenticate(conn)
             await self._transfer(conn, envelope, spool, recipients, final)
             await conn.quit()
@@ -88,7 +90,10 @@ class SmarthostDestination:
             if conn is not None:
                 conn.abort()
         fallback = reply("delivery.smarthost_temp")
-        return [RecipientResult(r, final.get(i, fallback)) for i, r in enumerate(recipients)]
+        action = "" if reports_itself else "relayed"
+        return [
+            RecipientResult(r, final.get(i, fallback), action) for i, r in enumerate(recipients)
+        ]
 
     async def _hello(self, conn: Connection) -> None:
         """EHLO, and STARTTLS with a second EHLO as the configuration asks."""

@@ -9,8 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 from mailgate.config.schema import Config
 from mailgate.config.server import ListenerConfig
-from mailgate.delivery.base import Delivery, RecipientResult, TraceInfo
-from mailgate.delivery.dsn import bounce_envelope, bounce_recipients, build_dsn, read_headers
+from mailgate.delivery.base import Delivery, RecipientResult, SpoolReader, TraceInfo
+from mailgate.delivery.dsn import (
+    HEADER_LIMIT,
+    bounce_envelope,
+    bounce_recipients,
+    build_dsn,
+    header_section,
+    read_headers,
+    success_recipients,
+)
 from mailgate.delivery.spool import SpoolDir
 from mailgate.ops.metrics import Metrics
 from mailgate.policy.base import Mailboxes, Policy
@@ -156,19 +164,47 @@ class ServerContext:
         reportable = bounce_recipients(failed)
         if not reportable:
             return True  # NOTIFY=NEVER: the sender asked not to hear of failures
-        spool = None
         try:
             headers = await read_headers(spool_path)
+        except OSError:
+            return False
+        return await self._report(session, envelope, report_envelope, reportable, headers)
+
+    async def notify_success(
+        self, session: Session, envelope: Envelope, results: list[RecipientResult],
+        spool: SpoolReader,
+    ) -> None:
+        """NOTIFY=SUCCESS (RFC 3461 5.2.2): a report to the sender for the recipients
+        that asked and whose copy nobody further on reports.  The message itself is
+        delivered already: a report that cannot be sent is logged, nothing more (a 4xx
+        now would only make the client send the message twice)."""
+        reportable = success_recipients(results)
+        if not reportable:  # the usual case: nobody asked
+            return
+        report_envelope = bounce_envelope(envelope)
+        if report_envelope is None:
+            return
+        headers = header_section(spool.read_head(HEADER_LIMIT))
+        await self._report(session, envelope, report_envelope, reportable, headers, success=True)
+
+    async def _report(
+        self, session: Session, envelope: Envelope, report_envelope: Envelope,
+        reportable: list[RecipientResult], headers: bytes, success: bool = False,
+    ) -> bool:
+        """Build the report and deliver it now (no queue); True when it is durable."""
+        spool = None
+        try:
             report = build_dsn(
                 envelope=envelope, failed=reportable, reporting_mta=self.hostname,
-                original_headers=headers,
+                original_headers=headers, success=success,
             )
             spool = self.spool.create(f"{session.message_id}.dsn")
             spool.write(report)
             spool.close()
-        except OSError:
+        except OSError as exc:
             if spool is not None:
                 spool.discard()
+            session.log_event("dsn", level="error", id=session.message_id, error=str(exc)[:200])
             return False
         trace = TraceInfo(
             session_id=f"{session.message_id}.dsn", helo=self.hostname, client_ip="127.0.0.1",
@@ -178,9 +214,10 @@ class ServerContext:
             results = await self.delivery.deliver(report_envelope, trace, spool)
         finally:
             spool.discard()
+        recipients = ",".join(str(r.recipient.address) for r in reportable)
         session.log_event(
             "dsn", id=session.message_id, to=str(envelope.sender),
-            failed=",".join(str(r.recipient.address) for r in reportable),
+            **{"delivered" if success else "failed": recipients},
             code=results[0].reply.code if results else 0,
         )
         return bool(results) and all(r.ok for r in results)

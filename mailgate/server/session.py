@@ -392,6 +392,8 @@ class Session(asyncio.Protocol):
         trace = self._trace_info or self._trace(envelope)
         results = await server.delivery.deliver(envelope, trace, spool)
         final = await combine_results(self, envelope, results, spool)
+        if final.code < 400:
+            await server.notify_success(self, envelope, results, spool)
         self._drop_spool()
         elapsed = time.monotonic() - self._message_started
         server.metrics.delivery_latency(elapsed)

@@ -39,6 +39,7 @@ class Smarthost:
     refuse: str = "refused"  # RCPT of a local part starting with this gets 550
     mails: int = 0
     delivered: list[dict[str, Any]] = field(default_factory=list)
+    rcpt_options: list[list[str]] = field(default_factory=list)
 
     async def handle_MAIL(self, server, session, envelope, address, options):
         self.mails += 1
@@ -50,6 +51,7 @@ class Smarthost:
         if address.startswith(self.refuse):
             return "550 5.1.1 no such user here"
         envelope.rcpt_tos.append(address)
+        self.rcpt_options.append(list(options))
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
@@ -133,7 +135,9 @@ def plain_smarthost() -> Iterator[Smarthost]:
 MESSAGE = b"Received: from x\r\nSubject: hi\r\n\r\n.dot line\r\n" + b"y" * 70 + b"\r\n"
 
 
-def deliver(config: SmtpConfig, tmp_path: Path, *locals_: str) -> list[RecipientResult]:
+def deliver(
+    config: SmtpConfig, tmp_path: Path, *locals_: str, notify: tuple[str, ...] = ()
+) -> list[RecipientResult]:
     spool = tmp_path / "msg.spool"
     spool.write_bytes(MESSAGE)
 
@@ -142,7 +146,7 @@ def deliver(config: SmtpConfig, tmp_path: Path, *locals_: str) -> list[Recipient
         path: str
         size: int
 
-    rcpts = [Recipient(Address(name, "remote.test")) for name in locals_]
+    rcpts = [Recipient(Address(name, "remote.test"), notify) for name in locals_]
     env = Envelope(sender=Address("user", "mx.test"), recipients=rcpts, body="8BITMIME")
     dest = SmarthostDestination(config, "mx.test")
     results = asyncio.run(dest.deliver(env, TRACE, Spooled(str(spool), len(MESSAGE)), rcpts))
@@ -240,3 +244,20 @@ def test_unreachable_smarthost(tmp_path: Path) -> None:
 def test_unloadable_cafile_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^cafile: "):
         SmarthostDestination(SmtpConfig("h", cafile=str(tmp_path / "missing.pem")), "mx.test")
+
+
+
+def test_notify_success_through_a_server_without_dsn_is_relayed(tmp_path: Path) -> None:
+    # RFC 3461 5.2.3: NOTIFY cannot go on to a server that does not offer DSN, so the
+    # success is ours to report, as "relayed".  (A server that offers DSN gets NOTIFY
+    # and reports itself: tests/integration/test_dsn.py, with mailgate downstream.)
+    handler = Smarthost()
+    controller = start(handler, None)
+    try:
+        config = SmtpConfig("127.0.0.1", handler.port, starttls="opportunistic")
+        results = deliver(config, tmp_path, "a", notify=("SUCCESS", "FAILURE"))
+    finally:
+        controller.stop()
+    assert codes(results) == [(250, "2.0.0")]
+    assert results[0].action == "relayed"
+    assert handler.rcpt_options == [[]]  # nothing it could not parse

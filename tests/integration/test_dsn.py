@@ -7,7 +7,7 @@ import email.policy
 import smtplib
 from pathlib import Path
 
-from tests.integration.server import start_server
+from tests.integration.server import start_server, wait_for
 
 
 def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
@@ -52,3 +52,87 @@ def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
             assert 400 <= code < 500
     finally:
         srv.stop()
+
+
+def _report(raw: bytes) -> str:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    return raw.decode()
+
+
+def test_notify_success_is_reported_delivered_or_expanded(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+
+        [delivery]
+        maildir_root = "{tmp_path}/maildir"
+        local_users = ["alice", "bob", "carol"]
+
+        [delivery.aliases]
+        team = ["bob", "carol"]
+    """)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            message = b"Subject: tell me\r\n\r\nhello\r\n"
+            smtp.sendmail("alice@localhost", ["root@localhost"], message,
+                          rcpt_options=["NOTIFY=SUCCESS"])
+            smtp.sendmail("alice@localhost", ["team@localhost"], message,
+                          rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
+            smtp.sendmail("alice@localhost", ["root@localhost"], message,
+                          rcpt_options=["NOTIFY=FAILURE"])  # no news is good news
+            smtp.sendmail("", ["root@localhost"], message, rcpt_options=["NOTIFY=SUCCESS"])
+        assert len(srv.messages("root")) == 3 and len(srv.messages("bob")) == 1
+        delivered, expanded = sorted(
+            (_report(raw) for raw in srv.messages("alice")), key=lambda r: "team@" in r
+        )
+        assert "Subject: Successful Mail Delivery Report" in delivered
+        assert "Final-Recipient: rfc822; root@localhost" in delivered
+        assert "Action: delivered" in delivered and "Status: 2.0.0" in delivered
+        assert "Subject: tell me" in delivered  # the original header is quoted
+        assert "Final-Recipient: rfc822; team@localhost" in expanded
+        assert "Action: expanded" in expanded
+    finally:
+        srv.stop()
+
+
+def test_a_downstream_with_dsn_reports_the_success_itself(tmp_path: Path) -> None:
+    downstream = start_server(tmp_path / "b", f"""
+        [server]
+        spool_dir = "{tmp_path}/b/spool"
+
+        [delivery]
+        maildir_root = "{tmp_path}/b/maildir"
+        local_domains = ["remote.mailgate.org"]
+        system_users = false
+        local_users = ["dana"]
+    """, hostname="mx.remote.mailgate.org")
+    front = start_server(tmp_path / "a", f"""
+        [server]
+        spool_dir = "{tmp_path}/a/spool"
+
+        [delivery]
+        maildir_root = "{tmp_path}/a/maildir"
+        local_users = ["alice"]
+        relay = "outbound"
+
+        [delivery.destinations.outbound.smtp]
+        host = "127.0.0.1"
+        port = {downstream.port}
+        starttls = "opportunistic"
+    """, hostname="mx.front.mailgate.org")  # what it says in EHLO downstream
+    try:
+        with smtplib.SMTP(front.host, front.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.sendmail("alice@localhost", ["dana@remote.mailgate.org"],
+                          b"Subject: far\r\n\r\nhello\r\n", rcpt_options=["NOTIFY=SUCCESS"])
+        assert len(downstream.messages("dana")) == 1
+        # The front handed NOTIFY on with the RCPT: the report is the downstream's,
+        # which delivered the message (its report cannot reach alice@localhost there).
+        assert wait_for(lambda: "event=dsn" in downstream.log())
+        assert "delivered=dana@remote.mailgate.org" in downstream.log()
+        assert "event=dsn" not in front.log() and front.messages("alice") == []
+    finally:
+        front.stop()
+        downstream.stop()
