@@ -237,10 +237,13 @@ class Router:
                 routed.append(targets)
                 continue
             keys = []
+            # An alias of several addresses is reported "expanded" here (RFC 3461
+            # 6.2.7.3): its addresses are not to report success again.
+            notify = rcpt.notify if len(targets) == 1 else _expanded_notify(rcpt.notify)
             for t in targets:
                 key = t.key
                 plan = plans.setdefault(t.destination, {})
-                plan.setdefault(key, Recipient(t.address, rcpt.notify, rcpt.orcpt))
+                plan.setdefault(key, Recipient(t.address, notify, rcpt.orcpt))
                 keys.append(key)
             routed.append(keys)
         names = list(plans)
@@ -289,6 +292,14 @@ class Router:
             failed = reply("delivery.local_error")
             return [RecipientResult(r, failed) for r in recipients]
         return results
+
+
+def _expanded_notify(notify: tuple[str, ...]) -> tuple[str, ...]:
+    """NOTIFY for the addresses of an expanded alias: without SUCCESS, and NEVER when
+    nothing is left (an empty NOTIFY would mean the default, FAILURE and DELAY)."""
+    if "SUCCESS" not in notify:
+        return notify
+    return tuple(n for n in notify if n != "SUCCESS") or ("NEVER",)
 
 
 def _worst(answers: list[Reply]) -> Reply:

@@ -11,6 +11,7 @@ import pytest
 from delivery_helpers import TRACE, address, envelope, files, spooled
 
 from mailgate.config.delivery import (
+    LOCAL_DESTINATION,
     DeliveryConfig,
     DestinationConfig,
     LMTPConfig,
@@ -18,10 +19,12 @@ from mailgate.config.delivery import (
     PipeConfig,
 )
 from mailgate.delivery import factory
+from mailgate.delivery.base import RecipientResult
 from mailgate.delivery.discard import DiscardDestination
 from mailgate.delivery.factory import DeliveryConfigError, build_router
 from mailgate.delivery.router import ROUTE_CACHE_SIZE, Router, RoutingTable
-from mailgate.protocol.envelope import Address
+from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.replies import reply
 
 HOST = "mx.example.org"
 MESSAGE = b"Subject: routed\r\n\r\nhello\r\n"
@@ -288,3 +291,41 @@ def test_a_lone_recipient_gets_its_destinations_answer(tmp_path: Path) -> None:
     assert deliver(tmp_path, r, "Alice+news@example.org") == ["250 2.0.0 OK"]
     assert deliver(tmp_path, r, "nobody@example.org")[0].startswith("550 5.1.1")
     assert count(tmp_path, "alice") == 1
+
+
+class _Recording:
+    """A destination that stores nothing and notes the NOTIFY each address got."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, tuple[str, ...]]] = []
+
+    async def deliver(self, env: Any, trace: Any, spool: Any, recipients: list[Any]) -> list[Any]:
+        self.seen += [(str(r.address), r.notify) for r in recipients]
+        return [RecipientResult(r, reply("ok")) for r in recipients]
+
+
+def test_an_expanded_alias_is_reported_once(tmp_path: Path) -> None:
+    # RFC 3461 6.2.7.3: "expanded" for the alias, and its addresses lose SUCCESS
+    # (a downstream given NOTIFY=SUCCESS would report each of them again).
+    r = router(tmp_path, aliases={"team": ["alice", "bob"], "solo": ["carol"]})
+    recording = _Recording()
+    r.destinations[LOCAL_DESTINATION] = recording  # type: ignore[assignment]
+    rcpts = [
+        Recipient(Address("team", "example.org"), ("SUCCESS", "FAILURE")),
+        Recipient(Address("solo", "example.org"), ("SUCCESS",)),
+        Recipient(Address("root", "example.org"), ("SUCCESS",)),
+    ]
+    env = Envelope(sender=Address("s", "example.net"), recipients=rcpts)
+    results = asyncio.run(r.deliver(env, TRACE, spooled(tmp_path, MESSAGE, env)))
+    assert [res.action for res in results] == ["expanded", "delivered", "delivered"]
+    assert sorted(recording.seen) == [
+        ("alice@example.org", ("FAILURE",)),
+        ("bob@example.org", ("FAILURE",)),
+        ("carol@example.org", ("SUCCESS",)),
+        ("root@example.org", ("SUCCESS",)),
+    ]
+    only_success = Recipient(Address("team", "example.org"), ("SUCCESS",))
+    recording.seen.clear()
+    env = Envelope(sender=Address("s", "example.net"), recipients=[only_success])
+    asyncio.run(r.deliver(env, TRACE, spooled(tmp_path / "2", MESSAGE, env)))
+    assert {notify for _, notify in recording.seen} == {("NEVER",)}
