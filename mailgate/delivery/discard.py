@@ -3,6 +3,10 @@
 For spam traps and retired addresses whose mail nobody should read, and for
 benchmarks that measure the server alone.  Throwing the message away is the whole
 point, so its 250 is honest: there is nothing left to make durable.
+
+A NOTIFY=SUCCESS gets no report from here: the message was not delivered anywhere,
+and a spam trap that answered its (mostly forged) senders would betray itself and
+send them backscatter.
 """
 
 from __future__ import annotations
@@ -23,4 +27,4 @@ class DiscardDestination:
         recipients: list[Recipient],
     ) -> list[RecipientResult]:
         ok = reply("ok")
-        return [RecipientResult(rcpt, ok) for rcpt in recipients]
+        return [RecipientResult(rcpt, ok, action="") for rcpt in recipients]

@@ -11,7 +11,9 @@ from delivery_helpers import TRACE, envelope, files, spooled
 from mailgate.config.delivery import DeliveryConfig, DestinationConfig, MboxConfig
 from mailgate.config.loader import from_data
 from mailgate.config.schema import Config
+from mailgate.delivery.dsn import success_recipients
 from mailgate.delivery.factory import build_router
+from mailgate.protocol.envelope import Recipient
 
 MESSAGE = b"Subject: trap\r\n\r\nbuy now\r\n"
 
@@ -27,12 +29,15 @@ def test_mail_routed_to_discard_is_accepted_and_not_stored(tmp_path: Path) -> No
     )
     router = build_router(config, "mx.example.org")
     env = envelope("trap@example.org", "alice@example.org")
+    env.recipients = [Recipient(r.address, ("SUCCESS",)) for r in env.recipients]
     spool = spooled(tmp_path, MESSAGE, env)
     results = asyncio.run(router.deliver(env, TRACE, spool))
     assert [(str(r.recipient.address), r.reply.code) for r in results] == [
         ("trap@example.org", 250),
         ("alice@example.org", 250),
     ]
+    # NOTIFY=SUCCESS: alice's delivery is reported, the trap never answers its senders
+    assert success_recipients(results) == [results[1]]
     assert files(tmp_path / "md" / "trap") == []  # the trap's copy went nowhere
     assert len(files(tmp_path / "md" / "alice" / "new")) == 1  # alice's was stored
 
