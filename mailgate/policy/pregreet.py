@@ -1,4 +1,4 @@
-"""Clients that talk before the greeting (upas smtpd, 2014; Postfix's "pregreet").
+"""Clients that talk before the greeting (upas smtpd, 2014).
 
 RFC 5321 section 3.1: the client waits for the server's 220.  Spam engines often
 do not: they send EHLO, or a whole transaction, at once.  With ``server.greet_pause``
