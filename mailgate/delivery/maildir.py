@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from mailgate.config.delivery import MaildirLayout
@@ -77,7 +77,7 @@ class _Run:
     staged: dict[str, str] = field(default_factory=dict)  # maildir → its file in tmp/
     # maildir → the open descriptor of its unnamed file in tmp/ (closed by _publish)
     unnamed: dict[str, int] = field(default_factory=dict)
-    to_sync: list[str] = field(default_factory=list)  # distinct files written in tmp/
+    synced: int = 0  # files written and fsync'ed in a worker thread (for the stats)
     dirs: set[str] = field(default_factory=set)  # directories with new entries
     published: dict[str, str] = field(default_factory=dict)  # maildir → its file in new/
     failed: dict[str, Reply] = field(default_factory=dict)
@@ -226,18 +226,14 @@ class MaildirDestination:
     def _stage_bytes(self, run: _Run, boxes: list[str], data: bytes) -> list[int]:
         """Write ``data`` into the first maildir's tmp/ and link it into the others';
         the open descriptors of the files written, still to be fsync'ed."""
+        if self._stage_unnamed(run, boxes, lambda fd: _write_all(fd, data)):
+            return list(run.unnamed.values())
         fds: list[int] = []
         source = None
         for box in boxes:
             tmp = os.path.join(box, "tmp", run.name)
             try:
                 self._ensure(box, run.dirs)
-                fd = self._unnamed_file(boxes, box)
-                if fd is not None:
-                    run.unnamed[box] = fd
-                    fds.append(fd)
-                    _write_all(fd, data)
-                    continue
                 if source is None or not _try_link(source, tmp):
                     fds.append(_create(tmp, data))
                     source = source or tmp
@@ -267,7 +263,7 @@ class MaildirDestination:
         """
         try:
             self._stage(run, boxes, header, spool, binary)
-            self.committer.count_direct(files=len(run.to_sync))
+            self.committer.count_direct(files=run.synced)
             self._publish(run)
         finally:
             # here, in this thread: were the awaiting task cancelled, the loop must not
@@ -284,24 +280,25 @@ class MaildirDestination:
         self, run: _Run, boxes: list[str], header: bytes, spool: str | bytes, binary: bool
     ) -> None:
         """Write the message into the first maildir's tmp/, link it into the others'."""
+
+        def write_unnamed(fd: int) -> None:
+            _write_into(fd, header, spool, binary)
+            run.synced += 1
+
+        if self._stage_unnamed(run, boxes, write_unnamed):
+            return
         source = None
         for box in boxes:
             tmp = os.path.join(box, "tmp", run.name)
             try:
                 self._ensure(box, run.dirs)
-                fd = self._unnamed_file(boxes, box)
-                if fd is not None:
-                    run.unnamed[box] = fd
-                    _write_into(fd, header, spool, binary)
-                    run.to_sync.append(tmp)
-                    continue
                 if source is None:
                     _write_message(tmp, header, spool, binary)
-                    run.to_sync.append(tmp)
+                    run.synced += 1
                     source = tmp
                 elif not _try_link(source, tmp):
                     _copy(source, tmp)
-                    run.to_sync.append(tmp)
+                    run.synced += 1
             except OSError as exc:
                 log.error("maildir %s: cannot write: %s", box, exc)
                 run.fail([box], exc)
@@ -327,26 +324,36 @@ class MaildirDestination:
                 pass
         self._ready.add(box)
 
-    def _unnamed_file(self, boxes: list[str], box: str) -> int | None:
-        """An open unnamed file in ``box``'s tmp/ when the message goes to that one
-        maildir alone and unnamed files work; else None, for the named tmp/ file.
+    def _stage_unnamed(self, run: _Run, boxes: list[str], write: Callable[[int], None]) -> bool:
+        """A message for one maildir: ``write`` it into an unnamed file in that
+        maildir's tmp/, kept open in ``run.unnamed`` for _publish.  False when the
+        named tmp/ file is to be used instead; a failure is recorded in ``run``.
 
-        Whether they work (Linux, O_TMPFILE, /proc for the link) is tried once per
-        process on the first maildir; one on a file system without O_TMPFILE (NFS,
-        say, among local ones) gets the named file each time.
+        Whether unnamed files work (Linux, O_TMPFILE, /proc for the link) is tried
+        once per process on the first maildir; one on a file system without O_TMPFILE
+        (NFS, say, among local ones) gets the named file each time.
         """
-        if len(boxes) != 1:
-            return None
-        if self._unnamed is None:
-            self._unnamed = _unnamed_supported(os.path.join(box, "tmp"))
-        if not self._unnamed:
-            return None
+        if len(boxes) != 1 or self._unnamed is False:
+            return False
+        box = boxes[0]
         try:
-            return _create_unnamed(box)
+            self._ensure(box, run.dirs)
+            if self._unnamed is None:
+                self._unnamed = _unnamed_supported(os.path.join(box, "tmp"))
+                if not self._unnamed:
+                    return False
+            try:
+                fd = _create_unnamed(box)
+            except OSError as exc:
+                if exc.errno in _NO_TMPFILE:
+                    return False
+                raise
+            run.unnamed[box] = fd
+            write(fd)
         except OSError as exc:
-            if exc.errno in _NO_TMPFILE:
-                return None
-            raise
+            log.error("maildir %s: cannot write: %s", box, exc)
+            run.fail([box], exc)
+        return True
 
     def _publish(self, run: _Run) -> None:
         """Link each staged file into new/ under a name nobody uses."""
