@@ -343,7 +343,6 @@ def run_worker(
     return _run_loop(serve_worker(config, config_path, shared, sockets, index, ready_fd))
 
 
-
 def run(config: Config, config_path: str | None) -> int:
     from mailgate.supervisor import Supervisor, worker_count
 

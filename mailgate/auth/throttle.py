@@ -76,12 +76,14 @@ class SharedFailureCounter:
     (made before they are forked): a guesser spreading its attempts over connections
     that different workers accept is counted once, not once per worker.
 
-    Each worker writes only its own row (no lock, no lost update) and a count is the
-    sum over the rows.  A key is counted in two slots chosen by two hashes and its
-    count is the smaller sum (a count-min sketch): another key sharing both slots can
-    only make it higher.  A row's count in a slot is forgotten ``window`` seconds after
-    that row's last failure there; a worker that dies leaves its counts to its
-    replacement, which writes the same row.
+    Each worker counts only in its own row (no lock, no lost update) and a count is
+    the sum over the rows.  Only a success's reset writes the other rows: racing a
+    failure counted in that instant, it can lose that one failure, or keep it.  A key
+    is counted in two slots chosen by two hashes and its count is the smaller sum (a
+    count-min sketch): another key sharing both slots can only make it higher.  A
+    row's count in a slot is forgotten ``window`` seconds after that row's last
+    failure there; a worker that dies leaves its counts to its replacement, which
+    writes the same row.
     """
 
     SLOTS: Final = 1 << 12  # per hash and worker: 2 x 4096 x 12 bytes = 96 KiB a worker

@@ -184,7 +184,11 @@ class ServerContext:
         report_envelope = bounce_envelope(envelope)
         if report_envelope is None:
             return
-        headers = header_section(spool.read_head(HEADER_LIMIT))
+        try:
+            headers = header_section(spool.read_head(HEADER_LIMIT))
+        except OSError as exc:
+            session.log_event("dsn", level="error", id=session.message_id, error=str(exc)[:200])
+            return
         await self._report(session, envelope, report_envelope, reportable, headers, success=True)
 
     async def _report(

@@ -1,0 +1,47 @@
+"""NOTIFY=SUCCESS reports after the 250: a report that cannot be made must never
+undo the message's acceptance (a 4xx or a 421 then would make the client send it
+twice)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from pathlib import Path
+
+from mailgate.app import build_context
+from mailgate.config.loader import load_config
+from mailgate.delivery.base import RecipientResult
+from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.replies import reply
+
+
+class _Session:
+    message_id = "S1.1"
+
+    def __init__(self) -> None:
+        self.logged: list[tuple[str, dict[str, object]]] = []
+
+    def log_event(self, name: str, /, **fields: object) -> None:
+        self.logged.append((name, fields))
+
+
+class _UnreadableSpool:
+    def read_head(self, limit: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_an_unreadable_spool_is_logged_and_the_message_stays_accepted(tmp_path: Path) -> None:
+    config_path = tmp_path / "mailgate.toml"
+    config_path.write_text(
+        f'[server]\nhostname = "mx.mailgate.org"\nspool_dir = "{tmp_path}/spool"\n'
+        f'[delivery]\nmaildir_root = "{tmp_path}/maildir"\nlocal_users = ["alice"]\n'
+    )
+    ctx = build_context(load_config(str(config_path)))
+    rcpt = Recipient(Address("root", "localhost"), ("SUCCESS",))
+    envelope = Envelope(sender=Address("alice", "localhost"), recipients=[rcpt])
+    session = _Session()
+    results = [RecipientResult(rcpt, reply("ok"))]
+    asyncio.run(ctx.notify_success(session, envelope, results, _UnreadableSpool()))  # type: ignore[arg-type]
+    [(name, fields)] = session.logged
+    assert name == "dsn" and fields["level"] == "error" and "Input/output" in str(fields["error"])
+    assert not (tmp_path / "maildir" / "alice").exists()  # no report was half-made
