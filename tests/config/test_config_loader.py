@@ -142,6 +142,15 @@ def test_greet_pause_out_of_range(tmp_path: Path, pause: str) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("limit", "message"), [("0", "must be at least 1"), ("-5", "must not be negative, got -5")]
+)
+def test_hop_limit_below_one(tmp_path: Path, limit: str, message: str) -> None:
+    assert errors_of(tmp_path, f"[policy]\nmax_received_headers = {limit}\n") == [
+        f"mailgate.toml: policy.max_received_headers: {message}"
+    ]
+
+
 def test_unknown_keys_suggest_the_closest(tmp_path: Path) -> None:
     assert errors_of(tmp_path, "[policy]\ntrusted_netwrks = []\n[polcy]\n[server]\nzzz = 1\n") == [
         "mailgate.toml: policy.trusted_netwrks: unknown key (did you mean trusted_networks?)",
