@@ -41,16 +41,18 @@ class HopCountStep(Step):
         # head there is nothing to parse (the common case, in about a microsecond).
         if len(head) < _FIRST_READ and head.lower().count(b"received") <= self._limit:
             return ACCEPT
-        count = received_fields(body)
+        count = received_fields(body, head)
         if count <= self._limit:
             return ACCEPT
         tags = (("check", self.name), ("reason", "loop"), ("received", str(count)))
         return Verdict(reply("data.loop", count=count), tags=tags)
 
 
-def received_fields(body: Spooled) -> int:
-    """How many Received: fields the header section of the spooled message has."""
-    head = body.read_head(_FIRST_READ)
+def received_fields(body: Spooled, head: bytes | None = None) -> int:
+    """How many Received: fields the header section of the spooled message has
+    (``head``: its first _FIRST_READ octets, when the caller read them already)."""
+    if head is None:
+        head = body.read_head(_FIRST_READ)
     end = _header_end(head)
     if end < 0 and len(head) == _FIRST_READ:  # a long header section: follow it further
         head = body.read_head(_MAX_READ)
