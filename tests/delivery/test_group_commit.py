@@ -90,8 +90,8 @@ def test_file_descriptors_and_empty_requests(tmp_path: Path) -> None:
 def test_a_pass_issues_its_fsyncs_in_parallel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The file system can only merge fsyncs into one journal commit if they are in
-    # flight together: count how many are at once.
+    # The disk can only work on fsyncs together (and the block layer merge their
+    # cache flushes) if they are in flight together: count how many are at once.
     lock = threading.Lock()
     in_flight = [0]
     most = [0]
@@ -120,3 +120,41 @@ def test_a_pass_issues_its_fsyncs_in_parallel(
     assert first is None and isinstance(second, FileNotFoundError)
     assert most[0] == fsync.SYNC_THREADS
     assert committer.stats.file_fsyncs == 20 and committer.stats.passes <= 2
+
+
+def test_a_path_the_threads_cannot_take_fails_its_request_not_the_pass(
+    tmp_path: Path,
+) -> None:
+    # os.open raises ValueError (not OSError) for a NUL in a path: the pass must end
+    # anyway, with that request failed and the others synced.
+    committer = GroupCommitter()
+    (good,) = make_files(tmp_path, 1)
+
+    async def main() -> list[object]:
+        return await asyncio.wait_for(
+            asyncio.gather(
+                committer.sync([good]), committer.sync(["bad\0path"]), return_exceptions=True
+            ),
+            timeout=10,
+        )
+
+    first, second = asyncio.run(main())
+    assert first is None
+    assert isinstance(second, OSError) and "fsync failed" in str(second)
+
+
+def test_sync_threads_are_started_again_in_a_forked_child(tmp_path: Path) -> None:
+    # Threads do not survive fork: a worker process forked after the parent's first
+    # pass must start its own rather than queue work nobody takes.
+    committer = GroupCommitter()
+    (path,) = make_files(tmp_path, 1)
+    asyncio.run(committer.sync([path]))
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if its pass completes
+        try:
+            asyncio.run(asyncio.wait_for(committer.sync([path, str(tmp_path)]), timeout=10))
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
