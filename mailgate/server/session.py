@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import itertools
 import os
 import shutil
 import time
@@ -42,17 +43,38 @@ _HIGH_WATER = 1 << 20
 _PROXY_HEADER_MAX = 536  # PROXY v2 header with TLVs is bounded; v1 is at most 107
 
 
+def _random_start() -> itertools.count[int]:
+    return itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+# Session ids count on from a random start, drawn again in every forked worker: no two
+# sessions of one process share an id (with 32 random bits each, two sessions of the
+# same second got the same id about once a day at 300 connections a second), other
+# processes and restarts start far away, and there is no getrandom() system call per
+# connection.
+_session_ids = _random_start()
+
+
+def _restart_session_ids() -> None:
+    global _session_ids
+    _session_ids = _random_start()
+
+
+os.register_at_fork(after_in_child=_restart_session_ids)
+
+
 def new_session_id() -> str:
-    """Sortable by time, unique across restarts and instances: 8 hex of seconds + 8 random."""
-    return f"{int(time.time()):08x}{os.urandom(4).hex()}"
+    """Sortable by time, unique across restarts and instances: 8 hex of seconds, then 8
+    hex of this process's session counter."""
+    return f"{int(time.time()):08x}{next(_session_ids) & 0xFFFFFFFF:08x}"
 
 
 class Session(asyncio.Protocol):
     # Slots: an idle session should cost a few KB (ten thousand of them wait at once).
     __slots__ = (
-        "_auth_mechanism", "_busy", "_deadline", "_exchange", "_lost", "_message_started",
-        "_messages", "_paused", "_proxy_buf", "_spool", "_stopping", "_task", "_timed_out",
-        "_trace_info", "_waiter",
+        "_auth_mechanism", "_busy", "_deadline", "_event_loop", "_exchange", "_lost",
+        "_message_started", "_messages", "_paused", "_proxy_buf", "_spool", "_stopping",
+        "_task", "_timed_out", "_trace_info", "_waiter",
         "admitted", "client", "conn", "listener", "log", "server", "sid", "transport",
     )  # fmt: skip
 
@@ -80,6 +102,9 @@ class Session(asyncio.Protocol):
         self._messages = 0
         self._message_started = 0.0
         self._task: asyncio.Task[None] | None = None
+        # Kept: each asyncio.get_running_loop() is a getpid() system call (its fork
+        # check), and a session asked for the loop at every wait for input.
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -97,7 +122,8 @@ class Session(asyncio.Protocol):
         )
         if self.listener.implicit_tls:
             self._note_tls(transport)
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        loop = self._event_loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run())
         self.server.sessions.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -145,7 +171,8 @@ class Session(asyncio.Protocol):
         """
         self._deadline = deadline
         self.server.watch_deadlines()
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        assert self._event_loop is not None
+        waiter = self._waiter = self._event_loop.create_future()
         return waiter
 
     def check_deadline(self, now: float) -> None:
@@ -215,7 +242,8 @@ class Session(asyncio.Protocol):
         conn = self.conn
         assert conn is not None
         settings = self.server.config.server
-        loop = asyncio.get_running_loop()
+        loop = self._event_loop
+        assert loop is not None
         # command_timeout runs per command, not per read: a client trickling a byte at a
         # time (slowloris) must still finish each command line in time.  It restarts when
         # the engine acted (an event or a reply); in the data each read restarts it
