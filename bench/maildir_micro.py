@@ -1,0 +1,100 @@
+"""CPU and wall time per message of the Maildir store alone, N deliveries at once:
+run by hand, never by the test suite.
+
+Each of ``--concurrency`` tasks delivers ``--messages`` 1 KB messages (held in memory,
+as a small message arrives) into one maildir through the real MaildirDestination and
+GroupCommitter, on uvloop: one task takes the lone path (write and fsyncs in one
+worker-thread hop), several share the group commit's passes.  CPU is the process's,
+worker threads included (getrusage), user and system apart.
+
+    .venv/bin/python bench/maildir_micro.py                  # 25 at once, 200 each
+    .venv/bin/python bench/maildir_micro.py -c 1 -n 2000     # one at a time
+    PYTHONPATH=/tmp/base .venv/bin/python bench/maildir_micro.py   # another version
+
+The files are kept (a new directory under --workdir per run, printed): on this
+machine's ext4, creating files is taxed for more than a minute after many were
+deleted (bench/RESULTS.md), which would skew the next run.  Remove them when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+from mailgate.delivery.base import TraceInfo
+from mailgate.delivery.fsync import GroupCommitter
+from mailgate.delivery.maildir import MaildirDestination
+from mailgate.protocol.envelope import Address, Envelope, Recipient
+
+_LINE = b"x" * 70 + b"\r\n"
+MESSAGE = b"Subject: bench\r\n\r\n" + _LINE * 12  # ~1 KB, as smtp-source's
+
+
+class _HeldSpool:
+    """A small message held in memory, as SpoolFile keeps it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+
+    @property
+    def path(self) -> str:
+        raise AssertionError("a held message is never read from a file")
+
+    def held(self) -> bytes:
+        return self.data
+
+    def read_head(self, limit: int) -> bytes:
+        return self.data[:limit]
+
+
+async def run(root: str, concurrency: int, messages: int) -> str:
+    committer = GroupCommitter()
+    dest = MaildirDestination(root, "user", "mx.bench.internal", committer)
+    rcpt = Recipient(Address("user", "bench.internal"))
+    envelope = Envelope(helo="client.bench.internal",
+                        sender=Address("bench", "client.bench.internal"), recipients=[rcpt])
+    trace = TraceInfo("bench", "client.bench.internal", "127.0.0.1", None, "mx", "ESMTP")
+
+    async def deliver_all() -> None:
+        for _ in range(messages):
+            [result] = await dest.deliver(envelope, trace, _HeldSpool(MESSAGE), [rcpt])
+            if result.reply.code != 250:
+                raise SystemExit(f"delivery failed: {result.reply}")
+
+    await asyncio.gather(*(deliver_all() for _ in range(concurrency)))  # warm up
+    before, start, passes = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), \
+        committer.stats.passes
+    await asyncio.gather(*(deliver_all() for _ in range(concurrency)))
+    after, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - start
+    n = concurrency * messages
+    switches = (after.ru_nvcsw + after.ru_nivcsw) - (before.ru_nvcsw + before.ru_nivcsw)
+    return (
+        f"{concurrency} at once: user {(after.ru_utime - before.ru_utime) / n * 1e6:.0f} µs, "
+        f"system {(after.ru_stime - before.ru_stime) / n * 1e6:.0f} µs, "
+        f"wall {wall / n * 1e6:.0f} µs per message; "
+        f"{(committer.stats.passes - passes) / n:.2f} fsync passes and "
+        f"{switches / n:.1f} context switches per message"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--concurrency", type=int, default=25)
+    parser.add_argument("-n", "--messages", type=int, default=200, help="per task")
+    parser.add_argument("--workdir", default="/var/tmp/mailgate-maildir-micro")
+    args = parser.parse_args()
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    root = tempfile.mkdtemp(dir=args.workdir)
+    print(uvloop.run(run(root, args.concurrency, args.messages)))
+    print(f"files kept in {root}")
+
+
+if __name__ == "__main__":
+    main()
