@@ -108,6 +108,14 @@ def log_event(name: str, /, level: str = "info", **fields: object) -> None:
         _emit(levelno, name, None, fields)
 
 
+def debug_enabled() -> bool:
+    """Whether "debug" lines are written: a caller can skip building one that is not."""
+    direct = _direct
+    if direct is not None:
+        return direct.level <= logging.DEBUG
+    return _logger.isEnabledFor(logging.DEBUG)
+
+
 def flush_logs() -> None:
     """Write out the lines still waiting to leave together (at exit, before an announce)."""
     if _direct is not None:

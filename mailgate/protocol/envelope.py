@@ -22,6 +22,9 @@ class Address:
     local: str
     domain: str
     quoted: bool = False
+    # str(self), made on first use: an address is printed for its reply, its log lines
+    # and its headers, seven times per message on the bench's loads.
+    _text: str | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     @property
     def is_null(self) -> bool:
@@ -36,12 +39,13 @@ class Address:
         return self.domain.lower()
 
     def __str__(self) -> str:
-        if self.is_null:
-            return ""
-        local = self.local
-        if self.quoted:
-            local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        return f"{local}@{self.domain}" if self.domain else local
+        text = self._text
+        if text is None:
+            local = self.local
+            if self.quoted:
+                local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            text = self._text = f"{local}@{self.domain}" if self.domain else local
+        return text
 
 
 NULL_ADDRESS = Address("", "")

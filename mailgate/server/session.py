@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 from mailgate.auth.mechanisms import Challenge, Success
 from mailgate.delivery.base import RecipientResult, TraceInfo
 from mailgate.delivery.trace import protocol_name, received_header
-from mailgate.ops.logging import SessionLog
+from mailgate.ops.logging import SessionLog, debug_enabled
 from mailgate.policy.base import Client, Verdict
 from mailgate.policy.pregreet import TAG as PREGREET
 from mailgate.protocol import events as ev
@@ -73,8 +73,8 @@ class Session(asyncio.Protocol):
     # Slots: an idle session should cost a few KB (ten thousand of them wait at once).
     __slots__ = (
         "_auth_mechanism", "_busy", "_deadline", "_event_loop", "_exchange", "_lost",
-        "_message_started", "_messages", "_paused", "_proxy_buf", "_spool", "_stopping",
-        "_task", "_timed_out", "_trace_info", "_waiter",
+        "_message_id", "_message_started", "_messages", "_paused", "_proxy_buf", "_spool",
+        "_stopping", "_task", "_timed_out", "_trace_info", "_waiter",
         "admitted", "client", "conn", "listener", "log", "server", "sid", "transport",
     )  # fmt: skip
 
@@ -100,6 +100,7 @@ class Session(asyncio.Protocol):
         self._exchange: SaslExchange | None = None
         self._auth_mechanism = ""
         self._messages = 0
+        self._message_id = ""  # of the latest message, once there is one (see message_id)
         self._message_started = 0.0
         self._task: asyncio.Task[None] | None = None
         # Kept: each asyncio.get_running_loop() is a getpid() system call (its fork
@@ -379,6 +380,7 @@ class Session(asyncio.Protocol):
             await self._answer(verdict)
             return
         self._messages += 1
+        self._message_id = f"{self.sid}.{self._messages}"
         self._message_started = time.monotonic()
         try:
             self._spool = self.server.spool.create(self.message_id)
@@ -542,7 +544,8 @@ class Session(asyncio.Protocol):
 
     @property
     def message_id(self) -> str:
-        return f"{self.sid}.{self._messages}"
+        # made once per message: the delivery, its log lines and its reply all ask
+        return self._message_id or f"{self.sid}.{self._messages}"
 
     def _trace(self, envelope: Envelope) -> TraceInfo:
         client = self.client
@@ -658,6 +661,8 @@ class Session(asyncio.Protocol):
         state = client.filter_state if client is not None else "ACCEPT"
         unusual = state not in ("ACCEPT", "TRUSTED")
         plain = verdict.reply is None and not verdict.tags and not unusual
+        if quiet and plain and not debug_enabled():
+            return  # (before the fields are filled in: two of these per message)
         level = "debug" if quiet and plain else "info"
         if verdict.reply is not None:
             fields["code"] = verdict.reply.code

@@ -78,6 +78,24 @@ def test_session_id_links_logs_and_received_header(server: RunningServer) -> Non
     assert all("hello" not in line for line in lines)  # no message bodies in logs
 
 
+def test_accepted_mail_and_rcpt_are_logged_at_debug(tmp_path: Path) -> None:
+    # At "info" they are skipped before their fields are even made; at "debug" they
+    # are there, with the sender and the recipient.
+    srv = start_server(tmp_path, '[logging]\nlevel = "debug"\n')
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.sendmail("a@client.mailgate.org", ["root@localhost"], MESSAGE)
+        assert wait_for(lambda: "event=message" in srv.log())
+        log = srv.log()
+        [mail] = [line for line in log.splitlines() if "event=mail " in line]
+        assert "level=debug" in mail and "sender=a@client.mailgate.org" in mail
+        [rcpt] = [line for line in log.splitlines() if "event=rcpt " in line]
+        assert "level=debug" in rcpt and "to=root@localhost" in rcpt
+    finally:
+        srv.stop()
+
+
 def test_command_timeout_sends_421(tmp_path: Path) -> None:
     srv = start_server(tmp_path, f'[server]\ncommand_timeout = 1\nspool_dir = "{tmp_path}/s"\n')
     try:
