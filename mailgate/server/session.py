@@ -422,9 +422,6 @@ class Session(asyncio.Protocol):
         trace = self._trace_info or self._trace(envelope)
         results = await server.delivery.deliver(envelope, trace, spool)
         final = await combine_results(self, envelope, results, spool)
-        if final.code < 400:
-            await server.notify_success(self, envelope, results, spool)
-        self._drop_spool()
         elapsed = time.monotonic() - self._message_started
         server.metrics.delivery_latency(elapsed)
         self._log_delivery(envelope, results, final, size, elapsed)
@@ -432,7 +429,15 @@ class Session(asyncio.Protocol):
         server.metrics.message(outcome, final.code, final.enhanced, size)
         if final.code < 400:
             conn.accept(final)
+            # NOTIFY=SUCCESS reports go out after the 250 has left: the message is
+            # stored, and its client need not wait for the report's own delivery (one
+            # more fsync, or a smarthost's round trips).  The session takes its next
+            # command once the report is done, so a shutdown still waits for it.
+            self._flush()
+            await server.notify_success(self, envelope, results, spool)
+            self._drop_spool()
         else:
+            self._drop_spool()
             conn.reject(final)
             await self._tarpit()
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import smtplib
+import threading
 from pathlib import Path
 
-from tests.integration.server import start_server, wait_for
+from aiosmtpd.controller import Controller
+
+from tests.integration.server import free_port, start_server, wait_for
 
 
 def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
@@ -136,3 +140,59 @@ def test_a_downstream_with_dsn_reports_the_success_itself(tmp_path: Path) -> Non
     finally:
         front.stop()
         downstream.stop()
+
+
+class _HoldingRelay:
+    """A relay that holds its answer to each message until released (at most 10 s)."""
+
+    def __init__(self, events: list[str]) -> None:
+        self.events = events
+        self.release = threading.Event()
+
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        self.events.append("report reached the relay")
+        for _ in range(100):
+            if self.release.is_set():
+                break
+            await asyncio.sleep(0.1)
+        self.events.append("relay answered")
+        return "250 2.0.0 queued"
+
+
+def test_the_success_report_goes_out_after_the_250(tmp_path: Path) -> None:
+    # The sender's report is handed to a relay that takes its time: the client's 250
+    # must not wait for it (the message itself is stored).
+    events: list[str] = []
+    relay = _HoldingRelay(events)
+    port = free_port()
+    controller = Controller(relay, hostname="127.0.0.1", port=port)
+    controller.start()
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+
+        [delivery]
+        maildir_root = "{tmp_path}/maildir"
+        relay = "outbound"
+
+        [delivery.destinations.outbound.smtp]
+        host = "127.0.0.1"
+        port = {port}
+        starttls = "off"
+    """)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=30) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.sendmail("alice@remote.mailgate.org", ["root@localhost"],
+                          b"Subject: tell me\r\n\r\nhello\r\n", rcpt_options=["NOTIFY=SUCCESS"])
+            events.append("client got its 250")
+            assert wait_for(lambda: "report reached the relay" in events)
+            relay.release.set()
+        assert events.index("client got its 250") < events.index("relay answered")
+        assert len(srv.messages("root")) == 1
+        assert wait_for(lambda: "event=dsn" in srv.log())
+        assert "delivered=root@localhost" in srv.log() and "code=250" in srv.log()
+    finally:
+        relay.release.set()
+        srv.stop()
+        controller.stop()
