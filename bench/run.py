@@ -1,6 +1,6 @@
 """Benchmark entry point: mailgate against aiosmtpd on uvloop, driven by smtp-source.
 
-    .venv/bin/python bench/run.py            # full run (3 rounds, ~15 minutes on 2 cores)
+    .venv/bin/python bench/run.py            # full run (3 rounds, ~8 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick    # 1 round, a tenth of the messages, ~2 minutes
     .venv/bin/python bench/run.py --part idle   # only the idle-connection test
 
@@ -24,23 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bigmsg import big_messages
 from idle import rss_per_connection
-from loads import LOADS, Load, Measurement, measure, smtp_source_argv
+from loads import LOADS, Measurement, measure, smtp_source_argv
 from procstat import machine
 from servers import check_tools, command, on_fresh_server, raise_nofile
 
 SERVERS = ("mailgate", "aiosmtpd")
 MODES = ("discard", "maildir")
-# in durable mode p1 and p2 are cut to this many messages so a full run stays under
-# ~15 minutes (fsync-bound runs are slow); stated in the tables
-DURABLE_CAP = 5_000
-
-
-def load_for(load: Load, mode: str, scale: float) -> Load:
-    scaled = load.scaled(scale)
-    if mode == "maildir" and scaled.messages > DURABLE_CAP:
-        return Load(scaled.name, scaled.what, DURABLE_CAP, scaled.size, scaled.sessions,
-                    scaled.reuse)
-    return scaled
 
 
 def run_loads(
@@ -53,7 +42,7 @@ def run_loads(
             if only and base.name not in only:
                 continue
             for mode in MODES:
-                load = load_for(base, mode, scale)
+                load = base.scaled(scale)  # the issue's sizes in both modes
                 for name in order:
                     m = on_fresh_server(
                         name, mode, workdir, workers,
@@ -91,7 +80,7 @@ def loads_table(results: list[Measurement], scale: float) -> str:
                 f"{rates['mailgate'][r] / rates['aiosmtpd'][r]:.2f}x"
                 for r in sorted(rates["mailgate"]) if r in rates["aiosmtpd"]
             )
-            messages = load_for(base, mode, scale).messages
+            messages = base.scaled(scale).messages
             for name in SERVERS:
                 rate, cpu, rss = medians[name]
                 shown = f"**{ratio:.2f}x**" if name == "mailgate" else ""
