@@ -158,3 +158,53 @@ def test_sync_threads_are_started_again_in_a_forked_child(tmp_path: Path) -> Non
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _slow_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.2)
+        real_fsync(fd)
+
+    monkeypatch.setattr(fsync.os, "fsync", slow_fsync)
+
+
+def test_a_cancelled_waiter_leaves_the_committer_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _slow_fsyncs(monkeypatch)
+    committer = GroupCommitter()
+    first, second = make_files(tmp_path, 2)
+
+    async def main() -> None:
+        waiter = asyncio.ensure_future(committer.sync([first]))
+        await asyncio.sleep(0.05)  # its pass is under way
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        await asyncio.wait_for(committer.sync([second]), timeout=10)
+
+    asyncio.run(main())
+    assert committer.stats.file_fsyncs == 2
+
+
+def test_a_cancelled_pass_fails_its_requests_and_the_next_one_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _slow_fsyncs(monkeypatch)
+    committer = GroupCommitter()
+    first, second = make_files(tmp_path, 2)
+
+    async def main() -> object:
+        waiter = asyncio.ensure_future(committer.sync([first]))
+        await asyncio.sleep(0.05)
+        assert committer._task is not None
+        committer._task.cancel()  # as at a shutdown: the pass's requests fail
+        failed = await asyncio.gather(waiter, return_exceptions=True)
+        await asyncio.wait_for(committer.sync([second]), timeout=10)
+        return failed[0]
+
+    failed = asyncio.run(main())
+    assert isinstance(failed, OSError) and "cancelled" in str(failed)
+    assert committer.idle
