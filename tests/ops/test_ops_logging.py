@@ -384,6 +384,33 @@ def test_the_time_stamp_follows_the_clock(
     ]
 
 
+def test_lines_rendered_when_their_batch_leaves_keep_their_time_and_order(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Inside the event loop a line whose values cannot change is rendered only when
+    # its batch leaves; one with a value that can change is rendered at once.  Both
+    # keep the time they were logged at, and their order.
+    clock = iter([1764072448.2461, 1764072448.5002, 1764072449.7503])
+    monkeypatch.setattr(mailgate.ops.logging.time, "time", lambda: next(clock))
+
+    async def main() -> None:
+        log = SessionLog("S1", ip="192.0.2.1")
+        seen: list[str] = []
+        log.event("a", n=1, to="x@example.org")
+        log.event("b", seen=seen)
+        seen.append("later")
+        log.event("c", n=3, f=0.25)
+        assert stream.getvalue() == ""  # waiting to leave together
+        flush_logs()
+
+    asyncio.run(main())
+    assert lines(stream) == [
+        "ts=2025-11-25T12:07:28.246Z level=info sid=S1 event=a ip=192.0.2.1 n=1 to=x@example.org",
+        "ts=2025-11-25T12:07:28.500Z level=info sid=S1 event=b ip=192.0.2.1 seen=[]",
+        "ts=2025-11-25T12:07:29.750Z level=info sid=S1 event=c ip=192.0.2.1 n=3 f=0.25",
+    ]
+
+
 keys = st.sampled_from(
     ["a", "b", "ip", "a b", "a_b", "ts", "ts_", "event", "sid", "password", "x.token", "é"]
 )
