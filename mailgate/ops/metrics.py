@@ -144,8 +144,11 @@ class Metrics:
     def rejection(self, reason: str) -> None:
         self._rejections.labels(reason).inc()
 
-    def reply(self, code: int) -> None:
-        self._replies.labels(f"{code // 100}xx" if 200 <= code < 600 else OTHER).inc()
+    def replies(self, by_first_digit: list[int]) -> None:
+        """Replies sent, counted by their first digit (index 2 holds the 2xx ones)."""
+        for digit, count in enumerate(by_first_digit):
+            if count:
+                self._replies.labels(f"{digit}xx" if 2 <= digit <= 5 else OTHER).inc(count)
 
 
 def write_to_shared_directory(path: str) -> None:
@@ -242,5 +245,5 @@ class NullMetrics(Metrics):
     def rejection(self, reason: str) -> None:
         pass
 
-    def reply(self, code: int) -> None:
+    def replies(self, by_first_digit: list[int]) -> None:
         pass

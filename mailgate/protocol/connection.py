@@ -86,7 +86,7 @@ class Connection:
     # Slots: ten thousand idle sessions each hold one of these.
     __slots__ = (
         "_body_open", "_body_size", "_buf", "_chunk", "_chunk_last", "_chunk_sink",
-        "_discard_line", "_dot", "_events", "_out", "_pending", "_prospective",
+        "_discard_line", "_dot", "_events", "_out", "_pending", "_prospective", "_replies_sent",
         "_send_later", "_too_big", "authenticated", "envelope", "errors", "extended",
         "helo", "settings", "state", "tls_active",
     )  # fmt: skip
@@ -100,6 +100,8 @@ class Connection:
         self.tls_active = False
         self.authenticated: str | None = None
         self.errors = 0  # refusals so far (reject accounting)
+        # Replies queued since take_replies_sent(), by first digit (for the metrics).
+        self._replies_sent = [0] * 10
         self.envelope: Envelope | None = None
         self._buf = bytearray()
         self._out: list[bytes] = []
@@ -154,6 +156,11 @@ class Connection:
     @property
     def in_data(self) -> bool:
         return self.state in (_DATA, _BDAT)
+
+    def take_replies_sent(self) -> list[int]:
+        """How many replies were queued since the last call, by their first digit."""
+        counts, self._replies_sent = self._replies_sent, [0] * 10
+        return counts
 
     def data_to_send(self) -> bytes:
         out = self._out
@@ -296,6 +303,7 @@ class Connection:
             return
         if r.code >= 400:
             self.errors += 1
+        self._replies_sent[r.code // 100] += 1  # codes have three digits
         self._out.append(r.to_bytes())
 
     def _close(self) -> None:

@@ -221,13 +221,27 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
             smtp.sendmail("a@client.mailgate.org", ["root@localhost"], MESSAGE)
             smtp.docmd("MAIL", "FROM:<a@client.mailgate.org>")
             smtp.docmd("RCPT", "TO:<nobody-known@localhost>")
-        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
-        text = body.decode()
+            text = _scrape(mport)
+            # Replies are counted at the end of each message and of the session: so
+            # far 220, EHLO, MAIL, RCPT, 354 and the 250 of the message.
+            assert _replies(text) == {"2xx": 5.0, "3xx": 1.0}
         assert re.search(r'mailgate_messages_total\{[^}]*outcome="accepted"[^}]*\} 1\.0', text)
         assert "mailgate_connections_total" in text
         assert "mailgate_delivery_latency_seconds" in text
+        assert wait_for(lambda: "event=close" in srv.log())
+        # and the rest of the session: MAIL, the refused RCPT, QUIT
+        assert _replies(_scrape(mport)) == {"2xx": 7.0, "3xx": 1.0, "5xx": 1.0}
     finally:
         srv.stop()
+
+
+def _scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def _replies(text: str) -> dict[str, float]:
+    found = re.findall(r'mailgate_replies_total\{class="(\dxx)"\} (\S+)', text)
+    return {cls: float(count) for cls, count in found}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop needs root")
