@@ -45,6 +45,7 @@ MECHANISMS: Final = (
 )
 OTHER: Final = "other"  # the label of any value outside its fixed set
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_REPLY_CLASSES: Final = ("2xx", "3xx", "4xx", "5xx")
 
 
 class Metrics:
@@ -144,11 +145,11 @@ class Metrics:
     def rejection(self, reason: str) -> None:
         self._rejections.labels(reason).inc()
 
-    def replies(self, by_first_digit: list[int]) -> None:
-        """Replies sent, counted by their first digit (index 2 holds the 2xx ones)."""
-        for digit, count in enumerate(by_first_digit):
+    def replies(self, by_class: tuple[int, int, int, int]) -> None:
+        """Replies sent: how many 2xx, 3xx, 4xx and 5xx ones."""
+        for label, count in zip(_REPLY_CLASSES, by_class, strict=True):
             if count:
-                self._replies.labels(f"{digit}xx" if 2 <= digit <= 5 else OTHER).inc(count)
+                self._replies.labels(label).inc(count)
 
 
 def write_to_shared_directory(path: str) -> None:
@@ -245,5 +246,5 @@ class NullMetrics(Metrics):
     def rejection(self, reason: str) -> None:
         pass
 
-    def replies(self, by_first_digit: list[int]) -> None:
+    def replies(self, by_class: tuple[int, int, int, int]) -> None:
         pass

@@ -86,9 +86,10 @@ class Connection:
     # Slots: ten thousand idle sessions each hold one of these.
     __slots__ = (
         "_body_open", "_body_size", "_buf", "_chunk", "_chunk_last", "_chunk_sink",
-        "_discard_line", "_dot", "_events", "_out", "_pending", "_prospective", "_replies_sent",
-        "_send_later", "_too_big", "authenticated", "envelope", "errors", "extended",
-        "helo", "settings", "state", "tls_active",
+        "_discard_line", "_dot", "_events", "_out", "_pending", "_prospective",
+        "_send_later", "_sent_2xx", "_sent_3xx", "_sent_4xx", "_sent_5xx", "_too_big",
+        "authenticated", "envelope", "errors", "extended", "helo", "settings", "state",
+        "tls_active",
     )  # fmt: skip
 
     def __init__(self, settings: Settings) -> None:
@@ -100,8 +101,9 @@ class Connection:
         self.tls_active = False
         self.authenticated: str | None = None
         self.errors = 0  # refusals so far (reject accounting)
-        # Replies queued since take_replies_sent(), by first digit (for the metrics).
-        self._replies_sent = [0] * 10
+        # Replies queued since take_replies_sent(), by class (for the metrics); plain
+        # slots rather than a list, which cost an idle session 136 bytes more.
+        self._sent_2xx = self._sent_3xx = self._sent_4xx = self._sent_5xx = 0
         self.envelope: Envelope | None = None
         self._buf = bytearray()
         self._out: list[bytes] = []
@@ -157,9 +159,10 @@ class Connection:
     def in_data(self) -> bool:
         return self.state in (_DATA, _BDAT)
 
-    def take_replies_sent(self) -> list[int]:
-        """How many replies were queued since the last call, by their first digit."""
-        counts, self._replies_sent = self._replies_sent, [0] * 10
+    def take_replies_sent(self) -> tuple[int, int, int, int]:
+        """How many 2xx, 3xx, 4xx and 5xx replies were queued since the last call."""
+        counts = (self._sent_2xx, self._sent_3xx, self._sent_4xx, self._sent_5xx)
+        self._sent_2xx = self._sent_3xx = self._sent_4xx = self._sent_5xx = 0
         return counts
 
     def data_to_send(self) -> bytes:
@@ -303,7 +306,15 @@ class Connection:
             return
         if r.code >= 400:
             self.errors += 1
-        self._replies_sent[r.code // 100] += 1  # codes have three digits
+        code = r.code
+        if code < 300:
+            self._sent_2xx += 1
+        elif code < 400:
+            self._sent_3xx += 1
+        elif code < 500:
+            self._sent_4xx += 1
+        else:
+            self._sent_5xx += 1
         self._out.append(r.to_bytes())
 
     def _close(self) -> None:

@@ -50,7 +50,7 @@ def test_messages_bytes_and_replies(metrics: Metrics) -> None:
     metrics.message("accepted", 250, "2.0.0", 500)
     metrics.message("refused", 554, "5.7.1", 200)
     metrics.message("tempfail", 451, None, 0)
-    metrics.replies([0, 0, 2, 0, 0, 1, 0, 0, 0, 0])
+    metrics.replies((2, 0, 0, 1))
     samples = scrape(metrics)
     key = "mailgate_messages_total"
     assert samples[key, (("code", "250"), ("enhanced", "2.0.0"), ("outcome", "accepted"))] == 2
@@ -89,14 +89,12 @@ def test_client_chosen_values_cannot_grow_the_series(metrics: Metrics) -> None:
     for i in range(50):
         metrics.auth(f"X-MECH-{i}", "failed")
         metrics.message("accepted", 250, f"junk{i}", 1)
-    metrics.replies([0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
     samples = scrape(metrics)
     assert samples["mailgate_auth_total", (("mechanism", "other"), ("outcome", "failed"))] == 50
     auth_series = [k for k in samples if k[0] == "mailgate_auth_total"]
     assert len(auth_series) == 1
     key = ("code", "250"), ("enhanced", ""), ("outcome", "accepted")
     assert samples["mailgate_messages_total", key] == 50
-    assert samples["mailgate_replies_total", (("class", "other"),)] == 1
 
 
 def test_two_instances_do_not_share_counts() -> None:
@@ -110,7 +108,7 @@ def test_ipv6_loopback_endpoint() -> None:
     m = Metrics()
     m.start("[::1]:0")
     try:
-        m.replies([0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+        m.replies((1, 0, 0, 0))
         assert m.bound_address is not None and m.bound_address[0] == "::1"
         assert scrape_v6(m) > 0
     finally:
@@ -148,7 +146,7 @@ def test_disabled_metrics_do_nothing() -> None:
     off.tls("ok", "TLSv1.3")
     off.auth("PLAIN", "ok")
     off.rejection("x")
-    off.replies([0, 0, 1, 0, 0, 0, 0, 0, 0, 0])
+    off.replies((1, 0, 0, 0))
     off.stop()
     assert off.bound_address is None
     assert list(off.registry.collect()) == []
