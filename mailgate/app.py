@@ -284,6 +284,7 @@ class MailServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)
         await _close_parts(self.ctx.policy, self.ctx.delivery)
+        self.ctx.metrics.flush()  # the last second's updates, before the process ends
 
 
 async def _close_parts(*parts: object) -> None:

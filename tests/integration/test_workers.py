@@ -160,13 +160,18 @@ def test_metrics_add_up_the_workers(tmp_path: Path) -> None:
         assert _children(srv.proc.pid) == {*_worker_pids(srv), *_metrics_pids(srv)}
         with ThreadPoolExecutor(6) as pool:
             list(pool.map(lambda n: _send(srv, n), range(12)))
-        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
-        found = re.search(
-            rb'mailgate_messages_total\{[^}]*outcome="accepted"[^}]*\} (\S+)', text
-        )
-        assert found is not None and float(found.group(1)) == 12.0
-        opened = re.search(rb"mailgate_connections_total\{[^}]*\} (\S+)", text)
-        assert opened is not None and float(opened.group(1)) == 12.0
+        def counted(text: bytes, pattern: bytes) -> float:
+            found = re.search(pattern, text)
+            return float(found.group(1)) if found else 0.0
+
+        def scrape() -> bytes:
+            return urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
+
+        # updates reach the files within metrics.FLUSH_DELAY
+        accepted = rb'mailgate_messages_total\{[^}]*outcome="accepted"[^}]*\} (\S+)'
+        opened = rb"mailgate_connections_total\{[^}]*\} (\S+)"
+        assert wait_for(lambda: counted(scrape(), accepted) == 12.0)
+        assert wait_for(lambda: counted(scrape(), opened) == 12.0)
     finally:
         srv.stop()
     # the workers' metric files went with the server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 from collections.abc import Iterator
 
@@ -9,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailgate.config.ops import MetricsConfig
-from mailgate.ops.metrics import Metrics, NullMetrics
+from mailgate.ops.metrics import FLUSH_DELAY, Metrics, NullMetrics
 
 
 @pytest.fixture
@@ -95,6 +96,37 @@ def test_client_chosen_values_cannot_grow_the_series(metrics: Metrics) -> None:
     assert len(auth_series) == 1
     key = ("code", "250"), ("enhanced", ""), ("outcome", "accepted")
     assert samples["mailgate_messages_total", key] == 50
+
+
+def test_updates_in_the_event_loop_are_applied_together(metrics: Metrics) -> None:
+    key = ("code", "250"), ("enhanced", "2.0.0"), ("outcome", "accepted")
+
+    async def main() -> None:
+        for _ in range(100):
+            metrics.message("accepted", 250, "2.0.0", 10)
+        metrics.connection_opened("l")
+        metrics.connection_closed("l")
+        metrics.connection_opened("l")
+        metrics.delivery_latency(0.05)
+        assert ("mailgate_messages_total", key) not in scrape(metrics)  # not yet
+        await asyncio.sleep(FLUSH_DELAY + 0.3)
+
+    asyncio.run(main())
+    samples = scrape(metrics)
+    assert samples["mailgate_messages_total", key] == 100
+    assert samples["mailgate_received_bytes_total", ()] == 1000
+    assert samples["mailgate_connections_open", (("listener", "l"),)] == 1
+    assert samples["mailgate_connections_total", (("listener", "l"),)] == 2
+    assert samples["mailgate_delivery_latency_seconds_count", ()] == 1
+
+
+def test_a_flush_applies_what_is_still_waiting(metrics: Metrics) -> None:
+    async def main() -> None:
+        metrics.rejection("dnsbl")
+        metrics.flush()  # what a shutdown does before the process ends
+
+    asyncio.run(main())
+    assert metrics.registry.get_sample_value("mailgate_rejections_total", {"reason": "dnsbl"}) == 1
 
 
 def test_two_instances_do_not_share_counts() -> None:
