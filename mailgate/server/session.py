@@ -440,7 +440,7 @@ class Session(asyncio.Protocol):
             self._drop_spool()
             conn.reject(final)
             await self._tarpit()
-        self._count_replies()  # once a message (and at the end): a metric per reply cost ~3 µs
+        self._count_replies()  # once a message and at the end, not a metrics call per reply
 
     def _dispose_refused(self, verdict: Verdict, spool: SpoolFile) -> None:
         """BLOCKED mail: discarded, or kept in the quarantine directory (upas -s)."""
