@@ -10,9 +10,11 @@ pipelined group (whenever the engine needs more input).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import itertools
+import math
 import os
 import shutil
 import time
@@ -234,7 +236,18 @@ class Session(asyncio.Protocol):
         assert client is not None and conn is not None
         if pause <= 0 or client.trusted or self.listener.config.role != "public":
             return
-        await asyncio.sleep(pause)
+        loop = self._event_loop
+        assert loop is not None
+        end = loop.time() + pause
+        # Not a plain sleep: a client that hangs up, or a shutdown, ends the pause (the
+        # session's connection slot is not held for a gone client).  Bytes that arrive
+        # wake the wait too, which then goes on.
+        while not (self._lost or self._stopping) and (left := end - loop.time()) > 0:
+            self._deadline = math.inf  # the server's timeout sweep leaves this wait alone
+            waiter = self._waiter = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter, left)
+            self._waiter = None
         if conn.buffered and not self._lost:
             client.tags[PREGREET] = str(conn.buffered)
             self.log_event("pregreet", octets=conn.buffered)

@@ -165,6 +165,27 @@ def test_a_client_that_talks_before_the_greeting_is_refused_at_mail(tmp_path: Pa
         srv.stop()
 
 
+def test_a_client_that_hangs_up_during_the_greet_pause_is_let_go(tmp_path: Path) -> None:
+    # The pause is 30 s; a client gone after a moment must not hold its session (and
+    # its place in the connection limits) for the rest of it.
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+        greet_pause = 30
+
+        [policy]
+        trusted_networks = []
+    """)
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            assert wait_for(lambda: "event=connect" in srv.log())
+            sock.sendall(b"EHLO bot.mailgate.org\r\n")
+        assert wait_for(lambda: "event=close" in srv.log())  # well before the 30 s
+        assert "event=pregreet" not in srv.log()  # nobody left to refuse
+    finally:
+        srv.stop()
+
+
 def test_trusted_clients_are_greeted_at_once(tmp_path: Path) -> None:
     srv = start_server(tmp_path, f'[server]\nspool_dir = "{tmp_path}/spool"\ngreet_pause = 5\n')
     try:
