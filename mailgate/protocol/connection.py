@@ -304,17 +304,17 @@ class Connection:
     def _send(self, r: Reply) -> None:
         if self.state is _CLOSED:
             return
-        if r.code >= 400:
-            self.errors += 1
         code = r.code
         if code < 300:
             self._sent_2xx += 1
         elif code < 400:
             self._sent_3xx += 1
-        elif code < 500:
-            self._sent_4xx += 1
         else:
-            self._sent_5xx += 1
+            self.errors += 1
+            if code < 500:
+                self._sent_4xx += 1
+            else:
+                self._sent_5xx += 1
         self._out.append(r.to_bytes())
 
     def _close(self) -> None:
