@@ -44,17 +44,29 @@ from mailgate.server.session import Session  # noqa: E402
 
 
 class _Transport:
-    """What a Session uses of a transport; each write wakes the driver."""
+    """What a Session uses of a transport; each write completes the driver's future
+    (a bare future, not an asyncio.Queue: the driver's own cost stays small)."""
 
     def __init__(self) -> None:
-        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
+        self.replies: list[bytes] = []
+        self.waiter: asyncio.Future[None] | None = None
         self.closing = False
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 25)}.get(name, default)
 
     def write(self, data: bytes) -> None:
-        self.replies.put_nowait(data)
+        self.replies.append(data)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def reply(self) -> bytes:
+        if not self.replies:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+            self.waiter = None
+        return self.replies.pop(0)
 
     def is_closing(self) -> bool:
         return self.closing
@@ -72,7 +84,7 @@ class _Transport:
 async def _exchange(session: Session, transport: _Transport, data: bytes, code: bytes) -> None:
     # From a loop callback, as a real transport calls it (not from inside this task).
     asyncio.get_running_loop().call_soon(session.data_received, data)
-    answer = await transport.replies.get()
+    answer = await transport.reply()
     if not answer.startswith(code):
         raise SystemExit(f"unexpected reply to {data[:20]!r}: {answer!r}")
 
@@ -94,7 +106,7 @@ async def run(
             session = Session(ctx, listener)
             transport = _Transport()
             session.connection_made(transport)  # type: ignore[arg-type]
-            await transport.replies.get()  # the greeting
+            await transport.reply()  # the greeting
             await _exchange(session, transport, HELO, b"250")
             return session, transport
 

@@ -30,6 +30,8 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mailgate.delivery.pid import this_pid
+
 PathOrFd = str | int
 SYNC_THREADS = 8  # a pass's fsyncs in flight at once
 
@@ -67,11 +69,12 @@ class GroupCommitter:
             self.stats.requests += 1
         if not wanted:
             return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
         self._pending.append((wanted, future))
         if self._task is None:
             # keep a reference: the loop holds tasks only weakly
-            self._task = asyncio.get_running_loop().create_task(self._drain())
+            self._task = loop.create_task(self._drain())
         await future
 
     def count_direct(self, files: int) -> None:
@@ -136,7 +139,7 @@ class GroupCommitter:
     def _start_threads(self) -> None:
         """Start the sync threads on the first pass of this process (threads do not
         survive a fork: a worker forked after a pass starts its own)."""
-        if self._threads_pid == os.getpid():
+        if self._threads_pid == this_pid():
             return
         self._jobs = queue.SimpleQueue()
         for n in range(SYNC_THREADS):
@@ -145,7 +148,7 @@ class GroupCommitter:
             threading.Thread(
                 target=_serve_jobs, args=(self._jobs,), name=f"mailgate-fsync_{n}", daemon=True
             ).start()
-        self._threads_pid = os.getpid()
+        self._threads_pid = this_pid()
 
 
 class _Pass:

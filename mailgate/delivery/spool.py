@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
+from mailgate.delivery.pid import this_pid
 from mailgate.protocol.replies import Reply, reply
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class SpoolDir:
         sid = _UNSAFE.sub("_", session_id)[:64] or "msg"
         # Unique within this process; cleanup() at start-up removed what an earlier
         # process with our pid may have left under the same name.
-        return SpoolFile(os.path.join(self.path, f"{sid}.{os.getpid()}.{next(_names)}{SUFFIX}"))
+        return SpoolFile(os.path.join(self.path, f"{sid}.{this_pid()}.{next(_names)}{SUFFIX}"))
 
     def cleanup(self) -> int:
         """Remove spool files left by processes that are gone; return how many."""

@@ -6,12 +6,14 @@ import asyncio
 import errno
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 from delivery_helpers import TRACE, as_stored, envelope, files, spooled, tmpfs
 
 from mailgate.delivery import maildir
+from mailgate.delivery.base import RecipientResult
 from mailgate.delivery.fsync import GroupCommitter
 from mailgate.delivery.maildir import MaildirDestination
 from mailgate.delivery.spool import MEMORY_LIMIT
@@ -262,3 +264,40 @@ def test_no_descriptor_is_left_open(tmp_path: Path, unnamed: bool) -> None:
     asyncio.run(main())
     assert len(os.listdir("/proc/self/fd")) == before
     assert len(files(tmp_path / "md" / "alice" / "new")) == 13
+
+
+@WAYS
+@pytest.mark.parametrize("removed", ["maildir", "tmp", "new"])
+def test_a_maildir_removed_since_its_last_delivery_is_made_again(
+    tmp_path: Path, unnamed: bool, removed: str
+) -> None:
+    """A maildir once made is not checked before each delivery; one that a user or a
+    script removed since is made again on the failure, and the message still stored,
+    alone or among concurrent deliveries, for one recipient or several."""
+    dest = destination(tmp_path / "md", unnamed=unnamed)
+    env = envelope("alice@example.org")
+    alice = tmp_path / "md" / "alice"
+    spools = [spooled(tmp_path / f"s{i}", MESSAGE + f"{i}\r\n".encode(), env) for i in range(6)]
+
+    def remove() -> None:
+        shutil.rmtree(alice if removed == "maildir" else alice / removed)
+
+    async def main() -> list[list[RecipientResult]]:
+        results = [await dest.deliver(env, TRACE, spools[0], rcpts("alice@example.org"))]
+        remove()
+        results.append(await dest.deliver(env, TRACE, spools[1], rcpts("alice@example.org")))
+        remove()
+        results += await asyncio.gather(  # together: on the loop, fsyncs in the group commit
+            *(dest.deliver(env, TRACE, s, rcpts("alice@example.org")) for s in spools[2:5])
+        )
+        remove()
+        both = rcpts("alice@example.org", "bob@example.org")
+        results.append(await dest.deliver(env, TRACE, spools[5], both))
+        return results
+
+    outcomes = asyncio.run(main())
+    assert [r.reply.code for results in outcomes for r in results] == [250] * 7
+    kept = {"maildir": 1, "tmp": 6, "new": 1}[removed]  # what the last removal left
+    assert len(files(alice / "new")) == kept
+    assert files(alice / "tmp") == []
+    assert len(files(tmp_path / "md" / "bob" / "new")) == 1
