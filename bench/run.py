@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py            # full run (3 rounds, ~8 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick    # 1 round, a tenth of the messages, ~2 minutes
     .venv/bin/python bench/run.py --part idle   # only the idle-connection test
+    .venv/bin/python bench/run.py --part loads --floor   # with the floor responder too
 
 Every measurement starts a fresh server process (so VmHWM is that load's peak) and the
 servers take turns within each round, in an order that alternates between rounds.
@@ -30,10 +31,13 @@ from servers import check_tools, command, on_fresh_server, raise_nofile
 
 SERVERS = ("mailgate", "aiosmtpd")
 MODES = ("discard", "maildir")
+# bench/floor_server.py, with --floor: an SMTP-shaped responder that parses and stores
+# nothing, measured in discard mode as what any server on uvloop pays at the least.
+FLOOR = "floor"
 
 
 def run_loads(
-    workdir: Path, rounds: int, scale: float, only: list[str], workers: int
+    workdir: Path, rounds: int, scale: float, only: list[str], workers: int, floor: bool
 ) -> list[Measurement]:
     results: list[Measurement] = []
     for round_no in range(1, rounds + 1):
@@ -43,7 +47,8 @@ def run_loads(
                 continue
             for mode in MODES:
                 load = base.scaled(scale)  # the issue's sizes in both modes
-                for name in order:
+                extra = (FLOOR,) if floor and mode == "discard" else ()
+                for name in order + extra:
                     m = on_fresh_server(
                         name, mode, workdir, workers,
                         lambda server, load=load, r=round_no: measure(load, server, r),
@@ -56,13 +61,15 @@ def run_loads(
 
 
 def loads_table(results: list[Measurement], scale: float) -> str:
+    """The medians by load and mode; the ratio column is each server's msg/s over
+    aiosmtpd's (the floor's too, when it ran)."""
     rows = ["| load | mode | messages | server | msg/s (median) | CPU ms/msg | peak RSS MB "
-            "| mailgate ÷ aiosmtpd | by round |", "|---|---|---|---|---|---|---|---|---|"]
+            "| ÷ aiosmtpd | by round |", "|---|---|---|---|---|---|---|---|---|"]
     for base in LOADS:
         for mode in MODES:
             medians = {}
             rates: dict[str, dict[int, float]] = {}
-            for name in SERVERS:
+            for name in (*SERVERS, FLOOR):
                 ms = [m for m in results if (m.load, m.mode, m.server) == (base.name, mode, name)]
                 if ms:
                     medians[name] = (
@@ -71,20 +78,22 @@ def loads_table(results: list[Measurement], scale: float) -> str:
                         max(m.peak_rss_mb for m in ms),
                     )
                     rates[name] = {m.round: m.msgs_per_s for m in ms}
-            if len(medians) < 2:
+            if "mailgate" not in medians or "aiosmtpd" not in medians:
                 continue
-            ratio = medians["mailgate"][0] / medians["aiosmtpd"][0]
-            # The ratio within each round too: on a shared VM both servers change speed
-            # from round to round, and the medians can pair a fast round with a slow one.
-            per_round = " / ".join(
-                f"{rates['mailgate'][r] / rates['aiosmtpd'][r]:.2f}x"
-                for r in sorted(rates["mailgate"]) if r in rates["aiosmtpd"]
-            )
             messages = base.scaled(scale).messages
-            for name in SERVERS:
+            for name in medians:
                 rate, cpu, rss = medians[name]
-                shown = f"**{ratio:.2f}x**" if name == "mailgate" else ""
-                rounds = per_round if name == "mailgate" else ""
+                shown = rounds = ""
+                if name != "aiosmtpd":
+                    shown = f"{rate / medians['aiosmtpd'][0]:.2f}x"
+                    shown = f"**{shown}**" if name == "mailgate" else shown
+                    # The ratio within each round too: on a shared VM the servers change
+                    # speed from round to round, and medians can pair a fast round with a
+                    # slow one.
+                    rounds = " / ".join(
+                        f"{rates[name][r] / rates['aiosmtpd'][r]:.2f}x"
+                        for r in sorted(rates[name]) if r in rates["aiosmtpd"]
+                    )
                 rows.append(f"| {base.name} | {mode} | {messages} | {name} | {rate:.0f} "
                             f"| {cpu:.3f} | {rss:.1f} | {shown} | {rounds} |")
     return "\n".join(rows)
@@ -97,6 +106,8 @@ def main() -> int:
     parser.add_argument("--part", choices=["all", "loads", "idle", "big"], default="all")
     parser.add_argument("--load", action="append", default=[], help="only this load (p1..p4)")
     parser.add_argument("--workdir", default="/var/tmp/mailgate-bench")
+    parser.add_argument("--floor", action="store_true",
+                        help="measure bench/floor_server.py on the discard loads too")
     parser.add_argument("--workers", type=int, default=0,
                         help="mailgate's server.workers (0, the default: one per CPU)")
     args = parser.parse_args()
@@ -112,7 +123,7 @@ def main() -> int:
     raw: dict[str, object] = {"machine": machine(), "quick": args.quick, "workers": args.workers}
 
     if args.part in ("all", "loads"):
-        results = run_loads(workdir, rounds, scale, args.load, args.workers)
+        results = run_loads(workdir, rounds, scale, args.load, args.workers, args.floor)
         raw["loads"] = [asdict(m) for m in results]
         print(f"## Loads ({rounds} round(s), medians)\n\n{loads_table(results, scale)}\n")
         print("smtp-source commands (port varies):\n")

@@ -101,6 +101,9 @@ def command(name: str, mode: str, port: int, work: Path) -> list[str]:
     """The exact command line that starts ``name`` (also printed in RESULTS.md)."""
     if name == "mailgate":
         return [str(VENV_BIN / "mailgate"), "serve", "--config", str(work / "mailgate.toml")]
+    if name == "floor":  # bench/floor_server.py: no server, the floor of the loads
+        return [str(VENV_BIN / "python"), str(ROOT / "bench" / "floor_server.py"),
+                "--port", str(port)]
     return [
         str(VENV_BIN / "python"), str(ROOT / "bench" / "aiosmtpd_server.py"),
         "--port", str(port), "--mode", mode, "--maildir", str(work / "maildir" / "user"),
