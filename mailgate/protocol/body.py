@@ -48,10 +48,15 @@ class DotReader:
         if self._after_crlf and buf.startswith(b".\r\n"):
             self._pending = b""
             return DataResult(b"", False, True, buf[3:])
-        end = buf.find(END_MARKER)
+        # The end marker and every line to unstuff begin with <CRLF>"."; one search
+        # for that tells whether the buffer holds either (most buffers of most
+        # messages hold neither).  Each search over the data costs as much as the
+        # rest of the work: CPython finds short patterns at about 1-2 GB/s here.
+        dot = buf.find(b"\r\n.")
+        end = buf.find(END_MARKER, dot) if dot >= 0 else -1
         if end >= 0:
             region = buf[: end + 2]
-            body, bare = self._process(region)
+            body, bare = self._process(region, stuffed=dot < end)
             self._pending = b""
             return DataResult(body, bare, True, buf[end + 5 :])
         last_lf = buf.rfind(b"\n")
@@ -66,23 +71,31 @@ class DotReader:
         else:
             self._pending = buf
             return DataResult(b"", False, False, b"")
-        body, bare = self._process(buf[:cut])
+        # a "\r\n." that straddles the cut is unstuffed by the next feed (line start)
+        body, bare = self._process(buf[:cut], stuffed=0 <= dot < cut - 2)
         self._pending = buf[cut:]
         self._at_line_start = next_at_line_start
         self._after_crlf = next_at_line_start and buf[cut - 2 : cut] == b"\r\n"
         return DataResult(body, bare, False, b"")
 
-    def _process(self, region: bytes) -> tuple[bytes, bool]:
-        """Check a region for bare CR/LF, normalise if allowed, undo dot-stuffing."""
+    def _process(self, region: bytes, stuffed: bool) -> tuple[bytes, bool]:
+        """Check a region for bare CR/LF, normalise if allowed, undo dot-stuffing
+        (``stuffed``: the region holds a <CRLF>"." somewhere)."""
         crlf = region.count(b"\r\n")
-        bare_cr = region.count(b"\r") != crlf
-        bare_lf = region.count(b"\n") != crlf
+        # Every CR and LF in a CRLF pair: two passes (a count and a deletion) where
+        # counting CR and LF apart took three; they run again only for a region that
+        # has a stray one, to tell a bare CR from a bare LF.
+        bare_cr = bare_lf = False
+        if len(region) - len(region.translate(None, b"\r\n")) != 2 * crlf:
+            bare_cr = region.count(b"\r") != crlf
+            bare_lf = region.count(b"\n") != crlf
         if bare_lf and self._normalize:
             region = region.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
             bare_lf = False
+            stuffed = True  # a line after a bare LF may begin with a dot now
         if self._at_line_start and region.startswith(b"."):
             region = region[1:]
-        if b"\r\n." in region:
+        if stuffed:
             region = region.replace(b"\r\n.", b"\r\n")
         return region, bare_cr or bare_lf
 
