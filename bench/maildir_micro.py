@@ -9,6 +9,7 @@ worker threads included (getrusage), user and system apart.
 
     .venv/bin/python bench/maildir_micro.py                  # 25 at once, 200 each
     .venv/bin/python bench/maildir_micro.py -c 1 -n 2000     # one at a time
+    .venv/bin/python bench/maildir_micro.py -c 20 -n 50 --size 100   # p3's 100 KB
     PYTHONPATH=/tmp/base .venv/bin/python bench/maildir_micro.py   # another version
 
 The files are kept (a new directory under --workdir per run, printed): on this
@@ -33,15 +34,21 @@ from mailgate.delivery.maildir import MaildirDestination
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 
 _LINE = b"x" * 70 + b"\r\n"
-MESSAGE = b"Subject: bench\r\n\r\n" + _LINE * 12  # ~1 KB, as smtp-source's
+
+
+def message(kb: int) -> bytes:
+    """A message of about ``kb`` KB in 72-octet lines (1 KB: as smtp-source's)."""
+    return b"Subject: bench\r\n\r\n" + _LINE * max(1, kb * 1024 // len(_LINE) - 2)
 
 
 class _HeldSpool:
-    """A small message held in memory, as SpoolFile keeps it."""
+    """A small message held in memory, as SpoolFile keeps it (one that came by DATA:
+    every CR begins a CRLF)."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.size = len(data)
+        self.no_bare_cr = True
 
     @property
     def path(self) -> str:
@@ -54,7 +61,8 @@ class _HeldSpool:
         return self.data[:limit]
 
 
-async def run(root: str, concurrency: int, messages: int) -> str:
+async def run(root: str, concurrency: int, messages: int, kb: int) -> str:
+    data = message(kb)
     committer = GroupCommitter()
     dest = MaildirDestination(root, "user", "mx.bench.internal", committer)
     rcpt = Recipient(Address("user", "bench.internal"))
@@ -64,7 +72,7 @@ async def run(root: str, concurrency: int, messages: int) -> str:
 
     async def deliver_all() -> None:
         for _ in range(messages):
-            [result] = await dest.deliver(envelope, trace, _HeldSpool(MESSAGE), [rcpt])
+            [result] = await dest.deliver(envelope, trace, _HeldSpool(data), [rcpt])
             if result.reply.code != 250:
                 raise SystemExit(f"delivery failed: {result.reply}")
 
@@ -88,11 +96,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--concurrency", type=int, default=25)
     parser.add_argument("-n", "--messages", type=int, default=200, help="per task")
+    parser.add_argument("--size", type=int, default=1, help="message size in KB (held in "
+                        "memory: at most the spool's 128 KB)")
     parser.add_argument("--workdir", default="/var/tmp/mailgate-maildir-micro")
     args = parser.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     root = tempfile.mkdtemp(dir=args.workdir)
-    print(uvloop.run(run(root, args.concurrency, args.messages)))
+    print(uvloop.run(run(root, args.concurrency, args.messages, args.size)))
     print(f"files kept in {root}")
 
 

@@ -51,6 +51,11 @@ class SpoolReader(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def no_bare_cr(self) -> bool:
+        """True when every CR of the message begins a CRLF (it came through DATA)."""
+        ...
+
     def held(self) -> bytes | None:
         """The whole message when it is small and held in memory (no file yet), else None."""
         ...

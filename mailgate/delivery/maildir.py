@@ -30,7 +30,7 @@ from mailgate.delivery.fsync import GroupCommitter
 from mailgate.delivery.pid import this_pid
 from mailgate.delivery.spool import (
     WRITE_BUFFER,
-    crlf_to_lf,
+    LineEnds,
     mailbox_component,
     pid_alive,
     read_chunks,
@@ -186,10 +186,12 @@ class MaildirDestination:
     ) -> tuple[dict[str, Reply], set[str]]:
         """One attempt of _store; the replies, and the maildirs that failed for a
         missing file or directory."""
-        binary = envelope.body == "BINARYMIME"  # binary data is stored as it came
-        header = return_path_header(envelope)
-        if not binary:
-            header = header.replace(b"\r\n", b"\n")
+        ends = (
+            LineEnds.AS_RECEIVED  # binary data is stored as it came
+            if envelope.body == "BINARYMIME"
+            else LineEnds.lf(spool.no_bare_cr)
+        )
+        header = ends.convert(return_path_header(envelope))
         run = _Run(unique_name(self.hostname))
         # Alone (no other delivery in progress, no fsync pass running or queued), a
         # message is written, fsync'ed and published in one worker hop, directories
@@ -200,12 +202,12 @@ class MaildirDestination:
         try:
             held = spool.held()
             if held is not None and not lone:
-                await self._store_held(run, boxes, header, held, binary)
+                await self._store_held(run, boxes, header, held, ends)
             else:
                 # A small message held in memory is written straight into the maildir.
                 source = held if held is not None else spool.path
                 await asyncio.to_thread(
-                    self._stage_and_publish, run, boxes, header, source, binary, lone
+                    self._stage_and_publish, run, boxes, header, source, ends, lone
                 )
                 if not lone:
                     await self._sync(run, run.dirs_to_sync(), list(run.published))
@@ -221,7 +223,7 @@ class MaildirDestination:
         return {box: run.failed.get(box) or reply("ok") for box in boxes}, run.vanished
 
     async def _store_held(
-        self, run: _Run, boxes: list[str], header: bytes, held: bytes, binary: bool
+        self, run: _Run, boxes: list[str], header: bytes, held: bytes, ends: LineEnds
     ) -> None:
         """A small message among concurrent deliveries: written into tmp/ and linked
         into new/ on the event loop, fsync'ed by the shared passes of the group commit.
@@ -231,7 +233,7 @@ class MaildirDestination:
         system call made there while the loop is busy).  Only the fsyncs, which wait
         on the disk, leave the loop, and each pass serves every message waiting.
         """
-        fds = self._stage_bytes(run, boxes, _stored_form(header, held, binary))
+        fds = self._stage_bytes(run, boxes, header + ends.convert(held))
         unnamed = set(run.unnamed.values())  # linked through their fd, closed by _publish
         try:
             if fds:
@@ -274,7 +276,7 @@ class MaildirDestination:
             run.fail(boxes, exc)
 
     def _stage_and_publish(
-        self, run: _Run, boxes: list[str], header: bytes, spool: str | bytes, binary: bool,
+        self, run: _Run, boxes: list[str], header: bytes, spool: str | bytes, ends: LineEnds,
         sync_dirs: bool,
     ) -> None:
         """Write and fsync the file in tmp/, link it into new/ and, with ``sync_dirs``,
@@ -284,7 +286,7 @@ class MaildirDestination:
         sent before that fsync, so a crash in between can only cause a resend.
         """
         try:
-            self._stage(run, boxes, header, spool, binary)
+            self._stage(run, boxes, header, spool, ends)
             self.committer.count_direct(files=run.synced)
             self._publish(run)
         finally:
@@ -299,12 +301,12 @@ class MaildirDestination:
                 run.fail(list(run.published), failure)
 
     def _stage(
-        self, run: _Run, boxes: list[str], header: bytes, spool: str | bytes, binary: bool
+        self, run: _Run, boxes: list[str], header: bytes, spool: str | bytes, ends: LineEnds
     ) -> None:
         """Write the message into the first maildir's tmp/, link it into the others'."""
 
         def write_unnamed(fd: int) -> None:
-            _write_into(fd, header, spool, binary)
+            _write_into(fd, header, spool, ends)
             run.synced += 1
 
         if self._stage_unnamed(run, boxes, write_unnamed):
@@ -315,7 +317,7 @@ class MaildirDestination:
             try:
                 self._ensure(box, run.dirs)
                 if source is None:
-                    _write_message(tmp, header, spool, binary)
+                    _write_message(tmp, header, spool, ends)
                     run.synced += 1
                     source = tmp
                 elif not _try_link(source, tmp):
@@ -453,39 +455,33 @@ def _close_all(run: _Run) -> None:
     run.unnamed.clear()
 
 
-def _write_into(fd: int, header: bytes, spool: str | bytes, binary: bool) -> None:
+def _write_into(fd: int, header: bytes, spool: str | bytes, ends: LineEnds) -> None:
     """Write the message into the open file ``fd`` and fsync it; ``spool`` is the spool
     file's path or the message itself."""
     if isinstance(spool, bytes):
-        _write_all(fd, _stored_form(header, spool, binary))
+        _write_all(fd, header + ends.convert(spool))
         os.fsync(fd)
         return
     with os.fdopen(fd, "wb", buffering=WRITE_BUFFER, closefd=False) as out:
         out.write(header)
         chunks = read_chunks(spool)
-        for chunk in chunks if binary else crlf_to_lf(chunks):
+        for chunk in ends.convert_chunks(chunks):
             out.write(chunk)
         out.flush()
         os.fsync(fd)
 
 
-def _write_message(path: str, header: bytes, spool: str | bytes, binary: bool) -> None:
+def _write_message(path: str, header: bytes, spool: str | bytes, ends: LineEnds) -> None:
     """``spool`` is the spool file's path, or the message itself when held in memory
     (then it goes out in one write, without a 256 KiB buffer: most mail is small)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        _write_into(fd, header, spool, binary)  # durable before it is linked into new/
+        _write_into(fd, header, spool, ends)  # durable before it is linked into new/
     except BaseException:
         _unlink_all([path])
         raise
     finally:
         os.close(fd)
-
-
-def _stored_form(header: bytes, message: bytes, binary: bool) -> bytes:
-    """What a maildir file holds: the header and the message, with LF line ends
-    unless the message is binary (BINARYMIME data is stored as it came)."""
-    return header + (message if binary else message.replace(b"\r\n", b"\n"))
 
 
 def _create(path: str, data: bytes) -> int:

@@ -11,6 +11,7 @@ processes may share one spool directory).
 
 from __future__ import annotations
 
+import enum
 import errno
 import itertools
 import logging
@@ -59,6 +60,37 @@ def crlf_to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield carry
 
 
+class LineEnds(enum.Enum):
+    """How a mailbox file stores the line ends of a message spooled with CRLF."""
+
+    AS_RECEIVED = "as received"  # BINARYMIME data: the octets as they came
+    LF = "lf"  # each CRLF turned into LF; a CR on its own is kept
+    # The same for a message whose every CR begins a CRLF (see SpoolFile.no_bare_cr):
+    # deleting the CRs is one bytes.translate pass, ~80 us per 100 KB here against
+    # ~210 us for replace(), whose two-octet search is slow in CPython.
+    LF_DROPPING_CR = "lf, dropping each cr"
+
+    @classmethod
+    def lf(cls, no_bare_cr: bool) -> LineEnds:
+        return cls.LF_DROPPING_CR if no_bare_cr else cls.LF
+
+    def convert(self, data: bytes) -> bytes:
+        """``data``, a whole message or header, in this form."""
+        if self is LineEnds.LF_DROPPING_CR:
+            return data.translate(None, b"\r")
+        if self is LineEnds.LF:
+            return data.replace(b"\r\n", b"\n")
+        return data
+
+    def convert_chunks(self, chunks: Iterable[bytes]) -> Iterable[bytes]:
+        """The message read in ``chunks``, in this form (a CRLF may span two chunks)."""
+        if self is LineEnds.LF_DROPPING_CR:
+            return (chunk.translate(None, b"\r") for chunk in chunks)
+        if self is LineEnds.LF:
+            return crlf_to_lf(chunks)
+        return chunks
+
+
 def mailbox_component(name: str) -> str:
     """``name`` if it is safe as one path component of a mailbox; ValueError if not."""
     if not name or name in (".", "..") or "/" in name or "\0" in name or len(name) > 255:
@@ -75,11 +107,15 @@ class SpoolFile:
     stays bounded by MEMORY_LIMIT per message in flight.
     """
 
-    __slots__ = ("_closed", "_gone", "_memory", "_path", "_writer", "size")
+    __slots__ = ("_closed", "_gone", "_memory", "_path", "_writer", "no_bare_cr", "size")
 
     def __init__(self, path: str) -> None:
         self._path = path
         self.size = 0
+        # Set by the writer when every CR of the message begins a CRLF (the DATA
+        # reader refuses any other; BDAT data and reports quoting such data are not
+        # checked): a mailbox storing LF line ends may then simply drop each CR.
+        self.no_bare_cr = False
         self._memory: bytearray | None = bytearray()
         self._writer: BinaryIO | None = None
         self._closed = False

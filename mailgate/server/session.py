@@ -397,6 +397,8 @@ class Session(asyncio.Protocol):
         self._message_started = time.monotonic()
         try:
             self._spool = self.server.spool.create(self.message_id)
+            # The DATA reader refuses a bare CR; BDAT data is taken as it comes.
+            self._spool.no_bare_cr = not envelope.chunked
             # Nothing in it can change before the end of the data (no RCPT after a
             # BDAT, no TLS or AUTH mid-message): the delivery reuses it.
             self._trace_info = self._trace(envelope)

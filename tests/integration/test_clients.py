@@ -141,6 +141,22 @@ def test_bdat_chunks_and_smtputf8_over_the_wire(server: RunningServer) -> None:
     assert b"with UTF8SMTP" in stored
 
 
+def test_a_stray_cr_in_bdat_data_is_stored_as_it_came(server: RunningServer) -> None:
+    """BDAT data is not checked for a CR outside CRLF (DATA refuses one): the Maildir
+    copy keeps it, turning only the CRLF line ends into LF."""
+    body = b"Subject: cr\r\n\r\nleft\rright\r\n"
+    got = _talk(
+        server,
+        b"EHLO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org> BODY=8BITMIME\r\n"
+        b"RCPT TO:<root@localhost>\r\n" + f"BDAT {len(body)} LAST\r\n".encode() + body
+        + b"QUIT\r\n",
+        b"221 ",
+    )
+    assert [line[:3] for line in got.decode().splitlines()][-4:] == ["250"] * 3 + ["221"]
+    [stored] = server.messages("root")
+    assert stored.endswith(b"Subject: cr\n\nleft\rright\n")
+
+
 def test_vrfy_when_verification_is_enabled(tmp_path) -> None:
     from tests.integration.server import start_server
 
