@@ -24,7 +24,7 @@ from mailgate.config.delivery import MboxConfig
 from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
 from mailgate.delivery.spool import (
     WRITE_BUFFER,
-    crlf_to_lf,
+    LineEnds,
     mailbox_component,
     pid_alive,
     read_chunks,
@@ -75,8 +75,13 @@ class MboxDestination:
                 log.warning("mbox: refusing unsafe mailbox for %r", str(rcpt.address))
                 paths.append(None)
         distinct = list(dict.fromkeys(p for p in paths if p is not None))
+        # A small message held in memory is appended from there: asking for its path
+        # would write it out to the spool first, only to read it back.
+        held = spool.held()
+        source = held if held is not None else spool.path
+        ends = LineEnds.lf(spool.no_bare_cr)
         replies = await asyncio.gather(
-            *(asyncio.to_thread(self._append, p, envelope, spool.path) for p in distinct)
+            *(asyncio.to_thread(self._append, p, envelope, source, ends) for p in distinct)
         )
         outcome = dict(zip(distinct, replies, strict=True))
         return [
@@ -84,10 +89,12 @@ class MboxDestination:
             for rcpt, p in zip(recipients, paths, strict=True)
         ]
 
-    def _append(self, path: str, envelope: Envelope, spool: str) -> Reply:
+    def _append(
+        self, path: str, envelope: Envelope, spool: str | bytes, ends: LineEnds
+    ) -> Reply:
         """Append one copy to ``path`` (in a worker thread); the reply for it."""
         try:
-            append_message(path, envelope, spool, self.config)
+            append_message(path, envelope, spool, self.config, ends)
         except MailboxBusy as exc:
             log.warning("mbox %s: %s", path, exc)
             return reply("delivery.mailbox_busy")
@@ -100,8 +107,13 @@ class MboxDestination:
         return reply("ok")
 
 
-def append_message(path: str, envelope: Envelope, spool: str, config: MboxConfig) -> None:
-    """Append the spooled message to the mbox at ``path``, durably, under both locks."""
+def append_message(
+    path: str, envelope: Envelope, spool: str | bytes, config: MboxConfig,
+    ends: LineEnds = LineEnds.LF,
+) -> None:
+    """Append the message (the spool file's path, or the message itself when held in
+    memory) to the mbox at ``path``, durably, under both locks; ``ends`` says how its
+    CRLF line ends become LF."""
     deadline = time.monotonic() + config.lock_timeout
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -112,7 +124,7 @@ def append_message(path: str, envelope: Envelope, spool: str, config: MboxConfig
         with _dotlock(path, deadline, config.stale_lock_age), _flock(fd, path, deadline):
             start = os.fstat(fd).st_size
             try:
-                _write(fd, envelope, spool)
+                _write(fd, envelope, spool, ends)
                 os.fsync(fd)
             except BaseException:
                 _cut_back(fd, start, path)
@@ -165,12 +177,16 @@ def from_line(envelope: Envelope, now: float | None = None) -> bytes:
     return f"From {_SENDER_UNSAFE.sub('_', who)} {stamp}\n".encode()
 
 
-def _write(fd: int, envelope: Envelope, spool: str) -> None:
+def _write(fd: int, envelope: Envelope, spool: str | bytes, ends: LineEnds) -> None:
     header = return_path_header(envelope).replace(b"\r\n", b"\n")
+    if isinstance(spool, bytes):
+        lines: Iterable[bytes] = [header + ends.convert(spool)]
+    else:
+        lines = _prepend(header, ends.convert_chunks(read_chunks(spool)))
     last = b"\n"
     with os.fdopen(fd, "ab", buffering=WRITE_BUFFER, closefd=False) as out:
         out.write(from_line(envelope))
-        for piece in mboxrd_quote(crlf_to_lf(_prepend(header, read_chunks(spool)))):
+        for piece in mboxrd_quote(lines):
             if piece:
                 out.write(piece)
                 last = piece[-1:]

@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from delivery_helpers import TRACE, as_stored, envelope, spooled
 
 from mailgate.config.delivery import MboxConfig
 from mailgate.delivery.mbox import MboxDestination, mboxrd_quote
+from mailgate.delivery.spool import MEMORY_LIMIT
 from mailgate.protocol.envelope import Address, Recipient
 
 TRICKY = (
@@ -178,3 +180,27 @@ def test_fixed_path_collects_every_recipient_once_each(tmp_path: Path) -> None:
     results = asyncio.run(dest.deliver(env, TRACE, spool, targets))
     assert [r.reply.code for r in results] == [250, 250]
     assert len(read_mboxrd(tmp_path / "archive")) == 1
+
+
+@pytest.mark.parametrize("size", ["held", "spooled"])
+@pytest.mark.parametrize("no_bare_cr", [True, False])
+def test_held_and_spooled_messages_are_stored_alike(
+    tmp_path: Path, size: str, no_bare_cr: bool
+) -> None:
+    """A small message is appended from memory (no spool file is written for it), a
+    large one from the spool file; both quoted alike, a stray CR kept unless the
+    message is known to have none."""
+    stray = b"" if no_bare_cr else b"a\rb\r\n"
+    filler = b"z" * (MEMORY_LIMIT + 10) + b"\r\n" if size == "spooled" else b""
+    message = TRICKY.replace(b"Fromage", stray + b"Fromage") + b"\r\n" + filler
+    env = envelope("alice@example.org")
+    spool = spooled(tmp_path, message, env)
+    spool.no_bare_cr = no_bare_cr
+    held = spool.held() is not None
+    assert held == (size == "held")
+    (result,) = asyncio.run(mbox(tmp_path).deliver(env, TRACE, spool, alice()))
+    assert result.reply.code == 250
+    assert not held or list((tmp_path / "spool").iterdir()) == []  # never written out
+    [stored] = read_mboxrd(tmp_path / "mail" / "alice")
+    assert stored == as_stored(spool)  # the spool's bytes, LF line ends, CR kept
+    assert (b"a\rb\n" in stored) == (not no_bare_cr)
