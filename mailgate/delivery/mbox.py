@@ -180,13 +180,13 @@ def from_line(envelope: Envelope, now: float | None = None) -> bytes:
 def _write(fd: int, envelope: Envelope, spool: str | bytes, ends: LineEnds) -> None:
     header = return_path_header(envelope).replace(b"\r\n", b"\n")
     if isinstance(spool, bytes):
-        lines: Iterable[bytes] = [header + ends.convert(spool)]
+        chunks: Iterable[bytes] = [header + ends.convert(spool)]
     else:
-        lines = _prepend(header, ends.convert_chunks(read_chunks(spool)))
+        chunks = _prepend(header, ends.convert_chunks(read_chunks(spool)))
     last = b"\n"
     with os.fdopen(fd, "ab", buffering=WRITE_BUFFER, closefd=False) as out:
         out.write(from_line(envelope))
-        for piece in mboxrd_quote(lines):
+        for piece in mboxrd_quote(chunks):
             if piece:
                 out.write(piece)
                 last = piece[-1:]
