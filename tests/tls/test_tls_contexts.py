@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -65,7 +66,11 @@ def handshake(
             conn.settimeout(10)
             with server_context.wrap_socket(conn, server_side=True) as tls:
                 result.server_description = describe(tls)
-                tls.recv(1)  # until the client closes
+                # Until the client closes.  A client that closes with the server's
+                # TLS 1.3 session tickets still unread resets the connection: the
+                # handshake succeeded all the same (Python 3.13: ~1 run in 300).
+                with contextlib.suppress(ConnectionResetError):
+                    tls.recv(1)
         except (ssl.SSLError, OSError) as e:
             result.server_error = e
 
