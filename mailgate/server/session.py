@@ -215,7 +215,10 @@ class Session(asyncio.Protocol):
                 self.conn.refuse(refusal)
             else:
                 await self._greet_pause()
-                self.conn.greet()
+                if self._stopping:  # shut down during the pause: no 220 to take back
+                    self.conn.shutdown()
+                else:
+                    self.conn.greet()
             await self._loop()
         except Exception as exc:  # the last guard: a bug must not kill the server
             if self.log:

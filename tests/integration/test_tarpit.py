@@ -186,6 +186,28 @@ def test_a_client_that_hangs_up_during_the_greet_pause_is_let_go(tmp_path: Path)
         srv.stop()
 
 
+def test_a_shutdown_during_the_greet_pause_answers_421_at_once(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+        greet_pause = 30
+        shutdown_grace = 0
+
+        [policy]
+        trusted_networks = []
+    """)
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            assert wait_for(lambda: "event=connect" in srv.log())
+            started = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            assert _read_replies(sock) == [b"421 4.3.2 mx.mailgate.test shutting down\r\n"]
+            assert time.monotonic() - started < 10  # not after the 30 s pause
+        assert srv.proc.wait(10) == 0
+    finally:
+        srv.stop()
+
+
 def test_trusted_clients_are_greeted_at_once(tmp_path: Path) -> None:
     srv = start_server(tmp_path, f'[server]\nspool_dir = "{tmp_path}/spool"\ngreet_pause = 5\n')
     try:
