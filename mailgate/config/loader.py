@@ -96,9 +96,16 @@ def split_host_port(value: str) -> tuple[str, int]:
             raise ValueError(f"an IPv6 address needs brackets, as in [::1]:25; got {shown}")
         if not host:
             raise ValueError(f"missing host in {shown} (0.0.0.0 or [::] listen on all addresses)")
+        shown_host = json.dumps(host, ensure_ascii=False)
         if not _HOSTNAME.fullmatch(host):
-            shown_host = json.dumps(host, ensure_ascii=False)
             raise ValueError(f"{shown_host} is not a host name or address")
+        # No top-level domain is all digits (RFC 3696 2): such a host is meant as an
+        # IPv4 address, and "300.1.1.1" would only fail later, as an unknown name.
+        if host.rstrip(".").rpartition(".")[2].isdigit():
+            try:
+                ipaddress.IPv4Address(host)
+            except ValueError:
+                raise ValueError(f"{shown_host} is not an IPv4 address") from None
     if not (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535):
         raise ValueError(f"port must be a number from 0 to 65535, got {json.dumps(port)}")
     return host, int(port)

@@ -22,3 +22,19 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        # Two listeners on one address would fail at bind: say so in check-config
+        # already.  Port 0 asks the kernel for a free port, a different one each time.
+        seen: dict[str, int] = {}
+        for n, entry in enumerate(self.listener, 1):
+            address = entry.address.lower()
+            port = address.rpartition(":")[2]
+            if port.isdigit() and int(port) == 0:
+                continue
+            if address in seen:
+                raise ValueError(
+                    f"listener[{n}].address: {entry.address} is already the address of "
+                    f"listener[{seen[address]}]"
+                )
+            seen[address] = n

@@ -20,9 +20,12 @@ def bind_listener(address: str, backlog: int = BACKLOG) -> list[socket.socket]:
     """Sockets listening on every address ``HOST:PORT`` resolves to (as asyncio's
     create_server would bind them); OSError when one of them cannot be bound."""
     host, port = split_host_port(address)
-    infos = socket.getaddrinfo(
-        host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
-    )
+    try:
+        infos = socket.getaddrinfo(
+            host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:  # say which listener: its host is not an address
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     bound: list[socket.socket] = []
     seen: set[tuple[int, object]] = set()
     try:

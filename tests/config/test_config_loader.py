@@ -272,6 +272,9 @@ def test_a_huge_file(tmp_path: Path) -> None:
         ("[nope]:25", '"nope" is not an IPv6 address'),
         (":25", 'missing host in ":25" (0.0.0.0 or [::] listen on all addresses)'),
         ("bad_host!:25", '"bad_host!" is not a host name or address'),
+        # all-digit last label: meant as IPv4, which it is not (else an unknown name later)
+        ("300.1.1.1:25", '"300.1.1.1" is not an IPv4 address'),
+        ("10.0.0:25", '"10.0.0" is not an IPv4 address'),
         ("127.0.0.1:65536", 'port must be a number from 0 to 65535, got "65536"'),
         ("127.0.0.1:smtp", 'port must be a number from 0 to 65535, got "smtp"'),
         ("/run/mailgate.sock", 'expected HOST:PORT, got "/run/mailgate.sock"'),
@@ -289,12 +292,31 @@ def test_good_addresses() -> None:
     assert split_host_port("[2001:db8::1]:465") == ("2001:db8::1", 465)
     assert split_host_port("mx.example.org:2525") == ("mx.example.org", 2525)
     assert split_host_port("localhost:0") == ("localhost", 0)
+    assert split_host_port("192.0.2.7:25") == ("192.0.2.7", 25)
+    assert split_host_port("mx1.example.org.:25") == ("mx1.example.org.", 25)
 
 
 def test_a_listener_address_is_checked_too(tmp_path: Path) -> None:
     assert errors_of(tmp_path, '[[listener]]\n[[listener]]\naddress = "[::1]"') == [
         'mailgate.toml: listener[2].address: expected [IPv6]:PORT, got "[::1]"'
     ]
+
+
+def test_two_listeners_on_one_address(tmp_path: Path) -> None:
+    text = (
+        '[[listener]]\naddress = "0.0.0.0:25"\n'
+        '[[listener]]\naddress = "[::]:25"\n'
+        '[[listener]]\naddress = "0.0.0.0:25"\nrole = "submission"'
+    )
+    assert errors_of(tmp_path, text) == [
+        "mailgate.toml: listener[3].address: 0.0.0.0:25 is already the address of listener[1]"
+    ]
+
+
+def test_listeners_on_port_zero_get_a_free_port_each(tmp_path: Path) -> None:
+    path = tmp_path / "mailgate.toml"
+    path.write_text('[[listener]]\naddress = "127.0.0.1:0"\n[[listener]]\naddress = "127.0.0.1:0"')
+    assert len(load_config(str(path)).listener) == 2
 
 
 def test_network_lists_must_be_cidr(tmp_path: Path) -> None:

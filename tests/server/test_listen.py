@@ -40,3 +40,9 @@ def test_ipv6_socket_takes_only_ipv6() -> None:
         assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
     finally:
         sock.close()
+
+
+def test_a_name_that_does_not_resolve_names_the_listener() -> None:
+    # getaddrinfo's own error says only "Name or service not known": which listener?
+    with pytest.raises(OSError, match=r"cannot listen on no-such-host\.invalid:2525: "):
+        bind_listener("no-such-host.invalid:2525")
