@@ -12,13 +12,14 @@ import os
 import signal
 import socket
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mailgate.auth.factory import build_authenticator
 from mailgate.auth.throttle import Failures
 from mailgate.config.errors import ConfigError
 from mailgate.config.loader import load_config
+from mailgate.config.restart import restart_only_changes
 from mailgate.config.schema import Config
 from mailgate.config.server import ListenerConfig
 from mailgate.delivery.factory import build_router
@@ -60,7 +61,7 @@ def default_hostname() -> str:
 class Overrides:
     """Command-line settings that win over the config file."""
 
-    listen: list[str]
+    listen: list[str] = field(default_factory=list)
     hostname: str | None = None
 
 
@@ -70,6 +71,12 @@ def apply_overrides(config: Config, overrides: Overrides) -> Config:
     if overrides.hostname:
         config.server.hostname = overrides.hostname
     return config
+
+
+def load_overridden(path: str | None, overrides: Overrides) -> Config:
+    """The file's configuration with the command line's settings on top, as at start:
+    a reload must not drop ``--listen`` or ``--hostname``."""
+    return apply_overrides(load_config(path), overrides)
 
 
 def build_context(
@@ -170,13 +177,16 @@ class MailServer:
         self, config: Config, config_path: str | None = None,
         counts: ConnectionCounts | None = None,
         auth_failures: Failures | None = None,
+        overrides: Overrides | None = None,
     ) -> None:
         self.config_path = config_path
+        self.overrides = overrides or Overrides()
         self.ctx = build_context(config, counts, auth_failures)
         self._auth_failures = auth_failures  # the workers' shared counts, if any
         self.listeners = build_listeners(self.ctx)
         self.servers: list[asyncio.base_events.Server] = []
         self._stop = asyncio.Event()
+        self.supervised = False  # a worker of a supervisor (sockets bound for it)
 
     async def start(
         self, sockets: list[list[socket.socket]] | None = None
@@ -187,7 +197,7 @@ class MailServer:
         workers, which also cleaned up and dropped privileges; else all that is done here.
         """
         loop = asyncio.get_running_loop()
-        prebound = sockets is not None
+        prebound = self.supervised = sockets is not None
         if sockets is None:
             clean_leftovers(self.ctx.spool, self.ctx.delivery)
             sockets = bind_all(self.ctx.config)
@@ -220,7 +230,11 @@ class MailServer:
         """SIGHUP: a new config, users, aliases, access lists and certificates for new
         work; sessions in progress keep going.  A broken config changes nothing."""
         try:
-            config = load_config(self.config_path)
+            config = load_overridden(self.config_path, self.overrides)
+            # Under a supervisor it tells these once for all workers.
+            restart_needed = [] if self.supervised else restart_only_changes(
+                self.ctx.config, config
+            )
             config.listener = self.ctx.config.listener  # sockets stay as bound
             config.server.hostname = self.ctx.hostname if not config.server.hostname else (
                 config.server.hostname
@@ -234,7 +248,7 @@ class MailServer:
             return
         ctx = self.ctx
         retired = (ctx.policy, ctx.delivery)
-        ctx.config = fresh.config
+        ctx.use_config(fresh.config, fresh.hostname)
         ctx.policy = fresh.policy
         ctx.delivery = fresh.delivery
         ctx.mailboxes = fresh.mailboxes
@@ -250,7 +264,7 @@ class MailServer:
         except (ValueError, OSError) as exc:
             log_event("reload", level="error", outcome="tls_refused", error=str(exc)[:500])
         self.listeners_settings_refresh()
-        log_event("reload", outcome="ok")
+        log_reloaded(restart_needed)
 
     def listeners_settings_refresh(self) -> None:
         fresh = build_listeners(self.ctx)
@@ -287,6 +301,15 @@ class MailServer:
         self.ctx.metrics.flush()  # the last second's updates, before the process ends
 
 
+def log_reloaded(restart_needed: list[str]) -> None:
+    """The reload's log line; a warning naming the changed keys that wait for a restart."""
+    if restart_needed:
+        log_event("reload", level="warning", outcome="ok",
+                  restart_needed=",".join(restart_needed))
+    else:
+        log_event("reload", outcome="ok")
+
+
 async def _close_parts(*parts: object) -> None:
     """Close a policy's and a router's resources, whichever they have."""
     for part in parts:
@@ -301,9 +324,12 @@ def describe_delivery(config: Config) -> str:
     return os.path.abspath(delivery.maildir_root)
 
 
-async def serve(config: Config, config_path: str | None, announce: bool = True) -> int:
+async def serve(
+    config: Config, config_path: str | None, overrides: Overrides | None = None,
+    announce: bool = True,
+) -> int:
     setup_logging(config.logging)
-    server = MailServer(config, config_path)
+    server = MailServer(config, config_path, overrides=overrides)
     bound = await server.start()
     server.install_signals()
     flush_logs()  # what start() logged (cleanup, privilege drop) comes before the announce
@@ -324,9 +350,12 @@ async def serve(config: Config, config_path: str | None, announce: bool = True) 
 async def serve_worker(
     config: Config, config_path: str | None, shared: WorkerShared,
     sockets: list[list[socket.socket]], index: int, ready_fd: int,
+    overrides: Overrides | None = None,
 ) -> int:
     """One of several workers (mailgate/supervisor.py): serve the supervisor's sockets."""
-    server = MailServer(config, config_path, shared.connections, shared.auth_failures)
+    server = MailServer(
+        config, config_path, shared.connections, shared.auth_failures, overrides
+    )
     await server.start(sockets)
     server.install_signals()
     os.write(ready_fd, b"R")
@@ -340,16 +369,20 @@ async def serve_worker(
 def run_worker(
     config: Config, config_path: str | None, shared: WorkerShared,
     sockets: list[list[socket.socket]], index: int, ready_fd: int,
+    overrides: Overrides | None = None,
 ) -> int:
-    return _run_loop(serve_worker(config, config_path, shared, sockets, index, ready_fd))
+    return _run_loop(
+        serve_worker(config, config_path, shared, sockets, index, ready_fd, overrides)
+    )
 
 
-def run(config: Config, config_path: str | None) -> int:
+def run(config: Config, config_path: str | None, overrides: Overrides | None = None) -> int:
+    """Serve ``config`` (read from ``config_path``, then ``overrides`` applied)."""
     from mailgate.supervisor import Supervisor, worker_count
 
     if worker_count(config) > 1:
-        return Supervisor(config, config_path).run()
-    return _run_loop(serve(config, config_path))
+        return Supervisor(config, config_path, overrides).run()
+    return _run_loop(serve(config, config_path, overrides))
 
 
 def _run_loop(main: Coroutine[None, None, int]) -> int:

@@ -71,9 +71,10 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 2
-    apply_overrides(config, Overrides(listen=args.listen, hostname=args.hostname))
+    overrides = Overrides(listen=args.listen, hostname=args.hostname)
+    apply_overrides(config, overrides)
     try:
-        return run(config, args.config)
+        return run(config, args.config, overrides)
     except (ConfigError, DeliveryConfigError, ValueError) as exc:
         print(f"mailgate: {exc}", file=sys.stderr)
         return 2

@@ -31,10 +31,11 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mailgate.auth.throttle import SharedFailureCounter
 from mailgate.config.errors import ConfigError
-from mailgate.config.loader import load_config
+from mailgate.config.restart import restart_only_changes
 from mailgate.config.schema import Config
 from mailgate.delivery.factory import build_router
 from mailgate.delivery.spool import SpoolDir
@@ -46,6 +47,9 @@ from mailgate.ops.metrics import (
     write_to_shared_directory,
 )
 from mailgate.server.limits import ConnectionCounts
+
+if TYPE_CHECKING:
+    from mailgate.app import Overrides
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 START_TIMEOUT = 60.0  # seconds a worker may take to build its parts and listen
@@ -76,11 +80,14 @@ class WorkerShared:
 class Supervisor:
     """Binds, forks ``server.workers`` workers, relays signals and restarts the dead."""
 
-    def __init__(self, config: Config, config_path: str | None) -> None:
-        from mailgate.app import default_hostname
+    def __init__(
+        self, config: Config, config_path: str | None, overrides: Overrides | None = None
+    ) -> None:
+        from mailgate.app import Overrides, default_hostname
 
         self.config = config
         self.config_path = config_path
+        self.overrides = overrides or Overrides()
         # Every worker must name itself the same way (greeting, Received).
         config.server.hostname = config.server.hostname or default_hostname()
         self.workers = worker_count(config)
@@ -273,12 +280,16 @@ class Supervisor:
                 return 1
 
     def _reload(self) -> None:
+        from mailgate.app import load_overridden
+
         try:
             # a broken file: one error here, not one per worker
-            fresh = load_config(self.config_path)
+            fresh = load_overridden(self.config_path, self.overrides)
         except ConfigError as exc:
             log_event("reload", level="error", outcome="refused", error=str(exc)[:500])
             return
+        # Told here once, not by every worker (the workers' reload does not say it).
+        restart_needed = restart_only_changes(self.config, fresh)
         # What a worker started from now on runs with, as the running workers reload:
         # the sockets stay as bound, the name as it was unless the file sets one.
         fresh.listener = self.config.listener
@@ -287,6 +298,9 @@ class Supervisor:
         for pid in self.pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
+        if restart_needed:
+            log_event("reload", level="warning", outcome="relayed",
+                      restart_needed=",".join(restart_needed))
 
     def _reap(self) -> None:
         while self.pids:
@@ -381,7 +395,7 @@ def _worker(supervisor: Supervisor, index: int, ready_fd: int) -> int:
     try:
         return run_worker(
             supervisor.config, supervisor.config_path, supervisor.shared, supervisor.sockets,
-            index, ready_fd,
+            index, ready_fd, supervisor.overrides,
         )
     except (ConfigError, ValueError) as exc:  # DeliveryConfigError is a ValueError
         print(f"mailgate: {exc}", file=sys.stderr, flush=True)

@@ -101,6 +101,13 @@ class ServerContext:
         self._normalize = parse_networks(config.server.normalize_bare_lf_from)
         self._proxy_from = parse_networks(config.server.proxy_from)
 
+    def use_config(self, config: Config, hostname: str) -> None:
+        """A reload's configuration and name for new work (and what is made of them)."""
+        self.config = config
+        self.hostname = hostname
+        self._normalize = parse_networks(config.server.normalize_bare_lf_from)
+        self._proxy_from = parse_networks(config.server.proxy_from)
+
     def normalize_bare_lf(self, ip: IPAddress) -> bool:
         return bool(self._normalize) and in_networks(ip, self._normalize)
 

@@ -56,7 +56,8 @@ class RunningServer:
 
 
 def start_server(
-    workdir: Path, config: str = "", *, hostname: str = "mx.mailgate.test", listeners: int = 1,
+    workdir: Path, config: str = "", *, hostname: str | None = "mx.mailgate.test",
+    listeners: int = 1,
     extra_args: list[str] | None = None,
 ) -> RunningServer:
     """Write ``config`` (TOML, may be empty) and start ``mailgate serve`` on free ports."""
@@ -70,8 +71,9 @@ def start_server(
     config_path = workdir / "mailgate.toml"
     config_path.write_text(body)
     stderr_path = workdir / "stderr.log"
-    args = [sys.executable, "-m", "mailgate.cli", "serve", "--config", str(config_path),
-            "--hostname", hostname]
+    args = [sys.executable, "-m", "mailgate.cli", "serve", "--config", str(config_path)]
+    if hostname is not None:  # None: the name the file gives, if any
+        args += ["--hostname", hostname]
     if "[[listener]]" not in body:
         args += ["--listen", "127.0.0.1:0"] * listeners
     args += extra_args or []

@@ -170,6 +170,48 @@ def test_sighup_reloads_and_keeps_old_config_when_broken(tmp_path: Path) -> None
         srv.stop()
 
 
+def _greeting(srv: RunningServer) -> bytes:
+    with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+        return sock.recv(1024)
+
+
+def test_a_reload_applies_the_name_and_says_what_waits_for_a_restart(tmp_path: Path) -> None:
+    base = f'[server]\nspool_dir = "{tmp_path}/s"\n'
+    srv = start_server(tmp_path, base + 'hostname = "mx1.mailgate.test"\n', hostname=None)
+    try:
+        assert _greeting(srv).startswith(b"220 mx1.mailgate.test ")
+        text = srv.config_path.read_text()
+        srv.config_path.write_text(
+            text.replace("mx1.", "mx2.") + '\n[logging]\nlevel = "debug"\n'
+        )
+        srv.signal(signal.SIGHUP)
+        assert wait_for(lambda: "event=reload" in srv.log())
+        [line] = [x for x in srv.log().splitlines() if "event=reload" in x]
+        # the name is applied; the log level is not (logging is set up once)
+        assert "level=warning" in line and "outcome=ok" in line
+        assert "restart_needed=logging" in line
+        assert _greeting(srv).startswith(b"220 mx2.mailgate.test ")
+    finally:
+        srv.stop()
+
+
+def test_a_reload_keeps_the_command_line_settings(tmp_path: Path) -> None:
+    # --listen and --hostname win over the file at start, and after a reload too
+    srv = start_server(tmp_path, f'[server]\nspool_dir = "{tmp_path}/s"\n')
+    try:
+        text = srv.config_path.read_text()
+        srv.config_path.write_text(
+            text.replace("[server]\n", '[server]\nhostname = "file.mailgate.test"\n')
+        )
+        srv.signal(signal.SIGHUP)
+        assert wait_for(lambda: "event=reload" in srv.log())
+        [line] = [x for x in srv.log().splitlines() if "event=reload" in x]
+        assert "outcome=ok" in line and "restart_needed" not in line
+        assert _greeting(srv).startswith(b"220 mx.mailgate.test ")
+    finally:
+        srv.stop()
+
+
 def test_proxy_protocol_from_allowed_balancer(tmp_path: Path) -> None:
     port = free_port()
     srv = start_server(tmp_path, f"""

@@ -209,6 +209,25 @@ def test_a_replacement_worker_starts_from_the_reloaded_config(tmp_path: Path) ->
         srv.stop()
 
 
+def test_the_supervisor_says_once_what_waits_for_a_restart(tmp_path: Path) -> None:
+    srv = _start(tmp_path)
+    try:
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
+        srv.config_path.write_text(
+            srv.config_path.read_text().replace("workers = 2", "workers = 3")
+        )
+        srv.signal(signal.SIGHUP)
+        assert wait_for(lambda: srv.log().count("event=reload outcome=ok") == 2)
+        assert wait_for(lambda: "outcome=relayed" in srv.log())
+        lines = [x for x in srv.log().splitlines() if "event=reload" in x]
+        told = [x for x in lines if "restart_needed" in x]
+        assert len(lines) == 3 and len(told) == 1
+        assert "level=warning" in told[0] and "restart_needed=server.workers" in told[0]
+        assert len(_worker_pids(srv)) == 2  # still the two it started with
+    finally:
+        srv.stop()
+
+
 def test_workers_that_cannot_restart_are_retried_then_the_server_exits(tmp_path: Path) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("mx.mailgate.test")

@@ -1,0 +1,33 @@
+"""A reload's configuration reaches what the server context derived from the old one."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from mailgate.app import build_context
+from mailgate.config.loader import load_config
+
+
+def _config(tmp_path: Path, server: str) -> Path:
+    path = tmp_path / "mailgate.toml"
+    path.write_text(
+        f'[server]\nspool_dir = "{tmp_path}/spool"\n{server}'
+        f'[delivery]\nmaildir_root = "{tmp_path}/maildir"\n'
+    )
+    return path
+
+
+def test_use_config_takes_the_new_networks_and_name(tmp_path: Path) -> None:
+    ctx = build_context(load_config(str(_config(tmp_path, 'hostname = "mx.mailgate.org"\n'))))
+    balancer = ipaddress.ip_address("192.0.2.10")
+    assert not ctx.proxy_allowed(balancer) and not ctx.normalize_bare_lf(balancer)
+    fresh = build_context(load_config(str(_config(
+        tmp_path,
+        'hostname = "mx2.mailgate.org"\nproxy_from = ["192.0.2.0/24"]\n'
+        'normalize_bare_lf_from = ["192.0.2.10"]\n',
+    ))))
+    ctx.use_config(fresh.config, fresh.hostname)
+    assert ctx.proxy_allowed(balancer) and ctx.normalize_bare_lf(balancer)
+    assert ctx.hostname == "mx2.mailgate.org"
+    assert ctx.config.server.proxy_from == ["192.0.2.0/24"]
