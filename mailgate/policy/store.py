@@ -18,6 +18,8 @@ than an integer raises :class:`StoreError` too.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -34,8 +36,13 @@ Clock = Callable[[], float]
 T = TypeVar("T")
 
 
-class StoreError(Exception):
-    """The store could not do what was asked (backend down, bad file, not an integer)."""
+class StoreError(OSError):
+    """The store could not do what was asked (backend down, bad file, not an integer).
+
+    An OSError, as the failures behind it are: start-up and reload then report a
+    store that cannot be opened like any other file or socket that cannot ("cannot
+    start: ...", "reload refused"), never as a traceback.
+    """
 
 
 class Store(Protocol):
@@ -132,6 +139,10 @@ class SQLiteStore:
             raise StoreError(f"cannot open {path}: {exc}") from exc
 
     def _open(self, path: str) -> None:
+        # SQLite says only "unable to open database file" for a missing directory.
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise OSError(errno.ENOENT, f"no directory {directory}")
         # Autocommit mode: each statement is its own transaction unless we BEGIN.
         conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
         try:

@@ -170,6 +170,34 @@ def test_sighup_reloads_and_keeps_old_config_when_broken(tmp_path: Path) -> None
         srv.stop()
 
 
+def test_a_greylist_database_that_cannot_be_opened(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    config = tmp_path / "grey.toml"
+    config.write_text(
+        f'[server]\nspool_dir = "{tmp_path}/s"\n'
+        f'[greylist]\nenabled = true\nsqlite_path = "{missing}/greylist.sqlite"\n'
+    )
+    started = _cli("serve", "--config", str(config), "--listen", "127.0.0.1:0")
+    assert started.returncode == 1 and "Traceback" not in started.stderr
+    assert f"cannot start: cannot open {missing}/greylist.sqlite" in started.stderr
+    assert f"no directory {missing}" in started.stderr
+    # The same on a reload: refused, and the server goes on with what it had.
+    srv = start_server(tmp_path / "live", f'[server]\nspool_dir = "{tmp_path}/s2"\n')
+    try:
+        srv.config_path.write_text(
+            srv.config_path.read_text()
+            + f'\n[greylist]\nenabled = true\nsqlite_path = "{missing}/g.sqlite"\n'
+        )
+        srv.signal(signal.SIGHUP)
+        assert wait_for(lambda: "outcome=refused" in srv.log())
+        assert "Traceback" not in srv.log() and "no directory" in srv.log()
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            assert smtp.sendmail("a@client.mailgate.org", ["root@localhost"], MESSAGE) == {}
+    finally:
+        srv.stop()
+
+
 def _greeting(srv: RunningServer) -> bytes:
     with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
         return sock.recv(1024)

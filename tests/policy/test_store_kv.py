@@ -195,8 +195,17 @@ def test_sqlite_prunes_expired_rows(tmp_path: Path) -> None:
 
 
 def test_sqlite_bad_path_is_a_store_error(tmp_path: Path) -> None:
-    with pytest.raises(StoreError):
-        SQLiteStore(str(tmp_path / "no" / "such" / "dir" / "kv.sqlite"))
+    missing = tmp_path / "no" / "such" / "dir"
+    with pytest.raises(StoreError, match=f"no directory {missing}") as info:
+        SQLiteStore(str(missing / "kv.sqlite"))
+    # start-up and reload report an OSError as "cannot start" / "reload refused"
+    assert isinstance(info.value, OSError)
+
+
+def test_sqlite_unusable_file_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "kv.sqlite").write_bytes(b"not a database, " * 100)
+    with pytest.raises(StoreError, match="cannot open"):
+        SQLiteStore(str(tmp_path / "kv.sqlite"))
 
 
 def test_sqlite_closed_store_is_a_store_error(tmp_path: Path) -> None:
