@@ -11,8 +11,9 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
+import ssl
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from mailgate.auth.factory import build_authenticator
@@ -77,6 +78,42 @@ def load_overridden(path: str | None, overrides: Overrides) -> Config:
     """The file's configuration with the command line's settings on top, as at start:
     a reload must not drop ``--listen`` or ``--hostname``."""
     return apply_overrides(load_config(path), overrides)
+
+
+def check_parts(config: Config) -> list[str]:
+    """``check-config``: build what ``serve`` would build from ``config`` and return
+    what it would refuse (a certificate that does not match its key, a users file or
+    access list it cannot use, an unknown destination), one line each.
+
+    Without side effects: nothing is bound, and the greylist database is not opened
+    (that would create it, as whoever runs the check); only its directory is checked.
+    """
+    hostname = config.server.hostname or default_hostname()
+    problems: list[str] = []
+
+    def attempt(build: Callable[[], object]) -> object | None:
+        try:
+            return build()
+        except (ConfigError, ValueError, OSError, ssl.SSLError) as exc:
+            problems.extend(exc.errors if isinstance(exc, ConfigError) else [str(exc)])
+            return None
+
+    attempt(lambda: TLSContexts(config.tls))
+    attempt(lambda: build_authenticator(
+        config.auth, hostname=hostname,
+        local_domains=config.delivery.local_domains or [hostname, "localhost"],
+    ))
+    router = attempt(lambda: build_router(config.delivery, hostname))
+    if isinstance(router, Router):
+        no_greylist = replace(config, greylist=replace(config.greylist, enabled=False))
+        policy = attempt(lambda: build_policy(no_greylist, router, hostname))
+        asyncio.run(_close_parts(policy, router))
+    grey = config.greylist
+    if grey.enabled and grey.backend == "sqlite":
+        directory = os.path.dirname(os.path.abspath(grey.sqlite_path))
+        if not os.path.isdir(directory):
+            problems.append(f"greylist.sqlite_path: no directory {directory}")
+    return problems
 
 
 def build_context(

@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mailgate {__version__}")
         return 0
     if args.command == "check-config":
+        from mailgate.app import check_parts
         from mailgate.config.loader import check_config_command
 
-        return check_config_command(args.file)
+        return check_config_command(args.file, check_parts)
     if args.command == "passwd":
         return _passwd(args)
     if args.command == "serve":

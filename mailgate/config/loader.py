@@ -35,6 +35,7 @@ import sys
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from mailgate.config.errors import ConfigError
@@ -65,13 +66,24 @@ def load_config(path: str | None) -> Config:
     return from_data(_read_toml(path), path)
 
 
-def check_config_command(path: str) -> int:
-    """``mailgate check-config FILE``: validate without starting; the exit status."""
+def check_config_command(
+    path: str, check_parts: Callable[[Config], list[str]] | None = None
+) -> int:
+    """``mailgate check-config FILE``: validate without starting; the exit status.
+
+    ``check_parts`` (the caller's: this package builds nothing) tries what the file
+    names (certificates, users file, access list) and returns the problems found.
+    """
     try:
-        load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
+        return 1
+    problems = check_parts(config) if check_parts else []
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
         return 1
     print(f"{path}: OK")
     return 0

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.integration.server import RunningServer, free_port, start_server, wait_for
 
@@ -47,6 +48,43 @@ def test_cli_help_version_and_check_config(tmp_path: Path) -> None:
     assert "Traceback" not in refused.stderr
     started = _cli("serve", "--config", str(bad))
     assert started.returncode != 0 and "Traceback" not in started.stderr
+
+
+def test_check_config_tries_what_the_file_names(tmp_path: Path) -> None:
+    # What serve would refuse at start (or a reload would), check-config finds first.
+    ca = trustme.CA()
+    one, other = ca.issue_cert("mx.mailgate.test"), ca.issue_cert("other.mailgate.test")
+    one.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    other.private_key_pem.write_to_path(tmp_path / "key.pem")
+    (tmp_path / "access").write_text("deny ip 192.0.2.0/24\nfrobnicate everything\n")
+    users = tmp_path / "users"
+    users.write_text("alice:{PLAIN}secret\n")
+    users.chmod(0o600)
+    grey = tmp_path / "grey"
+    config = tmp_path / "parts.toml"
+    config.write_text(
+        f'[tls]\ncert = "{tmp_path}/cert.pem"\nkey = "{tmp_path}/key.pem"\n'
+        f'[auth]\nusers_file = "{users}"\n'
+        f'[policy]\naccess_file = "{tmp_path}/access"\n'
+        f'[greylist]\nenabled = true\nsqlite_path = "{grey}/greylist.sqlite"\n'
+    )
+    refused = _cli("check-config", str(config))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    lines = refused.stderr.splitlines()
+    assert len(lines) == 4, lines
+    assert "key values mismatch" in lines[0]
+    assert lines[1].startswith(f"{users}:1: unknown credential form")
+    assert lines[2].startswith(f"{tmp_path}/access:2: ")
+    assert lines[3] == f"greylist.sqlite_path: no directory {grey}"
+    # fixed, it passes; and checking opened no database (it would be created as
+    # whoever ran the check)
+    one.private_key_pem.write_to_path(tmp_path / "key.pem")
+    (tmp_path / "access").write_text("deny ip 192.0.2.0/24\n")
+    users.write_text("")
+    grey.mkdir()
+    ok = _cli("check-config", str(config))
+    assert ok.returncode == 0, ok.stderr
+    assert list(grey.iterdir()) == []
 
 
 def test_session_id_links_logs_and_received_header(server: RunningServer) -> None:
