@@ -64,6 +64,8 @@ def _existing_lines(path: str) -> list[str]:
         parse_users(text, path)
     except ValueError as e:
         raise _Refused(str(e)) from None
+    except OSError as e:
+        raise _Refused(f"{path}: {e.strerror or e}") from None
     return text.splitlines()
 
 
@@ -71,6 +73,8 @@ def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
+        if not sys.stdin.isatty():  # getpass would warn and echo what it reads
+            raise _Refused("standard input is not a terminal: give the password with --stdin")
         password = getpass.getpass("New password: ")
         if getpass.getpass("Repeat password: ") != password:
             raise _Refused("the passwords differ")
@@ -96,7 +100,10 @@ def _write_atomically(path: str, text: str) -> None:
     except FileNotFoundError:
         old = None
     # mkstemp creates the file 0600 from the start: no moment where others can read it.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".users.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".users.", suffix=".tmp")
+    except OSError as e:  # no such directory, or not ours to write in
+        raise _Refused(f"{path}: cannot write in {directory}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             if old is not None:
@@ -111,8 +118,12 @@ def _write_atomically(path: str, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise _Refused(f"{path}: {e.strerror or e}") from None
-    dir_fd = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # the rename itself must survive a crash
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself must survive a crash
+        finally:
+            os.close(dir_fd)
+    except OSError as e:  # the file is in place; whether the rename is on disk, unknown
+        raise _Refused(f"{path}: written, but {directory} could not be synced: "
+                       f"{e.strerror or e}") from None

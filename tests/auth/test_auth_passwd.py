@@ -175,3 +175,25 @@ def test_loaded_file_has_the_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     run_passwd(monkeypatch, path, "alice", "pw", cram=True)
     alice = load_users(str(path))["alice"]
     assert alice.argon2 and alice.scram and alice.cram
+
+
+def test_a_missing_directory_is_refused_plainly(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "no-such-dir" / "users"
+    assert run_passwd(monkeypatch, path, "alice", "pw") == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"mailgate passwd: {path}: cannot write in {path.parent}: No such file or directory\n"
+    )
+
+
+def test_without_a_terminal_or_stdin_it_says_to_use_stdin(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # getpass would fall back to echoing what it reads, with a warning
+    monkeypatch.setattr(sys, "stdin", io.StringIO("pw\npw\n"))
+    assert passwd_command(str(tmp_path / "users"), "alice", hasher=CHEAP) == 1
+    err = capsys.readouterr().err
+    assert "standard input is not a terminal: give the password with --stdin" in err
+    assert not (tmp_path / "users").exists()
