@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 MAX_WORKERS = 64
+# RFC 5321 Domain (sub-domains of letters, digits and inner hyphens), as the greeting,
+# the EHLO reply, Received: and DSNs name this server; no trailing dot there.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 # A client waits 5 minutes for the greeting (RFC 5321 4.5.3.2.1); senders that give up
 # sooner exist, and a longer pause only holds connections open.
 MAX_GREET_PAUSE = 30.0
@@ -58,9 +64,20 @@ class ServerConfig:
     group: str = ""
 
     def __post_init__(self) -> None:
+        problem = hostname_problem(self.hostname) if self.hostname else None
+        if problem:
+            raise ValueError(f"hostname: {problem}")
         if not 0 <= self.greet_pause <= MAX_GREET_PAUSE:
             raise ValueError(
                 f"greet_pause: from 0 (off) to {MAX_GREET_PAUSE:g} seconds, not {self.greet_pause}"
             )
         if not 0 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers: from 0 (one per CPU) to {MAX_WORKERS}, not {self.workers}")
+
+
+def hostname_problem(name: str) -> str | None:
+    """Why ``name`` cannot be this server's name, or None (also for ``--hostname``)."""
+    if _DOMAIN.fullmatch(name):
+        return None
+    return (f"{json.dumps(name, ensure_ascii=False)} is not a domain name (dot-separated "
+            "labels of letters, digits and inner hyphens, no trailing dot)")

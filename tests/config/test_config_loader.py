@@ -528,3 +528,23 @@ def test_any_text_gives_a_config_or_a_config_error(text: str) -> None:
             load_config(f.name)
         except ConfigError as exc:
             assert exc.errors
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["mx example.org", "mx.example.org.", "mx.example.org\\r\\n250 x", "-mx.example.org",
+     "mx_1.example.org", "a" * 64 + ".example.org", "mx..example.org", "mx.exämple.org"],
+)
+def test_the_server_name_must_be_a_domain(tmp_path: Path, name: str) -> None:
+    # it is the greeting's and EHLO's first word and Received:'s "by"
+    [line] = errors_of(tmp_path, f'[server]\nhostname = "{name}"')
+    assert line.startswith("mailgate.toml: server.hostname: ")
+    assert line.endswith("is not a domain name (dot-separated labels of letters, digits "
+                         "and inner hyphens, no trailing dot)")
+
+
+def test_good_server_names(tmp_path: Path) -> None:
+    for name in ("mx", "mx1.example.org", "MX-2.Example.ORG", "a" * 63 + ".example.org"):
+        path = tmp_path / "mailgate.toml"
+        path.write_text(f'[server]\nhostname = "{name}"')
+        assert load_config(str(path)).server.hostname == name

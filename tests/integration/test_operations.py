@@ -50,6 +50,14 @@ def test_cli_help_version_and_check_config(tmp_path: Path) -> None:
     assert started.returncode != 0 and "Traceback" not in started.stderr
 
 
+def test_a_hostname_that_is_no_domain_is_refused_on_the_command_line() -> None:
+    started = _cli("serve", "--hostname", "mx.example.org\r\n250 forged", "--listen",
+                   "127.0.0.1:0")
+    assert started.returncode == 2 and "Traceback" not in started.stderr
+    assert started.stderr.startswith("mailgate: --hostname: ")
+    assert "is not a domain name" in started.stderr
+
+
 def test_check_config_tries_what_the_file_names(tmp_path: Path) -> None:
     # What serve would refuse at start (or a reload would), check-config finds first.
     ca = trustme.CA()
