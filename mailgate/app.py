@@ -313,9 +313,6 @@ class MailServer:
         await self._stop.wait()
         await self.shutdown()
 
-    def stop(self) -> None:
-        self._stop.set()
-
     async def shutdown(self) -> None:
         """Stop accepting, let sessions finish up to the grace period, then 421 the rest."""
         for server in self.servers:

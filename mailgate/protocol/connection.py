@@ -86,7 +86,7 @@ class Connection:
     # Slots: ten thousand idle sessions each hold one of these.
     __slots__ = (
         "_body_open", "_body_size", "_buf", "_chunk", "_chunk_last", "_chunk_sink",
-        "_discard_line", "_dot", "_events", "_out", "_pending", "_prospective",
+        "_discard_line", "_dot", "_events", "_out", "_pending",
         "_send_later", "_sent_2xx", "_sent_3xx", "_sent_4xx", "_sent_5xx", "_too_big",
         "authenticated", "envelope", "errors", "extended", "helo", "settings", "state",
         "tls_active",
@@ -111,7 +111,6 @@ class Connection:
         # deque costs ten times the memory of an empty list.
         self._events: list[ev.Event] = []
         self._pending: ev.Event | None = None
-        self._prospective: Envelope | None = None
         self._dot: DotReader | None = None
         self._chunk: ChunkReader | None = None
         self._chunk_last = False

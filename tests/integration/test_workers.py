@@ -178,6 +178,15 @@ def test_metrics_add_up_the_workers(tmp_path: Path) -> None:
     assert set(Path(tempfile.gettempdir()).glob("mailgate-metrics-*")) == leftovers
 
 
+def _reload_both_workers(srv: RunningServer, old: str, new: str) -> None:
+    """Once both workers run: change ``old`` to ``new`` in the file, SIGHUP, wait
+    until both workers have reloaded."""
+    assert wait_for(lambda: len(_worker_pids(srv)) == 2)
+    srv.config_path.write_text(srv.config_path.read_text().replace(old, new))
+    srv.signal(signal.SIGHUP)
+    assert wait_for(lambda: srv.log().count("event=reload outcome=ok") == 2)
+
+
 def test_a_replacement_worker_starts_from_the_reloaded_config(tmp_path: Path) -> None:
     config = f"""
         [server]
@@ -190,12 +199,7 @@ def test_a_replacement_worker_starts_from_the_reloaded_config(tmp_path: Path) ->
     """
     srv = start_server(tmp_path, config)
     try:
-        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
-        srv.config_path.write_text(
-            srv.config_path.read_text().replace('["alice"]', '["alice", "bob"]')
-        )
-        srv.signal(signal.SIGHUP)
-        assert wait_for(lambda: srv.log().count("event=reload outcome=ok") == 2)
+        _reload_both_workers(srv, '["alice"]', '["alice", "bob"]')
         for pid in _worker_pids(srv)[:2]:  # both workers of the first config
             os.kill(pid, signal.SIGKILL)
             time.sleep(0.2)
@@ -212,12 +216,7 @@ def test_a_replacement_worker_starts_from_the_reloaded_config(tmp_path: Path) ->
 def test_the_supervisor_says_once_what_waits_for_a_restart(tmp_path: Path) -> None:
     srv = _start(tmp_path)
     try:
-        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
-        srv.config_path.write_text(
-            srv.config_path.read_text().replace("workers = 2", "workers = 3")
-        )
-        srv.signal(signal.SIGHUP)
-        assert wait_for(lambda: srv.log().count("event=reload outcome=ok") == 2)
+        _reload_both_workers(srv, "workers = 2", "workers = 3")
         assert wait_for(lambda: "outcome=relayed" in srv.log())
         lines = [x for x in srv.log().splitlines() if "event=reload" in x]
         told = [x for x in lines if "restart_needed" in x]
