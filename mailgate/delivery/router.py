@@ -90,6 +90,9 @@ class Router:
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.table.local_domains
 
+    def can_relay(self) -> bool:
+        return bool(self.table.relay)
+
     def has_recipient(self, local: str, domain: str) -> bool:
         if domain and not self.is_local_domain(domain):
             return False
@@ -146,7 +149,7 @@ class Router:
             return known
         found = self._resolve(Address(local, domain, quoted))
         # A refusal for a configuration error is logged each time, so it is not kept.
-        if not isinstance(found, Reply) or found.name in ("rcpt.unknown", "rcpt.relay_denied"):
+        if not isinstance(found, Reply) or found.name in ("rcpt.unknown", "rcpt.no_route"):
             if len(self._routes) >= ROUTE_CACHE_SIZE:
                 del self._routes[next(iter(self._routes))]  # the oldest
             self._routes[key] = found
@@ -157,7 +160,7 @@ class Router:
         if not self.is_local_domain(domain):
             if self.table.relay:
                 return (Target(self.table.relay, address),)
-            return reply("rcpt.relay_denied")
+            return reply("rcpt.no_route", address=address)
         try:
             user = self.canonical_user(address.local)
             targets = self._expand(user, domain, address.quoted, frozenset(), 0)

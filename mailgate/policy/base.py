@@ -89,6 +89,10 @@ class Mailboxes(Protocol):
 
     def has_recipient(self, local: str, domain: str) -> bool: ...
 
+    def can_relay(self) -> bool:
+        """Is there a way out (a relay) for mail to domains that are not local?"""
+        ...
+
     async def verify_recipient(self, local: str, domain: str) -> bool | None:
         """Would the downstream take it?  True, False, or None for "cannot say now"."""
         ...

@@ -26,8 +26,10 @@ class RecipientStep(Step):
         self._mailboxes = mailboxes
         self._hostname = hostname
         self._allow_loopback = allow_loopback_literal
-        # A site's own Mailboxes may have no downstream to ask.
+        # A site's own Mailboxes may have no downstream to ask, nor say whether it
+        # relays (then it is taken to: the behaviour before it could say).
         self._verify = getattr(mailboxes, "verify_recipient", None)
+        self._can_relay = getattr(mailboxes, "can_relay", None)
 
     async def rcpt(self, client: Client, envelope: Envelope, recipient: Recipient) -> Verdict:
         address = recipient.address
@@ -42,9 +44,13 @@ class RecipientStep(Step):
         if domain is None:
             if address.domain == "[]":
                 return self._refuse("rcpt.loopback_disabled", "loopback", address)
-            if may_relay:
-                return ACCEPT
-            return self._refuse("rcpt.relay_denied", "relay", address)
+            if not may_relay:
+                return self._refuse("rcpt.relay_denied", "relay", address)
+            if self._can_relay is not None and not self._can_relay():
+                # Accepted now, it could only fail after the data (and take the local
+                # recipients of the same message down with it): say so here.
+                return self._refuse("rcpt.no_route", "no_route", address)
+            return ACCEPT
         if not self._mailboxes.has_recipient(address.local, domain):
             return self._refuse("rcpt.unknown", "unknown", address)
         verify = self._verify

@@ -160,6 +160,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "sender.null_mx":         Template(550, "5.7.27", "Sender domain {domain} does not accept mail (null MX)"),
     "rcpt.unknown":           Template(550, "5.1.1", "<{address}> ... user unknown"),
     "rcpt.relay_denied":      Template(550, "5.7.1", "Relaying denied"),
+    "rcpt.no_route":          Template(550, "5.4.4", "No route to <{address}>: this server relays to no other domain"),
     "rcpt.loopback_disabled": Template(550, "5.7.1", "Loopback address form user@[] not accepted"),
     # --- policy: access lists, DNSBL, greylisting (upas filter states) -------
     "access.denied":          Template(554, "5.7.1", "We don't accept mail from {sender}.\nContact postmaster@{host} for more information."),

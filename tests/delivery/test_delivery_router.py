@@ -131,8 +131,12 @@ def test_remote_recipients_need_a_relay(tmp_path: Path) -> None:
     r = router(tmp_path)
     assert not r.is_local_domain("elsewhere.test")
     assert not r.has_recipient("x", "elsewhere.test")
-    assert deliver(tmp_path, r, "x@elsewhere.test") == ["550 5.7.1 Relaying denied"]
+    assert not r.can_relay()
+    assert deliver(tmp_path, r, "x@elsewhere.test") == [
+        "550 5.4.4 No route to <x@elsewhere.test>: this server relays to no other domain"
+    ]
     relayed = router(tmp_path, relay="archive", aliases={"fwd": ["Ext@Elsewhere.test"]})
+    assert relayed.can_relay()
     assert deliver(tmp_path, relayed, "Y@elsewhere.test", "fwd@example.org") == ["250 2.0.0 OK"] * 2
     # remote local parts keep their case: only the remote side may fold it
     assert sorted(p.name for p in (tmp_path / "mbox" / "elsewhere.test").iterdir()) == ["Ext", "Y"]

@@ -170,3 +170,23 @@ def test_vrfy_when_verification_is_enabled(tmp_path) -> None:
             assert smtp.verify("nobody-by-this-name")[:1] == (550,)
     finally:
         srv.stop()
+
+
+def test_no_relay_configured_refuses_a_remote_recipient_at_rcpt(server: RunningServer) -> None:
+    # The defaults trust 127.0.0.1 but have no relay: a remote recipient is refused at
+    # RCPT, and the local one of the same message is delivered once, not failed with
+    # it after the data (a 451 would have it sent, and delivered, again).
+    with smtplib.SMTP(server.host, server.port, timeout=10) as smtp:
+        smtp.ehlo("client.mailgate.org")
+        refused = smtp.sendmail(
+            "a@client.mailgate.org", ["friend@elsewhere.mailgate.org", "root@localhost"],
+            b"Subject: two recipients\r\n\r\nhello\r\n",
+        )
+    assert refused == {
+        "friend@elsewhere.mailgate.org": (
+            550,
+            b"5.4.4 No route to <friend@elsewhere.mailgate.org>: this server relays to no "
+            b"other domain",
+        )
+    }
+    assert len(server.messages("root")) == 1

@@ -59,6 +59,39 @@ def test_trusted_and_authenticated_clients_may_relay(who: Client) -> None:
     assert outcome(recipient("friend@[198.51.100.99]"), who) == "ok"
 
 
+class _Relaying(Mailboxes):
+    """Mailboxes that say whether they have a way out for other domains."""
+
+    def __init__(self, relay: bool) -> None:
+        super().__init__(BOXES.domains, BOXES.users)
+        self.relay = relay
+
+    def can_relay(self) -> bool:
+        return self.relay
+
+
+@pytest.mark.parametrize(
+    "who",
+    [client("10.1.2.3", trusted=True), client("198.51.100.7", auth_user="alice")],
+    ids=["trusted", "authenticated"],
+)
+def test_with_no_relay_a_remote_recipient_is_refused_at_rcpt(who: Client) -> None:
+    # not 250 now and 550 after the data, which would fail the message's local
+    # recipients too (451: sent again, delivered twice)
+    step = RecipientStep(_Relaying(relay=False), HOST, allow_loopback_literal=False)
+    verdict = run(step.rcpt(who, envelope(), recipient("friend@remote.lab")))
+    assert str(verdict.reply) == (
+        "550 5.4.4 No route to <friend@remote.lab>: this server relays to no other domain"
+    )
+    assert verdict.tags == (("check", "rcpt"), ("reason", "no_route"))
+    assert run(step.rcpt(who, envelope(), recipient("alice@mailgate.lab"))).accepted
+    # an untrusted client still hears only that it may not relay
+    untrusted = run(step.rcpt(client(), envelope(), recipient("friend@remote.lab")))
+    assert str(untrusted.reply) == "550 5.7.1 Relaying denied"
+    relaying = RecipientStep(_Relaying(relay=True), HOST, allow_loopback_literal=False)
+    assert run(relaying.rcpt(who, envelope(), recipient("friend@remote.lab"))).accepted
+
+
 @pytest.mark.parametrize(
     "rcpt",
     [
