@@ -15,6 +15,8 @@ import asyncio
 import os
 import re
 import socket
+import threading
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Final
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -26,7 +28,6 @@ from prometheus_client import (
     Histogram,
     make_wsgi_app,
     multiprocess,
-    start_http_server,
     values,
 )
 
@@ -109,8 +110,8 @@ class Metrics:
 
         Raises ValueError for a malformed address and OSError when it cannot be bound.
         """
-        host, port = split_host_port(listen)
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        server = _BoundServer(bind_metrics(listen), make_wsgi_app(self.registry))
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._server = server
         self.bound_address = server.server_address[:2]
 
@@ -225,13 +226,29 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # a scrape is no news; errors show up in the scraper
 
 
+_WSGIApp = Callable[[dict[str, object], Callable[..., object]], Iterable[bytes]]
+
+
+def _only_metrics(app: _WSGIApp) -> _WSGIApp:
+    """``app`` at /metrics, 404 elsewhere: a scraper pointed at a wrong path must
+    notice (prometheus_client's own app answers every path)."""
+
+    def serve(environ: dict[str, object], start_response: Callable[..., object]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/metrics":
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: metrics are at /metrics\n"]
+
+    return serve
+
+
 class _BoundServer(ThreadingMixIn, WSGIServer):
     """A WSGI server on a socket that is already bound and listening; each request in
     a thread of its own, so one slow scraper does not hold up the others."""
 
     daemon_threads = True
 
-    def __init__(self, sock: socket.socket, app: object) -> None:
+    def __init__(self, sock: socket.socket, app: _WSGIApp) -> None:
         self.address_family = sock.family
         super().__init__(sock.getsockname()[:2], _QuietHandler, bind_and_activate=False)
         self.socket.close()  # the one made by the constructor, never bound
@@ -240,7 +257,7 @@ class _BoundServer(ThreadingMixIn, WSGIServer):
         self.server_name = str(self.server_address[0])
         self.server_port = int(self.server_address[1])
         self.setup_environ()
-        self.set_app(app)  # type: ignore[arg-type]
+        self.set_app(_only_metrics(app))  # type: ignore[arg-type]
 
 
 def forget_worker(pid: int, path: str) -> None:

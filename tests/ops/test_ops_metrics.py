@@ -191,3 +191,16 @@ def test_enabled_from_config() -> None:
     assert (
         on.registry.get_sample_value("mailgate_delivery_latency_seconds_bucket", {"le": "2.0"}) == 1
     )
+
+
+def test_only_the_metrics_path_is_served(metrics: Metrics) -> None:
+    # a scraper pointed at a wrong path must see an error, not the metrics
+    assert metrics.bound_address is not None
+    host, port = metrics.bound_address
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://{host}:{port}/", timeout=5)
+    assert info.value.code == 404
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"http://{host}:{port}/metrics/extra", timeout=5)
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
+        assert response.status == 200
