@@ -180,6 +180,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "delivery.mailer_refused": Template(554, "5.6.0", "mail refused by the mail processor"),
     "delivery.downstream_temp": Template(451, "4.4.0", "Downstream delivery failed temporarily, try again later"),
     "delivery.downstream_perm": Template(554, "5.0.0", "Downstream refused the message"),
+    "delivery.partial_unreported": Template(554, "5.0.0", "Not delivered to the recipients above; the others have it, and no report could reach the sender"),
     "delivery.downstream_rcpt_temp": Template(451, "4.4.0", "Downstream deferred <{address}>"),
     "delivery.downstream_rcpt_perm": Template(550, "5.1.1", "Downstream refused <{address}>"),
     "delivery.smarthost_temp": Template(451, "4.4.1", "Smarthost unavailable, try again later"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import ipaddress
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,14 @@ if TYPE_CHECKING:
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Report(enum.Enum):
+    """What became of a failure report to the sender (ServerContext.bounce)."""
+
+    SENT = "sent"  # durable (or not wanted: NOTIFY=NEVER)
+    DEFER = "defer"  # failed for now: a retry of the message may get it through
+    IMPOSSIBLE = "impossible"  # no retry can: the null sender, or refused for good
 
 
 def parse_networks(items: list[str]) -> list[Network]:
@@ -158,23 +167,25 @@ class ServerContext:
 
     async def bounce(
         self, session: Session, envelope: Envelope, failed: list[RecipientResult], spool_path: str
-    ) -> bool:
-        """Send an RFC 3464 report for ``failed`` to the sender; True when it is durable.
+    ) -> Report:
+        """Send an RFC 3464 report for ``failed`` to the sender.
 
         mailgate has no queue, so the report is delivered now, through the same router
-        (a local sender's mailbox, or the relay for a remote one).  False means it
-        could not be made durable, and the caller defers the whole message instead.
+        (a local sender's mailbox, or the relay for a remote one): SENT when it is
+        durable (or the sender asked not to hear, NOTIFY=NEVER), DEFER when it failed
+        for now, IMPOSSIBLE when no retry can change it (the null sender, never to be
+        bounced to, or a report refused for good).
         """
         report_envelope = bounce_envelope(envelope)
         if report_envelope is None:
-            return False  # the null sender: never bounce a bounce; defer instead
+            return Report.IMPOSSIBLE  # the null sender: never bounce a bounce
         reportable = bounce_recipients(failed)
         if not reportable:
-            return True  # NOTIFY=NEVER: the sender asked not to hear of failures
+            return Report.SENT  # NOTIFY=NEVER: the sender asked not to hear of failures
         try:
             headers = await read_headers(spool_path)
         except OSError:
-            return False
+            return Report.DEFER
         return await self._report(session, envelope, report_envelope, reportable, headers)
 
     async def notify_success(
@@ -201,8 +212,8 @@ class ServerContext:
     async def _report(
         self, session: Session, envelope: Envelope, report_envelope: Envelope,
         reportable: list[RecipientResult], headers: bytes, success: bool = False,
-    ) -> bool:
-        """Build the report and deliver it now (no queue); True when it is durable."""
+    ) -> Report:
+        """Build the report and deliver it now (no queue); as :meth:`bounce`."""
         spool = None
         try:
             report = build_dsn(
@@ -216,7 +227,7 @@ class ServerContext:
             if spool is not None:
                 spool.discard()
             session.log_event("dsn", level="error", id=session.message_id, error=str(exc)[:200])
-            return False
+            return Report.DEFER
         trace = TraceInfo(
             session_id=f"{session.message_id}.dsn", helo=self.hostname, client_ip="127.0.0.1",
             reverse_name="localhost", hostname=self.hostname, protocol="ESMTP",
@@ -231,7 +242,11 @@ class ServerContext:
             **{"delivered" if success else "failed": recipients},
             code=results[0].reply.code if results else 0,
         )
-        return bool(results) and all(r.ok for r in results)
+        if results and all(r.ok for r in results):
+            return Report.SENT
+        if not results or any(r.reply.code < 500 for r in results if not r.ok):
+            return Report.DEFER
+        return Report.IMPOSSIBLE
 
 
 def with_normalize(settings: Settings) -> Settings:

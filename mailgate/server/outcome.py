@@ -9,8 +9,12 @@ dropped and none is told 250 for a message it did not get:
   recipients already served may get a duplicate (a duplicate is better than a loss);
 * only permanent failures -> the first of them;
 * durable for some, permanently refused for the others -> 250, and an RFC 3464 bounce
-  to the sender for the refused ones (see ``Session`` and ``delivery.dsn``); when no
-  bounce can be sent, the whole message is deferred instead.
+  to the sender for the refused ones (see ``Session`` and ``delivery.dsn``); when the
+  bounce fails for now, the whole message is deferred (4xx), so that a retry can
+  report it; when no retry could (the null sender, who is never bounced to, or a
+  report refused for good), a 554 that names the refused recipients and says the
+  others have it: the client then reports it itself, where a 4xx would have it send
+  the message again and again, a copy each time for the recipients already served.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from typing import TYPE_CHECKING
 
 from mailgate.delivery.base import RecipientResult, SpoolReader
 from mailgate.protocol.envelope import Envelope
-from mailgate.protocol.replies import Reply, reply
+from mailgate.protocol.replies import Reply, multiline, reply
+from mailgate.server.context import Report
 
 if TYPE_CHECKING:
     from mailgate.server.session import Session
@@ -40,6 +45,13 @@ async def combine_results(
     if len(failed) == len(results):
         return failed[0].reply
     # Only a report needs the spool as a file (its header is quoted in the report).
-    if await session.server.bounce(session, envelope, failed, spool.path):
+    report = await session.server.bounce(session, envelope, failed, spool.path)
+    if report is Report.SENT:
         return accepted
-    return reply("delivery.downstream_temp")
+    if report is Report.DEFER:
+        return reply("delivery.downstream_temp")
+    return multiline(
+        "delivery.partial_unreported",
+        [f"<{r.recipient.address}>: {r.reply.code} {r.reply.enhanced or ''} {r.reply.lines[-1]}"
+         for r in failed],
+    )

@@ -46,14 +46,58 @@ def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
         assert msg.get_content_type() == "multipart/report"
         assert "lists@localhost" in report.decode()
         assert "Status: 5." in report.decode()
-        # A null sender cannot be told: the whole message is deferred instead.
+        # A null sender is never bounced to, and no retry changes that: a 4xx would
+        # have the client send it again and again, a copy each time for root.  The
+        # refusal names who did not get it and says the others did.
         with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
             smtp.ehlo("client.mailgate.org")
             smtp.docmd("MAIL", "FROM:<>")
             smtp.docmd("RCPT", "TO:<root@localhost>")
             smtp.docmd("RCPT", "TO:<lists@localhost>")
-            code, _ = smtp.data(b"Subject: bounce\r\n\r\nhello\r\n")
-            assert 400 <= code < 500
+            code, text = smtp.data(b"Subject: bounce\r\n\r\nhello\r\n")
+        assert code == 554
+        said = text.decode()
+        assert said.startswith("5.0.0 <lists@localhost>: 554 5.6.0 ")
+        assert said.endswith(
+            "5.0.0 Not delivered to the recipients above; the others have it, and no "
+            "report could reach the sender"
+        )
+        assert len(srv.messages("root")) == 2  # this message's copy, once
+    finally:
+        srv.stop()
+
+
+def test_a_report_refused_for_good_ends_in_a_refusal_not_a_retry(tmp_path: Path) -> None:
+    # A remote sender and no relay: its report cannot go anywhere, now or later.
+    mailer = tmp_path / "refuse.sh"
+    mailer.write_text("#!/bin/sh\ncat >/dev/null\necho 'no such list' >&2\nexit 67\n")
+    mailer.chmod(0o755)
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+
+        [delivery]
+        maildir_root = "{tmp_path}/maildir"
+        local_users = ["lists"]
+
+        [delivery.users]
+        "lists@localhost" = "listpipe"
+
+        [delivery.destinations.listpipe.pipe]
+        command = ["{mailer}", "--", "{{recipients}}"]
+    """)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.docmd("MAIL", "FROM:<someone@remote.mailgate.org>")
+            smtp.docmd("RCPT", "TO:<root@localhost>")
+            smtp.docmd("RCPT", "TO:<lists@localhost>")
+            code, text = smtp.data(b"Subject: mixed\r\n\r\nhello\r\n")
+        assert code == 554 and b"<lists@localhost>: 554 5.6.0" in text
+        assert len(srv.messages("root")) == 1
+        assert wait_for(lambda: "event=dsn" in srv.log())
+        [line] = [x for x in srv.log().splitlines() if "event=dsn" in x]
+        assert "to=someone@remote.mailgate.org" in line and "code=550" in line
     finally:
         srv.stop()
 
