@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 MAX_WORKERS = 64
+MIN_MESSAGE_SIZE = 65_536  # RFC 5321 4.5.3.1.7
+MIN_RECIPIENTS = 100  # RFC 5321 4.5.3.1.8
 # RFC 5321 Domain (sub-domains of letters, digits and inner hyphens), as the greeting,
 # the EHLO reply, Received: and DSNs name this server; no trailing dot there.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -73,6 +75,24 @@ class ServerConfig:
             )
         if not 0 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers: from 0 (one per CPU) to {MAX_WORKERS}, not {self.workers}")
+        # Floors below which the server would refuse all mail or contradict itself
+        # (SIZE 0 announces "no limit"), and those RFC 5321 sets.
+        floors = (
+            ("max_message_size", self.max_message_size, MIN_MESSAGE_SIZE,
+             "octets (RFC 5321 4.5.3.1.7: 64K must be accepted)"),
+            ("max_recipients", self.max_recipients, MIN_RECIPIENTS,
+             "(RFC 5321 4.5.3.1.8: 100 must be accepted)"),
+            ("max_errors", self.max_errors, 1, ""),
+            ("max_connections", self.max_connections, 1, ""),
+            ("max_connections_per_ip", self.max_connections_per_ip, 1, ""),
+        )
+        for name, value, least, why in floors:
+            if value < least:
+                raise ValueError(f"{name}: at least {least}{' ' + why if why else ''}, not {value}")
+        for name, seconds in (("command_timeout", self.command_timeout),
+                              ("data_timeout", self.data_timeout)):
+            if seconds <= 0:
+                raise ValueError(f"{name}: more than 0 seconds, not {seconds:g}")
 
 
 def hostname_problem(name: str) -> str | None:

@@ -548,3 +548,24 @@ def test_good_server_names(tmp_path: Path) -> None:
         path = tmp_path / "mailgate.toml"
         path.write_text(f'[server]\nhostname = "{name}"')
         assert load_config(str(path)).server.hostname == name
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("max_message_size = 0",
+         "at least 65536 octets (RFC 5321 4.5.3.1.7: 64K must be accepted), not 0"),
+        ("max_recipients = 99", "at least 100 (RFC 5321 4.5.3.1.8: 100 must be accepted), not 99"),
+        ("max_errors = 0", "at least 1, not 0"),
+        ("max_connections = 0", "at least 1, not 0"),
+        ("max_connections_per_ip = 0", "at least 1, not 0"),
+        ("command_timeout = 0", "more than 0 seconds, not 0"),
+        ("data_timeout = 0.0", "more than 0 seconds, not 0"),
+    ],
+)
+def test_limits_that_would_stop_all_mail(tmp_path: Path, setting: str, message: str) -> None:
+    # SIZE 0 would even announce "no limit" while refusing every message
+    key = setting.split(" = ")[0]
+    assert errors_of(tmp_path, f"[server]\n{setting}") == [
+        f"mailgate.toml: server.{key}: {message}"
+    ]

@@ -105,16 +105,17 @@ def test_pipelined_group_answered_in_order_in_one_write(server: RunningServer) -
 def test_size_declared_and_exceeded(tmp_path) -> None:
     from tests.integration.server import start_server
 
-    srv = start_server(tmp_path, "[server]\nmax_message_size = 1000\n"
+    # the least the configuration allows: RFC 5321 4.5.3.1.7's 64K
+    srv = start_server(tmp_path, "[server]\nmax_message_size = 65536\n"
                        f'spool_dir = "{tmp_path / "spool"}"\n')
     try:
         got = _talk(
-            srv, b"EHLO c.mailgate.org\r\nMAIL FROM:<a@c.mailgate.org> SIZE=5000\r\n", b"552 "
+            srv, b"EHLO c.mailgate.org\r\nMAIL FROM:<a@c.mailgate.org> SIZE=70000\r\n", b"552 "
         )
         assert b"552 5.3.4" in got
-        big = b"x" * 200 + b"\r\n"
+        big = b"x" * 998 + b"\r\n"
         got = _talk(srv, b"EHLO c.mailgate.org\r\nMAIL FROM:<a@c.mailgate.org>\r\n"
-                    b"RCPT TO:<root@localhost>\r\nDATA\r\n" + big * 10 + b".\r\nQUIT\r\n", b"221 ")
+                    b"RCPT TO:<root@localhost>\r\nDATA\r\n" + big * 70 + b".\r\nQUIT\r\n", b"221 ")
         assert b"552 5.3.4" in got and b"221 2.0.0" in got
         assert srv.messages("root") == []
     finally:
