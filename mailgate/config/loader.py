@@ -13,8 +13,8 @@ Besides types, a few cheap checks are chosen by field name (see docs/configurati
 * ``*_networks``, ``*_from`` and ``*cidr*`` entries must be IP networks;
 * ``*_file``, ``cert`` and ``key``, when not empty, must name a readable file
   (a field may opt in or out with ``field(metadata={"must_exist": bool})``);
-* numbers must be finite, and ``max_*``, ``*timeout*``, ``*delay*`` and ``*grace*``
-  must not be negative.
+* numbers must be finite, ``*timeout*`` more than 0, and ``max_*``, ``*delay*`` and
+  ``*grace*`` must not be negative.
 
 A dataclass ``__post_init__`` may raise ``ValueError("key: what is wrong")``; the
 loader turns it into ``FILE: section.key: what is wrong``.
@@ -51,7 +51,7 @@ _TOML_POSITION = re.compile(
 )
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
-_NON_NEGATIVE_WORDS = ("timeout", "delay", "grace")
+_NON_NEGATIVE_WORDS = ("delay", "grace")  # and *timeout* must be more than 0
 _INVALID = object()
 T = typing.TypeVar("T")  # marks a value that produced an error, so its parents are not built
 
@@ -404,6 +404,9 @@ class _Converter:
             sub = f"{key}[{i}]" if isinstance(value, list) else key
             if isinstance(v, float) and not math.isfinite(v):
                 self.error(sub, f"expected a finite number, got {v!r}")
+            elif "timeout" in name and isinstance(v, int | float) and v <= 0:
+                # 0 would not mean "no timeout": every wait would fail at once
+                self.error(sub, f"must be more than 0 seconds, got {v!r}")
             elif (
                 isinstance(v, int | float)
                 and not isinstance(v, bool)

@@ -89,10 +89,6 @@ class ServerConfig:
         for name, value, least, why in floors:
             if value < least:
                 raise ValueError(f"{name}: at least {least}{' ' + why if why else ''}, not {value}")
-        for name, seconds in (("command_timeout", self.command_timeout),
-                              ("data_timeout", self.data_timeout)):
-            if seconds <= 0:
-                raise ValueError(f"{name}: more than 0 seconds, not {seconds:g}")
 
 
 def hostname_problem(name: str) -> str | None:

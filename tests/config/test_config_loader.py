@@ -559,8 +559,8 @@ def test_good_server_names(tmp_path: Path) -> None:
         ("max_errors = 0", "at least 1, not 0"),
         ("max_connections = 0", "at least 1, not 0"),
         ("max_connections_per_ip = 0", "at least 1, not 0"),
-        ("command_timeout = 0", "more than 0 seconds, not 0"),
-        ("data_timeout = 0.0", "more than 0 seconds, not 0"),
+        ("command_timeout = 0", "must be more than 0 seconds, got 0.0"),
+        ("data_timeout = -1.5", "must be more than 0 seconds, got -1.5"),
     ],
 )
 def test_limits_that_would_stop_all_mail(tmp_path: Path, setting: str, message: str) -> None:
@@ -569,3 +569,14 @@ def test_limits_that_would_stop_all_mail(tmp_path: Path, setting: str, message: 
     assert errors_of(tmp_path, f"[server]\n{setting}") == [
         f"mailgate.toml: server.{key}: {message}"
     ]
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("policy", "dns_timeout"), ("greylist", "redis_timeout"), ("mbox", "lock_timeout")],
+)
+def test_every_timeout_is_more_than_zero(tmp_path: Path, section: str, key: str) -> None:
+    # 0 would not mean "no timeout": every lookup or call would fail at once
+    table = "delivery.destinations.box.mbox" if section == "mbox" else section
+    [line] = errors_of(tmp_path, f"[{table}]\n{key} = 0")
+    assert line == f"mailgate.toml: {table}.{key}: must be more than 0 seconds, got 0.0"
