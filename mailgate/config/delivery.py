@@ -46,6 +46,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mailgate.config.server import hostname_problem
+
 DestinationType = Literal["maildir", "mbox", "pipe", "lmtp", "smtp", "discard"]
 MaildirLayout = Literal["user", "domain/user"]
 
@@ -164,7 +166,7 @@ class DeliveryConfig:
     # Maildir store under maildir_root (unless [delivery.destinations.local] redefines it)
     default: str = LOCAL_DESTINATION
     # the destination for recipients in other domains (policy allows that only to
-    # authenticated or trusted clients); empty: such recipients get 550 5.7.1
+    # authenticated or trusted clients); empty: such recipients are refused at RCPT
     relay: str = ""
     # characters that start a +detail suffix ignored for lookup (alice+lists → alice);
     # empty: no detail suffixes
@@ -188,6 +190,13 @@ class DeliveryConfig:
     def __post_init__(self) -> None:
         if "@" in self.recipient_delimiter:
             raise ValueError("recipient_delimiter: must not contain @")
+        # A typo here would never match a recipient: the domain's mail would be refused.
+        named = [(f"local_domains[{n}]", d) for n, d in enumerate(self.local_domains, 1)]
+        named += [(f"domains.{d}", d) for d in self.domains]
+        for key, domain in named:
+            problem = hostname_problem(domain)
+            if problem:
+                raise ValueError(f"{key}: {problem}")
         # `postmaster = "root"` is the natural TOML for one target: store lists only
         self.aliases = {
             key: [value] if isinstance(value, str) else list(value)

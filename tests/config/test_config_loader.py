@@ -580,3 +580,18 @@ def test_every_timeout_is_more_than_zero(tmp_path: Path, section: str, key: str)
     table = "delivery.destinations.box.mbox" if section == "mbox" else section
     [line] = errors_of(tmp_path, f"[{table}]\n{key} = 0")
     assert line == f"mailgate.toml: {table}.{key}: must be more than 0 seconds, got 0.0"
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('[delivery]\nlocal_domains = ["example.org", "exa mple.org"]',
+         'delivery.local_domains[2]: "exa mple.org" is not a domain name'),
+        ('[delivery.domains]\n"lists_example.org" = "local"',
+         'delivery.domains.lists_example.org: "lists_example.org" is not a domain name'),
+    ],
+)
+def test_local_domains_must_be_domains(tmp_path: Path, text: str, line: str) -> None:
+    # a typo would never match a recipient, and the domain's mail would be refused
+    [error] = errors_of(tmp_path, text)
+    assert error.startswith(f"mailgate.toml: {line} (")
