@@ -91,9 +91,10 @@ class ServerConfig:
                 raise ValueError(f"{name}: at least {least}{' ' + why if why else ''}, not {value}")
 
 
-def hostname_problem(name: str) -> str | None:
-    """Why ``name`` cannot be this server's name, or None (also for ``--hostname``)."""
+def hostname_problem(name: str, shown: str | None = None) -> str | None:
+    """Why ``name`` cannot be this server's name, or None (also for ``--hostname``);
+    ``shown``: what to call it in the message, when ``name`` is a converted form."""
     if _DOMAIN.fullmatch(name):
         return None
-    return (f"{json.dumps(name, ensure_ascii=False)} is not a domain name (dot-separated "
-            "labels of letters, digits and inner hyphens, no trailing dot)")
+    return (f"{json.dumps(shown or name, ensure_ascii=False)} is not a domain name "
+            "(dot-separated labels of letters, digits and inner hyphens, no trailing dot)")

@@ -589,9 +589,18 @@ def test_every_timeout_is_more_than_zero(tmp_path: Path, section: str, key: str)
          'delivery.local_domains[2]: "exa mple.org" is not a domain name'),
         ('[delivery.domains]\n"lists_example.org" = "local"',
          'delivery.domains.lists_example.org: "lists_example.org" is not a domain name'),
+        ('[delivery]\nlocal_domains = ["bü cher.example"]',
+         'delivery.local_domains[1]: "bü cher.example" is not a domain name'),
     ],
 )
 def test_local_domains_must_be_domains(tmp_path: Path, text: str, line: str) -> None:
     # a typo would never match a recipient, and the domain's mail would be refused
     [error] = errors_of(tmp_path, text)
     assert error.startswith(f"mailgate.toml: {line} (")
+
+
+def test_an_internationalized_local_domain_is_a_domain(tmp_path: Path) -> None:
+    # SMTPUTF8 mail (RFC 6531) may name a domain in U-labels
+    path = tmp_path / "mailgate.toml"
+    path.write_text('[delivery]\nlocal_domains = ["bücher.example", "example.org"]')
+    assert load_config(str(path)).delivery.local_domains == ["bücher.example", "example.org"]
