@@ -38,3 +38,13 @@ class Config:
                     f"listener[{seen[address]}]"
                 )
             seen[address] = n
+        # Without a certificate these listeners could never take mail: smtps speaks
+        # TLS from the first byte, and require_tls waits for a STARTTLS not offered.
+        if not self.tls.pairs:
+            for n, entry in enumerate(self.listener, 1):
+                if entry.role == "smtps":
+                    raise ValueError(f"listener[{n}].role: smtps needs [tls] cert and key")
+                if entry.require_tls:
+                    raise ValueError(
+                        f"listener[{n}].require_tls: STARTTLS needs [tls] cert and key"
+                    )

@@ -87,8 +87,35 @@ def test_every_key_has_a_type_the_loader_reads(path: str, tp: Any) -> None:
 def test_the_example_config_loads() -> None:
     config = load_config(str(ROOT / "deploy" / "mailgate.example.toml"))
     assert config.server.hostname == "mx.example.org"
-    assert [listener.role for listener in config.listener] == ["public", "submission", "smtps"]
+    assert [listener.role for listener in config.listener] == ["public"]
     assert config.metrics.listen == "127.0.0.1:9125"
+
+
+def test_the_example_submission_listeners_load_once_a_certificate_is_set(
+    tmp_path: Path,
+) -> None:
+    # What the example tells an administrator to do: set cert and key, uncomment the
+    # two submission listeners.
+    import trustme
+
+    cert = trustme.CA().issue_cert("mx.example.org")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    lines = (ROOT / "deploy" / "mailgate.example.toml").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Submission"))
+    end = next(i for i in range(start, len(lines)) if lines[i] == "[tls]")
+    for i in range(start + 2, end):
+        lines[i] = lines[i].removeprefix("# ").removeprefix("#")
+    for i, line in enumerate(lines):
+        if line.startswith("# cert = "):
+            lines[i] = f'cert = "{tmp_path}/cert.pem"'
+        elif line.startswith("# key = "):
+            lines[i] = f'key = "{tmp_path}/key.pem"'
+    edited = tmp_path / "mailgate.toml"
+    edited.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config = load_config(str(edited))
+    assert [listener.role for listener in config.listener] == ["public", "submission", "smtps"]
+    assert config.listener[1].require_tls
 
 
 def test_the_unit_file_waits_longer_than_the_shutdown_grace() -> None:

@@ -604,3 +604,21 @@ def test_an_internationalized_local_domain_is_a_domain(tmp_path: Path) -> None:
     path = tmp_path / "mailgate.toml"
     path.write_text('[delivery]\nlocal_domains = ["bücher.example", "example.org"]')
     assert load_config(str(path)).delivery.local_domains == ["bücher.example", "example.org"]
+
+
+@pytest.mark.parametrize(
+    ("listener", "line"),
+    [
+        ('role = "smtps"', "listener[2].role: smtps needs [tls] cert and key"),
+        ('role = "submission"\nrequire_tls = true',
+         "listener[2].require_tls: STARTTLS needs [tls] cert and key"),
+    ],
+)
+def test_listeners_that_need_a_certificate(tmp_path: Path, listener: str, line: str) -> None:
+    # without one they could never take mail, though serve started (require_tls) or
+    # check-config passed (smtps)
+    text = (
+        '[[listener]]\naddress = "127.0.0.1:25"\n'
+        f'[[listener]]\naddress = "127.0.0.1:587"\n{listener}'
+    )
+    assert errors_of(tmp_path, text) == [f"mailgate.toml: {line}"]
