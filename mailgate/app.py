@@ -98,6 +98,7 @@ def check_parts(config: Config) -> list[str]:
             problems.extend(exc.errors if isinstance(exc, ConfigError) else [str(exc)])
             return None
 
+    attempt(lambda: run_as(config))
     attempt(lambda: TLSContexts(config.tls))
     attempt(lambda: build_authenticator(
         config.auth, hostname=hostname,
@@ -191,20 +192,39 @@ def clean_leftovers(spool: SpoolDir, router: object) -> None:
                 log_event("maildir_cleanup", destination=name, removed=removed)
 
 
-def drop_privileges(config: Config) -> None:
-    """Bind low ports as root, then run as the configured user (server.user)."""
-    settings = config.server
-    if not settings.user or os.geteuid() != 0:
-        return
+def run_as(config: Config) -> tuple[int, int] | None:
+    """The (uid, gid) of server.user and server.group, None when no user is set;
+    ConfigError naming the key when a user or group does not exist."""
     import grp
     import pwd
 
-    pw = pwd.getpwnam(settings.user)
-    gid = grp.getgrnam(settings.group).gr_gid if settings.group else pw.pw_gid
+    settings = config.server
+    if not settings.user:
+        return None
+    try:
+        pw = pwd.getpwnam(settings.user)
+    except KeyError:
+        raise ConfigError([f"server.user: no such user {settings.user!r}"]) from None
+    if not settings.group:
+        return pw.pw_uid, pw.pw_gid
+    try:
+        return pw.pw_uid, grp.getgrnam(settings.group).gr_gid
+    except KeyError:
+        raise ConfigError([f"server.group: no such group {settings.group!r}"]) from None
+
+
+def drop_privileges(config: Config) -> None:
+    """Bind low ports as root, then run as the configured user (server.user)."""
+    if os.geteuid() != 0:
+        return
+    ids = run_as(config)
+    if ids is None:
+        return
+    uid, gid = ids
     os.setgroups([gid])
     os.setgid(gid)
-    os.setuid(pw.pw_uid)
-    log_event("privileges_dropped", user=settings.user, gid=gid)
+    os.setuid(uid)
+    log_event("privileges_dropped", user=config.server.user, gid=gid)
 
 
 class MailServer:

@@ -95,6 +95,22 @@ def test_check_config_tries_what_the_file_names(tmp_path: Path) -> None:
     assert list(grey.iterdir()) == []
 
 
+def test_a_user_or_group_that_does_not_exist(tmp_path: Path) -> None:
+    config = tmp_path / "user.toml"
+    config.write_text(
+        f'[server]\nuser = "no-such-user-here"\nspool_dir = "{tmp_path}/s"\n'
+        f'[delivery]\nmaildir_root = "{tmp_path}/m"\n'
+    )
+    checked = _cli("check-config", str(config))
+    assert checked.returncode == 1
+    assert checked.stderr == "server.user: no such user 'no-such-user-here'\n"
+    if os.geteuid() != 0:
+        return  # only root drops privileges: serve would not look the user up
+    started = _cli("serve", "--config", str(config), "--listen", "127.0.0.1:0")
+    assert started.returncode == 2 and "Traceback" not in started.stderr
+    assert "mailgate: server.user: no such user 'no-such-user-here'" in started.stderr
+
+
 def test_session_id_links_logs_and_received_header(server: RunningServer) -> None:
     with smtplib.SMTP(server.host, server.port, timeout=10) as smtp:
         smtp.ehlo("client.mailgate.org")
