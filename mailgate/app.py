@@ -109,12 +109,23 @@ def check_parts(config: Config) -> list[str]:
         no_greylist = replace(config, greylist=replace(config.greylist, enabled=False))
         policy = attempt(lambda: build_policy(no_greylist, router, hostname))
         asyncio.run(_close_parts(policy, router))
+    spool = _nearest_existing(os.path.abspath(config.server.spool_dir))
+    if not os.path.isdir(spool) or not os.access(spool, os.W_OK | os.X_OK):
+        problems.append(f"server.spool_dir: cannot make or write {config.server.spool_dir}"
+                        f" ({spool} is not a directory this user can write in)")
     grey = config.greylist
     if grey.enabled and grey.backend == "sqlite":
         directory = os.path.dirname(os.path.abspath(grey.sqlite_path))
         if not os.path.isdir(directory):
             problems.append(f"greylist.sqlite_path: no directory {directory}")
     return problems
+
+
+def _nearest_existing(path: str) -> str:
+    """``path`` or its nearest ancestor that exists (what makedirs would start from)."""
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def build_context(
@@ -254,10 +265,16 @@ class MailServer:
         workers, which also cleaned up and dropped privileges; else all that is done here.
         """
         loop = asyncio.get_running_loop()
-        prebound = self.supervised = sockets is not None
+        self.supervised = sockets is not None
         if sockets is None:
             clean_leftovers(self.ctx.spool, self.ctx.delivery)
             sockets = bind_all(self.ctx.config)
+            if self.ctx.config.metrics.listen:  # with workers the supervisor serves them
+                self.ctx.metrics.start(self.ctx.config.metrics.listen)
+            drop_privileges(self.ctx.config)
+        # As the user that will write it, before taking any mail: an unusable spool
+        # would otherwise answer every message 452.
+        self.ctx.spool.ensure()
         bound = []
         for listener, socks in zip(self.listeners, sockets, strict=True):
             ssl_ctx = self.ctx.tls.listener_context() if listener.implicit_tls else None
@@ -271,10 +288,6 @@ class MailServer:
                 self.servers.append(server)
                 addr = sock.getsockname()
                 bound.append((addr[0], addr[1]))
-        if self.ctx.config.metrics.listen and not prebound:  # else the supervisor serves them
-            self.ctx.metrics.start(self.ctx.config.metrics.listen)
-        if not prebound:
-            drop_privileges(self.ctx.config)
         return bound
 
     def install_signals(self) -> None:

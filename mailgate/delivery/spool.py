@@ -207,6 +207,17 @@ class SpoolDir:
         self.path = path
         self._ready = False
 
+    def ensure(self) -> None:
+        """Make the directory if need be and check that this process can write in it;
+        OSError naming it otherwise (the server's start-up stops on that)."""
+        try:
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            if not os.access(self.path, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        except OSError as exc:
+            raise OSError(exc.errno, f"spool_dir {self.path}: {exc.strerror or exc}") from None
+        self._ready = True
+
     def create(self, session_id: str) -> SpoolFile:
         """A new, empty spool file for a message of session ``session_id``."""
         if not self._ready:

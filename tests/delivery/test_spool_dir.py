@@ -74,3 +74,19 @@ def test_os_errors_map_to_storage_or_local_error() -> None:
     )
     assert reply_for_os_error(OSError(errno.EDQUOT, "quota")).code == 452
     assert reply_for_os_error(OSError(errno.EACCES, "denied")).enhanced == "4.3.0"
+
+
+def test_ensure_makes_the_directory_or_names_it(tmp_path: Path) -> None:
+    made = SpoolDir(str(tmp_path / "a" / "spool"))
+    made.ensure()
+    assert (tmp_path / "a" / "spool").is_dir()
+    assert (tmp_path / "a" / "spool").stat().st_mode & 0o777 == 0o700
+    (tmp_path / "file").write_text("x")
+    blocked = SpoolDir(str(tmp_path / "file" / "spool"))  # under a file: never a directory
+    try:
+        blocked.ensure()
+    except OSError as exc:
+        assert exc.errno == errno.ENOTDIR
+        assert str(exc).endswith(f"spool_dir {tmp_path}/file/spool: Not a directory")
+    else:
+        raise AssertionError("ensure() accepted a spool under a file")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shutil
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -109,6 +111,23 @@ def test_a_user_or_group_that_does_not_exist(tmp_path: Path) -> None:
     started = _cli("serve", "--config", str(config), "--listen", "127.0.0.1:0")
     assert started.returncode == 2 and "Traceback" not in started.stderr
     assert "mailgate: server.user: no such user 'no-such-user-here'" in started.stderr
+
+
+def test_an_unusable_spool_stops_the_start_and_fails_the_check(tmp_path: Path) -> None:
+    # it used to start, then answer every message 452
+    (tmp_path / "file").write_text("x")
+    config = tmp_path / "spool.toml"
+    config.write_text(
+        f'[server]\nspool_dir = "{tmp_path}/file/spool"\n'
+        f'[delivery]\nmaildir_root = "{tmp_path}/m"\n'
+    )
+    checked = _cli("check-config", str(config))
+    assert checked.returncode == 1
+    assert checked.stderr.startswith(f"server.spool_dir: cannot make or write {tmp_path}/file")
+    started = _cli("serve", "--config", str(config), "--listen", "127.0.0.1:0")
+    assert started.returncode == 1 and "Traceback" not in started.stderr
+    assert started.stderr.startswith("mailgate: cannot start: [Errno 20] ")
+    assert f"{tmp_path}/file/spool" in started.stderr
 
 
 def test_session_id_links_logs_and_received_header(server: RunningServer) -> None:
@@ -381,18 +400,30 @@ def _replies(text: str) -> dict[str, float]:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the privilege drop needs root")
 def test_drops_privileges_after_binding(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
-    tmp_path.chmod(0o777)  # the spool and maildir live here and must stay writable
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path}/spool"
-        user = "nobody"
-    """)
+    # The spool and the maildirs must be reachable and writable by nobody: not under
+    # pytest's own directory (0700, root's), which the start-up check now refuses.
+    shared = Path(tempfile.mkdtemp(prefix="mailgate-nobody-", dir="/tmp"))
+    shared.chmod(0o777)
     try:
-        status = Path(f"/proc/{srv.proc.pid}/status").read_text()
-        uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)", status, re.M)
-        assert uids is not None and {int(u) for u in uids.groups()} == {nobody.pw_uid}
-        assert "event=privileges_dropped" in srv.log()
-        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
-            assert smtp.ehlo("client.mailgate.org")[0] == 250
+        srv = start_server(tmp_path, f"""
+            [server]
+            spool_dir = "{shared}/spool"
+            user = "nobody"
+
+            [delivery]
+            maildir_root = "{shared}/maildir"
+        """)
+        try:
+            status = Path(f"/proc/{srv.proc.pid}/status").read_text()
+            uids = re.search(r"^Uid:\s+(\d+)\s+(\d+)\s+(\d+)", status, re.M)
+            assert uids is not None and {int(u) for u in uids.groups()} == {nobody.pw_uid}
+            assert "event=privileges_dropped" in srv.log()
+            with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+                smtp.ehlo("client.mailgate.org")
+                smtp.sendmail("a@client.mailgate.org", ["root@localhost"], MESSAGE)
+            [stored] = (shared / "maildir" / "root" / "new").iterdir()
+            assert stored.stat().st_uid == nobody.pw_uid
+        finally:
+            srv.stop()
     finally:
-        srv.stop()
+        shutil.rmtree(shared, ignore_errors=True)
