@@ -109,23 +109,18 @@ def check_parts(config: Config) -> list[str]:
         no_greylist = replace(config, greylist=replace(config.greylist, enabled=False))
         policy = attempt(lambda: build_policy(no_greylist, router, hostname))
         asyncio.run(_close_parts(policy, router))
-    spool = _nearest_existing(os.path.abspath(config.server.spool_dir))
-    if not os.path.isdir(spool) or not os.access(spool, os.W_OK | os.X_OK):
-        problems.append(f"server.spool_dir: cannot make or write {config.server.spool_dir}"
-                        f" ({spool} is not a directory this user can write in)")
+    spool = SpoolDir(config.server.spool_dir).problem()
+    if spool:
+        problems.append(spool)
     grey = config.greylist
     if grey.enabled and grey.backend == "sqlite":
-        directory = os.path.dirname(os.path.abspath(grey.sqlite_path))
-        if not os.path.isdir(directory):
-            problems.append(f"greylist.sqlite_path: no directory {directory}")
+        # imported here, as in policy/factory.py: only greylisting needs the backends
+        from mailgate.policy.store import missing_directory
+
+        missing = missing_directory(grey.sqlite_path)
+        if missing:
+            problems.append(f"greylist.sqlite_path: {missing}")
     return problems
-
-
-def _nearest_existing(path: str) -> str:
-    """``path`` or its nearest ancestor that exists (what makedirs would start from)."""
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
 
 
 def build_context(

@@ -67,10 +67,10 @@ def _load(path: str | None):  # type: ignore[no-untyped-def]
 def _serve(args: argparse.Namespace) -> int:
     from mailgate.app import Overrides, apply_overrides, run
     from mailgate.config.errors import ConfigError
-    from mailgate.config.server import hostname_problem
+    from mailgate.config.names import domain_problem
     from mailgate.delivery.factory import DeliveryConfigError
 
-    problem = hostname_problem(args.hostname) if args.hostname is not None else None
+    problem = domain_problem(args.hostname) if args.hostname is not None else None
     if problem:
         print(f"mailgate: --hostname: {problem}", file=sys.stderr)
         return 2

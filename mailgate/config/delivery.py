@@ -46,7 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mailgate.config.server import hostname_problem
+from mailgate.config.names import domain_problem
 
 DestinationType = Literal["maildir", "mbox", "pipe", "lmtp", "smtp", "discard"]
 MaildirLayout = Literal["user", "domain/user"]
@@ -194,7 +194,7 @@ class DeliveryConfig:
         named = [(f"local_domains[{n}]", d) for n, d in enumerate(self.local_domains, 1)]
         named += [(f"domains.{d}", d) for d in self.domains]
         for key, domain in named:
-            problem = hostname_problem(_a_labels(domain), shown=domain)
+            problem = domain_problem(domain, idna=True)
             if problem:
                 raise ValueError(f"{key}: {problem}")
         # `postmaster = "root"` is the natural TOML for one target: store lists only
@@ -213,14 +213,3 @@ class DeliveryConfig:
         for key, name in references:
             if name not in known:
                 raise ValueError(f"{key}: no destination named {name!r}")
-
-
-def _a_labels(domain: str) -> str:
-    """An internationalized domain (SMTPUTF8 mail may name one, RFC 6531) in its ASCII
-    form for the syntax check; the domain as it is when that is not possible."""
-    if domain.isascii():
-        return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from mailgate.config.errors import ConfigError
+from mailgate.config.names import HOST
 from mailgate.config.schema import Config
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # far above any real config; stops a hostile huge file
@@ -49,8 +50,6 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_POSITION = re.compile(
     r"^(?P<msg>.*?) \((?:at line (?P<line>\d+), column (?P<col>\d+)|at end of document)\)$"
 )
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 _NON_NEGATIVE_WORDS = ("delay", "grace")  # and *timeout* must be more than 0
 _INVALID = object()
 T = typing.TypeVar("T")  # marks a value that produced an error, so its parents are not built
@@ -109,7 +108,7 @@ def split_host_port(value: str) -> tuple[str, int]:
         if not host:
             raise ValueError(f"missing host in {shown} (0.0.0.0 or [::] listen on all addresses)")
         shown_host = json.dumps(host, ensure_ascii=False)
-        if not _HOSTNAME.fullmatch(host):
+        if not HOST.fullmatch(host):
             raise ValueError(f"{shown_host} is not a host name or address")
         # No top-level domain is all digits (RFC 3696 2): such a host is meant as an
         # IPv4 address, and "300.1.1.1" would only fail later, as an unknown name.

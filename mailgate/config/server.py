@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from typing import Literal
+
+from mailgate.config.names import domain_problem
 
 MAX_WORKERS = 64
 MIN_MESSAGE_SIZE = 65_536  # RFC 5321 4.5.3.1.7
 MIN_RECIPIENTS = 100  # RFC 5321 4.5.3.1.8
-# RFC 5321 Domain (sub-domains of letters, digits and inner hyphens), as the greeting,
-# the EHLO reply, Received: and DSNs name this server; no trailing dot there.
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 # A client waits 5 minutes for the greeting (RFC 5321 4.5.3.2.1); senders that give up
 # sooner exist, and a longer pause only holds connections open.
 MAX_GREET_PAUSE = 30.0
@@ -66,7 +62,8 @@ class ServerConfig:
     group: str = ""
 
     def __post_init__(self) -> None:
-        problem = hostname_problem(self.hostname) if self.hostname else None
+        # the greeting, EHLO reply, Received: and DSNs carry it: ASCII labels only
+        problem = domain_problem(self.hostname) if self.hostname else None
         if problem:
             raise ValueError(f"hostname: {problem}")
         if not 0 <= self.greet_pause <= MAX_GREET_PAUSE:
@@ -89,12 +86,3 @@ class ServerConfig:
         for name, value, least, why in floors:
             if value < least:
                 raise ValueError(f"{name}: at least {least}{' ' + why if why else ''}, not {value}")
-
-
-def hostname_problem(name: str, shown: str | None = None) -> str | None:
-    """Why ``name`` cannot be this server's name, or None (also for ``--hostname``);
-    ``shown``: what to call it in the message, when ``name`` is a converted form."""
-    if _DOMAIN.fullmatch(name):
-        return None
-    return (f"{json.dumps(shown or name, ensure_ascii=False)} is not a domain name "
-            "(dot-separated labels of letters, digits and inner hyphens, no trailing dot)")

@@ -218,11 +218,21 @@ class SpoolDir:
             raise OSError(exc.errno, f"spool_dir {self.path}: {exc.strerror or exc}") from None
         self._ready = True
 
+    def problem(self) -> str | None:
+        """What ensure() would fail on, found without making anything (check-config):
+        the nearest directory that exists must be one this process can write in."""
+        nearest = os.path.abspath(self.path)
+        while not os.path.exists(nearest) and os.path.dirname(nearest) != nearest:
+            nearest = os.path.dirname(nearest)
+        if os.path.isdir(nearest) and os.access(nearest, os.W_OK | os.X_OK):
+            return None
+        return (f"server.spool_dir: cannot make or write {self.path}"
+                f" ({nearest} is not a directory this user can write in)")
+
     def create(self, session_id: str) -> SpoolFile:
         """A new, empty spool file for a message of session ``session_id``."""
         if not self._ready:
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
-            self._ready = True
+            self.ensure()  # made at start-up already, unless this runs outside serve
         sid = _UNSAFE.sub("_", session_id)[:64] or "msg"
         # Unique within this process; cleanup() at start-up removed what an earlier
         # process with our pid may have left under the same name.

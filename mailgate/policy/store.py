@@ -36,6 +36,13 @@ Clock = Callable[[], float]
 T = TypeVar("T")
 
 
+def missing_directory(path: str) -> str | None:
+    """What is wrong when the directory of the SQLite file ``path`` is missing (SQLite
+    itself says only "unable to open database file"), else None."""
+    directory = os.path.dirname(os.path.abspath(path))
+    return None if os.path.isdir(directory) else f"no directory {directory}"
+
+
 class StoreError(OSError):
     """The store could not do what was asked (backend down, bad file, not an integer).
 
@@ -139,10 +146,9 @@ class SQLiteStore:
             raise StoreError(f"cannot open {path}: {exc}") from exc
 
     def _open(self, path: str) -> None:
-        # SQLite says only "unable to open database file" for a missing directory.
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise OSError(errno.ENOENT, f"no directory {directory}")
+        missing = missing_directory(path)
+        if missing:
+            raise OSError(errno.ENOENT, missing)
         # Autocommit mode: each statement is its own transaction unless we BEGIN.
         conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
         try:

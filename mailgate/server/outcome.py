@@ -52,6 +52,6 @@ async def combine_results(
         return reply("delivery.downstream_temp")
     return multiline(
         "delivery.partial_unreported",
-        [f"<{r.recipient.address}>: {r.reply.code} {r.reply.enhanced or ''} {r.reply.lines[-1]}"
-         for r in failed],
+        # each refusal's last line as sent on the wire: "554 5.6.0 mail refused ..."
+        [f"<{r.recipient.address}>: {str(r.reply).splitlines()[-1]}" for r in failed],
     )

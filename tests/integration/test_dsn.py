@@ -11,20 +11,23 @@ from pathlib import Path
 
 from aiosmtpd.controller import Controller
 
-from tests.integration.server import free_port, start_server, wait_for
+from tests.integration.server import RunningServer, free_port, start_server, wait_for
 
 
-def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
+def _with_refusing_list(tmp_path: Path, local_users: list[str]) -> RunningServer:
+    """A server where root gets mail into its maildir and lists@localhost goes to a
+    mail processor that refuses every message for good (exit 67, "no such list")."""
     mailer = tmp_path / "refuse.sh"
     mailer.write_text("#!/bin/sh\ncat >/dev/null\necho 'no such list' >&2\nexit 67\n")
     mailer.chmod(0o755)
-    srv = start_server(tmp_path, f"""
+    users = ", ".join(f'"{u}"' for u in local_users)
+    return start_server(tmp_path, f"""
         [server]
         spool_dir = "{tmp_path}/spool"
 
         [delivery]
         maildir_root = "{tmp_path}/maildir"
-        local_users = ["alice", "lists"]
+        local_users = [{users}]
 
         [delivery.users]
         "lists@localhost" = "listpipe"
@@ -32,6 +35,20 @@ def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
         [delivery.destinations.listpipe.pipe]
         command = ["{mailer}", "--", "{{recipients}}"]
     """)
+
+
+def _to_root_and_lists(srv: RunningServer, sender: str) -> tuple[int, bytes]:
+    """One message from ``sender`` to root and to the refusing list: the reply to it."""
+    with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+        smtp.ehlo("client.mailgate.org")
+        smtp.docmd("MAIL", f"FROM:{sender}")
+        smtp.docmd("RCPT", "TO:<root@localhost>")
+        smtp.docmd("RCPT", "TO:<lists@localhost>")
+        return smtp.data(b"Subject: mixed\r\n\r\nhello\r\n")
+
+
+def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
+    srv = _with_refusing_list(tmp_path, ["alice", "lists"])
     try:
         with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
             smtp.ehlo("client.mailgate.org")
@@ -49,12 +66,7 @@ def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
         # A null sender is never bounced to, and no retry changes that: a 4xx would
         # have the client send it again and again, a copy each time for root.  The
         # refusal names who did not get it and says the others did.
-        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
-            smtp.ehlo("client.mailgate.org")
-            smtp.docmd("MAIL", "FROM:<>")
-            smtp.docmd("RCPT", "TO:<root@localhost>")
-            smtp.docmd("RCPT", "TO:<lists@localhost>")
-            code, text = smtp.data(b"Subject: bounce\r\n\r\nhello\r\n")
+        code, text = _to_root_and_lists(srv, "<>")
         assert code == 554
         said = text.decode()
         assert said.startswith("5.0.0 <lists@localhost>: 554 5.6.0 ")
@@ -69,30 +81,9 @@ def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
 
 def test_a_report_refused_for_good_ends_in_a_refusal_not_a_retry(tmp_path: Path) -> None:
     # A remote sender and no relay: its report cannot go anywhere, now or later.
-    mailer = tmp_path / "refuse.sh"
-    mailer.write_text("#!/bin/sh\ncat >/dev/null\necho 'no such list' >&2\nexit 67\n")
-    mailer.chmod(0o755)
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path}/spool"
-
-        [delivery]
-        maildir_root = "{tmp_path}/maildir"
-        local_users = ["lists"]
-
-        [delivery.users]
-        "lists@localhost" = "listpipe"
-
-        [delivery.destinations.listpipe.pipe]
-        command = ["{mailer}", "--", "{{recipients}}"]
-    """)
+    srv = _with_refusing_list(tmp_path, ["lists"])
     try:
-        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
-            smtp.ehlo("client.mailgate.org")
-            smtp.docmd("MAIL", "FROM:<someone@remote.mailgate.org>")
-            smtp.docmd("RCPT", "TO:<root@localhost>")
-            smtp.docmd("RCPT", "TO:<lists@localhost>")
-            code, text = smtp.data(b"Subject: mixed\r\n\r\nhello\r\n")
+        code, text = _to_root_and_lists(srv, "<someone@remote.mailgate.org>")
         assert code == 554 and b"<lists@localhost>: 554 5.6.0" in text
         assert len(srv.messages("root")) == 1
         assert wait_for(lambda: "event=dsn" in srv.log())

@@ -97,12 +97,15 @@ def test_check_config_tries_what_the_file_names(tmp_path: Path) -> None:
     assert list(grey.iterdir()) == []
 
 
+def _config_file(tmp_path: Path, server: str) -> Path:
+    """A config file with these [server] lines and a maildir in ``tmp_path``."""
+    path = tmp_path / "checked.toml"
+    path.write_text(f'[server]\n{server}\n[delivery]\nmaildir_root = "{tmp_path}/m"\n')
+    return path
+
+
 def test_a_user_or_group_that_does_not_exist(tmp_path: Path) -> None:
-    config = tmp_path / "user.toml"
-    config.write_text(
-        f'[server]\nuser = "no-such-user-here"\nspool_dir = "{tmp_path}/s"\n'
-        f'[delivery]\nmaildir_root = "{tmp_path}/m"\n'
-    )
+    config = _config_file(tmp_path, f'user = "no-such-user-here"\nspool_dir = "{tmp_path}/s"')
     checked = _cli("check-config", str(config))
     assert checked.returncode == 1
     assert checked.stderr == "server.user: no such user 'no-such-user-here'\n"
@@ -116,11 +119,7 @@ def test_a_user_or_group_that_does_not_exist(tmp_path: Path) -> None:
 def test_an_unusable_spool_stops_the_start_and_fails_the_check(tmp_path: Path) -> None:
     # it used to start, then answer every message 452
     (tmp_path / "file").write_text("x")
-    config = tmp_path / "spool.toml"
-    config.write_text(
-        f'[server]\nspool_dir = "{tmp_path}/file/spool"\n'
-        f'[delivery]\nmaildir_root = "{tmp_path}/m"\n'
-    )
+    config = _config_file(tmp_path, f'spool_dir = "{tmp_path}/file/spool"')
     checked = _cli("check-config", str(config))
     assert checked.returncode == 1
     assert checked.stderr.startswith(f"server.spool_dir: cannot make or write {tmp_path}/file")

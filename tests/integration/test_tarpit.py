@@ -165,17 +165,23 @@ def test_a_client_that_talks_before_the_greeting_is_refused_at_mail(tmp_path: Pa
         srv.stop()
 
 
-def test_a_client_that_hangs_up_during_the_greet_pause_is_let_go(tmp_path: Path) -> None:
-    # The pause is 30 s; a client gone after a moment must not hold its session (and
-    # its place in the connection limits) for the rest of it.
-    srv = start_server(tmp_path, f"""
+def _pausing_30_s(tmp_path: Path, server: str = "") -> RunningServer:
+    """A server that holds its greeting back 30 s from every client (none trusted)."""
+    return start_server(tmp_path, f"""
         [server]
         spool_dir = "{tmp_path}/spool"
         greet_pause = 30
+        {server}
 
         [policy]
         trusted_networks = []
     """)
+
+
+def test_a_client_that_hangs_up_during_the_greet_pause_is_let_go(tmp_path: Path) -> None:
+    # The pause is 30 s; a client gone after a moment must not hold its session (and
+    # its place in the connection limits) for the rest of it.
+    srv = _pausing_30_s(tmp_path)
     try:
         with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
             assert wait_for(lambda: "event=connect" in srv.log())
@@ -187,15 +193,7 @@ def test_a_client_that_hangs_up_during_the_greet_pause_is_let_go(tmp_path: Path)
 
 
 def test_a_shutdown_during_the_greet_pause_answers_421_at_once(tmp_path: Path) -> None:
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path}/spool"
-        greet_pause = 30
-        shutdown_grace = 0
-
-        [policy]
-        trusted_networks = []
-    """)
+    srv = _pausing_30_s(tmp_path, "shutdown_grace = 0")
     try:
         with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
             assert wait_for(lambda: "event=connect" in srv.log())

@@ -1,0 +1,28 @@
+"""Host and domain name syntax, one definition for every key that names one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+
+# RFC 1035/1123 labels: letters, digits and inner hyphens, at most 63 octets.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# RFC 5321 Domain, as the greeting, EHLO, Received: and local domains name one.
+DOMAIN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
+# A host to connect to or listen on: a DNS name may end with the root's dot.
+HOST = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
+
+
+def domain_problem(name: str, idna: bool = False) -> str | None:
+    """Why ``name`` is no domain name, or None.  With ``idna``, an internationalized
+    domain (SMTPUTF8 mail may name one, RFC 6531) is checked in its ASCII form."""
+    ascii_form = name
+    if idna and not name.isascii():
+        # not encodable: the pattern refuses it as it is
+        with contextlib.suppress(UnicodeError):
+            ascii_form = name.encode("idna").decode("ascii")
+    if DOMAIN.fullmatch(ascii_form):
+        return None
+    return (f"{json.dumps(name, ensure_ascii=False)} is not a domain name "
+            "(dot-separated labels of letters, digits and inner hyphens, no trailing dot)")
