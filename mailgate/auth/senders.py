@@ -1,6 +1,7 @@
 """Which MAIL FROM addresses an authenticated user may use.
 
-Rules, checked in this order (addresses compare ignoring case):
+Rules, checked in this order (addresses compare ignoring case, and a domain's U-label
+and A-label spellings as one):
 
 1. A user listed in the senders map may use exactly what is listed: a full address
    (``alice@example.org``), every address of a domain (``@example.org``), or ``*``
@@ -15,6 +16,8 @@ Rules, checked in this order (addresses compare ignoring case):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+
+from mailgate.protocol.idn import domain_key
 
 
 def parse_senders_file(text: str, path: str) -> dict[str, list[str]]:
@@ -49,19 +52,23 @@ class SenderMap:
             bad = next((e for e in entries if not _valid_entry(e)), None)
             if bad is not None:
                 raise ValueError(f"senders: {user}: {bad[:64]!r} is not an address, @domain or *")
-        self._table = {user: frozenset(e.lower() for e in table[user]) for user in table}
-        self._domains = frozenset(d.lower().rstrip(".") for d in default_domains)
+        self._table = {user: frozenset(map(_comparable, table[user])) for user in table}
+        self._domains = frozenset(domain_key(d.rstrip(".")) for d in default_domains)
 
     def may_send_as(self, user: str, address: str) -> bool:
-        address = address.strip().removeprefix("<").removesuffix(">").lower()
+        address = _comparable(address.strip().removeprefix("<").removesuffix(">"))
         local, at, domain = address.rpartition("@")
         listed = self._table.get(user)
         if listed is not None:
-            return "*" in listed or (
-                bool(at) and (address in listed or f"@{domain.rstrip('.')}" in listed)
-            )
+            return "*" in listed or (bool(at) and (address in listed or f"@{domain}" in listed))
         if not at or not local:
             return False
         if "@" in user:
-            return address == user.lower()
-        return local == user.lower() and domain.rstrip(".") in self._domains
+            return address == _comparable(user)
+        return local == user.lower() and domain in self._domains
+
+
+def _comparable(address: str) -> str:
+    """An address (or ``@domain``, or ``*``) in the form it is compared in."""
+    local, at, domain = address.rpartition("@")
+    return f"{local.lower()}@{domain_key(domain.rstrip('.'))}" if at else address.lower()

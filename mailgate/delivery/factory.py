@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import pwd
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from mailgate.config.delivery import (
     LOCAL_DESTINATION,
@@ -24,6 +25,9 @@ from mailgate.delivery.fsync import GroupCommitter
 from mailgate.delivery.maildir import MaildirDestination
 from mailgate.delivery.mbox import MboxDestination
 from mailgate.delivery.router import Router, RoutingTable
+from mailgate.protocol.idn import domain_key
+
+V = TypeVar("V")
 
 
 class DeliveryConfigError(ValueError):
@@ -50,23 +54,34 @@ def build_router(config: DeliveryConfig, hostname: str) -> Router:
         name: _build(name, dc, config, hostname, committer) for name, dc in configs.items()
     }
     listed = [d.lower().rstrip(".") for d in config.local_domains] or [hostname, "localhost"]
-    local_domains = {*listed, *(d.lower() for d in config.domains)}
+    # each local domain once, spelled as first configured (U-labels or A-labels)
+    spellings: dict[str, str] = {}
+    for name in (*listed, *(d.lower() for d in config.domains)):
+        spellings.setdefault(domain_key(name), name)
+
+    def domain(name: str) -> str:
+        return spellings.get(domain_key(name), name.lower())
+
+    def address(key: str) -> str:  # user or user@domain
+        user, at, name = key.lower().rpartition("@")
+        return f"{user}@{domain(name)}" if at else key.lower()
+
     aliases = {"postmaster": ("root",)}  # RFC 5321 4.5.1: postmaster must exist
-    aliases |= {k.lower(): tuple(v) for k, v in config.aliases.items()}
+    aliases |= _keyed("aliases", {k: tuple(v) for k, v in config.aliases.items()}, address)
     users = set(config.local_users)
     if config.system_users:
         users |= {entry.pw_name for entry in pwd.getpwall()}
     table = RoutingTable(
-        postmaster_domain=hostname if hostname in local_domains else listed[0],
-        local_domains=frozenset(local_domains),
+        postmaster_domain=spellings.get(domain_key(hostname), listed[0]),
+        local_domains=spellings,
         default=config.default,
         local_users=frozenset(u.lower() for u in users),
         relay=config.relay,
         delimiter=config.recipient_delimiter,
         aliases=aliases,
-        users={k.lower(): v for k, v in config.users.items()},
-        domains={k.lower(): v for k, v in config.domains.items()},
-        catch_all={k.lower(): v for k, v in config.catch_all.items()},
+        users=_keyed("users", config.users, address),
+        domains=_keyed("domains", config.domains, domain),
+        catch_all=_keyed("catch_all", config.catch_all, domain),
         mailbox_destinations=frozenset(n for n, dc in configs.items() if dc.type in MAILBOX_TYPES),
     )
     _check(table, configs)
@@ -116,6 +131,23 @@ def _parameters(cls: Callable[..., object]) -> set[str]:
         return set()
 
 
+def _keyed(section: str, rules: Mapping[str, V], normal: Callable[[str], str]) -> dict[str, V]:
+    """``rules`` under their keys' lookup form; two keys that are one (``Info`` and
+    ``info``, or one domain spelled with U-labels and with A-labels) are refused
+    rather than one of them silently dropped."""
+    keyed: dict[str, V] = {}
+    first: dict[str, str] = {}
+    for key, value in rules.items():
+        normalized = normal(key)
+        if normalized in keyed and keyed[normalized] != value:
+            raise DeliveryConfigError(
+                f"{section}.{key}: the same as {section}.{first[normalized]}, with another value"
+            )
+        keyed[normalized] = value
+        first.setdefault(normalized, key)
+    return keyed
+
+
 def _check(table: RoutingTable, configs: dict[str, DestinationConfig]) -> None:
     """Refuse rules that can never work, naming the key."""
     if table.default not in configs:
@@ -125,10 +157,10 @@ def _check(table: RoutingTable, configs: dict[str, DestinationConfig]) -> None:
     for key, targets in table.aliases.items():
         for target in targets:
             domain = target.rpartition("@")[2].lower() if "@" in target else ""
-            if domain and domain not in table.local_domains and not table.relay:
+            if domain and domain_key(domain) not in table.local_domains and not table.relay:
                 raise DeliveryConfigError(
                     f"aliases.{key}: target {target} is in a remote domain and no relay is set"
                 )
     for domain in table.catch_all:
-        if domain not in table.local_domains:
+        if domain_key(domain) not in table.local_domains:
             raise DeliveryConfigError(f"catch_all.{domain}: not a local domain")

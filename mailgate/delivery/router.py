@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from mailgate.delivery.base import Destination, RecipientResult, SpoolReader, TraceInfo
 from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.idn import domain_key
 from mailgate.protocol.replies import Reply, reply
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,16 @@ ROUTE_CACHE_SIZE = 1024
 
 @dataclass(frozen=True)
 class RoutingTable:
-    """The routing rules, already normalized: lower-case keys and domains."""
+    """The routing rules, already normalized: lower-case keys, and every local domain
+    spelled as ``local_domains`` spells it."""
 
     # the local domain of the bare <Postmaster> recipient (RFC 5321 4.1.1.3), which
     # has none: the hostname when it is local, else the first local domain
     postmaster_domain: str
-    local_domains: frozenset[str]
+    # domain_key(domain) → the domain as configured (lower case): a recipient in
+    # xn--bcher-kva.example is routed, stored and handed on as in bücher.example
+    # when that is how the configuration names it, and the other way round
+    local_domains: Mapping[str, str]
     default: str  # the destination of local mailboxes no other rule routes
     local_users: frozenset[str] = frozenset()
     relay: str = ""  # the destination of remote recipients; empty: refused
@@ -60,7 +65,7 @@ class Target:
 
     @property
     def key(self) -> tuple[str, str, str]:
-        return (self.destination, self.address.local, self.address.domain.lower())
+        return (self.destination, self.address.local, domain_key(self.address.domain))
 
 
 class _Refusal(Exception):
@@ -88,7 +93,7 @@ class Router:
     # --- policy.base.Mailboxes ----------------------------------------------------
 
     def is_local_domain(self, domain: str) -> bool:
-        return domain.lower() in self.table.local_domains
+        return domain_key(domain) in self.table.local_domains
 
     def can_relay(self) -> bool:
         return bool(self.table.relay)
@@ -156,8 +161,10 @@ class Router:
         return found
 
     def _resolve(self, address: Address) -> tuple[Target, ...] | Reply:
-        domain = (address.domain or self.table.postmaster_domain).lower()
-        if not self.is_local_domain(domain):
+        domain = self.table.local_domains.get(
+            domain_key(address.domain or self.table.postmaster_domain)
+        )
+        if domain is None:
             if self.table.relay:
                 return (Target(self.table.relay, address),)
             return reply("rcpt.no_route", address=address)
@@ -187,13 +194,15 @@ class Router:
     def _member(self, target: str, domain: str, chain: frozenset[str], depth: int) -> list[Target]:
         """An alias or catch-all target: ``user`` (in ``domain``) or ``user@domain``."""
         local, _, target_domain = target.rpartition("@") if "@" in target else (target, "", "")
-        target_domain = target_domain.lower() or domain
-        if not self.is_local_domain(target_domain):
+        if not target_domain:
+            return self._expand(self.canonical_user(local), domain, False, chain, depth)
+        spelled = self.table.local_domains.get(domain_key(target_domain))
+        if spelled is None:
             if not self.table.relay:
                 log.error("alias target %s is remote and no relay is configured", target)
                 raise _Refusal(reply("delivery.local_error"))
-            return [Target(self.table.relay, Address(local, target_domain))]
-        return self._expand(self.canonical_user(local), target_domain, False, chain, depth)
+            return [Target(self.table.relay, Address(local, target_domain.lower()))]
+        return self._expand(self.canonical_user(local), spelled, False, chain, depth)
 
     def _mailbox(
         self, user: str, domain: str, quoted: bool, chain: frozenset[str], depth: int

@@ -31,6 +31,7 @@ from typing import Final, Literal
 from mailgate.policy.base import ACCEPT, Client, IPAddress, Spooled, Step, Verdict
 from mailgate.policy.networks import Network, is_trusted, parse_network, unmap
 from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.idn import domain_key
 from mailgate.protocol.replies import reply
 
 # In precedence order: the first action with a matching rule wins (ratfs order).
@@ -55,7 +56,7 @@ class NamePattern:
 
     @classmethod
     def parse(cls, text: str) -> NamePattern:
-        lower = text.lower().rstrip(".")
+        lower = domain_key(text.rstrip("."))
         wild = lower.startswith("*.")
         name = lower[2:] if wild else lower
         if not name or "*" in name:
@@ -63,7 +64,7 @@ class NamePattern:
         return cls(name, wild)
 
     def matches(self, name: str) -> bool:
-        name = name.lower().rstrip(".")
+        name = domain_key(name.rstrip("."))
         return name == self.name or (self.subdomains and name.endswith("." + self.name))
 
 

@@ -13,6 +13,7 @@ from typing import Final, Literal
 
 from mailgate.policy.base import ACCEPT, Client, Step, Verdict
 from mailgate.policy.networks import is_trusted, unmap
+from mailgate.protocol.idn import domain_key
 from mailgate.protocol.replies import reply
 
 # RFC 2606 section 2 and RFC 6761 section 6: reserved top-level names and second-level
@@ -34,7 +35,8 @@ class HeloStep(Step):
         literal_must_match: bool = False,
     ) -> None:
         self._hostname = hostname
-        self._ours = frozenset(n.lower().rstrip(".") for n in (hostname, *local_names) if n)
+        # compared by domain_key: our name in A-labels is our name too
+        self._ours = frozenset(domain_key(n.rstrip(".")) for n in (hostname, *local_names) if n)
         self._hangup = refusal == "hangup"
         self._literal_must_match = literal_must_match
 
@@ -58,7 +60,7 @@ class HeloStep(Step):
             return "empty", "empty name"
         if lower.startswith("["):
             return self._literal_problem(client, lower)
-        if lower in self._ours and not _is_local_client(client):
+        if domain_key(lower) in self._ours and not _is_local_client(client):
             return "impersonation", "that is my name"
         labels = lower.split(".")
         if labels[-1] in RESERVED_TLDS or ".".join(labels[-2:]) in RESERVED_DOMAINS:

@@ -46,6 +46,17 @@ def test_rules(user: str, address: str, allowed: bool) -> None:
     assert MAP.may_send_as(user, address) is allowed
 
 
+def test_a_domain_is_one_in_u_labels_and_a_labels() -> None:
+    senders = SenderMap(
+        {"anna": ["anna@bücher.example", "@xn--mller-kva.example"]}, ["xn--bcher-kva.example"]
+    )
+    assert senders.may_send_as("bob", "bob@bücher.example")  # a default domain
+    assert senders.may_send_as("bob", "Bob@BÜCHER.example")
+    assert senders.may_send_as("anna", "anna@xn--bcher-kva.example")  # listed address
+    assert senders.may_send_as("anna", "who@müller.example")  # listed domain
+    assert not senders.may_send_as("anna", "anna@bucher.example")
+
+
 def test_no_default_domains_means_only_listed() -> None:
     assert not SenderMap({}, []).may_send_as("bob", "bob@example.org")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,51 @@ def test_per_domain_route(tmp_path: Path) -> None:
     deliver(tmp_path, r, "carol@lists.example.org", "carol@example.org")
     assert (tmp_path / "mbox" / "lists.example.org" / "carol").exists()
     assert count(tmp_path, "carol") == 1
+
+
+@pytest.mark.parametrize(
+    ("configured", "other"),
+    [("bücher.example", "xn--bcher-kva.example"), ("xn--bcher-kva.example", "bücher.example")],
+)
+def test_an_internationalized_domain_is_local_in_both_spellings(
+    tmp_path: Path, configured: str, other: str
+) -> None:
+    # SMTPUTF8 mail names the domain in U-labels, other mail must use A-labels
+    # (RFC 5890): both reach the same mailbox, stored where the configuration says.
+    r = router(
+        tmp_path,
+        local_domains=[configured],
+        maildir_layout="domain/user",
+        aliases={f"info@{other.upper()}": ["alice"]},
+        catch_all={other: "bob"},
+    )
+    for spelling in (configured, other, other.upper(), "BÜCHER.example"):
+        assert r.is_local_domain(spelling)
+        assert r.has_recipient("alice", spelling)
+    replies = deliver(tmp_path, r, f"alice@{configured}", f"Alice@{other}", f"info@{configured}",
+                      f"someone@{other}")
+    assert replies == ["250 2.0.0 OK"] * 4
+    assert len(files(tmp_path / "md" / configured / "alice" / "new")) == 1  # one copy
+    assert len(files(tmp_path / "md" / configured / "bob" / "new")) == 1
+    assert not (tmp_path / "md" / other).exists()
+
+
+def test_a_domain_is_not_another_by_idna2003_mapping(tmp_path: Path) -> None:
+    # IDNA2003 maps ß to ss; under IDNA2008 straße.example is a domain of its own.
+    r = router(tmp_path, local_domains=["straße.example"])
+    assert r.is_local_domain("xn--strae-oqa.example")
+    assert not r.is_local_domain("strasse.example")
+
+
+def test_one_domain_configured_twice_with_different_routes_is_refused(tmp_path: Path) -> None:
+    same = re.escape("domains.xn--bcher-kva.example: the same as domains.bücher.example")
+    with pytest.raises(DeliveryConfigError, match=same):
+        router(
+            tmp_path,
+            domains={"bücher.example": "archive", "xn--bcher-kva.example": LOCAL_DESTINATION},
+        )
+    with pytest.raises(DeliveryConfigError, match=re.escape("users.Bob: the same as users.bob")):
+        router(tmp_path, users={"bob": "archive", "Bob": LOCAL_DESTINATION})
 
 
 def test_remote_recipients_need_a_relay(tmp_path: Path) -> None:
@@ -268,7 +314,7 @@ def test_verify_recipient_asks_only_downstreams_that_can_tell(tmp_path: Path) ->
     verifying = _Verifying()
     table = RoutingTable(
         postmaster_domain="example.org",
-        local_domains=frozenset({"example.org"}),
+        local_domains={"example.org": "example.org"},
         default="blackhole",
         users={"alice": "lmtp", "bob": "lmtp", "carol": "lmtp"},
         aliases={"both": ("alice", "dave")},

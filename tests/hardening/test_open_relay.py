@@ -135,3 +135,18 @@ def test_the_sink_would_see_a_relayed_message(tmp_path: Path) -> None:
             assert sink.received[0].rcpt_tos == [f"victim@{REMOTE}"]
         finally:
             running.stop()
+
+
+def test_an_internationalized_local_domain_is_local_in_both_spellings(tmp_path: Path) -> None:
+    """A client without SMTPUTF8 must name bücher.example as xn--bcher-kva.example
+    (RFC 5890); that is still the local domain, not a relay attempt, and both forms
+    reach the same mailbox."""
+    config = untrusted_config(tmp_path, delivery='local_domains = ["bücher.example"]')
+    running = start(tmp_path, config)
+    try:
+        assert _try(running, "<alice@xn--bcher-kva.example>", utf8=False) == 250
+        assert _try(running, "<Alice@BÜCHER.example>", utf8=True) == 250
+        assert _try(running, "<alice@xn--mller-kva.example>", utf8=False) == 550  # not ours
+        assert len(stored_files(running.maildir / "alice")) == 2
+    finally:
+        running.stop()

@@ -156,6 +156,18 @@ def test_helo_wildcard_covers_the_domain_itself(step: AccessStep) -> None:
     assert state == "ACCEPT"
 
 
+def test_a_domain_pattern_matches_both_spellings_of_an_idn(tmp_path: Path) -> None:
+    path = tmp_path / "access"
+    path.write_text("deny sender *@*.bücher.lab\ndelay helo xn--mller-kva.lab\n")
+    step = AccessStep(str(path), HOST)
+    _, state = transaction(step, client(), envelope("x@shop.xn--bcher-kva.lab"))
+    assert state == "DENIED"
+    _, state = transaction(step, client(), envelope("x@good.lab", helo="MÜLLER.lab"))
+    assert state == "DELAY"
+    _, state = transaction(step, client(), envelope("x@good.lab", helo="mueller.lab"))
+    assert state == "ACCEPT"
+
+
 def test_null_sender_rule(step: AccessStep) -> None:
     _, state = transaction(step, client(), Envelope(helo="h.lab", sender=Address("", "")))
     assert state == "DENIED"

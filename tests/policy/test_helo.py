@@ -74,6 +74,12 @@ def test_bad_names_are_refused_with_their_reason(name: str, why: str) -> None:
     assert reason(name) == why
 
 
+def test_our_internationalized_name_in_a_labels_is_our_name() -> None:
+    ours = HeloStep(HOST, ["bücher.lab"])
+    for name in ("xn--bcher-kva.lab", "BÜCHER.lab"):
+        assert dict(run(ours.helo(client(), name)).tags)["reason"] == "impersonation"
+
+
 def test_refusal_is_550_5_7_1_and_the_session_goes_on() -> None:
     verdict = run(step().helo(client(), "localhost"))
     assert str(verdict.reply) == (
