@@ -340,10 +340,12 @@ class Connection:
     def _reset_transaction(self, why: Reply | None = None) -> None:
         """Forget the transaction.  A body still open (between BDAT chunks, RFC 3030
         lets RSET discard them) is reported as MessageAborted so that the driver drops
-        its spool; ``why`` is the reply the engine sends for it."""
+        its spool; ``why`` is the reply the engine sends for it: a refusal, or the
+        success of the command (RSET, HELO/EHLO, STARTTLS) that abandons it."""
         if self._body_open:
             self._body_open = False
-            self._events.append(ev.MessageAborted(why or reply("seq.bdat_aborted")))
+            why = why or reply("seq.bdat_aborted")
+            self._events.append(ev.MessageAborted(why, abandoned=why.code < 400))
         self.envelope = None
         self._dot = None
         self._body_size = 0

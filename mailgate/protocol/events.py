@@ -71,11 +71,14 @@ class MessageEnd(Event):
 
 @dataclass(slots=True, unsafe_hash=True)
 class MessageAborted(Event):
-    """The message was refused by the engine itself (size, bare LF); drop the spool.
+    """The message ends without its data complete; drop the spool.  Either the engine
+    refused it (size, bare LF, a bad BDAT), or the client ``abandoned`` it between BDAT
+    chunks with RSET, HELO/EHLO or STARTTLS, which RFC 3030 allows.
 
-    The engine has already queued ``reply``."""
+    The engine has already queued ``reply``: the refusal, or the answer to that command."""
 
     reply: Reply
+    abandoned: bool = False
 
 
 @dataclass(slots=True, unsafe_hash=True)

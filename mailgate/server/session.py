@@ -320,6 +320,9 @@ class Session(asyncio.Protocol):
             await self._on_message_end(event.envelope, event.size)
         elif isinstance(event, ev.MessageAborted):
             self._drop_spool()
+            if event.abandoned:  # the client's choice, not an error to count or slow
+                self.log_event("message", outcome="abandoned")
+                return
             self.log_event("message", outcome="refused", code=event.reply.code,
                            enhanced=event.reply.enhanced)
             server.metrics.message("refused", event.reply.code, event.reply.enhanced, 0)

@@ -142,6 +142,27 @@ def test_bdat_chunks_and_smtputf8_over_the_wire(server: RunningServer) -> None:
     assert b"with UTF8SMTP" in stored
 
 
+def test_a_message_abandoned_between_chunks_is_not_logged_as_refused(
+    server: RunningServer,
+) -> None:
+    # RFC 3030 lets RSET discard the chunks sent so far: the client's choice, so no
+    # "refused" message with a 250 code in the log, and the session goes on.
+    got = _talk(
+        server,
+        b"EHLO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+        b"RCPT TO:<root@localhost>\r\nBDAT 5\r\nabcdeRSET\r\n"
+        b"MAIL FROM:<a@client.mailgate.org>\r\nRCPT TO:<root@localhost>\r\n"
+        b"BDAT 17 LAST\r\nSubject: kept\r\n\r\nQUIT\r\n",
+        b"221 ",
+    )
+    assert [line[:3] for line in got.decode().splitlines()][-7:] == ["250"] * 6 + ["221"]
+    [stored] = server.messages("root")
+    assert stored.endswith(b"Subject: kept\n\n")
+    messages = [line for line in server.log().splitlines() if "event=message" in line]
+    assert "outcome=abandoned" in messages[0] and "code=" not in messages[0]
+    assert "code=250" in messages[1] and "outcome" not in messages[1]
+
+
 def test_a_stray_cr_in_bdat_data_is_stored_as_it_came(server: RunningServer) -> None:
     """BDAT data is not checked for a CR outside CRLF (DATA refuses one): the Maildir
     copy keeps it, turning only the CRLF line ends into LF."""
