@@ -342,10 +342,13 @@ class MailServer:
         await self.shutdown()
 
     async def shutdown(self) -> None:
-        """Stop accepting, let sessions finish up to the grace period, then 421 the rest."""
+        """Stop accepting; 421 each session once it is between transactions, giving
+        messages under way up to the grace period; then 421 the rest."""
         for server in self.servers:
             server.close()
         log_event("shutdown", sessions=len(self.ctx.sessions))
+        for session in list(self.ctx.sessions):
+            session.request_drain()
         grace = self.ctx.config.server.shutdown_grace
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace

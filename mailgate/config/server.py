@@ -45,7 +45,9 @@ class ServerConfig:
     # client trickling one byte at a time cannot hold a connection for ever)
     command_timeout: float = 300.0
     data_timeout: float = 180.0  # RFC 5321 4.5.3.2.5: 3 minutes per data block
-    shutdown_grace: float = 30.0  # seconds sessions may finish after SIGTERM
+    # seconds a transaction under way may take to finish after SIGTERM (sessions
+    # without one are told 421 at once)
+    shutdown_grace: float = 30.0
     max_connections: int = 1000
     max_connections_per_ip: int = 20
     # bare LF or CR in commands or data: refuse (default) or, for clients in

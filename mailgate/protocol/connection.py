@@ -155,6 +155,12 @@ class Connection:
         return self.state is _CLOSED
 
     @property
+    def between_transactions(self) -> bool:
+        """No mail transaction is open and no AUTH, TLS or data exchange is under way:
+        a server going down can close now (421) without cutting anything off."""
+        return self.state is _COMMAND and self.envelope is None
+
+    @property
     def in_data(self) -> bool:
         return self.state in (_DATA, _BDAT)
 

@@ -74,7 +74,7 @@ def new_session_id() -> str:
 class Session(asyncio.Protocol):
     # Slots: an idle session should cost a few KB (ten thousand of them wait at once).
     __slots__ = (
-        "_auth_mechanism", "_busy", "_deadline", "_event_loop", "_exchange", "_lost",
+        "_auth_mechanism", "_busy", "_deadline", "_draining", "_event_loop", "_exchange", "_lost",
         "_message_id", "_message_started", "_messages", "_paused", "_proxy_buf", "_spool",
         "_stopping", "_task", "_timed_out", "_trace_info", "_waiter",
         "admitted", "client", "conn", "listener", "log", "server", "sid", "transport",
@@ -94,7 +94,8 @@ class Session(asyncio.Protocol):
         self._paused = False
         self._lost = False
         self._timed_out = False
-        self._stopping = False
+        self._draining = False  # SIGTERM: 421 once between transactions
+        self._stopping = False  # the shutdown grace is over: 421 at the next safe point
         self._busy = False
         self._proxy_buf = b""
         self._spool: SpoolFile | None = None
@@ -150,6 +151,14 @@ class Session(asyncio.Protocol):
         self._wake()
 
     # -- control from the server ------------------------------------------------------
+
+    def request_drain(self) -> None:
+        """SIGTERM: 421 as soon as no transaction is open, so an idle session (a peer
+        caching its connection) does not hold the shutdown up while a message under
+        way is still finished."""
+        self._draining = True
+        if not self._busy:
+            self._wake()
 
     def request_shutdown(self) -> None:
         """SIGTERM deadline: 421 at the next safe point (never in the middle of a verdict
@@ -215,7 +224,7 @@ class Session(asyncio.Protocol):
                 self.conn.refuse(refusal)
             else:
                 await self._greet_pause()
-                if self._stopping:  # shut down during the pause: no 220 to take back
+                if self._stopping or self._draining:  # no 220 to take back
                     self.conn.shutdown()
                 else:
                     self.conn.greet()
@@ -245,7 +254,10 @@ class Session(asyncio.Protocol):
         # Not a plain sleep: a client that hangs up, or a shutdown, ends the pause (the
         # session's connection slot is not held for a gone client).  Bytes that arrive
         # wake the wait too, which then goes on.
-        while not (self._lost or self._stopping) and (left := end - loop.time()) > 0:
+        while (
+            not (self._lost or self._stopping or self._draining)
+            and (left := end - loop.time()) > 0
+        ):
             self._deadline = math.inf  # the server's timeout sweep leaves this wait alone
             waiter = self._waiter = loop.create_future()
             with contextlib.suppress(TimeoutError):
@@ -273,7 +285,7 @@ class Session(asyncio.Protocol):
                 acted = self._flush() or acted
                 if conn.closed or self._lost:
                     return
-                if self._stopping:
+                if self._stopping or (self._draining and conn.between_transactions):
                     conn.shutdown()
                     continue
                 if self._timed_out:

@@ -212,13 +212,26 @@ def test_connection_limit_per_client(tmp_path: Path) -> None:
 
 
 def test_sigterm_drains_then_421_and_exit_0(tmp_path: Path) -> None:
-    srv = start_server(tmp_path, f'[server]\nshutdown_grace = 1\nspool_dir = "{tmp_path}/s"\n')
-    with socket.create_connection((srv.host, srv.port), timeout=15) as idle:
+    # A grace far longer than the socket timeouts: an idle session is told 421 at once,
+    # a message under way is finished and then told 421, neither waits for the grace.
+    srv = start_server(tmp_path, f'[server]\nshutdown_grace = 60\nspool_dir = "{tmp_path}/s"\n')
+    with (
+        socket.create_connection((srv.host, srv.port), timeout=10) as idle,
+        socket.create_connection((srv.host, srv.port), timeout=10) as busy,
+    ):
         assert idle.recv(1024).startswith(b"220")
+        reader = busy.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        busy.sendall(b"HELO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                     b"RCPT TO:<root@localhost>\r\nDATA\r\nSubject: under way\r\n")
+        assert [reader.readline()[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
         srv.signal(signal.SIGTERM)
-        got = idle.recv(1024)
-        assert got.startswith(b"421 4.3.2 mx.mailgate.test shutting down")
+        assert idle.recv(1024).startswith(b"421 4.3.2 mx.mailgate.test shutting down")
+        busy.sendall(b"\r\nstill taken\r\n.\r\n")
+        assert reader.readline().startswith(b"250 2.0.0 OK: queued as")
+        assert reader.readline().startswith(b"421 4.3.2")
     assert srv.proc.wait(15) == 0
+    assert len(srv.messages("root")) == 1
     with pytest.raises(OSError):
         socket.create_connection((srv.host, srv.port), timeout=2)
 

@@ -78,3 +78,20 @@ def test_a_message_end_starts_a_fresh_transaction() -> None:
     assert codes(s.send("hi\r\n.\r\n")) == ["250 2.0.0"]
     assert s.conn.envelope is None
     assert codes(s.send("RCPT TO:<b@example.org>\r\n")) == ["503 5.5.1"]
+
+
+def test_between_transactions_is_where_a_shutdown_cuts_nothing_off() -> None:
+    s = Session()
+    assert s.conn.between_transactions  # before the greeting's answer, nothing is open
+    s.ehlo()
+    assert s.conn.between_transactions
+    s.send("MAIL FROM:<a@example.net>\r\n")
+    assert not s.conn.between_transactions
+    s.send("RCPT TO:<b@example.org>\r\nBDAT 3\r\nabc")
+    assert not s.conn.between_transactions  # between chunks: the message is open
+    s.send("RSET\r\n")
+    assert s.conn.between_transactions
+    s.send("MAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nSubject: x\r\n")
+    assert not s.conn.between_transactions
+    s.send("\r\n.\r\n")
+    assert s.conn.between_transactions  # answered: the transaction is over
