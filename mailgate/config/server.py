@@ -34,8 +34,10 @@ class ServerConfig:
     hostname: str = ""  # empty: the machine's fully qualified name
     max_message_size: int = 36_700_160  # octets, advertised as SIZE (RFC 1870)
     max_recipients: int = 100  # per transaction (RFC 5321 4.5.3.1.8: at least 100)
-    max_errors: int = 20  # refusals before "421 4.7.0 Too many errors"
-    tarpit_delay: float = 0.0  # seconds before the nth refusal: delay * 2**(n-1) (9front)
+    # permanent refusals (5xx) before "421 4.7.0 Too many errors"; temporary ones and
+    # messages their destinations failed are no misbehaviour of the client's
+    max_errors: int = 20
+    tarpit_delay: float = 0.0  # seconds before the nth counted refusal: delay * 2**(n-1)
     tarpit_max_delay: float = 30.0
     helo_delay: float = 0.0  # seconds before the HELO/EHLO reply (upas -D)
     # seconds an untrusted client of a public listener waits for the greeting; one

@@ -259,8 +259,11 @@ class Connection:
         ev.Verify: _accept_verify,
     }
 
-    def reject(self, r: Reply, *, close: bool = False) -> None:
-        """Refuse the pending decision with ``r`` (and hang up if ``close``)."""
+    def reject(self, r: Reply, *, close: bool = False, counted: bool = True) -> None:
+        """Refuse the pending decision with ``r`` (and hang up if ``close``).
+
+        ``counted=False``: no fault of the client's (a message its recipients'
+        destinations failed), so it does not count towards max_errors."""
         pending = self._take_pending()
         if isinstance(pending, ev.DataStart) and pending.chunked:
             # The chunk that came with the refused BDAT must still be read (RFC 3030).
@@ -270,7 +273,7 @@ class Connection:
         else:
             if isinstance(pending, ev.MessageEnd):
                 self._reset_transaction()
-            self._send(r)
+            self._send(r, counted)
         if close:
             self._close()
 
@@ -306,7 +309,7 @@ class Connection:
     # -- internals: output -------------------------------------------------------
 
 
-    def _send(self, r: Reply) -> None:
+    def _send(self, r: Reply, counted: bool = True) -> None:
         if self.state is _CLOSED:
             return
         code = r.code
@@ -314,12 +317,15 @@ class Connection:
             self._sent_2xx += 1
         elif code < 400:
             self._sent_3xx += 1
+        elif code < 500:
+            # Not counted: a temporary refusal is ours (DNS trouble, a full disk, a
+            # shutdown) or part of the normal retry dance (greylisting, 452 for the
+            # 101st recipient), and a legitimate MTA meets many in one session.
+            self._sent_4xx += 1
         else:
-            self.errors += 1
-            if code < 500:
-                self._sent_4xx += 1
-            else:
-                self._sent_5xx += 1
+            self._sent_5xx += 1
+            if counted:
+                self.errors += 1
         self._out.append(r.to_bytes())
 
     def _close(self) -> None:

@@ -44,10 +44,6 @@ class Reply:
     _bytes: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
-    def is_error(self) -> bool:
-        return self.code >= 400
-
-    @property
     def text(self) -> str:
         return "\n".join(self.lines)
 

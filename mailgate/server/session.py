@@ -338,12 +338,12 @@ class Session(asyncio.Protocol):
             self.log_event("message", outcome="refused", code=event.reply.code,
                            enhanced=event.reply.enhanced)
             server.metrics.message("refused", event.reply.code, event.reply.enhanced, 0)
-            await self._tarpit()
+            await self._tarpit(event.reply)
         elif isinstance(event, ev.Rejected):
             self.log_event("refused", command=event.command, code=event.reply.code,
                            enhanced=event.reply.enhanced)
             server.metrics.rejection(event.reply.name or str(event.reply.code))
-            await self._tarpit()
+            await self._tarpit(event.reply)
         elif isinstance(event, ev.StartTLS):
             await self._on_starttls()
         elif isinstance(event, ev.AuthStart):
@@ -470,9 +470,10 @@ class Session(asyncio.Protocol):
             await server.notify_success(self, envelope, results, spool)
             self._drop_spool()
         else:
+            # The destinations failed it: no refusal of the client's doing, so neither
+            # counted towards max_errors nor tarpitted.
             self._drop_spool()
-            conn.reject(final)
-            await self._tarpit()
+            conn.reject(final, counted=False)
         self._count_replies()  # once a message and at the end, not a metrics call per reply
 
     def _dispose_refused(self, verdict: Verdict, spool: SpoolFile) -> None:
@@ -611,13 +612,15 @@ class Session(asyncio.Protocol):
             return
         conn.reject(verdict.reply, close=verdict.close)
         self.server.metrics.rejection(verdict.reply.name or str(verdict.reply.code))
-        await self._tarpit()
+        await self._tarpit(verdict.reply)
 
-    async def _tarpit(self) -> None:
-        """9front's growing delay: the nth refusal waits delay * 2**(n-1) seconds."""
+    async def _tarpit(self, refusal: Reply) -> None:
+        """9front's growing delay: the nth refusal waits delay * 2**(n-1) seconds.
+        Only for a permanent refusal, the kind max_errors counts: a temporary one
+        (greylisting, say) a legitimate MTA may meet for each of many recipients."""
         conn = self.conn
         settings = self.server.config.server
-        if conn is None or settings.tarpit_delay <= 0 or conn.closed:
+        if conn is None or settings.tarpit_delay <= 0 or conn.closed or refusal.code < 500:
             return
         n = max(conn.errors, 1)
         await asyncio.sleep(min(settings.tarpit_delay * 2 ** (n - 1), settings.tarpit_max_delay))
@@ -712,7 +715,7 @@ class Session(asyncio.Protocol):
             fields["filter"] = state
         if self.conn is not None:
             # Logged before the reply is queued: count the refusal being logged too.
-            errors = self.conn.errors + (1 if verdict.reply and verdict.reply.is_error else 0)
+            errors = self.conn.errors + (1 if verdict.reply and verdict.reply.code >= 500 else 0)
             if errors:
                 fields["errors"] = errors
         self.log_event(stage, level=level, **fields)

@@ -96,3 +96,35 @@ def test_shutdown_during_data_and_refuse_at_connect() -> None:
     conn.refuse(reply("closing.too_many_connections", host=HOST))
     assert codes(lines(conn.data_to_send())) == ["421 4.7.0"]
     assert conn.next_event() == ev.Closed()
+
+
+def test_temporary_refusals_do_not_count() -> None:
+    # Greylisting answers each new recipient 451; a legitimate MTA with many of them
+    # must not run into "too many errors", nor into the 452 for the 101st recipient.
+    greylisted = reply("greylist.deferred")
+    s = Session(max_errors=2, decide=scripted(RcptTo=greylisted))
+    s.ehlo()
+    s.send("MAIL FROM:<a@example.net>\r\n")
+    out = s.send("".join(f"RCPT TO:<r{i}@example.org>\r\n" for i in range(5)) + "NOOP\r\n")
+    assert codes(out) == ["451 4.7.1"] * 5 + ["250 2.0.0"]
+    s = Session(max_errors=2, max_recipients=1)
+    s.transaction("<a@example.net>", "<r0@example.org>")
+    out = s.send("".join(f"RCPT TO:<r{i}@example.org>\r\n" for i in range(1, 5)) + "NOOP\r\n")
+    assert codes(out) == ["452 4.5.3"] * 4 + ["250 2.0.0"]
+    assert s.conn.errors == 0
+
+
+def test_a_message_its_destinations_failed_is_not_counted() -> None:
+    def failed(conn: Connection, event: ev.Event) -> None:
+        conn.reject(reply("delivery.downstream_perm"), counted=False)
+
+    s = Session(max_errors=1, decide=scripted(MessageEnd=failed))
+    s.transaction("<a@example.net>", "<b@example.org>")
+    assert codes(s.send("DATA\r\nx\r\n.\r\n")) == ["354", "554 5.0.0"]
+    assert s.conn.errors == 0
+    assert codes(s.send("NOOP\r\n")) == ["250 2.0.0"]
+    # a refusal of the message by policy (spam, say) does count
+    s = Session(max_errors=1, decide=scripted(MessageEnd=reply("access.blocked")))
+    s.transaction("<a@example.net>", "<b@example.org>")
+    s.send("DATA\r\nx\r\n.\r\n")
+    assert codes(s.send("NOOP\r\n")) == ["421 4.7.0"]
