@@ -25,6 +25,9 @@ class PolicyConfig:
     # empty: the system resolver (/etc/resolv.conf)
     dns_servers: list[str] = field(default_factory=list)
     dns_timeout: float = 5.0  # seconds for one lookup, all nameservers tried included
+    # look up each client's name at connect (PTR, confirmed by its A/AAAA records) for
+    # the Received: field and the log; loopback clients are localhost without a lookup
+    reverse_lookup: bool = True
     access_file: str = ""  # allow/deny/block/delay/dialup rules (docs/access-lists.md)
     dnsbl_zones: list[str] = field(default_factory=list)  # e.g. ["zen.spamhaus.org"]; empty: off
     # what the server does with a BLOCKED message after answering 554: throw it away,

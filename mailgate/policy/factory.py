@@ -1,11 +1,12 @@
 """Builds the policy engine from the configuration.
 
 Step order matters, since the first refusal wins and later steps read what earlier
-ones recorded: the hop count (a mail loop is refused whoever sends it), the access
-list (whose ``allow`` rules excuse a client from the DNSBL), the DNSBL, the clients
-that talked before the greeting, the HELO checks, sender verification, recipients
-and relay control, greylisting (last of the built-in checks, so only mail that would
-otherwise be accepted is delayed), then the site's own steps.
+ones recorded: the client's DNS name (for the trace and the log), the hop count (a
+mail loop is refused whoever sends it), the access list (whose ``allow`` rules excuse
+a client from the DNSBL), the DNSBL, the clients that talked before the greeting,
+the HELO checks, sender verification, recipients and relay control, greylisting
+(last of the built-in checks, so only mail that would otherwise be accepted is
+delayed), then the site's own steps.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mailgate.policy.hops import HopCountStep
 from mailgate.policy.networks import NetworkList
 from mailgate.policy.pregreet import PregreetStep
 from mailgate.policy.recipient import RecipientStep
+from mailgate.policy.reverse import ReverseNameStep
 from mailgate.policy.sender import SenderDomainStep
 
 
@@ -37,16 +39,19 @@ def build_policy(
     """The engine for ``config``.  Raises ValueError on a bad access file or DNS setup."""
     policy = config.policy
     trusted = NetworkList.parse(policy.trusted_networks, "policy.trusted_networks")
-    steps: list[Step] = [HopCountStep(policy.max_received_headers)]
+    resolver = None
+    if policy.dnsbl_zones or policy.verify_sender_domain or policy.reverse_lookup:
+        resolver = Resolver(policy.dns_servers, policy.dns_timeout)
+    steps: list[Step] = []
+    if resolver is not None and policy.reverse_lookup:
+        steps.append(ReverseNameStep(resolver))
+    steps.append(HopCountStep(policy.max_received_headers))
     if policy.access_file:
         steps.append(
             AccessStep(
                 policy.access_file, hostname, policy.blocked_disposition, policy.quarantine_dir
             )
         )
-    resolver = None
-    if policy.dnsbl_zones or policy.verify_sender_domain:
-        resolver = Resolver(policy.dns_servers, policy.dns_timeout)
     if resolver is not None and policy.dnsbl_zones:
         steps.append(DnsblStep(resolver, policy.dnsbl_zones))
     if config.server.greet_pause > 0:

@@ -369,7 +369,9 @@ class Session(asyncio.Protocol):
         client = self.client
         assert client is not None
         verdict = await self.server.policy.helo(client, event.name)
-        self._log_verdict("helo", verdict, name=event.name, extended=event.extended)
+        # the name the client gives and the one DNS confirms for it, side by side
+        rdns = {"rdns": client.reverse_name} if client.reverse_name else {}
+        self._log_verdict("helo", verdict, name=event.name, extended=event.extended, **rdns)
         if verdict.accepted:
             client.helo = event.name
             delay = self.server.config.server.helo_delay

@@ -342,6 +342,7 @@ def test_proxy_protocol_from_allowed_balancer(tmp_path: Path) -> None:
 
         [policy]
         verify_sender_domain = false  # the proxied client is untrusted; no DNS here
+        reverse_lookup = false
 
         [[listener]]
         address = "127.0.0.1:{port}"

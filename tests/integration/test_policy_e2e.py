@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from dnslib.server import DNSLogger, DNSServer
 
-from tests.integration.server import RunningServer, start_server
+from tests.integration.server import RunningServer, free_port, start_server
 from tests.policy.conftest import BASE_ZONES, ZoneResolver
 
 UNTRUSTED = "[policy]\ntrusted_networks = []\n"
@@ -128,5 +128,46 @@ def test_access_list_states(tmp_path: Path, dns_address: str) -> None:
             assert (code, text[:5]) == (554, b"5.7.1")
         assert srv.messages("root") == []
         assert len(list(quarantine.iterdir())) == 1
+    finally:
+        srv.stop()
+
+
+def test_the_received_field_names_the_client_dns_confirms(
+    tmp_path: Path, dns_address: str
+) -> None:
+    """Through a PROXY header the client is 192.0.2.25, whose PTR record names
+    mail.sender.lab and whose A record points back; 192.0.2.26's PTR names a host
+    that is not it."""
+    port = free_port()
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+        proxy_from = ["127.0.0.1/32"]
+
+        [policy]
+        dns_servers = ["{dns_address}"]
+        dns_timeout = 1.0
+        verify_sender_domain = false
+
+        [[listener]]
+        address = "127.0.0.1:{port}"
+        proxy_protocol = true
+    """)
+    try:
+        for ip in ("192.0.2.25", "192.0.2.26"):
+            with socket.create_connection((srv.host, port), timeout=10) as sock:
+                sock.sendall(f"PROXY TCP4 {ip} 127.0.0.1 40000 25\r\n".encode())
+                reader = sock.makefile("rb")
+                assert reader.readline().startswith(b"220 ")
+                sock.sendall(b"HELO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                             b"RCPT TO:<root@localhost>\r\nDATA\r\n")
+                assert [reader.readline()[:3] for _ in range(4)] == [b"250"] * 3 + [b"354"]
+                sock.sendall(b"Subject: traced\r\n\r\nhi\r\n.\r\n")
+                assert reader.readline().startswith(b"250 ")
+        confirmed, forged = srv.messages("root")
+        assert b"Received: from client.mailgate.org (mail.sender.lab [192.0.2.25])" in confirmed
+        assert b"Received: from client.mailgate.org (unknown [192.0.2.26])" in forged
+        helo = [line for line in srv.log().splitlines() if "event=helo" in line]
+        assert "rdns=mail.sender.lab" in helo[0] and "rdns" not in helo[1]
     finally:
         srv.stop()

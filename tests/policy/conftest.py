@@ -42,6 +42,15 @@ deep.sub.sender.lab.    60 IN A    192.0.2.3
 12.2.0.192.second.lab.  60 IN TXT  "only on the second list"
 *.errcode.lab.          60 IN A    127.255.255.254
 *.hijack.lab.           60 IN A    198.51.100.1
+25.2.0.192.in-addr.arpa. 60 IN PTR mail.sender.lab.
+26.2.0.192.in-addr.arpa. 60 IN PTR a.sender.lab.
+27.2.0.192.in-addr.arpa. 60 IN PTR odd_name.sender.lab.
+28.2.0.192.in-addr.arpa. 60 IN PTR a.sender.lab.
+28.2.0.192.in-addr.arpa. 60 IN PTR Two.Sender.Lab.
+29.2.0.192.in-addr.arpa. 60 IN PTR x.servfail.sender.lab.
+odd_name.sender.lab.    60 IN A    192.0.2.27
+two.sender.lab.         60 IN A    192.0.2.28
+1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa. 60 IN PTR aaaa.sender.lab.
 """
 # 2001:db8::bad, by nibbles, on bl.lab (RFC 5782 2.4)
 V6_LISTED = "d.a.b.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.bl.lab."

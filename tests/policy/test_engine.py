@@ -20,6 +20,7 @@ from mailgate.policy.helo import HeloStep
 from mailgate.policy.hops import HopCountStep
 from mailgate.policy.networks import NetworkList, parse_network
 from mailgate.policy.recipient import RecipientStep
+from mailgate.policy.reverse import ReverseNameStep
 from mailgate.policy.sender import SenderDomainStep
 from mailgate.protocol.envelope import Envelope, Recipient
 from mailgate.protocol.replies import reply
@@ -76,6 +77,7 @@ class Recorder(Step):
 
 def config(dns: LoopbackDNS | None = None, **policy: object) -> Config:
     cfg = Config()
+    policy.setdefault("reverse_lookup", dns is not None)  # no lookups off this machine
     cfg.policy = PolicyConfig(**policy)  # type: ignore[arg-type]
     if dns is not None:
         cfg.policy.dns_servers = [dns.address]
@@ -95,10 +97,13 @@ def test_factory_composes_steps_from_the_switches(dns_server: LoopbackDNS, tmp_p
     )
     kinds = [type(step) for step in engine.steps]
     assert kinds == [
-        HopCountStep, AccessStep, DnsblStep, HeloStep, SenderDomainStep, RecipientStep, Recorder
+        ReverseNameStep, HopCountStep, AccessStep, DnsblStep, HeloStep, SenderDomainStep,
+        RecipientStep, Recorder,
     ]
 
-    bare = build_policy(config(helo_checks=False, verify_sender_domain=False), BOXES, HOST)
+    bare = build_policy(
+        config(helo_checks=False, verify_sender_domain=False, reverse_lookup=False), BOXES, HOST
+    )
     assert [type(step) for step in bare.steps] == [HopCountStep, RecipientStep]
 
 
