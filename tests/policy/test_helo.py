@@ -112,6 +112,18 @@ def test_our_own_name_is_allowed_when_the_client_is_this_machine() -> None:
     assert reason(HOST, client("192.0.2.9", local_ip="192.0.2.250")) == "impersonation"
 
 
+def test_this_machine_may_call_itself_localhost() -> None:
+    itself = client("127.0.0.1", local_ip="127.0.0.1", trusted=True)  # the default trust
+    for name in ("localhost", "LOCALHOST", "localhost.localdomain", "box.test"):
+        assert reason(name, itself) is None
+    # another loopback address is another socket of this machine too
+    assert reason("localhost", client("127.0.0.2", local_ip="127.0.0.2", trusted=True)) is None
+    # only from itself: a trusted neighbour saying localhost is still refused
+    assert reason("localhost", client("10.0.0.5", local_ip="10.0.0.1", trusted=True)) == "rfc2606"
+    # and only while trusted (a local proxy's clients all come from 127.0.0.1)
+    assert reason("localhost", client("127.0.0.1", local_ip="127.0.0.1")) == "rfc2606"
+
+
 def test_literal_must_match_the_client_when_configured() -> None:
     assert reason("[198.51.100.1]") is None  # off by default
     assert reason("[198.51.100.1]", literal_must_match=True) == "literal_mismatch"
