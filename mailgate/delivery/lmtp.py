@@ -1,7 +1,8 @@
 """Hand-off to an LMTP server (RFC 2033), e.g. Dovecot, with one result per recipient.
 
 The client says LHLO, MAIL FROM (with BODY=8BITMIME / SMTPUTF8 / SIZE / DSN
-parameters when the envelope needs them and the server offers them), one RCPT per
+parameters when the envelope needs them and the server offers them; without
+SMTPUTF8 a domain in U-labels goes as A-labels), one RCPT per
 recipient (pipelined when PIPELINING is offered), then DATA with the spooled message
 dot-stuffed chunk by chunk, and reads one reply per accepted recipient.
 
@@ -42,10 +43,9 @@ from mailgate.delivery.smtp_client import (
     Connection,
     Response,
     downstream_said,
-    mail_command,
-    path,
-    rcpt_command,
     recipient_failure,
+    transaction_commands,
+    wire_path,
 )
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.replies import Reply, multiline, reply
@@ -111,8 +111,7 @@ class LMTPDestination:
     ) -> None:
         """Runs the transaction, filling ``final`` as replies come in."""
         mail, rcpts = await conn.transaction(
-            mail_command(conn, envelope, spool.size),
-            [rcpt_command(conn, r) for r in recipients],
+            *transaction_commands(conn, envelope, spool.size, recipients)
         )
         if not mail.ok:
             for i in range(len(recipients)):
@@ -165,7 +164,11 @@ class LMTPDestination:
         if self._verifier is None or self._verifier.closing:
             self._verifier = await self._connect()
         conn = self._verifier
-        mail, rcpts = await conn.transaction("MAIL FROM:<>", [f"RCPT TO:{path(address)}"])
+        utf8 = conn.supports("SMTPUTF8") and not str(address).isascii()
+        mail, rcpts = await conn.transaction(
+            "MAIL FROM:<> SMTPUTF8" if utf8 else "MAIL FROM:<>",
+            [f"RCPT TO:{wire_path(address, utf8)}"],
+        )
         rset = await conn.command("RSET")
         if not rset.ok:
             self._drop_verifier()

@@ -35,9 +35,8 @@ from mailgate.delivery.smtp_client import (
     Connection,
     Response,
     downstream_said,
-    mail_command,
-    rcpt_command,
     recipient_failure,
+    transaction_commands,
 )
 from mailgate.protocol.envelope import Envelope, Recipient
 from mailgate.protocol.replies import Reply, multiline, reply
@@ -141,8 +140,7 @@ class SmarthostDestination:
     ) -> None:
         """Runs the transaction, filling ``final`` as replies come in."""
         mail, rcpts = await conn.transaction(
-            mail_command(conn, envelope, spool.size),
-            [rcpt_command(conn, r) for r in recipients],
+            *transaction_commands(conn, envelope, spool.size, recipients)
         )
         if not mail.ok:
             final.update(dict.fromkeys(range(len(recipients)), _whole_message_failure(mail)))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from mailgate.delivery.dotstuff import DotStuffer, spool_chunks
 from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.idn import ascii_domain
 from mailgate.protocol.replies import Reply, multiline
 
 LINE_LIMIT = 4096  # a reply line; RFC 5321 says 512, leave room for sloppy servers
@@ -201,26 +202,36 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def mail_command(conn: Connection, envelope: Envelope, size: int) -> str:
-    """MAIL FROM with the parameters the envelope needs and the server offers.
+def transaction_commands(
+    conn: Connection, envelope: Envelope, size: int, recipients: list[Recipient]
+) -> tuple[str, list[str]]:
+    """MAIL FROM and one RCPT TO per recipient, with the parameters the envelope needs
+    and the server offers.
 
     A parameter the server does not offer is left out rather than failing here: a
-    server that cannot take the message then refuses it with its own reply.
+    server that cannot take the message then refuses it with its own reply.  An
+    address in a domain written in U-labels (a local domain may be configured so)
+    needs SMTPUTF8; a server without it gets the domain in A-labels, the same domain.
     """
+    utf8 = conn.supports("SMTPUTF8") and (
+        envelope.smtputf8
+        or not all(str(a).isascii() for a in (envelope.sender, *(r.address for r in recipients)))
+    )
     params = []
     if envelope.body in ("8BITMIME", "BINARYMIME") and conn.supports("8BITMIME"):
         params.append("BODY=8BITMIME")
-    if envelope.smtputf8 and conn.supports("SMTPUTF8"):
+    if utf8:
         params.append("SMTPUTF8")
     if conn.supports("SIZE"):
         params.append(f"SIZE={size}")
     if conn.supports("DSN"):
         params += [f"RET={envelope.ret}"] if envelope.ret else []
         params += [f"ENVID={xtext(envelope.envid)}"] if envelope.envid else []
-    return " ".join([f"MAIL FROM:{path(envelope.sender)}", *params])
+    mail = " ".join([f"MAIL FROM:{wire_path(envelope.sender, utf8)}", *params])
+    return mail, [_rcpt_command(conn, r, utf8) for r in recipients]
 
 
-def rcpt_command(conn: Connection, recipient: Recipient) -> str:
+def _rcpt_command(conn: Connection, recipient: Recipient, utf8: bool) -> str:
     """RCPT TO, passing the DSN parameters on when the server offers DSN."""
     params = []
     if conn.supports("DSN"):
@@ -230,7 +241,16 @@ def rcpt_command(conn: Connection, recipient: Recipient) -> str:
             kind, sep, value = recipient.orcpt.partition(";")
             if sep:
                 params.append(f"ORCPT={kind};{xtext(value)}")
-    return " ".join([f"RCPT TO:{path(recipient.address)}", *params])
+    return " ".join([f"RCPT TO:{wire_path(recipient.address, utf8)}", *params])
+
+
+def wire_path(address: Address | None, utf8: bool) -> str:
+    """:func:`path` for a session with (``utf8``) or without SMTPUTF8: without it, a
+    domain in U-labels goes in A-labels.  A non-ASCII local part has no such other
+    form; the server refuses it with its own reply."""
+    if address is None or utf8 or address.domain.isascii():
+        return path(address)
+    return path(Address(address.local, ascii_domain(address.domain), address.quoted))
 
 
 def downstream_said(resp: Response) -> list[str]:

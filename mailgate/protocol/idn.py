@@ -45,3 +45,17 @@ def _u_label(label: str) -> str:
     if decoded.isascii() or not decoded.isprintable():
         return label
     return unicodedata.normalize("NFC", decoded.lower())
+
+
+def ascii_domain(domain: str) -> str:
+    """``domain`` with each U-label as its A-label: the spelling of the same domain
+    for a peer without SMTPUTF8 (RFC 5890 2.3.2.1, RFC 6531 3.2).  Punycode of the
+    label in NFC and lower case, as :func:`domain_key` compares it; ASCII labels
+    unchanged."""
+    if domain.isascii():
+        return domain
+    return ".".join(
+        label if label.isascii()
+        else ACE_PREFIX + unicodedata.normalize("NFC", label.lower()).encode("punycode").decode()
+        for label in domain.split(".")
+    )

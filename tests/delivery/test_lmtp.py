@@ -108,3 +108,23 @@ def test_verify_recipient(dovecot: Dovecot) -> None:
     assert asyncio.run(run()) == [True, False, True, None]
     # The checks left nothing behind: no mail was delivered.
     assert dovecot.maildir_messages("alice") == []
+
+
+def test_a_domain_in_u_labels_reaches_a_server_without_smtputf8(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    # A local domain configured as bücher.example: this Dovecot offers no SMTPUTF8
+    # and refuses the U-label form (501), so it gets the A-labels, the same domain.
+    address = Address("alice", "bücher.example")
+    env = Envelope(helo="client.test", sender=Address("sender", "client.test"),
+                   recipients=[Recipient(address)])
+    dest = LMTPDestination(LMTPConfig(dovecot.address, timeout=5), "mx.test")
+
+    async def run() -> tuple[bool | None, list[int]]:
+        verified = await dest.verify_recipient(address)
+        results = await dest.deliver(env, TRACE, spool(tmp_path, b"x\r\n"), env.recipients)
+        await dest.aclose()
+        return verified, [r.reply.code for r in results]
+
+    assert asyncio.run(run()) == (True, [250])
+    assert dovecot.maildir_messages("alice")[0].endswith(b"\nx\n")

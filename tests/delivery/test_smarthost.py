@@ -40,11 +40,13 @@ class Smarthost:
     mails: int = 0
     delivered: list[dict[str, Any]] = field(default_factory=list)
     rcpt_options: list[list[str]] = field(default_factory=list)
+    mail_options: list[list[str]] = field(default_factory=list)
 
     async def handle_MAIL(self, server, session, envelope, address, options):
         self.mails += 1
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        self.mail_options.append(list(options))
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, options):
@@ -95,7 +97,7 @@ def password_file(tmp_path: Path) -> str:
     return str(path)
 
 
-def start(handler: Smarthost, tls: ssl.SSLContext | None) -> Controller:
+def start(handler: Smarthost, tls: ssl.SSLContext | None, utf8: bool = False) -> Controller:
     handler.port = free_port()
     controller = Controller(
         handler,
@@ -105,6 +107,7 @@ def start(handler: Smarthost, tls: ssl.SSLContext | None) -> Controller:
         require_starttls=tls is not None,
         authenticator=authenticator,
         auth_require_tls=tls is not None,
+        enable_SMTPUTF8=utf8,
     )
     controller.start()
     return controller
@@ -261,3 +264,34 @@ def test_notify_success_through_a_server_without_dsn_is_relayed(tmp_path: Path) 
     assert codes(results) == [(250, "2.0.0")]
     assert results[0].action == "relayed"
     assert handler.rcpt_options == [[]]  # nothing it could not parse
+
+
+@pytest.mark.parametrize(
+    ("utf8", "to", "options"),
+    [(False, "a@xn--bcher-kva.example", []), (True, "a@bücher.example", ["SMTPUTF8"])],
+)
+def test_a_domain_in_u_labels_goes_as_a_labels_to_a_server_without_smtputf8(
+    tmp_path: Path, utf8: bool, to: str, options: list[str]
+) -> None:
+    handler = Smarthost()
+    controller = start(handler, None, utf8=utf8)
+    try:
+        spool = tmp_path / "msg.spool"
+        spool.write_bytes(MESSAGE)
+        rcpts = [Recipient(Address("a", "bücher.example"))]
+        env = Envelope(sender=Address("user", "mx.test"), recipients=rcpts)  # not SMTPUTF8 mail
+        config = SmtpConfig("127.0.0.1", handler.port, starttls="off")
+        dest = SmarthostDestination(config, "mx.test")
+
+        @dataclass
+        class Spooled:
+            path: str
+            size: int
+
+        results = asyncio.run(dest.deliver(env, TRACE, Spooled(str(spool), len(MESSAGE)), rcpts))
+        assert codes(results) == [(250, "2.0.0")]
+        (mail,) = handler.delivered
+        assert mail["to"] == [to]
+        assert handler.mail_options == [[*options, f"SIZE={len(MESSAGE)}"]]
+    finally:
+        controller.stop()

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailgate.protocol.idn import domain_key
+from mailgate.protocol.idn import ascii_domain, domain_key
 
 
 @pytest.mark.parametrize(
@@ -41,3 +41,19 @@ def test_a_labels_and_u_labels_share_the_key(labels: list[str]) -> None:
     a_form = ".".join("xn--" + label.encode("punycode").decode("ascii") for label in labels)
     assert domain_key(a_form + ".example") == domain_key(u_form) == u_form
     assert domain_key(a_form.upper() + ".EXAMPLE") == u_form
+    assert ascii_domain(u_form) == a_form + ".example"
+
+
+@pytest.mark.parametrize(
+    ("domain", "ascii_form"),
+    [
+        ("bücher.example", "xn--bcher-kva.example"),
+        ("BÜCHER.example", "xn--bcher-kva.example"),
+        ("straße.example", "xn--strae-oqa.example"),
+        ("mail.xn--bcher-kva.example", "mail.xn--bcher-kva.example"),
+        ("Example.ORG", "Example.ORG"),  # ASCII: left as it is
+    ],
+)
+def test_ascii_domain(domain: str, ascii_form: str) -> None:
+    assert ascii_domain(domain) == ascii_form
+    assert domain_key(ascii_domain(domain)) == domain_key(domain)
