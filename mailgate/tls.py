@@ -82,7 +82,7 @@ class TLSContexts:
         try:
             loaded = self._load()
             if self._listener is not None:
-                self._listener.load_cert_chain(*config.pairs[0])
+                _load_pair(self._listener, *config.pairs[0])
         except (ValueError, OSError, ssl.SSLError):
             self._config = previous
             raise
@@ -121,15 +121,38 @@ class TLSContexts:
             context.set_ciphers(self._config.ciphers)
         except ssl.SSLError:
             raise ValueError(f"ciphers: no usable cipher in {self._config.ciphers!r}") from None
-        try:
-            context.load_cert_chain(cert, key)
-        except FileNotFoundError as e:
-            raise ValueError(f"{e.filename}: file not found") from None
-        except OSError as e:
-            raise ValueError(f"{cert} / {key}: {e.strerror or e}") from None
-        except ssl.SSLError as e:
-            raise ValueError(f"{cert} / {key}: {e.reason or e}") from None
+        _load_pair(context, cert, key)
         return context
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    raise _Encrypted
+
+
+def _load_pair(context: ssl.SSLContext, cert: str, key: str) -> None:
+    """The pair into ``context``; ValueError naming the files and the problem.
+
+    A key encrypted with a pass phrase is refused: without a password callback
+    OpenSSL would ask for one on the terminal, which a server must never do (and
+    under systemd there is none)."""
+    try:
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except _Encrypted:
+        raise ValueError(
+            f"{key}: the private key is encrypted with a pass phrase, which a server "
+            f"cannot type in; store it decrypted, readable by root only "
+            f"(openssl pkey -in {key} -out {key}.plain)"
+        ) from None
+    except FileNotFoundError as e:
+        raise ValueError(f"{e.filename}: file not found") from None
+    except OSError as e:
+        raise ValueError(f"{cert} / {key}: {e.strerror or e}") from None
+    except ssl.SSLError as e:
+        raise ValueError(f"{cert} / {key}: {e.reason or e}") from None
 
 
 def _choose(loaded: _Loaded, ssl_object: ssl.SSLObject, server_name: str | None) -> None:

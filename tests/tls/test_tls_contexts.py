@@ -234,6 +234,28 @@ def test_broken_pairs_at_start(certs: Certs, which: str, problem: str) -> None:
         TLSContexts(TLSConfig(cert=cert, key=key))
 
 
+def test_a_key_with_a_pass_phrase_is_refused_without_prompting(
+    certs: Certs, tmp_path: Path
+) -> None:
+    # Without a password callback OpenSSL would ask on the terminal and wait there.
+    from cryptography.hazmat.primitives import serialization
+
+    cert, key = certs.files["mail"]
+    private = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    ))
+    with pytest.raises(ValueError, match=f"{encrypted}: the private key is encrypted"):
+        TLSContexts(TLSConfig(cert=cert, key=str(encrypted)))
+    contexts = TLSContexts(TLSConfig(cert=cert, key=key))
+    assert contexts.server_context() is not None
+    with pytest.raises(ValueError, match="encrypted with a pass phrase"):
+        contexts.reload(TLSConfig(cert=cert, key=str(encrypted)))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "problem"),
     [
