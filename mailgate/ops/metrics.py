@@ -206,10 +206,15 @@ def bind_metrics(listen: str) -> socket.socket:
     Raises ValueError for a malformed address and OSError when it cannot be bound.
     """
     host, port = split_host_port(listen)
-    family, _, _, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    return socket.create_server(address, family=family, backlog=64)
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        return socket.create_server(address, family=family, backlog=64)
+    except OSError as exc:  # the listeners' way of saying it: which address, and why
+        # (create_server's own text adds the resolved address tuple; the errno says it)
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror
+        raise OSError(exc.errno, f"cannot listen on {listen} for metrics: {reason}") from None
 
 
 def serve_shared_directory(sock: socket.socket, path: str) -> None:

@@ -204,3 +204,15 @@ def test_only_the_metrics_path_is_served(metrics: Metrics) -> None:
         urllib.request.urlopen(f"http://{host}:{port}/metrics/extra", timeout=5)
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
         assert response.status == 200
+
+
+def test_an_address_in_use_is_named_as_the_metrics_address() -> None:
+    import socket
+
+    from mailgate.ops.metrics import bind_metrics
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(OSError, match=f"^.*cannot listen on {listen} for metrics: "
+                                          "Address already in use$"):
+            bind_metrics(listen)
