@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 
 from mailgate.auth.factory import build_authenticator
 from mailgate.auth.throttle import Failures
+from mailgate.config.delivery import LOCAL_DESTINATION
 from mailgate.config.errors import ConfigError
-from mailgate.config.loader import load_config
+from mailgate.config.loader import Findings, load_config
 from mailgate.config.restart import restart_only_changes
 from mailgate.config.schema import Config
 from mailgate.config.server import ListenerConfig
@@ -80,10 +81,11 @@ def load_overridden(path: str | None, overrides: Overrides) -> Config:
     return apply_overrides(load_config(path), overrides)
 
 
-def check_parts(config: Config) -> list[str]:
+def check_parts(config: Config) -> Findings:
     """``check-config``: build what ``serve`` would build from ``config`` and return
     what it would refuse (a certificate that does not match its key, a users file or
-    access list it cannot use, an unknown destination), one line each.
+    access list it cannot use, an unknown destination), one line each, and what it
+    would warn of at start-up (a maildir root it cannot write in).
 
     Without side effects: nothing is bound, and the greylist database is not opened
     (that would create it, as whoever runs the check); only its directory is checked.
@@ -98,18 +100,22 @@ def check_parts(config: Config) -> list[str]:
             problems.extend(exc.errors if isinstance(exc, ConfigError) else [str(exc)])
             return None
 
-    attempt(lambda: run_as(config))
+    ids = attempt(lambda: run_as(config))
+    # what serve checks after dropping privileges, checked here for that user
+    as_ids = ids if isinstance(ids, tuple) and os.geteuid() == 0 else None
     attempt(lambda: TLSContexts(config.tls))
     attempt(lambda: build_authenticator(
         config.auth, hostname=hostname,
         local_domains=config.delivery.local_domains or [hostname, "localhost"],
     ))
     router = attempt(lambda: build_router(config.delivery, hostname))
+    warnings: list[str] = []
     if isinstance(router, Router):
         no_greylist = replace(config, greylist=replace(config.greylist, enabled=False))
         policy = attempt(lambda: build_policy(no_greylist, router, hostname))
         asyncio.run(_close_parts(policy, router))
-    spool = SpoolDir(config.server.spool_dir).problem()
+        warnings = maildir_problems(router, as_ids)
+    spool = SpoolDir(config.server.spool_dir).problem(as_ids)
     if spool:
         problems.append(spool)
     grey = config.greylist
@@ -120,7 +126,29 @@ def check_parts(config: Config) -> list[str]:
         missing = missing_directory(grey.sqlite_path)
         if missing:
             problems.append(f"greylist.sqlite_path: {missing}")
-    return problems
+    return Findings(problems, warnings)
+
+
+def maildir_problems(router: Router, as_ids: tuple[int, int] | None = None) -> list[str]:
+    """Why the router's Maildir destinations could not store mail, as this process
+    (or ``as_ids``); warnings, not refusals: maildirs made beforehand may still take
+    mail."""
+    found = []
+    for name, destination in router.destinations.items():
+        if isinstance(destination, MaildirDestination):
+            problem = destination.problem(as_ids)
+            if problem:
+                key = "delivery.maildir_root" if name == LOCAL_DESTINATION else (
+                    f"delivery.destinations.{name}.maildir.root")
+                found.append(f"{key}: {problem}")
+    return found
+
+
+def warn_of_maildirs(router: object) -> None:
+    """At start-up, as the server's user: the maildir_problems, logged."""
+    if isinstance(router, Router):
+        for problem in maildir_problems(router):
+            log_event("maildir", level="warning", problem=problem)
 
 
 def build_context(
@@ -267,6 +295,7 @@ class MailServer:
             if self.ctx.config.metrics.listen:  # with workers the supervisor serves them
                 self.ctx.metrics.start(self.ctx.config.metrics.listen)
             drop_privileges(self.ctx.config)
+            warn_of_maildirs(self.ctx.delivery)  # once: the supervisor's, with workers
         # As the user that will write it, before taking any mail: an unusable spool
         # would otherwise answer every message 452.
         self.ctx.spool.ensure()

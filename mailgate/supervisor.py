@@ -38,6 +38,7 @@ from mailgate.config.errors import ConfigError
 from mailgate.config.restart import restart_only_changes
 from mailgate.config.schema import Config
 from mailgate.delivery.factory import build_router
+from mailgate.delivery.router import Router
 from mailgate.delivery.spool import SpoolDir
 from mailgate.ops.logging import flush_logs, log_event, setup_logging
 from mailgate.ops.metrics import (
@@ -105,16 +106,17 @@ class Supervisor:
         self._metrics_started = 0.0
 
     def run(self) -> int:
-        from mailgate.app import bind_all, describe_delivery, drop_privileges
+        from mailgate.app import bind_all, describe_delivery, drop_privileges, warn_of_maildirs
 
         config = self.config
         setup_logging(config.logging)
         hostname = config.server.hostname
-        self._clean_leftovers()
+        router = self._clean_leftovers()
         self.sockets = bind_all(config)
         try:
             self._serve_metrics()
             drop_privileges(config)
+            warn_of_maildirs(router)  # once for all workers, as the user they run as
         except BaseException:
             self._close()
             raise
@@ -146,14 +148,15 @@ class Supervisor:
         flush_logs()
         return status
 
-    def _clean_leftovers(self) -> None:
+    def _clean_leftovers(self) -> Router:
         """What dead processes left in the spool and in Maildir tmp/ (files of living
-        workers are recognised by their pid and left alone)."""
+        workers are recognised by their pid and left alone); the router it looked in."""
         from mailgate.app import clean_leftovers
 
         config = self.config
         router = build_router(config.delivery, config.server.hostname)
         clean_leftovers(SpoolDir(config.server.spool_dir), router)
+        return router
 
     def _serve_metrics(self) -> None:
         listen = self.config.metrics.listen

@@ -65,13 +65,22 @@ def load_config(path: str | None) -> Config:
     return from_data(_read_toml(path), path)
 
 
+@dataclasses.dataclass
+class Findings:
+    """What check-config found beyond the file's own syntax and values."""
+
+    problems: list[str] = dataclasses.field(default_factory=list)  # serve would refuse
+    warnings: list[str] = dataclasses.field(default_factory=list)  # serve starts; some mail fails
+
+
 def check_config_command(
-    path: str, check_parts: Callable[[Config], list[str]] | None = None
+    path: str, check_parts: Callable[[Config], Findings] | None = None
 ) -> int:
     """``mailgate check-config FILE``: validate without starting; the exit status.
 
     ``check_parts`` (the caller's: this package builds nothing) tries what the file
-    names (certificates, users file, access list) and returns the problems found.
+    names (certificates, users file, access list) and returns what it found: problems
+    make the status 1, warnings are printed and leave it 0.
     """
     try:
         config = load_config(path)
@@ -79,10 +88,12 @@ def check_config_command(
         for line in exc.errors:
             print(line, file=sys.stderr)
         return 1
-    problems = check_parts(config) if check_parts else []
-    for line in problems:
+    found = check_parts(config) if check_parts else Findings()
+    for line in found.problems:
         print(line, file=sys.stderr)
-    if problems:
+    for line in found.warnings:
+        print(f"{path}: warning: {line}", file=sys.stderr)
+    if found.problems:
         return 1
     print(f"{path}: OK")
     return 0

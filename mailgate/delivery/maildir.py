@@ -35,6 +35,7 @@ from mailgate.delivery.spool import (
     pid_alive,
     read_chunks,
     reply_for_os_error,
+    unwritable,
 )
 from mailgate.delivery.trace import return_path_header
 from mailgate.protocol.envelope import Address, Envelope, Recipient
@@ -108,6 +109,20 @@ class MaildirDestination:
         self._ready: set[str] = set()  # maildirs known to have tmp/, new/ and cur/
         self._unnamed: bool | None = None  # O_TMPFILE usable here (None: not tried yet)
         self._in_progress = 0  # deliveries under way (a lone one needs no group commit)
+
+    def problem(self, as_ids: tuple[int, int] | None = None) -> str | None:
+        """Why this process (or the user and group ``as_ids``) could not store mail
+        under the root, found without making anything (start-up and check-config
+        warn; per-user maildirs made beforehand under a root it cannot write in still
+        take mail)."""
+        nearest = unwritable(self.root, as_ids)
+        if nearest is None:
+            return None
+        if nearest == self.root:
+            return (f"{self.root} is not writable by the server's user: mail for users "
+                    "whose maildir is not already there is answered 451")
+        return (f"cannot make {self.root} ({nearest} is not a directory the server's "
+                "user can write in): every delivery to a maildir there is answered 451")
 
     def cleanup_tmp(self) -> int:
         """At start-up: remove tmp/ files that no delivery will finish; return how many.

@@ -200,6 +200,30 @@ class SpoolFile:
             return f.read(max(0, limit))
 
 
+def unwritable(path: str, as_ids: tuple[int, int] | None = None) -> str | None:
+    """None when this process (or the user and group ``as_ids``, which it will become)
+    can write in ``path`` or make it; else the directory that stops it: the nearest
+    one that exists must be one it can write in."""
+    nearest = os.path.abspath(path)
+    while not os.path.exists(nearest) and os.path.dirname(nearest) != nearest:
+        nearest = os.path.dirname(nearest)
+    if os.path.isdir(nearest) and _may_write(nearest, as_ids):
+        return None
+    return nearest
+
+
+def _may_write(directory: str, as_ids: tuple[int, int] | None) -> bool:
+    if as_ids is None or as_ids[0] == os.geteuid():
+        return os.access(directory, os.W_OK | os.X_OK)
+    # Another user's view, by the mode bits (the server drops to exactly one group).
+    uid, gid = as_ids
+    if uid == 0:
+        return True
+    st = os.stat(directory)
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+    return (st.st_mode >> shift) & 0o3 == 0o3  # write and search
+
+
 class SpoolDir:
     """The spool directory; one file per message in flight."""
 
@@ -218,13 +242,11 @@ class SpoolDir:
             raise OSError(exc.errno, f"spool_dir {self.path}: {exc.strerror or exc}") from None
         self._ready = True
 
-    def problem(self) -> str | None:
-        """What ensure() would fail on, found without making anything (check-config):
-        the nearest directory that exists must be one this process can write in."""
-        nearest = os.path.abspath(self.path)
-        while not os.path.exists(nearest) and os.path.dirname(nearest) != nearest:
-            nearest = os.path.dirname(nearest)
-        if os.path.isdir(nearest) and os.access(nearest, os.W_OK | os.X_OK):
+    def problem(self, as_ids: tuple[int, int] | None = None) -> str | None:
+        """What ensure() would fail on, found without making anything (check-config,
+        for the server's user and group ``as_ids`` when it runs as root)."""
+        nearest = unwritable(self.path, as_ids)
+        if nearest is None:
             return None
         return (f"server.spool_dir: cannot make or write {self.path}"
                 f" ({nearest} is not a directory this user can write in)")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mailgate.delivery.spool import SpoolDir, crlf_to_lf, reply_for_os_error
+from mailgate.delivery.spool import SpoolDir, crlf_to_lf, reply_for_os_error, unwritable
 
 
 def test_create_makes_the_directory_and_writes_stream_in(tmp_path: Path) -> None:
@@ -90,3 +90,20 @@ def test_ensure_makes_the_directory_or_names_it(tmp_path: Path) -> None:
         assert str(exc).endswith(f"spool_dir {tmp_path}/file/spool: Not a directory")
     else:
         raise AssertionError("ensure() accepted a spool under a file")
+
+
+def test_unwritable_for_the_user_the_server_will_become(tmp_path: Path) -> None:
+    # check-config runs as root and checks for server.user by the mode bits
+    other_uid, other_gid = os.geteuid() + 4242, os.getegid() + 4242
+    box = tmp_path / "box"
+    box.mkdir()
+    box.chmod(0o755)
+    assert unwritable(str(box / "deep" / "spool"), (other_uid, other_gid)) == str(box)
+    box.chmod(0o757)  # others may write and search
+    assert unwritable(str(box / "deep" / "spool"), (other_uid, other_gid)) is None
+    box.chmod(0o775)  # the group may
+    assert unwritable(str(box), (other_uid, box.stat().st_gid)) is None
+    assert unwritable(str(box), (other_uid, other_gid)) == str(box)
+    assert unwritable(str(box), (0, 0)) is None  # root writes anywhere the bits allow
+    (tmp_path / "file").write_text("x")
+    assert unwritable(str(tmp_path / "file" / "spool")) == str(tmp_path / "file")

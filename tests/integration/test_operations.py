@@ -104,6 +104,40 @@ def _config_file(tmp_path: Path, server: str) -> Path:
     return path
 
 
+def test_a_maildir_root_the_server_cannot_write_in_is_a_warning(tmp_path: Path) -> None:
+    # Not a refusal: maildirs made beforehand under such a root still take mail.  As
+    # root the check is made for server.user, as serve makes it after the drop (so
+    # the files are where nobody can reach them: not under pytest's 0700 directory).
+    shared = Path(tempfile.mkdtemp(prefix="mailgate-locked-", dir="/tmp"))
+    shared.chmod(0o777)
+    try:
+        locked = shared / "locked"
+        locked.mkdir(mode=0o555)
+        (shared / "s").mkdir(mode=0o777)
+        (shared / "s").chmod(0o777)
+        user = 'user = "nobody"\n' if os.geteuid() == 0 else ""
+        config = tmp_path / "checked.toml"
+        config.write_text(f'[server]\n{user}spool_dir = "{shared}/s"\n'
+                          f'[delivery]\nmaildir_root = "{locked}/m"\n')
+        checked = _cli("check-config", str(config))
+        assert checked.returncode == 0, checked.stderr
+        assert checked.stderr == (
+            f"{config}: warning: delivery.maildir_root: cannot make {locked}/m ({locked} "
+            "is not a directory the server's user can write in): every delivery to a "
+            "maildir there is answered 451\n"
+        )
+        assert checked.stdout == f"{config}: OK\n"
+        srv = start_server(tmp_path / "run", config.read_text())
+        try:
+            warning = [line for line in srv.log().splitlines() if "event=maildir" in line]
+            assert len(warning) == 1 and "level=warning" in warning[0]
+            assert f"cannot make {locked}/m" in warning[0]
+        finally:
+            srv.stop()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def test_a_user_or_group_that_does_not_exist(tmp_path: Path) -> None:
     config = _config_file(tmp_path, f'user = "no-such-user-here"\nspool_dir = "{tmp_path}/s"')
     checked = _cli("check-config", str(config))
