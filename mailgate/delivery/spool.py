@@ -11,6 +11,7 @@ processes may share one spool directory).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import itertools
@@ -189,6 +190,33 @@ class SpoolFile:
                 pass
             except OSError as exc:
                 log.warning("spool %s: cannot remove: %s", self._path, exc)
+
+    def insert(self, offset: int, data: bytes) -> None:
+        """Put ``data`` at ``offset`` of the closed message (header fields added after
+        the trace fields).  A message written out is copied into a new file, which
+        then takes the old one's name.  Raises OSError like ``write``."""
+        if not self._closed:
+            raise ValueError(f"spool file {self._path} is still being written")
+        if self._memory is not None and len(self._memory) + len(data) <= MEMORY_LIMIT:
+            self._memory[offset:offset] = data
+            self.size += len(data)
+            return
+        source = self.path  # written out first if held
+        # named as spool files are, so that a crash's leftover is cleaned at start-up
+        copy = f"{source.removesuffix(SUFFIX)}-i.{this_pid()}.{next(_names)}{SUFFIX}"
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb", buffering=WRITE_BUFFER) as out, open(source, "rb") as old:
+                out.write(old.read(offset))
+                out.write(data)
+                for chunk in iter(lambda: old.read(WRITE_BUFFER), b""):
+                    out.write(chunk)
+            os.replace(copy, source)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(copy)
+            raise
+        self.size += len(data)
 
     def read_head(self, limit: int) -> bytes:
         """The first ``limit`` bytes of the spooled message (for content filters)."""

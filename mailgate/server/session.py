@@ -22,9 +22,11 @@ from typing import TYPE_CHECKING, cast
 
 from mailgate.auth.mechanisms import Challenge, Success
 from mailgate.delivery.base import RecipientResult, TraceInfo
+from mailgate.delivery.submission import HEAD_LIMIT, missing_fields
 from mailgate.delivery.trace import protocol_name, received_header
 from mailgate.ops.logging import SessionLog, debug_enabled
 from mailgate.policy.base import Client, Verdict
+from mailgate.policy.networks import is_trusted
 from mailgate.policy.pregreet import TAG as PREGREET
 from mailgate.protocol import events as ev
 from mailgate.protocol.connection import Connection, Settings
@@ -76,7 +78,7 @@ class Session(asyncio.Protocol):
     __slots__ = (
         "_auth_mechanism", "_busy", "_deadline", "_draining", "_event_loop", "_exchange", "_lost",
         "_message_id", "_message_started", "_messages", "_paused", "_proxy_buf", "_spool",
-        "_stopping", "_task", "_timed_out", "_trace_info", "_waiter",
+        "_stopping", "_task", "_timed_out", "_trace_info", "_trace_len", "_waiter",
         "admitted", "client", "conn", "listener", "log", "server", "sid", "transport",
     )  # fmt: skip
 
@@ -100,6 +102,7 @@ class Session(asyncio.Protocol):
         self._proxy_buf = b""
         self._spool: SpoolFile | None = None
         self._trace_info: TraceInfo | None = None  # of the message being received
+        self._trace_len = 0  # octets of the Received: field at the head of its spool
         self._exchange: SaslExchange | None = None
         self._auth_mechanism = ""
         self._messages = 0
@@ -422,7 +425,9 @@ class Session(asyncio.Protocol):
             # Nothing in it can change before the end of the data (no RCPT after a
             # BDAT, no TLS or AUTH mid-message): the delivery reuses it.
             self._trace_info = self._trace(envelope)
-            self._spool.write(received_header(self._trace_info, envelope))
+            received = received_header(self._trace_info, envelope)
+            self._spool.write(received)
+            self._trace_len = len(received)
         except OSError as exc:
             self._drop_spool()
             self.log_event("spool", level="error", error=str(exc)[:200])
@@ -441,6 +446,12 @@ class Session(asyncio.Protocol):
             return
         try:
             spool.close()
+            if self.listener.config.role != "public" or is_trusted(client):
+                # our own users' mail (RFC 6409 8): the fields a message must have
+                added = missing_fields(spool.read_head(HEAD_LIMIT), self.message_id,
+                                       server.hostname)
+                if added:
+                    spool.insert(self._trace_len, added)
         except OSError as exc:
             self._drop_spool()
             self.log_event("spool", level="error", error=str(exc)[:200])

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import smtplib
 import socket
 import subprocess
+from pathlib import Path
 
 import aiosmtplib
 import pytest
 
-from tests.integration.server import RunningServer
+from tests.integration.server import RunningServer, start_server
 
 MESSAGE = b"From: a@client.example.org\r\nSubject: hello\r\n\r\nbody line\r\n.leading dot\r\n"
 
@@ -213,3 +215,35 @@ def test_no_relay_configured_refuses_a_remote_recipient_at_rcpt(server: RunningS
         )
     }
     assert len(server.messages("root")) == 1
+
+
+def test_mail_of_our_own_users_gets_the_date_and_message_id_it_lacks(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    # A script on this machine (trusted) sends without them: added after our Received:
+    # (RFC 6409 8.2, 8.3; large providers refuse mail without a Message-ID).
+    with smtplib.SMTP(server.host, server.port, timeout=10) as smtp:
+        smtp.ehlo("client.mailgate.org")
+        smtp.sendmail("a@client.mailgate.org", ["root@localhost"], b"Subject: bare\r\n\r\nhi\r\n")
+        smtp.sendmail("a@client.mailgate.org", ["root@localhost"],
+                      b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <mine@c>\r\n\r\nx\r\n")
+    bare, complete = server.messages("root")
+    head = bare.split(b"\n\n")[0].split(b"\n")
+    assert head[0].startswith(b"Return-Path: ") and head[1].startswith(b"Received: ")
+    names = [line.split(b":")[0] for line in head if not line.startswith(b"\t")]
+    assert names == [b"Return-Path", b"Received", b"Date", b"Message-ID", b"Subject"]
+    assert re.search(rb"\nMessage-ID: <[0-9a-f]+\.1\.[0-9a-f]{12}@mx\.mailgate\.test>\n", bare)
+    assert complete.count(b"\nDate: ") == 1 and complete.count(b"Message-ID") == 1
+
+    # Mail arriving as an MX (an untrusted client on the public listener) is passed on
+    # as it came.
+    other = start_server(tmp_path / "mx", "[policy]\ntrusted_networks = []\n"
+                         "verify_sender_domain = false\n")
+    try:
+        with smtplib.SMTP(other.host, other.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.sendmail("a@client.mailgate.org", ["root@localhost"], b"Subject: as is\r\n\r\n")
+        [stored] = other.messages("root")
+        assert b"Message-ID" not in stored and b"\nDate:" not in stored
+    finally:
+        other.stop()
