@@ -37,6 +37,7 @@ from mailgate.delivery.smtp_client import (
     downstream_said,
     recipient_failure,
     transaction_commands,
+    utf8_refusal,
 )
 from mailgate.protocol.envelope import Envelope, Recipient
 from mailgate.protocol.replies import Reply, multiline, reply
@@ -139,6 +140,10 @@ class SmarthostDestination:
         final: dict[int, Reply],
     ) -> None:
         """Runs the transaction, filling ``final`` as replies come in."""
+        refusal = None if conn.supports("SMTPUTF8") else utf8_refusal(envelope, recipients, spool)
+        if refusal is not None:
+            final.update(dict.fromkeys(range(len(recipients)), refusal))
+            return
         mail, rcpts = await conn.transaction(
             *transaction_commands(conn, envelope, spool.size, recipients)
         )

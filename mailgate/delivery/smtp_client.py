@@ -14,10 +14,11 @@ import re
 import ssl
 from dataclasses import dataclass
 
+from mailgate.delivery.base import SpoolReader
 from mailgate.delivery.dotstuff import DotStuffer, spool_chunks
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.idn import ascii_domain
-from mailgate.protocol.replies import Reply, multiline
+from mailgate.protocol.replies import Reply, multiline, reply
 
 LINE_LIMIT = 4096  # a reply line; RFC 5321 says 512, leave room for sloppy servers
 MAX_REPLY_LINES = 200  # a longer multi-line reply is a broken or hostile server
@@ -242,6 +243,30 @@ def _rcpt_command(conn: Connection, recipient: Recipient, utf8: bool) -> str:
             if sep:
                 params.append(f"ORCPT={kind};{xtext(value)}")
     return " ".join([f"RCPT TO:{wire_path(recipient.address, utf8)}", *params])
+
+
+UTF8_HEAD_LIMIT = 64 * 1024  # how much of a header section is looked at for UTF-8
+
+
+def utf8_refusal(
+    envelope: Envelope, recipients: list[Recipient], spool: SpoolReader
+) -> Reply | None:
+    """For a server without SMTPUTF8: why the message cannot go to it (RFC 6531 3.2),
+    or None.  Only a message its client sent with SMTPUTF8 is held to that: of one,
+    a non-ASCII local part has no ASCII form (a domain has: A-labels), and neither
+    have UTF-8 header fields; without them it goes as any other.  A message sent
+    without SMTPUTF8 goes as it came, raw 8-bit header fields and all, as from any
+    MTA before SMTPUTF8; 8-bit body text is 8BITMIME's business."""
+    if not envelope.smtputf8:
+        return None
+    addresses = (envelope.sender, *(r.address for r in recipients))
+    if any(a is not None and not a.local.isascii() for a in addresses):
+        return reply("delivery.utf8_address_unsupported")
+    head = spool.read_head(UTF8_HEAD_LIMIT)
+    end = head.find(b"\r\n\r\n")
+    if not (head if end < 0 else head[:end]).isascii():
+        return reply("delivery.utf8_header_unsupported")
+    return None
 
 
 def wire_path(address: Address | None, utf8: bool) -> str:

@@ -138,16 +138,23 @@ def plain_smarthost() -> Iterator[Smarthost]:
 MESSAGE = b"Received: from x\r\nSubject: hi\r\n\r\n.dot line\r\n" + b"y" * 70 + b"\r\n"
 
 
+@dataclass
+class Spooled:
+    """What a destination reads of a spooled message."""
+
+    path: str
+    size: int
+
+    def read_head(self, limit: int) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read(limit)
+
+
 def deliver(
     config: SmtpConfig, tmp_path: Path, *locals_: str, notify: tuple[str, ...] = ()
 ) -> list[RecipientResult]:
     spool = tmp_path / "msg.spool"
     spool.write_bytes(MESSAGE)
-
-    @dataclass
-    class Spooled:
-        path: str
-        size: int
 
     rcpts = [Recipient(Address(name, "remote.test"), notify) for name in locals_]
     env = Envelope(sender=Address("user", "mx.test"), recipients=rcpts, body="8BITMIME")
@@ -283,11 +290,6 @@ def test_a_domain_in_u_labels_goes_as_a_labels_to_a_server_without_smtputf8(
         config = SmtpConfig("127.0.0.1", handler.port, starttls="off")
         dest = SmarthostDestination(config, "mx.test")
 
-        @dataclass
-        class Spooled:
-            path: str
-            size: int
-
         results = asyncio.run(dest.deliver(env, TRACE, Spooled(str(spool), len(MESSAGE)), rcpts))
         assert codes(results) == [(250, "2.0.0")]
         (mail,) = handler.delivered
@@ -295,3 +297,45 @@ def test_a_domain_in_u_labels_goes_as_a_labels_to_a_server_without_smtputf8(
         assert handler.mail_options == [[*options, f"SIZE={len(MESSAGE)}"]]
     finally:
         controller.stop()
+
+
+@pytest.mark.parametrize(
+    ("sender", "declared", "message", "without", "with_smtputf8"),
+    [
+        ("jörg", True, b"Subject: hi\r\n\r\nx\r\n", (554, "5.6.7"), True),
+        ("user", True, "Subject: café\r\n\r\nx\r\n".encode(), (554, "5.6.9"), True),
+        # declared, but nothing in it needs SMTPUTF8: it goes without
+        ("user", True, "Subject: hi\r\n\r\ncafé au lait\r\n".encode(), (250, "2.0.0"), True),
+        # raw 8-bit header fields sent without SMTPUTF8 go on as they came
+        ("user", False, "Subject: café\r\n\r\nx\r\n".encode(), (250, "2.0.0"), False),
+    ],
+)
+def test_a_message_that_needs_smtputf8_is_not_sent_to_a_server_without_it(
+    tmp_path: Path, sender: str, declared: bool, message: bytes, without: tuple[int, str],
+    with_smtputf8: bool,
+) -> None:
+    # RFC 6531 3.2: of an SMTPUTF8 message, a non-ASCII local part or UTF-8 header
+    # fields cannot go to such a server; 8-bit body text can (8BITMIME).
+    spool = tmp_path / "msg.spool"
+    spool.write_bytes(message)
+
+    for utf8, expected in ((False, without), (True, (250, "2.0.0"))):
+        handler = Smarthost()
+        controller = start(handler, None, utf8=utf8)
+        try:
+            rcpts = [Recipient(Address("a", "remote.test"))]
+            env = Envelope(sender=Address(sender, "mx.test"), recipients=rcpts, body="8BITMIME",
+                           smtputf8=declared)
+            config = SmtpConfig("127.0.0.1", handler.port, starttls="off")
+            dest = SmarthostDestination(config, "mx.test")
+            results = asyncio.run(
+                dest.deliver(env, TRACE, Spooled(str(spool), len(message)), rcpts)
+            )
+            assert codes(results) == [expected]
+            assert len(handler.delivered) == (expected[0] == 250)
+            if utf8:
+                assert ("SMTPUTF8" in handler.mail_options[0]) == with_smtputf8
+            else:
+                assert handler.mails == (expected[0] == 250)  # refused before MAIL
+        finally:
+            controller.stop()
