@@ -7,6 +7,7 @@ implementing :class:`Policy`.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,6 +28,8 @@ class Client:
     session_id: str = ""
     listener: str = "public"  # the listener's role: public, submission or smtps
     reverse_name: str | None = None  # PTR name, when looked up
+    # the lookup of reverse_name while it runs (started at connect, awaited at HELO)
+    name_lookup: asyncio.Future[str | None] | None = None
     helo: str = ""
     tls: bool = False
     tls_version: str | None = None

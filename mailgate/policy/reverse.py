@@ -28,7 +28,12 @@ MAX_NAMES: Final = 5
 
 
 class ReverseNameStep(Step):
-    """Sets ``client.reverse_name`` to the client's forward-confirmed DNS name."""
+    """Sets ``client.reverse_name`` to the client's forward-confirmed DNS name.
+
+    The lookups start at connect and are awaited at HELO, where the name is first
+    used (the helo log line; the Received: field comes after it): the greeting does
+    not wait for them, and they run while the DNSBL is asked and during a greeting
+    pause.  A session that ends first has its lookup cancelled by the server."""
 
     name = "rdns"
 
@@ -36,7 +41,16 @@ class ReverseNameStep(Step):
         self._resolver = resolver
 
     async def connect(self, client: Client) -> Verdict:
-        client.reverse_name = await self.confirmed_name(client.ip)
+        if unmap(client.ip).is_loopback:  # the usual case on a submission host: no task
+            client.reverse_name = "localhost"
+        else:
+            client.name_lookup = asyncio.ensure_future(self.confirmed_name(client.ip))
+        return ACCEPT
+
+    async def helo(self, client: Client, name: str) -> Verdict:
+        lookup, client.name_lookup = client.name_lookup, None
+        if lookup is not None:
+            client.reverse_name = await lookup
         return ACCEPT
 
     async def confirmed_name(self, ip: IPAddress) -> str | None:

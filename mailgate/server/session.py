@@ -754,6 +754,8 @@ class Session(asyncio.Protocol):
 
     def _cleanup(self) -> None:
         self._drop_spool()
+        if self.client is not None and self.client.name_lookup is not None:
+            self.client.name_lookup.cancel()  # a client gone before HELO
         self._count_replies()
         server = self.server
         server.sessions.discard(self)

@@ -164,10 +164,19 @@ def test_the_received_field_names_the_client_dns_confirms(
                 assert [reader.readline()[:3] for _ in range(4)] == [b"250"] * 3 + [b"354"]
                 sock.sendall(b"Subject: traced\r\n\r\nhi\r\n.\r\n")
                 assert reader.readline().startswith(b"250 ")
+        # one that leaves before HELO: its lookup is cancelled, nothing goes wrong
+        with socket.create_connection((srv.host, port), timeout=10) as sock:
+            sock.sendall(b"PROXY TCP4 192.0.2.25 127.0.0.1 40000 25\r\nQUIT\r\n")
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"220 ")
+            assert reader.readline().startswith(b"221 ")
         confirmed, forged = srv.messages("root")
         assert b"Received: from client.mailgate.org (mail.sender.lab [192.0.2.25])" in confirmed
         assert b"Received: from client.mailgate.org (unknown [192.0.2.26])" in forged
         helo = [line for line in srv.log().splitlines() if "event=helo" in line]
         assert "rdns=mail.sender.lab" in helo[0] and "rdns" not in helo[1]
+        log = srv.log()
+        assert "level=error" not in log and "Traceback" not in log
+        assert "Task was destroyed" not in log
     finally:
         srv.stop()

@@ -39,9 +39,16 @@ def test_this_machine_is_localhost_without_a_lookup(dns_server: LoopbackDNS, ip:
     assert len(dns_server.zones.queries) == before
 
 
-def test_connect_sets_the_name_and_never_refuses(dns_server: LoopbackDNS) -> None:
+def test_the_lookup_starts_at_connect_and_is_awaited_at_helo(dns_server: LoopbackDNS) -> None:
     step = ReverseNameStep(dns_server.resolver(timeout=0.3))
-    for ip, name in (("192.0.2.25", "mail.sender.lab"), ("192.0.2.99", None)):
+
+    async def session(ip: str) -> tuple[bool, str | None, bool]:
         who = client(ip)
-        assert run(step.connect(who)).accepted
-        assert who.reverse_name == name
+        accepted = (await step.connect(who)).accepted
+        started = who.name_lookup is not None and who.reverse_name is None
+        accepted = accepted and (await step.helo(who, "client.sender.lab")).accepted
+        assert who.name_lookup is None
+        return accepted and started, who.reverse_name, accepted
+
+    for ip, name in (("192.0.2.25", "mail.sender.lab"), ("192.0.2.99", None)):
+        assert run(session(ip)) == (True, name, True)  # never a refusal
