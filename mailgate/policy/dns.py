@@ -20,6 +20,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mailgate.config.policy import parse_nameserver
+from mailgate.protocol.idn import ascii_domain
 
 log = logging.getLogger("mailgate.policy.dns")
 
@@ -69,7 +70,11 @@ class Resolver:
     async def lookup(self, name: str, rdtype: str) -> Answer:
         """Records of type ``rdtype`` ("A", "MX", "TXT" ...) for the absolute ``name``."""
         try:
-            qname = dns.name.from_text(name, origin=dns.name.root)
+            # An internationalized name in A-labels by our own Punycode, not by
+            # dnspython's default codec: that is IDNA2003 unless the idna package
+            # happens to be installed, and IDNA2003 turns straße.example into
+            # strasse.example, another domain (see protocol/idn.py).
+            qname = dns.name.from_text(ascii_domain(name), origin=dns.name.root)
         except (dns.exception.DNSException, UnicodeError, ValueError):
             return Answer(Status.INVALID)
         if qname == dns.name.root:  # "" or ".": no host or domain is called that

@@ -50,6 +50,7 @@ deep.sub.sender.lab.    60 IN A    192.0.2.3
 29.2.0.192.in-addr.arpa. 60 IN PTR x.servfail.sender.lab.
 odd_name.sender.lab.    60 IN A    192.0.2.27
 two.sender.lab.         60 IN A    192.0.2.28
+xn--strae-oqa.sender.lab. 60 IN A  192.0.2.40
 1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa. 60 IN PTR aaaa.sender.lab.
 """
 # 2001:db8::bad, by nibbles, on bl.lab (RFC 5782 2.4)

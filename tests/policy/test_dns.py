@@ -55,3 +55,20 @@ def test_nameserver_with_ipv6_bracket_syntax_is_accepted() -> None:
 def test_bad_nameserver_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="dns_servers"):
         Resolver(["ns.example.org"], 1.0)
+
+
+def test_an_internationalized_name_is_asked_in_its_a_labels(dns_server: LoopbackDNS) -> None:
+    # dnspython's default codec is IDNA2003 unless the idna package is installed
+    # (mailgate does not need it; tests pull it in): set so, straße.sender.lab would
+    # be asked as strasse.sender.lab, another domain.
+    import dns.name
+
+    previous = dns.name.IDNA_DEFAULT
+    dns.name.set_default_idna_codec(dns.name.IDNA_2003_Practical)
+    try:
+        found = run(dns_server.resolver().lookup("Straße.sender.lab", "A"))
+    finally:
+        dns.name.set_default_idna_codec(previous)
+    assert found.status is Status.FOUND
+    assert dns_server.asked("xn--strae-oqa.sender.lab") == ["A"]
+    assert dns_server.asked("strasse.sender.lab") == []
