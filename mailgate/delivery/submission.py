@@ -32,6 +32,12 @@ def missing_fields(head: bytes, message_id: str, hostname: str) -> bytes:
         end = head.find(b"\n\n")  # BDAT data is taken with the line ends it has
         if end < 0:
             return b""
+    # The usual spellings first, without copying the section: this runs for every
+    # message of a trusted client (~1 us against ~3 for lower() and the expression).
+    if head.find(b"\nDate:", 0, end) >= 0 and (
+        head.find(b"\nMessage-ID:", 0, end) >= 0 or head.find(b"\nMessage-Id:", 0, end) >= 0
+    ):
+        return b""
     present = set(_FIELD.findall(b"\n" + head[:end].lower()))
     added = b""
     if b"date" not in present:
