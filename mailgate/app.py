@@ -359,6 +359,8 @@ class MailServer:
             log_event("reload", level="error", outcome="tls_refused", error=str(exc)[:500])
         self.listeners_settings_refresh()
         log_reloaded(restart_needed)
+        if not self.supervised:  # with workers, the supervisor says it once
+            warn_of_maildirs(ctx.delivery)
 
     def listeners_settings_refresh(self) -> None:
         fresh = build_listeners(self.ctx)

@@ -304,6 +304,15 @@ class Supervisor:
         if restart_needed:
             log_event("reload", level="warning", outcome="relayed",
                       restart_needed=",".join(restart_needed))
+        self._warn_of_maildirs(fresh)
+
+    @staticmethod
+    def _warn_of_maildirs(config: Config) -> None:
+        """The start-up's maildir warning, once for all workers, after a reload."""
+        from mailgate.app import warn_of_maildirs
+
+        with contextlib.suppress(ValueError, OSError):  # the workers report those
+            warn_of_maildirs(build_router(config.delivery, config.server.hostname))
 
     def _reap(self) -> None:
         while self.pids:

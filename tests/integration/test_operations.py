@@ -127,11 +127,14 @@ def test_a_maildir_root_the_server_cannot_write_in_is_a_warning(tmp_path: Path) 
             "maildir there is answered 451\n"
         )
         assert checked.stdout == f"{config}: OK\n"
-        srv = start_server(tmp_path / "run", config.read_text())
+        # its own file where nobody can read it again on the reload
+        srv = start_server(shared / "run", config.read_text())
         try:
             warning = [line for line in srv.log().splitlines() if "event=maildir" in line]
             assert len(warning) == 1 and "level=warning" in warning[0]
             assert f"cannot make {locked}/m" in warning[0]
+            srv.signal(signal.SIGHUP)  # and again after a reload
+            assert wait_for(lambda: srv.log().count("event=maildir") == 2)
         finally:
             srv.stop()
     finally:
