@@ -21,8 +21,8 @@ class PolicyConfig:
     helo_literal_must_match: bool = False
     # MAIL FROM domain must exist in DNS (A, AAAA or MX) and must not be a null MX
     verify_sender_domain: bool = True
-    # nameservers for sender and DNSBL lookups, "ip" or "ip:port" ("[v6]:port");
-    # empty: the system resolver (/etc/resolv.conf)
+    # nameservers for sender, DNSBL and client-name lookups, "ip" or "ip:port"
+    # ("[v6]:port"); empty: the system resolver (/etc/resolv.conf)
     dns_servers: list[str] = field(default_factory=list)
     dns_timeout: float = 5.0  # seconds for one lookup, all nameservers tried included
     # look up each client's name at connect (PTR, confirmed by its A/AAAA records) for

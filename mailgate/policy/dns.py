@@ -24,6 +24,8 @@ from mailgate.protocol.idn import ascii_domain
 
 log = logging.getLogger("mailgate.policy.dns")
 
+CACHE_SIZE = 10_000  # answers (name, type) kept at most
+
 
 class Status(enum.Enum):
     FOUND = "found"  # records of the asked type
@@ -63,6 +65,10 @@ class Resolver:
                 ) from None
         resolver.timeout = timeout
         resolver.lifetime = timeout
+        # Answers kept for their TTL: the same senders' domains and the same clients'
+        # names come back connection after connection, and /etc/resolv.conf may name
+        # a resolver far away.  Bounded; a reload starts with an empty one.
+        resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
         # a SERVFAIL is an answer for policy (tempfail), not a reason to hammer the server
         resolver.retry_servfail = False
         self._resolver = resolver

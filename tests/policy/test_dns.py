@@ -72,3 +72,16 @@ def test_an_internationalized_name_is_asked_in_its_a_labels(dns_server: Loopback
     assert found.status is Status.FOUND
     assert dns_server.asked("xn--strae-oqa.sender.lab") == ["A"]
     assert dns_server.asked("strasse.sender.lab") == []
+
+
+def test_answers_are_kept_for_their_ttl(dns_server: LoopbackDNS) -> None:
+    # The same senders and clients come back connection after connection.
+    resolver = dns_server.resolver()
+    before = len(dns_server.asked("deep.sub.sender.lab"))
+    first = run(resolver.lookup("deep.sub.sender.lab", "A"))
+    second = run(resolver.lookup("Deep.Sub.Sender.Lab", "A"))
+    assert first == second and first.status is Status.FOUND
+    assert len(dns_server.asked("deep.sub.sender.lab")) == before + 1
+    # another resolver (a reload builds one) asks again
+    run(dns_server.resolver().lookup("deep.sub.sender.lab", "A"))
+    assert len(dns_server.asked("deep.sub.sender.lab")) == before + 2
