@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from mailgate.delivery.base import SpoolReader
 from mailgate.delivery.dotstuff import DotStuffer, spool_chunks
 from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.headers import header_end
 from mailgate.protocol.idn import ascii_domain
 from mailgate.protocol.replies import Reply, multiline, reply
 
@@ -263,7 +264,7 @@ def utf8_refusal(
     if any(a is not None and not a.local.isascii() for a in addresses):
         return reply("delivery.utf8_address_unsupported")
     head = spool.read_head(UTF8_HEAD_LIMIT)
-    end = head.find(b"\r\n\r\n")
+    end = header_end(head)
     if not (head if end < 0 else head[:end]).isascii():
         return reply("delivery.utf8_header_unsupported")
     return None

@@ -16,6 +16,8 @@ import time
 from email.utils import formatdate
 from typing import Final
 
+from mailgate.protocol.headers import header_end
+
 HEAD_LIMIT: Final = 64 * 1024  # a header section longer than this is left alone
 # A field name at the start of a line of the lower-cased header section (with a
 # newline put in front); RFC 5322's obsolete syntax allows white space before the colon.
@@ -27,11 +29,9 @@ def missing_fields(head: bytes, message_id: str, hostname: str) -> bytes:
     ``head`` lacks, as CRLF lines; empty when it has both, or when the section does
     not end within ``head`` (what it holds beyond is unknown, and a second
     Message-ID would be worse than none)."""
-    end = head.find(b"\r\n\r\n")
+    end = header_end(head)
     if end < 0:
-        end = head.find(b"\n\n")  # BDAT data is taken with the line ends it has
-        if end < 0:
-            return b""
+        return b""
     # The usual spellings first, without copying the section: this runs for every
     # message of a trusted client (~1 us against ~3 for lower() and the expression).
     if head.find(b"\nDate:", 0, end) >= 0 and (
@@ -47,4 +47,3 @@ def missing_fields(head: bytes, message_id: str, hostname: str) -> bytes:
         # this process and its restarts
         added += f"Message-ID: <{message_id}.{secrets.token_hex(6)}@{hostname}>\r\n".encode()
     return added
-

@@ -15,6 +15,7 @@ from typing import Final
 
 from mailgate.policy.base import ACCEPT, Client, Spooled, Step, Verdict
 from mailgate.protocol.envelope import Envelope
+from mailgate.protocol.headers import header_end
 from mailgate.protocol.replies import reply
 
 # A header field name at the start of a line, in the lower-cased header section with
@@ -53,19 +54,10 @@ def received_fields(body: Spooled, head: bytes | None = None) -> int:
     (``head``: its first _FIRST_READ octets, when the caller read them already)."""
     if head is None:
         head = body.read_head(_FIRST_READ)
-    end = _header_end(head)
+    end = header_end(head)
     if end < 0 and len(head) == _FIRST_READ:  # a long header section: follow it further
         head = body.read_head(_MAX_READ)
-        end = _header_end(head)
+        end = header_end(head)
     section = head[:end] if end >= 0 else head
     return len(_RECEIVED.findall(b"\n" + section.lower()))
 
-
-def _header_end(head: bytes) -> int:
-    """Where the empty line after the header fields starts, or -1.  The spool has CRLF
-    line ends (a bare-LF-tolerant listener normalises them); a bare LF blank line is
-    only looked for when there is no CRLF one, since that search reads the whole head."""
-    if head.startswith((b"\r\n", b"\n")):
-        return 0
-    end = head.find(b"\r\n\r\n")
-    return end if end >= 0 else head.find(b"\n\n")

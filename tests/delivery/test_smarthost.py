@@ -306,6 +306,9 @@ def test_a_domain_in_u_labels_goes_as_a_labels_to_a_server_without_smtputf8(
         ("user", True, "Subject: café\r\n\r\nx\r\n".encode(), (554, "5.6.9"), True),
         # declared, but nothing in it needs SMTPUTF8: it goes without
         ("user", True, "Subject: hi\r\n\r\ncafé au lait\r\n".encode(), (250, "2.0.0"), True),
+        # BDAT data keeps bare LF line ends: the header section still ends at the
+        # first empty line, and the 8-bit text after it is body
+        ("user", True, "Subject: hi\n\ncafé\n".encode(), (250, "2.0.0"), True),
         # raw 8-bit header fields sent without SMTPUTF8 go on as they came
         ("user", False, "Subject: café\r\n\r\nx\r\n".encode(), (250, "2.0.0"), False),
     ],

@@ -1,0 +1,22 @@
+"""header_end: where the header section of a message's first octets ends."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailgate.protocol.headers import header_end
+
+
+@pytest.mark.parametrize(
+    ("head", "end"),
+    [
+        (b"Subject: x\r\nFrom: a@b\r\n\r\nbody\r\n", 21),
+        (b"Subject: x\n\nbody\n", 10),  # BDAT data with bare LF line ends
+        (b"Subject: x\r\n\r\nbody\n\nmore\n", 10),  # CRLF first: the LF pair is body
+        (b"\r\nbody only\r\n", 0),
+        (b"\nbody only\n", 0),
+        (b"Subject: x\r\nno end within the head", -1),
+    ],
+)
+def test_header_end(head: bytes, end: int) -> None:
+    assert header_end(head) == end
