@@ -56,8 +56,6 @@ class ReverseNameStep(Step):
     async def confirmed_name(self, ip: IPAddress) -> str | None:
         """The first PTR name of ``ip`` whose A or AAAA records include ``ip``."""
         ip = unmap(ip)
-        if ip.is_loopback:
-            return "localhost"
         answer = await self._resolver.lookup(ip.reverse_pointer, "PTR")
         if answer.status is not Status.FOUND:
             return None
