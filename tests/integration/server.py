@@ -115,3 +115,23 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
+
+
+def start_behind_proxy(workdir: Path, policy: str) -> tuple[RunningServer, int]:
+    """A server whose one listener takes a PROXY header from 127.0.0.1, so that a test
+    can be any client address; ``policy`` is the [policy] section's lines.  The
+    server and that listener's port."""
+    port = free_port()
+    server = start_server(workdir, f"""
+        [server]
+        spool_dir = "{workdir}/spool"
+        proxy_from = ["127.0.0.1/32"]
+
+        [policy]
+        {textwrap.dedent(policy).strip()}
+
+        [[listener]]
+        address = "127.0.0.1:{port}"
+        proxy_protocol = true
+    """)
+    return server, port

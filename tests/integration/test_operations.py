@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.integration.server import RunningServer, free_port, start_server, wait_for
+from tests.integration.server import (
+    RunningServer,
+    free_port,
+    start_behind_proxy,
+    start_server,
+    wait_for,
+)
 
 MESSAGE = b"Subject: ops\r\n\r\nhello\r\n"
 
@@ -371,20 +377,8 @@ def test_a_reload_keeps_the_command_line_settings(tmp_path: Path) -> None:
 
 
 def test_proxy_protocol_from_allowed_balancer(tmp_path: Path) -> None:
-    port = free_port()
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path}/s"
-        proxy_from = ["127.0.0.1/32"]
-
-        [policy]
-        verify_sender_domain = false  # the proxied client is untrusted; no DNS here
-        reverse_lookup = false
-
-        [[listener]]
-        address = "127.0.0.1:{port}"
-        proxy_protocol = true
-    """)
+    # the proxied client is untrusted; no DNS here
+    srv, port = start_behind_proxy(tmp_path, "verify_sender_domain = false\nreverse_lookup = false")
     try:
         with socket.create_connection((srv.host, port), timeout=10) as sock:
             sock.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 25\r\n")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from dnslib.server import DNSLogger, DNSServer
 
-from tests.integration.server import RunningServer, free_port, start_server
+from tests.integration.server import RunningServer, start_behind_proxy, start_server
 from tests.policy.conftest import BASE_ZONES, ZoneResolver
 
 UNTRUSTED = "[policy]\ntrusted_networks = []\n"
@@ -138,21 +138,10 @@ def test_the_received_field_names_the_client_dns_confirms(
     """Through a PROXY header the client is 192.0.2.25, whose PTR record names
     mail.sender.lab and whose A record points back; 192.0.2.26's PTR names a host
     that is not it."""
-    port = free_port()
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path}/spool"
-        proxy_from = ["127.0.0.1/32"]
-
-        [policy]
-        dns_servers = ["{dns_address}"]
-        dns_timeout = 1.0
-        verify_sender_domain = false
-
-        [[listener]]
-        address = "127.0.0.1:{port}"
-        proxy_protocol = true
-    """)
+    srv, port = start_behind_proxy(
+        tmp_path,
+        f'dns_servers = ["{dns_address}"]\ndns_timeout = 1.0\nverify_sender_domain = false',
+    )
     try:
         for ip in ("192.0.2.25", "192.0.2.26"):
             with socket.create_connection((srv.host, port), timeout=10) as sock:
