@@ -1,13 +1,12 @@
 """A small async key/value store with expiry, shared by greylisting and throttles.
 
-Three backends behind one :class:`Store` protocol:
+Two backends behind one :class:`Store` protocol (the tests add a dict-backed one):
 
 * :class:`SQLiteStore`: a local file (WAL mode) that survives a restart.  All SQLite
   calls run on one dedicated worker thread, so the event loop never waits on disk and
   the connection is only ever touched by the thread that opened it.
 * :class:`RedisStore`: Redis through ``redis.asyncio``, so that several mailgate
   instances share their state.
-* :class:`MemoryStore`: a dict, for tests of code that only needs some store.
 
 Every method of every backend raises :class:`StoreError` (and nothing else) when the
 backend fails, e.g. Redis is unreachable or the database file is unreadable; callers
@@ -77,45 +76,6 @@ def _to_int(key: str, value: str) -> int:
         return int(value)
     except ValueError:
         raise StoreError(f"{key}: value is not an integer") from None
-
-
-class MemoryStore:
-    """A process-local store; expiry is checked on read against ``now``."""
-
-    def __init__(self, now: Clock = time.time) -> None:
-        self._now = now
-        self._data: dict[str, tuple[str, float | None]] = {}
-
-    def _live(self, key: str) -> str | None:
-        entry = self._data.get(key)
-        if entry is None:
-            return None
-        value, expires = entry
-        if expires is not None and expires <= self._now():
-            del self._data[key]
-            return None
-        return value
-
-    async def get(self, key: str) -> str | None:
-        return self._live(key)
-
-    async def set(self, key: str, value: str, ttl: float | None = None) -> None:
-        self._data[key] = (value, _deadline(self._now(), ttl))
-
-    async def incr(self, key: str, ttl: float | None = None) -> int:
-        current = self._live(key)
-        if current is None:
-            self._data[key] = ("1", _deadline(self._now(), ttl))
-            return 1
-        count = _to_int(key, current) + 1
-        self._data[key] = (str(count), self._data[key][1])
-        return count
-
-    async def delete(self, key: str) -> None:
-        self._data.pop(key, None)
-
-    async def close(self) -> None:
-        self._data.clear()
 
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL)"

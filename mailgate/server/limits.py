@@ -81,7 +81,7 @@ class ConnectionCounts:
         refusal = None
         if self.total() > max_total:
             refusal = "total"
-        elif min(self._sum(first), self._sum(second)) > max_per_ip:
+        elif self.from_address(ip) > max_per_ip:
             refusal = "address"
         if refusal is not None:
             self._take(base, first, second)

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from memory_store import MemoryStore
 from redis_fixture import RedisServer, free_port, redis_server  # noqa: F401  (fixture)
 
 from mailgate.config.policy import GreylistConfig
 from mailgate.policy.base import Client, Verdict
 from mailgate.policy.greylist import Greylist, build_greylist, client_network, triplet_key
-from mailgate.policy.store import MemoryStore, RedisStore, SQLiteStore, Store
+from mailgate.policy.store import RedisStore, SQLiteStore, Store
 from mailgate.protocol.envelope import NULL_ADDRESS, Address, Envelope, Recipient
 
 MIN_DELAY = 300.0

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import redis
+from memory_store import MemoryStore
 from redis_fixture import RedisServer, free_port, redis_server  # noqa: F401  (fixture)
 
 from mailgate.policy.store import (
-    MemoryStore,
     RedisStore,
     SQLiteStore,
     Store,
