@@ -53,7 +53,8 @@ class SpoolReader(Protocol):
 
     @property
     def no_bare_cr(self) -> bool:
-        """True when every CR of the message begins a CRLF (it came through DATA)."""
+        """True when every CR and LF of the message is a CRLF's (it came through DATA,
+        which refuses a bare one or mends a bare LF); BDAT data is taken as it came."""
         ...
 
     def held(self) -> bytes | None:

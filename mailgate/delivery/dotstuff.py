@@ -1,10 +1,12 @@
 """Streaming the spooled message onto a wire or a pipe, in large chunks.
 
 The spool holds the message with CRLF line ends and no dot transparency.  Handing it
-on needs one of two chunk-wise transforms:
+on needs chunk-wise transforms:
 
 * :class:`DotStuffer` adds SMTP/LMTP dot transparency (RFC 5321 4.5.2) with one
   ``bytes.replace`` per chunk instead of a loop over lines;
+* :class:`CanonicalLines` first makes every line end a CRLF, for a message that may
+  hold a bare CR or LF (taken by BDAT, which is not read line by line);
 * :class:`CRLFToLF` turns CRLF into LF for a Unix mailer on a pipe.
 
 Both keep back the few trailing bytes of a chunk that could be the start of a pattern
@@ -55,6 +57,29 @@ class DotStuffer:
         if self._pending != b"\r\n":
             tail += b"\r\n"
         return tail + b".\r\n"
+
+
+class CanonicalLines:
+    """Turns each bare LF and bare CR into CRLF, in a message fed in arbitrary chunks.
+
+    RFC 5321 2.3.8: a client MUST send CR and LF only as CRLF.  Sent on as they came,
+    a bare ``<LF>.<CRLF>`` in data taken by BDAT would end the DATA of a downstream
+    that accepts a bare LF as a line end, and what followed it would be read as
+    commands: a second message smuggled past every check of ours.
+    """
+
+    def __init__(self) -> None:
+        self._cr = False  # the chunk so far ended with a CR: is it a CRLF's?
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = b"\r" + chunk if self._cr else chunk
+        self._cr = data.endswith(b"\r")
+        if self._cr:
+            data = data[:-1]
+        return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+    def finish(self) -> bytes:
+        return b"\r\n" if self._cr else b""
 
 
 class CRLFToLF:

@@ -130,7 +130,7 @@ class LMTPDestination:
             for i in accepted:
                 final[i] = _whole_message_failure(data)
             return
-        await conn.send_data(spool.path)
+        await conn.send_data(spool.path, spool.no_bare_cr)
         # RFC 2033 4.2: one reply per accepted RCPT, in RCPT order.
         for i in accepted:
             resp = await conn.read_response()

@@ -201,11 +201,7 @@ class MaildirDestination:
     ) -> tuple[dict[str, Reply], set[str]]:
         """One attempt of _store; the replies, and the maildirs that failed for a
         missing file or directory."""
-        ends = (
-            LineEnds.AS_RECEIVED  # binary data is stored as it came
-            if envelope.body == "BINARYMIME"
-            else LineEnds.lf(spool.no_bare_cr)
-        )
+        ends = LineEnds.for_message(envelope.body, spool.no_bare_cr)
         header = ends.convert(return_path_header(envelope))
         run = _Run(unique_name(self.hostname))
         # Alone (no other delivery in progress, no fsync pass running or queued), a

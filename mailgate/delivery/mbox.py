@@ -79,7 +79,7 @@ class MboxDestination:
         # would write it out to the spool first, only to read it back.
         held = spool.held()
         source = held if held is not None else spool.path
-        ends = LineEnds.lf(spool.no_bare_cr)
+        ends = LineEnds.for_message(envelope.body, spool.no_bare_cr)
         replies = await asyncio.gather(
             *(asyncio.to_thread(self._append, p, envelope, source, ends) for p in distinct)
         )
@@ -178,7 +178,7 @@ def from_line(envelope: Envelope, now: float | None = None) -> bytes:
 
 
 def _write(fd: int, envelope: Envelope, spool: str | bytes, ends: LineEnds) -> None:
-    header = return_path_header(envelope).replace(b"\r\n", b"\n")
+    header = ends.convert(return_path_header(envelope))
     if isinstance(spool, bytes):
         chunks: Iterable[bytes] = [header + ends.convert(spool)]
     else:

@@ -160,7 +160,7 @@ class SmarthostDestination:
             return
         resp = await conn.command("DATA")
         if resp.code == 354:
-            await conn.send_data(spool.path)
+            await conn.send_data(spool.path, spool.no_bare_cr)
             resp = await conn.read_response()
             outcome = reply("ok") if resp.ok else _whole_message_failure(resp)
         else:

@@ -15,7 +15,7 @@ import ssl
 from dataclasses import dataclass
 
 from mailgate.delivery.base import SpoolReader
-from mailgate.delivery.dotstuff import DotStuffer, spool_chunks
+from mailgate.delivery.dotstuff import CanonicalLines, DotStuffer, spool_chunks
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.headers import header_end
 from mailgate.protocol.idn import ascii_domain
@@ -170,15 +170,21 @@ class Connection:
             return mail, []
         return mail, [await self.command(line) for line in rcpt_lines]
 
-    async def send_data(self, spool_path: str) -> None:
-        """The message after a 354, dot-stuffed, and the final ``.CRLF``."""
+    async def send_data(self, spool_path: str, canonical: bool) -> None:
+        """The message after a 354, dot-stuffed, and the final ``.CRLF``.
+
+        ``canonical``: every CR and LF of the message is a CRLF's (it came by DATA);
+        otherwise bare ones are made CRLF on the way (:class:`CanonicalLines`).
+        """
         stuffer = DotStuffer()
+        lines = None if canonical else CanonicalLines()
         try:
             async for chunk in spool_chunks(spool_path):
-                await self.write(stuffer.feed(chunk))
+                await self.write(stuffer.feed(lines.feed(chunk) if lines else chunk))
         except OSError as e:
             raise ClientError(f"reading the spool: {e}") from e
-        await self.write(stuffer.finish())
+        tail = stuffer.feed(lines.finish()) if lines else b""
+        await self.write(tail + stuffer.finish())
 
     async def quit(self) -> None:
         """QUIT politely and close; failures do not matter any more."""

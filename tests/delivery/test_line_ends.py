@@ -33,9 +33,10 @@ def test_whole_and_in_chunks_split_anywhere(ends: LineEnds, data: bytes, stored:
         assert b"".join(ends.convert_chunks([data[:cut], data[cut:]])) == stored, cut
 
 
-def test_dropping_cr_is_chosen_only_for_a_message_without_a_stray_cr() -> None:
-    assert LineEnds.lf(no_bare_cr=True) is LineEnds.LF_DROPPING_CR
-    assert LineEnds.lf(no_bare_cr=False) is LineEnds.LF
+def test_binarymime_as_received_and_cr_dropped_only_without_a_stray_one() -> None:
+    assert LineEnds.for_message("8BITMIME", no_bare_cr=True) is LineEnds.LF_DROPPING_CR
+    assert LineEnds.for_message(None, no_bare_cr=False) is LineEnds.LF
+    assert LineEnds.for_message("BINARYMIME", no_bare_cr=False) is LineEnds.AS_RECEIVED
 
 
 @pytest.mark.parametrize("size", ["held", "spooled"])

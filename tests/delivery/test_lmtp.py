@@ -20,6 +20,7 @@ TRACE = TraceInfo("abc123", "client.test", "192.0.2.1", None, "mx.test", "ESMTP"
 class Spooled:
     path: str
     size: int
+    no_bare_cr: bool = False  # as for BDAT data: line ends made CRLF on the wire
 
 
 def spool(tmp_path: Path, data: bytes) -> Spooled:
@@ -128,3 +129,23 @@ def test_a_domain_in_u_labels_reaches_a_server_without_smtputf8(
 
     assert asyncio.run(run()) == (True, [250])
     assert dovecot.maildir_messages("alice")[0].endswith(b"\nx\n")
+
+
+def test_bare_line_ends_of_bdat_data_cannot_smuggle_a_message(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    # Dovecot takes <LF>.<CRLF> for the end of the data: BDAT data sent on as it came
+    # would end there, and the rest would be read as a second transaction, to a
+    # recipient that never passed our RCPT checks.  Line ends go as CRLF (RFC 5321 2.3.8).
+    message = (
+        "Subject: bdat\r\n\r\nhello\n.\r\nMAIL FROM:<ceo@bank.test>\r\n"
+        f"RCPT TO:<bob@{DOMAIN}>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n"
+    ).encode()
+    env, rcpts = envelope("alice")
+    env.chunked = True
+    dest = LMTPDestination(LMTPConfig(dovecot.address, timeout=20), "mx.test")
+    results = asyncio.run(dest.deliver(env, TRACE, spool(tmp_path, message), rcpts))
+    assert [r.reply.code for r in results] == [250]
+    (stored,) = dovecot.maildir_messages("alice")
+    assert stored.endswith(message.replace(b"\r\n", b"\n"))
+    assert dovecot.maildir_messages("bob") == []

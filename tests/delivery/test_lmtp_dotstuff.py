@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailgate.delivery.dotstuff import CRLFToLF, DotStuffer
+from mailgate.delivery.dotstuff import CanonicalLines, CRLFToLF, DotStuffer
 
 # Messages made of the bytes that matter, so dots, CRs and LFs meet often.
 messages = st.binary(max_size=200).map(lambda b: bytes(b"\r\n.x"[v % 4] for v in b)) | st.lists(
@@ -46,6 +46,45 @@ def test_crlf_to_lf_does_not_depend_on_chunks(message: bytes, at: list[int]) -> 
     conv = CRLFToLF()
     out = b"".join(conv.feed(c) for c in chunks(message, at)) + conv.finish()
     assert out == message.replace(b"\r\n", b"\n")
+
+
+def reference_canonical(message: bytes) -> bytes:
+    """Line by line: a line ends at CRLF, at a bare LF or at a bare CR; each gets CRLF."""
+    out, i = [], 0
+    while i < len(message):
+        octet = message[i : i + 1]
+        if octet == b"\r":
+            out.append(b"\r\n")
+            i += 2 if message[i + 1 : i + 2] == b"\n" else 1
+            continue
+        out.append(b"\r\n" if octet == b"\n" else octet)
+        i += 1
+    return b"".join(out)
+
+
+@given(messages, cuts)
+def test_canonical_lines_do_not_depend_on_chunks(message: bytes, at: list[int]) -> None:
+    lines = CanonicalLines()
+    out = b"".join(lines.feed(c) for c in chunks(message, at)) + lines.finish()
+    assert out == reference_canonical(message)
+
+
+@given(messages, cuts)
+def test_no_bare_line_end_survives_canonical_stuffing(message: bytes, at: list[int]) -> None:
+    # What goes on the wire: only CRLF line ends, and the one end of data is the last.
+    lines, stuffer = CanonicalLines(), DotStuffer()
+    out = b"".join(stuffer.feed(lines.feed(c)) for c in chunks(message, at))
+    out += stuffer.feed(lines.finish()) + stuffer.finish()
+    assert out.count(b"\r") == out.count(b"\n") == out.count(b"\r\n")
+    assert (b"\r\n" + out).find(b"\r\n.\r\n") == len(out) - 3
+
+
+def test_smuggling_attempt_is_one_message() -> None:
+    # BDAT data with <LF>.<CRLF> and commands after it (SMTP smuggling)
+    data = b"Subject: x\r\n\r\nhello\n.\r\nMAIL FROM:<evil@x.test>\r\n"
+    lines, stuffer = CanonicalLines(), DotStuffer()
+    out = stuffer.feed(lines.feed(data)) + stuffer.feed(lines.finish()) + stuffer.finish()
+    assert out == b"Subject: x\r\n\r\nhello\r\n..\r\nMAIL FROM:<evil@x.test>\r\n.\r\n"
 
 
 def test_examples() -> None:

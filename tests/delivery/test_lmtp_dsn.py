@@ -25,6 +25,7 @@ MESSAGE = b"Received: from client.test\r\nSubject: quarterly report\r\n\r\nthe b
 class Spooled:
     path: str
     size: int
+    no_bare_cr: bool = False  # as for BDAT data: line ends made CRLF on the wire
 
 
 def write_spool(path: Path, data: bytes) -> Spooled:

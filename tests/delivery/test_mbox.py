@@ -71,6 +71,22 @@ def test_mboxrd_quoting_round_trips(tmp_path: Path) -> None:
     assert not (tmp_path / "mail" / "alice.lock").exists()
 
 
+def test_binary_mime_keeps_every_octet(tmp_path: Path) -> None:
+    # RFC 3030 3: binary data is delivered with all bits of each octet, CRs included
+    # (a CRLF and a bare LF stay distinguishable); mbox adds only its own separator.
+    dest = mbox(tmp_path)
+    env = envelope("alice@example.org", body="BINARYMIME")
+    data = b"Subject: bin\r\n\r\n\xff\x00\r\n\x01\n\x02\r"
+    spool = spooled(tmp_path, data, env)
+    (result,) = asyncio.run(dest.deliver(env, TRACE, spool, alice()))
+    assert result.reply.code == 250
+    raw = (tmp_path / "mail" / "alice").read_bytes()
+    head, stored = raw.split(b"\n", 1)
+    assert FROM_.match(head)
+    spooled_octets = Path(spool.path).read_bytes()
+    assert stored == b"Return-Path: <sender@example.net>\r\n" + spooled_octets + b"\n\n"
+
+
 def test_quoting_is_the_same_whatever_the_chunking() -> None:
     text = b"From a\n>From b\nxFrom c\n>>From d\nFro"
     whole = b"".join(mboxrd_quote([text]))

@@ -144,6 +144,7 @@ class Spooled:
 
     path: str
     size: int
+    no_bare_cr: bool = False  # as for BDAT data: line ends made CRLF on the wire
 
     def read_head(self, limit: int) -> bytes:
         with open(self.path, "rb") as f:
@@ -342,3 +343,34 @@ def test_a_message_that_needs_smtputf8_is_not_sent_to_a_server_without_it(
                 assert handler.mails == (expected[0] == 250)  # refused before MAIL
         finally:
             controller.stop()
+
+
+SMUGGLING = (
+    b"Subject: bdat\r\n\r\nhello\n.\r\nMAIL FROM:<ceo@bank.test>\r\n"
+    b"RCPT TO:<victim@remote.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nx\r\n"
+)
+
+
+def test_bare_line_ends_of_bdat_data_cannot_smuggle_a_message(tmp_path: Path) -> None:
+    # aiosmtpd, like many servers, takes a bare LF as a line end: data taken by BDAT
+    # and sent on as it came would end its DATA at <LF>.<CRLF>, and the rest would be
+    # a second transaction.  RFC 5321 2.3.8: a client sends line ends only as CRLF.
+    handler = Smarthost()
+    controller = start(handler, None)
+    try:
+        spool = tmp_path / "msg.spool"
+        spool.write_bytes(SMUGGLING)
+        rcpts = [Recipient(Address("a", "remote.test"))]
+        env = Envelope(sender=Address("user", "mx.test"), recipients=rcpts, chunked=True)
+        dest = SmarthostDestination(SmtpConfig("127.0.0.1", handler.port, starttls="off"),
+                                    "mx.test")
+        results = asyncio.run(
+            dest.deliver(env, TRACE, Spooled(str(spool), len(SMUGGLING)), rcpts)
+        )
+        assert codes(results) == [(250, "2.0.0")]
+        assert handler.mails == 1
+        (mail,) = handler.delivered
+        assert mail["to"] == ["a@remote.test"]
+        assert mail["data"] == SMUGGLING.replace(b"hello\n", b"hello\r\n")
+    finally:
+        controller.stop()
