@@ -42,8 +42,10 @@ from mailgate.delivery.smtp_client import (
     ClientError,
     Connection,
     Response,
+    binary_refusal,
     downstream_said,
     recipient_failure,
+    sends_binary,
     transaction_commands,
     wire_path,
 )
@@ -110,6 +112,10 @@ class LMTPDestination:
         final: dict[int, Reply],
     ) -> None:
         """Runs the transaction, filling ``final`` as replies come in."""
+        refusal = await binary_refusal(conn, envelope, spool.path)
+        if refusal is not None:
+            final.update(dict.fromkeys(range(len(recipients)), refusal))
+            return
         mail, rcpts = await conn.transaction(
             *transaction_commands(conn, envelope, spool.size, recipients)
         )
@@ -125,13 +131,16 @@ class LMTPDestination:
                 final[i] = recipient_failure(recipient, resp)
         if not accepted:
             return
-        data = await conn.command("DATA")
-        if data.code != 354:
-            for i in accepted:
-                final[i] = _whole_message_failure(data)
-            return
-        await conn.send_data(spool.path, spool.no_bare_cr)
-        # RFC 2033 4.2: one reply per accepted RCPT, in RCPT order.
+        if sends_binary(conn, envelope):
+            await conn.send_bdat(spool.path)
+        else:
+            data = await conn.command("DATA")
+            if data.code != 354:
+                for i in accepted:
+                    final[i] = _whole_message_failure(data)
+                return
+            await conn.send_data(spool.path, spool.no_bare_cr)
+        # RFC 2033 4.2: one reply per accepted RCPT, in RCPT order (after BDAT LAST too).
         for i in accepted:
             resp = await conn.read_response()
             final[i] = reply("ok") if resp.ok else recipient_failure(recipients[i], resp)

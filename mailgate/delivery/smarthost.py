@@ -34,8 +34,10 @@ from mailgate.delivery.smtp_client import (
     ClientError,
     Connection,
     Response,
+    binary_refusal,
     downstream_said,
     recipient_failure,
+    sends_binary,
     transaction_commands,
     utf8_refusal,
 )
@@ -141,6 +143,7 @@ class SmarthostDestination:
     ) -> None:
         """Runs the transaction, filling ``final`` as replies come in."""
         refusal = None if conn.supports("SMTPUTF8") else utf8_refusal(envelope, recipients, spool)
+        refusal = refusal or await binary_refusal(conn, envelope, spool.path)
         if refusal is not None:
             final.update(dict.fromkeys(range(len(recipients)), refusal))
             return
@@ -158,13 +161,16 @@ class SmarthostDestination:
                 final[i] = recipient_failure(recipient, resp)
         if not accepted:
             return
-        resp = await conn.command("DATA")
-        if resp.code == 354:
-            await conn.send_data(spool.path, spool.no_bare_cr)
-            resp = await conn.read_response()
-            outcome = reply("ok") if resp.ok else _whole_message_failure(resp)
+        if sends_binary(conn, envelope):
+            await conn.send_bdat(spool.path)
         else:
-            outcome = _whole_message_failure(resp)
+            resp = await conn.command("DATA")
+            if resp.code != 354:
+                final.update(dict.fromkeys(accepted, _whole_message_failure(resp)))
+                return
+            await conn.send_data(spool.path, spool.no_bare_cr)
+        resp = await conn.read_response()
+        outcome = reply("ok") if resp.ok else _whole_message_failure(resp)
         final.update(dict.fromkeys(accepted, outcome))
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import ssl
 from dataclasses import dataclass
 
 from mailgate.delivery.base import SpoolReader
+from mailgate.delivery.binary import file_holds_binary
 from mailgate.delivery.dotstuff import CanonicalLines, DotStuffer, spool_chunks
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.headers import header_end
@@ -186,6 +188,18 @@ class Connection:
         tail = stuffer.feed(lines.finish()) if lines else b""
         await self.write(tail + stuffer.finish())
 
+    async def send_bdat(self, spool_path: str) -> None:
+        """The message as one ``BDAT size LAST`` chunk, its octets as they are
+        (BINARYMIME: no dot-stuffing, no line ends to mend); the caller reads the
+        reply (LMTP: one per accepted recipient)."""
+        try:
+            size = await asyncio.to_thread(os.path.getsize, spool_path)
+            await self.write(f"BDAT {size} LAST\r\n".encode())
+            async for chunk in spool_chunks(spool_path):
+                await self.write(chunk)
+        except OSError as e:
+            raise ClientError(f"reading the spool: {e}") from e
+
     async def quit(self) -> None:
         """QUIT politely and close; failures do not matter any more."""
         with contextlib.suppress(ClientError):
@@ -226,8 +240,10 @@ def transaction_commands(
         or not all(str(a).isascii() for a in (envelope.sender, *(r.address for r in recipients)))
     )
     params = []
-    if envelope.body in ("8BITMIME", "BINARYMIME") and conn.supports("8BITMIME"):
-        params.append("BODY=8BITMIME")
+    if sends_binary(conn, envelope):
+        params.append("BODY=BINARYMIME")
+    elif envelope.body in ("8BITMIME", "BINARYMIME") and conn.supports("8BITMIME"):
+        params.append("BODY=8BITMIME")  # BINARYMIME as text lines: see binary_refusal
     if utf8:
         params.append("SMTPUTF8")
     if conn.supports("SIZE"):
@@ -250,6 +266,30 @@ def _rcpt_command(conn: Connection, recipient: Recipient, utf8: bool) -> str:
             if sep:
                 params.append(f"ORCPT={kind};{xtext(value)}")
     return " ".join([f"RCPT TO:{wire_path(recipient.address, utf8)}", *params])
+
+
+def sends_binary(conn: Connection, envelope: Envelope) -> bool:
+    """Whether the message goes as BINARYMIME, by BDAT (RFC 3030 3): one that was
+    received so, to a server that offers both."""
+    return (
+        envelope.body == "BINARYMIME"
+        and conn.supports("BINARYMIME")
+        and conn.supports("CHUNKING")
+    )
+
+
+async def binary_refusal(conn: Connection, envelope: Envelope, path: str) -> Reply | None:
+    """For a BINARYMIME message to a server that cannot take it so: 554 5.6.3 if
+    it holds binary data, which DATA would change (RFC 3030 3: a server that
+    accepted binary data MUST pass on every bit of each octet); None if it goes as
+    it is.  The check reads the message, in a worker thread."""
+    if envelope.body != "BINARYMIME" or sends_binary(conn, envelope):
+        return None
+    try:
+        binary = await asyncio.to_thread(file_holds_binary, path)
+    except OSError as e:
+        raise ClientError(f"reading the spool: {e}") from e
+    return reply("delivery.binary_unsupported") if binary else None
 
 
 UTF8_HEAD_LIMIT = 64 * 1024  # how much of a header section is looked at for UTF-8

@@ -149,3 +149,18 @@ def test_bare_line_ends_of_bdat_data_cannot_smuggle_a_message(
     (stored,) = dovecot.maildir_messages("alice")
     assert stored.endswith(message.replace(b"\r\n", b"\n"))
     assert dovecot.maildir_messages("bob") == []
+
+
+def test_binarymime_to_a_server_without_it(dovecot: Dovecot, tmp_path: Path) -> None:
+    # Dovecot offers CHUNKING but not BINARYMIME: binary data cannot go to it
+    # unchanged (RFC 3030 3), text lines declared BINARYMIME can, as they are.
+    dest = LMTPDestination(LMTPConfig(dovecot.address, timeout=20), "mx.test")
+    for user, body, code in (("alice", b"Subject: b\r\n\r\n\x00\xff\r\n", (554, "5.6.3")),
+                             ("bob", b"Subject: t\r\n\r\ncaf\xc3\xa9\r\n", (250, "2.0.0"))):
+        env, rcpts = envelope(user)
+        env.body, env.chunked = "BINARYMIME", True
+        (result,) = asyncio.run(dest.deliver(env, TRACE, spool(tmp_path, body), rcpts))
+        assert (result.reply.code, result.reply.enhanced) == code
+    assert dovecot.maildir_messages("alice") == []
+    (stored,) = dovecot.maildir_messages("bob")
+    assert stored.endswith(b"\n\ncaf\xc3\xa9\n")
