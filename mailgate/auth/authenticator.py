@@ -90,7 +90,7 @@ class Authenticator:
         if failures >= self._throttle.limits.after:
             # A client that keeps trying while throttled keeps counting, so that it
             # reaches close_after and is cut off rather than answered 454 for ever.
-            self._throttle.failure(client_ip, None)
+            self._throttle.attempt(client_ip)
             return reply("auth.throttled")
         return None
 

@@ -43,10 +43,12 @@ Outcome = Challenge | Success | Failure
 
 
 class Recorder(Protocol):
-    """Where an exchange reports its end, for throttling."""
+    """Where an exchange reports its start and its end, for throttling."""
 
-    def failure(self, client_ip: str, user: str | None) -> None: ...
-    def success(self, user: str) -> None: ...
+    def attempt(self, client_ip: str) -> None: ...
+    def failure(self, user: str | None) -> None: ...
+    def success(self, client_ip: str, user: str) -> None: ...
+    def not_counted(self, client_ip: str) -> None: ...
 
 
 class Malformed(Exception):
@@ -70,6 +72,7 @@ class SaslExchange(ABC):
         self._client_ip = client_ip
         self.user: str | None = None  # the identity claimed so far, for logs and throttling
         self._done = False
+        recorder.attempt(client_ip)
 
     async def step(self, response: bytes | None) -> Outcome:
         if self._done:
@@ -90,11 +93,13 @@ class SaslExchange(ABC):
     def _record(self, outcome: Success | Failure) -> None:
         who = clean(self.user) if self.user is not None else "-"
         if isinstance(outcome, Success):
-            self._recorder.success(outcome.user)
+            self._recorder.success(self._client_ip, outcome.user)
             log.info("auth %s ok user=%s ip=%s", self.name, who, self._client_ip)
             return
         if outcome.reply.name in _COUNTED:
-            self._recorder.failure(self._client_ip, self.user)
+            self._recorder.failure(self.user)
+        else:
+            self._recorder.not_counted(self._client_ip)
         log.info(
             "auth %s failed user=%s ip=%s reply=%s",
             self.name, who, self._client_ip, outcome.reply.name,

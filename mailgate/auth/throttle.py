@@ -4,6 +4,10 @@ A count is forgotten ``window`` seconds after its last failure.  Success resets 
 user's count (the person got the password right) but not the address's: otherwise a
 client holding one valid account could reset its budget between guesses at others.
 
+An exchange counts against its address from its start, and success (or a fault of
+ours) takes that back: the password check takes a while, and attempts run side by side
+on many connections would otherwise all pass the check before any of them was counted.
+
 One process counts in a dict (:class:`FailureCounter`); the worker processes of one
 server count together in shared memory (:class:`SharedFailureCounter`), so that a
 guesser cannot multiply its budget by the number of workers.  Either outlives a
@@ -30,6 +34,10 @@ class Failures(Protocol):
     def get(self, key: str) -> int: ...
 
     def add(self, key: str) -> int: ...
+
+    def sub(self, key: str) -> None:
+        """Take back one :meth:`add` of this process (never below zero)."""
+        ...
 
     def reset(self, key: str) -> None: ...
 
@@ -58,6 +66,13 @@ class FailureCounter:
             self._purge()
         self._counts[key] = (count, self._clock() + self.window)
         return count
+
+    def sub(self, key: str) -> None:
+        count = self.get(key)
+        if count > 1:
+            self._counts[key] = (count - 1, self._counts[key][1])
+        else:
+            self._counts.pop(key, None)
 
     def reset(self, key: str) -> None:
         self._counts.pop(key, None)
@@ -124,6 +139,13 @@ class SharedFailureCounter:
             stamps[cell] = now
         return self.get(key)
 
+    def sub(self, key: str) -> None:
+        base = self._row * 2 * self.SLOTS
+        counts = self._counts
+        for slot in _failure_slots(key, self.SLOTS):
+            if counts[base + slot] > 0:  # (0: the row's count there has expired since)
+                counts[base + slot] -= 1
+
     def reset(self, key: str) -> None:
         for slot in _failure_slots(key, self.SLOTS):
             for row in range(self._workers):
@@ -159,13 +181,22 @@ class Throttle:
         self.limits = limits
         self.counter = counter  # kept across a reload (factory.build_authenticator)
 
-    def failure(self, client_ip: str, user: str | None) -> None:
+    def attempt(self, client_ip: str) -> None:
+        """An exchange starts: a failure of the address until it ends otherwise."""
         self.counter.add(f"ip:{client_ip}")
+
+    def failure(self, user: str | None) -> None:
+        """The exchange failed (its address was counted at its start)."""
         if user:
             self.counter.add(f"user:{user}")
 
-    def success(self, user: str) -> None:
+    def success(self, client_ip: str, user: str) -> None:
+        self.counter.sub(f"ip:{client_ip}")
         self.counter.reset(f"user:{user}")
+
+    def not_counted(self, client_ip: str) -> None:
+        """The exchange failed for a fault of ours (454): not the client's failure."""
+        self.counter.sub(f"ip:{client_ip}")
 
     def client_failures(self, client_ip: str) -> int:
         return self.counter.get(f"ip:{client_ip}")

@@ -37,6 +37,9 @@ MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, CRLF included
 MAX_MAIL_RCPT_LINE = 2048  # room for SIZE, BODY, SMTPUTF8, RET, ENVID, AUTH=, NOTIFY, ORCPT
 MAX_AUTH_LINE = 12288  # RFC 4954 4: AUTH lines and SASL responses
 _SASL_PLAINTEXT = frozenset({"PLAIN", "LOGIN"})
+# Mechanisms in which the server speaks first: an initial response to them is 501
+# 5.7.0 (RFC 4954 4).  PLAIN, LOGIN (its user name) and SCRAM may start with one.
+SERVER_FIRST = frozenset({"CRAM-MD5"})
 _MAX_BDAT_DIGITS = 18
 
 
@@ -118,7 +121,9 @@ class Connection:
         self._body_size = 0
         self._too_big = False
         self._body_open = False  # a body was accepted and is not finished yet
-        self._discard_line = False  # inside an over-long command line
+        # inside an over-long line: the refusal it gets at its end (a SASL line's is
+        # RFC 4954's 500 5.5.6), else None
+        self._discard_line: str | None = None
 
     # -- driver API ------------------------------------------------------------
 
@@ -295,9 +300,10 @@ class Connection:
         self._take_pending()
         self.authenticated = user
         self.state = _COMMAND
+        # What the client pipelined after AUTH is read on: RFC 4954 4 allows a group
+        # behind an AUTH whose initial response completes it (PLAIN), and there is no
+        # security layer whose start would make those bytes suspect.
         self._send(reply("auth.success"))
-        # Nothing the client pipelined before seeing 235 may run as authenticated.
-        self._buf.clear()
 
     def auth_failure(self, r: Reply, *, close: bool = False) -> None:
         self._take_pending()
@@ -434,14 +440,15 @@ class Connection:
                 else MAX_COMMAND_LINE
             )
         if nl < 0:
-            if len(buf) > limit or self._discard_line:
-                self._discard_line = True
+            if len(buf) > limit and not self._discard_line:
+                self._discard_line = _too_long(limit)
+            if self._discard_line:
                 del buf[:]
             return None
         if self._discard_line or nl + 1 > limit:
             del buf[: nl + 1]
-            self._discard_line = False
-            return reply("syntax.too_long")
+            name, self._discard_line = self._discard_line or _too_long(limit), None
+            return reply(name)
         line = bytes(buf[:nl])
         del buf[: nl + 1]
         if line.endswith(b"\r"):
@@ -711,20 +718,14 @@ class Connection:
         data: bytes | None = None
         if initial == "*":
             return self._refuse("AUTH", reply("auth.cancelled"))
+        if initial and mech in SERVER_FIRST:
+            return self._refuse("AUTH", reply("auth.no_initial_response", mechanism=mech))
         if initial:
-            data = self._b64(initial)
+            # "=" is the empty initial response (RFC 4954 4), only here
+            data = b"" if initial == "=" else _b64(initial)
             if data is None:
                 return self._refuse("AUTH", reply("auth.bad_base64"))
         self._decide(ev.AuthStart(mech, data))
-
-    @staticmethod
-    def _b64(text: str) -> bytes | None:
-        if text == "=":
-            return b""
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            return None
 
     def _auth_line(self, raw: bytes | Reply) -> None:
         # The exchange ends here unless the driver answers with another challenge.
@@ -733,13 +734,15 @@ class Connection:
             self._send(raw)
             self._events.append(ev.AuthAborted(raw))
             return
-        text = raw.decode("ascii", "replace").strip()
+        # No stripping: RFC 4954 4 has the server reject, not ignore, any character
+        # outside the base64 alphabet.
+        text = raw.decode("ascii", "replace")
         if text == "*":
             r = reply("auth.cancelled")
             self._send(r)
             self._events.append(ev.AuthAborted(r))
             return
-        data = self._b64(text) if text else b""
+        data = _b64(text) if text else b""
         if data is None:
             r = reply("auth.bad_base64")
             self._send(r)
@@ -845,3 +848,16 @@ class Connection:
         else:
             self._send(reply("bdat.chunk", size=self._body_size))
         return True
+
+
+def _b64(text: str) -> bytes | None:
+    """Strict base64 (no whitespace, no other characters), or None."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _too_long(limit: int) -> str:
+    """The refusal of a line over ``limit``: RFC 4954 4 gives SASL lines their own."""
+    return "auth.too_long" if limit == MAX_AUTH_LINE else "syntax.too_long"

@@ -137,6 +137,8 @@ CATALOGUE: Final[dict[str, Template]] = {
     "auth.success":           Template(235, "2.7.0", "Authentication successful"),
     "auth.failed":            Template(535, "5.7.8", "Authentication credentials invalid"),
     "auth.bad_base64":        Template(501, "5.5.2", "Cannot Base64-decode client response"),
+    "auth.too_long":          Template(500, "5.5.6", "Authentication exchange line is too long"),
+    "auth.no_initial_response": Template(501, "5.7.0", "{mechanism} takes no initial response"),
     "auth.bad_response":      Template(501, "5.5.2", "Malformed authentication response"),
     "auth.cancelled":         Template(501, "5.0.0", "Authentication cancelled"),
     "auth.unknown_mech":      Template(504, "5.5.4", "Unrecognized authentication type"),

@@ -392,7 +392,7 @@ class Session(asyncio.Protocol):
             conn.authenticated
             and auth is not None
             and sender is not None
-            and not sender.is_null
+            # <> too: only a user whose senders list "*" may send bounces
             and not auth.may_send_as(conn.authenticated, str(sender))
         ):
             r = reply("auth.sender_not_owned", address=str(sender), user=conn.authenticated)
@@ -588,7 +588,9 @@ class Session(asyncio.Protocol):
         self.server.metrics.auth(mech, "failed")
         auth = self.server.authenticator
         if auth is not None:
-            delay = auth.failure_delay(str(client.ip), None)
+            # the larger of the address's and the claimed user's counts: guessing one
+            # user's password from many addresses slows down too
+            delay = auth.failure_delay(str(client.ip), exchange.user)
             if delay > 0:
                 await asyncio.sleep(delay)
         conn.auth_failure(outcome.reply)

@@ -82,6 +82,38 @@ def test_success_resets_the_user_not_the_address(auth: Authenticator) -> None:
     assert auth.failure_delay(IP, None) == 1.0  # the address keeps its two failures
 
 
+def test_attempts_side_by_side_count_before_they_end(
+    make_auth: Callable[..., Authenticator],
+) -> None:
+    # Twenty connections from one address start AUTH at once; the password checks
+    # take a while: each attempt counts from its start, so the third is refused
+    # before any of the first two has failed.
+    auth = make_auth(throttle_after=2, throttle_close_after=10)
+    seen = []
+    for _ in range(4):
+        verdict = throttle(auth)
+        seen.append(verdict)
+        if verdict is None:
+            auth.start("PLAIN", IP)  # under way, not yet answered
+    assert seen == [None, None, "auth.throttled", "auth.throttled"]
+
+
+def test_a_success_or_a_fault_of_ours_takes_its_attempt_back(auth: Authenticator) -> None:
+    fail(auth)
+    assert isinstance(attempt(auth, b"\0alice\0correct horse"), Success)
+    assert auth.failure_delay(IP, None) == 0.5  # the one failure, not the success
+
+
+def test_shared_counter_takes_back_only_its_own_row() -> None:
+    counter = SharedFailureCounter(window=60, workers=2)
+    counter.add("ip:198.51.100.9")
+    counter.use_row(1)
+    counter.add("ip:198.51.100.9")
+    counter.sub("ip:198.51.100.9")
+    counter.sub("ip:198.51.100.9")  # row 1 holds none now: it stays at zero
+    assert counter.get("ip:198.51.100.9") == 1
+
+
 def test_counts_expire(make_auth: Callable[..., Authenticator], clock: FakeClock) -> None:
     auth = make_auth(throttle_after=1, throttle_window=60)
     fail(auth)

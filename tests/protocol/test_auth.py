@@ -151,12 +151,46 @@ def test_empty_response_line_is_empty_data() -> None:
     assert s.of(ev.AuthResponse)[0].data == b""
 
 
-def test_bytes_pipelined_after_a_successful_auth_are_discarded() -> None:
+def test_commands_pipelined_after_a_one_step_auth_are_answered() -> None:
+    # RFC 4954 4: AUTH with an initial response that completes the exchange (PLAIN)
+    # may be followed by more commands in the group; each gets its reply (RFC 5321 4.2).
     s = session()
-    out = s.send(f"AUTH PLAIN {JOE_SECRET}\r\nMAIL FROM:<a@example.net>\r\n")
-    assert codes(out) == ["235 2.7.0"]
-    assert not s.of(ev.MailFrom)
-    assert codes(s.send("MAIL FROM:<a@example.net>\r\n")) == ["250 2.1.0"]
+    out = s.send(f"AUTH PLAIN {JOE_SECRET}\r\nMAIL FROM:<a@example.net>\r\n"
+                 "RCPT TO:<b@example.org>\r\n")
+    assert codes(out) == ["235 2.7.0", "250 2.1.0", "250 2.1.5"]
+    assert s.conn.authenticated == "user"
+
+
+def test_an_initial_response_to_a_server_first_mechanism_is_501_5_7_0() -> None:
+    # RFC 4954 4: CRAM-MD5 begins with the server's challenge
+    s = session(auth_mechanisms=("CRAM-MD5", "PLAIN"))
+    for arg in ("am9lIDEyMzQ=", "="):
+        assert s.send(f"AUTH CRAM-MD5 {arg}\r\n") == [
+            "501 5.7.0 CRAM-MD5 takes no initial response"
+        ]
+    assert not s.of(ev.AuthStart)
+
+
+def test_response_lines_are_strict_base64() -> None:
+    # RFC 4954 4: reject, not ignore, characters outside the alphabet; "=" is the
+    # empty response only as the AUTH command's argument
+    for line in (" " + b64(b"joe") + " ", b64(b"joe") + "\t", "="):
+        s = session(decide=login_flow)
+        s.send("AUTH LOGIN\r\n")
+        assert codes(s.send(line + "\r\n")) == ["501 5.5.2"], line
+        assert not s.of(ev.AuthResponse)
+
+
+def test_an_over_long_sasl_line_is_500_5_5_6() -> None:
+    s = session(decide=login_flow)
+    s.send("AUTH LOGIN\r\n")
+    assert s.send("A" * 13000 + "\r\n") == ["500 5.5.6 Authentication exchange line is too long"]
+    assert codes(s.send("AUTH PLAIN " + "A" * 13000 + "\r\n")) == ["500 5.5.6"]
+    # split over several reads, the line is refused as a SASL line all the same
+    s.send("AUTH LOGIN\r\n")
+    assert s.send("A" * 13000) == []
+    assert codes(s.send("A" * 100 + "\r\n")) == ["500 5.5.6"]
+    assert codes(s.send("NOOP\r\n")) == ["250 2.0.0"]
 
 
 def test_require_auth_and_require_tls() -> None:

@@ -170,5 +170,5 @@ def test_auth_line_limit_12288() -> None:
     # Long but within the limit: a (bad) base64 answer, not "line too long".
     assert codes(s.send(head + b"A" * (12288 - 2 - len(head) - 1) + b"\r\n")) == ["501 5.5.2"]
     assert s.send(head + b"A" * (12288 - 1 - len(head)) + b"\r\n") == [
-        "500 5.5.2 Line too long"
+        "500 5.5.6 Authentication exchange line is too long"  # RFC 4954 4
     ]

@@ -1,0 +1,96 @@
+"""End to end: what a password guesser meets (docs/authentication.md, "Throttling")."""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.server import RunningServer, start_server
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RunningServer]:
+    users = tmp_path / "users"
+    subprocess.run(
+        [sys.executable, "-m", "mailgate.cli", "passwd", "alice", "--users-file", str(users),
+         "--stdin"],
+        input=PASSWORD + "\n", text=True, check=True, capture_output=True,
+    )
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path / 'spool'}"
+        [[listener]]
+        address = "127.0.0.1:0"
+        allow_plaintext_auth = true
+        [auth]
+        users_file = "{users}"
+        failure_delay = 0.2
+        [policy]
+        trusted_networks = []
+        verify_sender_domain = false
+        [delivery]
+        maildir_root = "{tmp_path / 'maildir'}"
+        system_users = false
+        local_users = ["alice", "bob"]
+    """)
+    yield srv
+    srv.stop()
+
+
+def _plain(user: str, password: str) -> str:
+    return "PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+def _wrong_guess(srv: RunningServer, source: str) -> float:
+    """Seconds a wrong password for alice took to be answered, from ``source``."""
+    with smtplib.SMTP(srv.host, srv.port, timeout=20, source_address=(source, 0)) as smtp:
+        smtp.ehlo("client.mailgate.org")
+        start = time.monotonic()
+        assert smtp.docmd("AUTH", _plain("alice", "guess"))[0] == 535
+        return time.monotonic() - start
+
+
+def test_guessing_one_user_from_many_addresses_slows_down(server: RunningServer) -> None:
+    # three failures for alice from one address: delays of 0.2, 0.4 and 0.8 s
+    for _ in range(3):
+        _wrong_guess(server, "127.0.0.1")
+    # a fresh address: its own count is 0, alice's is 3, the fourth waits 0.2 * 2**3
+    assert _wrong_guess(server, "127.0.0.7") >= 1.5
+
+
+def test_an_authenticated_user_may_not_send_bounces(server: RunningServer) -> None:
+    with smtplib.SMTP(server.host, server.port, timeout=20) as smtp:
+        smtp.ehlo("client.mailgate.org")
+        assert smtp.docmd("AUTH", _plain("alice", PASSWORD))[0] == 235
+        code, text = smtp.docmd("MAIL", "FROM:<>")
+        assert (code, text[:5]) == (553, b"5.7.1")
+        assert smtp.docmd("MAIL", "FROM:<alice@mx.mailgate.test>")[0] == 250
+
+
+def test_commands_pipelined_behind_auth_plain_are_answered(server: RunningServer) -> None:
+    # RFC 4954 4: AUTH PLAIN with its initial response may lead a pipelined group
+    with socket.create_connection((server.host, server.port), timeout=20) as sock:
+        sock.recv(4096)
+        sock.sendall(b"EHLO client.mailgate.org\r\n")
+        got = b""
+        while b"\r\n250 " not in got:  # the EHLO reply's last line
+            got += sock.recv(4096)
+        sock.sendall(f"AUTH {_plain('alice', PASSWORD)}\r\nMAIL FROM:<alice@mx.mailgate.test>\r\n"
+                     "RCPT TO:<bob@mx.mailgate.test>\r\nQUIT\r\n".encode())
+        got = b""
+        while b"221 " not in got:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    assert [line[:3] for line in got.decode().splitlines()] == ["235", "250", "250", "221"]
