@@ -187,7 +187,9 @@ def build_listeners(ctx: ServerContext) -> list[ListenerContext]:
     mechanisms = list(ctx.authenticator.mechanisms) if ctx.authenticator else []
     out = []
     for entry in config.listener:
-        settings = listener_settings(config, entry, ctx.hostname, starttls, mechanisms)
+        settings = listener_settings(
+            config, entry, ctx.hostname, starttls, mechanisms, ctx.authenticator is not None
+        )
         out.append(
             ListenerContext(
                 name=f"{entry.role}:{entry.address}",
@@ -275,6 +277,7 @@ class MailServer:
         self.ctx = build_context(config, counts, auth_failures)
         self._auth_failures = auth_failures  # the workers' shared counts, if any
         self.listeners = build_listeners(self.ctx)
+        self._follow_users()
         self.servers: list[asyncio.base_events.Server] = []
         self._stop = asyncio.Event()
         self.supervised = False  # a worker of a supervisor (sockets bound for it)
@@ -352,6 +355,7 @@ class MailServer:
             RETIRE_AFTER, lambda: asyncio.ensure_future(_close_parts(*retired))
         )
         ctx.authenticator = fresh.authenticator
+        self._follow_users()
         try:
             # In place, so that implicit-TLS listeners follow the new certificates.
             ctx.tls.reload(fresh.config.tls)
@@ -361,6 +365,12 @@ class MailServer:
         log_reloaded(restart_needed)
         if not self.supervised:  # with workers, the supervisor says it once
             warn_of_maildirs(ctx.delivery)
+
+    def _follow_users(self) -> None:
+        """A users file picked up between reloads can change the mechanisms on offer
+        (CRAM-MD5 needs a stored secret): the listeners then advertise the new set."""
+        if self.ctx.authenticator is not None:
+            self.ctx.authenticator.on_change = self.listeners_settings_refresh
 
     def listeners_settings_refresh(self) -> None:
         fresh = build_listeners(self.ctx)

@@ -47,6 +47,10 @@ class Authenticator:
         self._hostname = hostname
         self._reload_interval = reload_interval
         self._clock = clock
+        # Told when the mechanisms on offer change (a users file picked up without
+        # SIGHUP): the server refreshes what its listeners advertise.
+        self.on_change: Callable[[], None] | None = None
+        self.mechanisms: list[str] = []
         self._install(users, file_signature(users_file))
 
     def _install(
@@ -57,9 +61,10 @@ class Authenticator:
         self._checked_at = self._clock()
         # Only what some user can actually use: advertising a mechanism nobody can
         # pass would just make clients fail.
-        self.mechanisms: list[str] = [
-            m for m in self._configured if self._credentials.has_form(NEEDS[m])
-        ]
+        mechanisms = [m for m in self._configured if self._credentials.has_form(NEEDS[m])]
+        changed, self.mechanisms = mechanisms != self.mechanisms, mechanisms
+        if changed and self.on_change is not None:
+            self.on_change()
 
     def start(self, mechanism: str, client_ip: str) -> SaslExchange:
         """A new exchange; ``mechanism`` (any case) must be one of ``self.mechanisms``."""
@@ -83,7 +88,7 @@ class Authenticator:
 
     async def check_throttle(self, client_ip: str) -> Reply | None:
         """None, or the reply that refuses this AUTH (421: the session then closes)."""
-        await self._refresh()
+        await self.refresh()
         failures = self._throttle.client_failures(client_ip)
         if failures >= self._throttle.limits.close_after:
             return reply("closing.auth_throttled", host=self._hostname)
@@ -111,8 +116,9 @@ class Authenticator:
         # The signature first: a change racing with the read is seen by the next check.
         return file_signature(self._users_file), load_users(self._users_file)
 
-    async def _refresh(self) -> None:
-        """Pick up a changed users file (as `mailgate passwd` leaves it) without SIGHUP."""
+    async def refresh(self) -> None:
+        """Pick up a changed users file (as `mailgate passwd` leaves it) without SIGHUP;
+        at most a stat every reload interval."""
         if not self._reload_interval:
             return
         now = self._clock()

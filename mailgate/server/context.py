@@ -62,8 +62,11 @@ class ListenerContext:
 
 def listener_settings(
     config: Config, listener: ListenerConfig, hostname: str, starttls: bool,
-    mechanisms: list[str],
+    mechanisms: list[str], auth_configured: bool,
 ) -> Settings:
+    """What a listener's sessions start with.  ``mechanisms``: those some user can
+    pass now (they change as the users file does); submission and smtps require AUTH
+    whenever [auth] is configured, even while no user can pass any (RFC 6409 4.3)."""
     server = config.server
     return Settings(
         hostname=hostname,
@@ -74,7 +77,7 @@ def listener_settings(
         auth_mechanisms=tuple(mechanisms),
         allow_plaintext_auth=listener.allow_plaintext_auth,
         require_tls=listener.require_tls and listener.role != "smtps",
-        require_auth=listener.role in ("submission", "smtps") and bool(mechanisms),
+        require_auth=listener.role in ("submission", "smtps") and auth_configured,
         vrfy=server.vrfy,
     )
 

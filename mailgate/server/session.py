@@ -208,6 +208,9 @@ class Session(asyncio.Protocol):
             self.log = SessionLog(self.sid, ip=ip_text(self.client.ip), listener=listener.name)
             self.log.event("connect", port=self.client.port, tls=self.client.tls)
             server.metrics.connection_opened(listener.name)
+            if server.authenticator is not None:
+                # a changed users file can change the mechanisms this EHLO offers
+                await server.authenticator.refresh()
             settings = listener.settings
             if server.normalize_bare_lf(self.client.ip):
                 settings = listener.settings_normalized
@@ -551,7 +554,7 @@ class Session(asyncio.Protocol):
         client = self.client
         auth = self.server.authenticator
         assert conn is not None and client is not None
-        if auth is None or event.mechanism not in auth.mechanisms:
+        if auth is None:
             conn.auth_failure(reply("auth.unknown_mech"))
             return
         refusal = await auth.check_throttle(str(client.ip))
@@ -559,6 +562,11 @@ class Session(asyncio.Protocol):
             self.log_event("auth", mechanism=event.mechanism, outcome="throttled")
             self.server.metrics.auth(event.mechanism, "throttled")
             conn.auth_failure(refusal, close=refusal.code == 421)
+            return
+        # After the check, which may have picked up a users file without the stored
+        # form this mechanism needs (the EHLO that offered it came before).
+        if event.mechanism not in auth.mechanisms:
+            conn.auth_failure(reply("auth.unknown_mech"))
             return
         self._exchange = auth.start(event.mechanism, str(client.ip))
         self._auth_mechanism = event.mechanism

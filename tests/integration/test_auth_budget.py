@@ -94,3 +94,55 @@ def test_commands_pipelined_behind_auth_plain_are_answered(server: RunningServer
                 break
             got += chunk
     assert [line[:3] for line in got.decode().splitlines()] == ["235", "250", "250", "221"]
+
+
+def _passwd(users: Path, user: str, *flags: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "mailgate.cli", "passwd", user, "--users-file", str(users),
+         "--stdin", *flags],
+        input=PASSWORD + "\n", text=True, check=True, capture_output=True,
+    )
+
+
+def test_mechanisms_follow_the_users_file_without_a_reload(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("")  # nobody yet: submission must still require AUTH
+    users.chmod(0o600)
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path / 'spool'}"
+        [[listener]]
+        address = "127.0.0.1:0"
+        role = "submission"
+        allow_plaintext_auth = true
+        [auth]
+        users_file = "{users}"
+        reload_interval = 0.2
+        [policy]
+        verify_sender_domain = false
+        [delivery]
+        maildir_root = "{tmp_path / 'maildir'}"
+        system_users = false
+        local_users = ["alice"]
+    """)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=20) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            assert not smtp.has_extn("auth")
+            code, text = smtp.docmd("MAIL", "FROM:<alice@mx.mailgate.test>")
+            assert (code, text) == (530, b"5.7.0 Authentication required")
+        _passwd(users, "alice", "--cram")
+        time.sleep(0.5)
+        with smtplib.SMTP(srv.host, srv.port, timeout=20) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            assert "CRAM-MD5" in smtp.esmtp_features["auth"].split()
+            _passwd(users, "alice")  # no CRAM-MD5 secret stored any more
+            time.sleep(0.5)
+            # this session was offered CRAM-MD5 before the change: refused, not a crash
+            assert smtp.docmd("AUTH", "CRAM-MD5")[:1] == (504,)
+            assert smtp.docmd("AUTH", _plain("alice", PASSWORD))[0] == 235
+        with smtplib.SMTP(srv.host, srv.port, timeout=20) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            assert "CRAM-MD5" not in smtp.esmtp_features["auth"].split()
+    finally:
+        srv.stop()
