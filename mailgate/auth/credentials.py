@@ -82,7 +82,14 @@ class Credentials:
         if stored is None or prepared is None:
             await asyncio.to_thread(lambda: self._verify(self._dummy_hash(), password))
             return False
-        return await asyncio.to_thread(self._verify, stored, prepared)
+        return await asyncio.to_thread(self._verify_known, stored, prepared)
+
+    def _verify_known(self, stored: str, password: str) -> bool:
+        # The dummy hash is made by the first check after a load, whoever it is for:
+        # made only for an unknown user, it would make that first miss slower, and
+        # tell a prober which names exist.
+        self._dummy_hash()
+        return self._verify(stored, password)
 
     @staticmethod
     def _verify(stored: str, password: str) -> bool:

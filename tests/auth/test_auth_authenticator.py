@@ -136,3 +136,14 @@ def test_backend_trouble_is_temporary_and_not_counted(caplog: pytest.LogCaptureF
     assert outcome.reply.code == 454 and outcome.reply.enhanced == "4.7.0"
     assert throttle.client_failures("192.0.2.1") == 0
     assert "internal error" in caplog.text
+
+
+def test_the_first_check_after_a_load_makes_the_dummy_hash_whoever_it_is_for(
+    auth: Authenticator,
+) -> None:
+    # Made only for an unknown name, the dummy hash would make that name's first
+    # miss slower than a known user's: a prober could tell which names exist.
+    credentials = auth._credentials
+    assert credentials._dummy_hash_value is None
+    assert not login(auth, "alice", "wrong")  # a known user
+    assert credentials._dummy_hash_value is not None
