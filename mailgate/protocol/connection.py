@@ -465,7 +465,10 @@ class Connection:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                raw = reply("syntax.not_utf8")
+                # RFC 5321 4.1.2: a command with invalid character codes is 501; a
+                # line whose verb is none of ours stays 500
+                known = raw.split(b" ", 1)[0].upper().decode("latin-1") in self._HANDLERS
+                raw = reply("syntax.args_not_utf8" if known else "syntax.not_utf8")
         verb, _, arg = (line or "").partition(" ")
         # Verbs are ASCII: str.upper() would turn "ma\u0131l" (dotless i) into MAIL.
         verb = verb.upper() if verb.isascii() else "?"
@@ -583,7 +586,7 @@ class Connection:
             if p.keyword == "NOTIFY" and p.value:
                 notify = parse_notify(p.value)
             elif p.keyword == "ORCPT" and p.value:
-                orcpt = parse_orcpt(p.value)
+                orcpt = parse_orcpt(p.value, env.smtputf8)
             elif p.keyword in ("NOTIFY", "ORCPT"):
                 raise GrammarError("syntax.param_value", param=p.keyword)
             else:

@@ -64,25 +64,50 @@ def parse_address_literal(text: str) -> str:
     if inner == "":
         return "[]"
     if inner[:5].lower() == "ipv6:":
-        try:
-            addr = ipaddress.IPv6Address(inner[5:])
-        except ValueError:
-            raise GrammarError("syntax.args", detail="bad IPv6 address literal") from None
-        return f"[IPv6:{addr.compressed}]"
+        return f"[IPv6:{_ipv6(inner[5:]).compressed}]"
     if inner[:1].isdigit() and ":" not in inner:
-        try:
-            return f"[{ipaddress.IPv4Address(inner)}]"
-        except ValueError:
-            raise GrammarError("syntax.args", detail="bad IPv4 address literal") from None
+        return f"[{_ipv4(inner)}]"
     if _GENERAL_TAG.match(inner):
         return text
     raise GrammarError("syntax.args", detail="bad address literal")
 
 
+def _ipv4(text: str) -> ipaddress.IPv4Address:
+    """RFC 5321 4.1.3 ``Snum 3("." Snum)``, Snum being 1*3DIGIT up to 255: leading
+    zeros are allowed (and decimal), which Python's parser refuses."""
+    nums = text.split(".")
+    if len(nums) != 4 or not all(n.isascii() and n.isdigit() and len(n) <= 3 for n in nums):
+        raise GrammarError("syntax.args", detail="bad IPv4 address literal")
+    values = [int(n) for n in nums]
+    if max(values) > 255:
+        raise GrammarError("syntax.args", detail="bad IPv4 address literal")
+    return ipaddress.IPv4Address(".".join(map(str, values)))
+
+
+def _ipv6(text: str) -> ipaddress.IPv6Address:
+    """RFC 5321 4.1.3 IPv6-addr: no zone index (Python takes "%eth0"), a "::" stands
+    for at least two groups (so at most six more, four beside an IPv4 part), and an
+    IPv4 part is Snums as in :func:`_ipv4`."""
+    head, _, last = text.rpartition(":")
+    v4 = "." in last
+    if "%" in text or not head:
+        raise GrammarError("syntax.args", detail="bad IPv6 address literal")
+    if v4:
+        text = f"{head}:{_ipv4(last)}"
+    if "::" in text:
+        groups = [g for g in text.replace("::", ":").split(":") if g]
+        if len(groups) - v4 > (4 if v4 else 6):
+            raise GrammarError("syntax.args", detail="bad IPv6 address literal")
+    try:
+        return ipaddress.IPv6Address(text)
+    except ValueError:
+        raise GrammarError("syntax.args", detail="bad IPv6 address literal") from None
+
+
 def parse_helo_name(arg: str) -> str:
     """The EHLO/HELO argument: a domain or an address literal."""
     name = arg.strip()
-    if not name or " " in name:
+    if not name or " " in name or name == "[]":  # ("[]" is upas's loopback, for RCPT)
         raise GrammarError("syntax.args", detail="HELO/EHLO needs one domain or address literal")
     if name.startswith("[") and name.endswith("]"):
         return parse_address_literal(name)
@@ -90,8 +115,9 @@ def parse_helo_name(arg: str) -> str:
                         utf8=not name.isascii(), helo=True)
 
 
-def _split_quoted_local(path: str) -> tuple[str, str]:
-    """Split ``"quoted local"@domain`` into the unescaped local part and the rest."""
+def _split_quoted_local(path: str, utf8: bool) -> tuple[str, str]:
+    """Split ``"quoted local"@domain`` into the unescaped local part and the rest;
+    non-ASCII only with SMTPUTF8 (RFC 5321 qtextSMTP is ASCII, RFC 6531 3.3)."""
     i = 1
     out = []
     while i < len(path):
@@ -100,14 +126,14 @@ def _split_quoted_local(path: str) -> tuple[str, str]:
             if i + 1 >= len(path):
                 raise GrammarError("syntax.args", detail="bad quoted local part")
             nxt = path[i + 1]
-            if not (" " <= nxt <= "~" or ord(nxt) > 127):
+            if not (" " <= nxt <= "~" or (utf8 and ord(nxt) > 127)):
                 raise GrammarError("syntax.args", detail="bad quoted local part")
             out.append(nxt)
             i += 2
             continue
         if ch == '"':
             return "".join(out), path[i + 1 :]
-        if not (" " <= ch <= "~" or ord(ch) > 127):
+        if not (" " <= ch <= "~" or (utf8 and ord(ch) > 127)):
             raise GrammarError("syntax.args", detail="bad quoted local part")
         out.append(ch)
         i += 1
@@ -123,7 +149,7 @@ def is_local_part(text: str, *, utf8: bool) -> bool:
 def parse_mailbox(text: str, *, utf8: bool) -> Address:
     """``Local-part "@" (Domain / address-literal)`` per RFC 5321 4.1.2."""
     if text.startswith('"'):
-        local, rest = _split_quoted_local(text)
+        local, rest = _split_quoted_local(text, utf8)
         quoted = True
         if not rest.startswith("@"):
             raise GrammarError("syntax.args", detail="missing @domain")
@@ -136,7 +162,8 @@ def parse_mailbox(text: str, *, utf8: bool) -> Address:
         atom = _ATOM_UTF8 if utf8 else _ATOM_ASCII
         if not atom.match(local):
             raise GrammarError("syntax.args", detail="bad local part")
-    if len(local.encode("utf-8", "surrogatepass")) > MAX_LOCAL_PART or (quoted and not local):
+    # ("" is a valid quoted local part, RFC 5321 4.1.2: no mailbox will be called so)
+    if len(local.encode("utf-8", "surrogatepass")) > MAX_LOCAL_PART:
         raise GrammarError("syntax.args", detail="bad local part")
     if domain.startswith("[") and domain.endswith("]"):
         domain = parse_address_literal(domain)
@@ -269,12 +296,17 @@ def parse_params(items: list[str]) -> list[Param]:
 
 
 def decode_xtext(value: str, keyword: str) -> str:
-    """RFC 3461 4: ``+XX`` hex escapes; anything else outside ``!``..``~`` is an error."""
+    """RFC 3461 4: ``+XX`` hex escapes; anything else outside ``!``..``~`` is an error,
+    and so is a decoded value that is not printable US-ASCII (RFC 3461 4.2, 4.4: the
+    values of ENVID and ORCPT are, before encoding)."""
     if not _XTEXT.match(value):
         raise GrammarError("syntax.param_value", param=keyword)
     if "+" not in value:
         return value
-    return re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+    decoded = re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+    if not all(" " <= ch <= "~" for ch in decoded):
+        raise GrammarError("syntax.param_value", param=keyword)
+    return decoded
 
 
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
@@ -289,13 +321,14 @@ def parse_notify(value: str) -> tuple[str, ...]:
     return items
 
 
-def parse_orcpt(value: str) -> str:
+def parse_orcpt(value: str, utf8: bool) -> str:
     addr_type, semi, rest = value.partition(";")
     if not semi or not _KEYWORD.match(addr_type) or not rest:
         raise GrammarError("syntax.param_value", param="ORCPT")
     if addr_type.lower() == "utf-8":
-        # RFC 6533 utf-8-addr-xtext: printable UTF-8 with \x{HEX} escapes allowed.
-        if not rest.isprintable():
+        # RFC 6533 3: utf-8-addr-xtext (ASCII, \x{HEX} escapes), or with SMTPUTF8
+        # utf-8-addr-unitext (raw UTF-8 too).
+        if not rest.isprintable() or not (utf8 or rest.isascii()):
             raise GrammarError("syntax.param_value", param="ORCPT")
         return f"{addr_type};{rest}"
     return f"{addr_type};{decode_xtext(rest, 'ORCPT')}"

@@ -99,6 +99,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "syntax.too_long":        Template(500, "5.5.2", "Line too long"),
     "syntax.bare_lf":         Template(500, "5.5.2", "Bare LF or CR in command line; lines must end with CRLF"),
     "syntax.not_utf8":        Template(500, "5.5.2", "Command line is not valid UTF-8"),
+    "syntax.args_not_utf8":   Template(501, "5.5.2", "Arguments are not valid UTF-8"),
     "syntax.args":            Template(501, "5.5.2", "Syntax error in arguments: {detail}"),
     "syntax.sender":          Template(501, "5.1.7", "Bad sender address syntax"),
     "syntax.recipient":       Template(501, "5.1.3", "Bad recipient address syntax"),

@@ -98,6 +98,18 @@ def test_utf8_recipient_without_smtputf8_is_553() -> None:
     assert codes(s.send("RCPT TO:<j\u00f6rg@example.org>\r\n")) == ["553 5.6.7"]
 
 
+def test_a_quoted_local_part_is_ascii_without_smtputf8() -> None:
+    # RFC 5321 4.1.2 qtextSMTP and quoted-pairSMTP are ASCII; RFC 6531 3.3 adds UTF-8
+    # only for SMTPUTF8 transactions
+    s = Session()
+    for path in ('<"\u00e9"@b.example>', '<"j\\\u00f6rg"@b.example>'):
+        assert mail(s, "", path=path) == ["553 5.6.7"], path
+    assert mail(s, "SMTPUTF8", path='<"\u00e9 x"@b.example>') == ["250 2.1.0"]
+    s = Session()
+    s.transaction()
+    assert codes(s.send('RCPT TO:<"j\u00f6rg"@example.org>\r\n')) == ["553 5.6.7"]
+
+
 def test_smtputf8_takes_no_value() -> None:
     s = Session()
     assert mail(s, "SMTPUTF8=yes") == ["501 5.5.4"]
@@ -121,7 +133,10 @@ def test_dsn_parameters_are_parsed_and_kept() -> None:
 
 
 @pytest.mark.parametrize(
-    "param", ["RET=ALL", "RET", "ENVID", "ENVID=a+zz", "ENVID=" + "x" * 101, "RET=FULL RET=HDRS"]
+    "param",
+    ["RET=ALL", "RET", "ENVID", "ENVID=a+zz", "ENVID=" + "x" * 101, "RET=FULL RET=HDRS",
+     # RFC 3461 4.4: an envelope id is printable US-ASCII before its xtext encoding
+     "ENVID=abc+FF", "ENVID=abc+0D+0A", "AUTH=joe+00"],
 )
 def test_bad_mail_dsn_parameters(param: str) -> None:
     s = Session()
@@ -131,13 +146,25 @@ def test_bad_mail_dsn_parameters(param: str) -> None:
 @pytest.mark.parametrize(
     "param",
     ["NOTIFY=NEVER,SUCCESS", "NOTIFY=SOMETIMES", "NOTIFY", "NOTIFY=SUCCESS,SUCCESS",
-     "ORCPT=rfc822", "ORCPT=;x@y", "ORCPT=rfc822;a+zzb", "ORCPT"],
+     "ORCPT=rfc822", "ORCPT=;x@y", "ORCPT=rfc822;a+zzb", "ORCPT",
+     # RFC 3461 4.2: printable US-ASCII once decoded; RFC 6533 3: raw UTF-8 in a utf-8
+     # address only with SMTPUTF8
+     "ORCPT=rfc822;u+00@d.org", "ORCPT=rfc822;a+0D+0AX:+20y@c", "ORCPT=rfc822;j+C3+B6@d.org",
+     "ORCPT=utf-8;j\u00f6rg@d.org"],
 )
 def test_bad_rcpt_dsn_parameters(param: str) -> None:
     s = Session()
     s.transaction()
     assert codes(s.send(f"RCPT TO:<c@example.org> {param}\r\n")) == ["501 5.5.4"]
     assert len(s.conn.envelope.recipients) == 1
+
+
+def test_a_raw_utf8_original_recipient_with_smtputf8() -> None:
+    s = Session()
+    assert mail(s, "SMTPUTF8") == ["250 2.1.0"]
+    out = s.send("RCPT TO:<c@example.org> ORCPT=utf-8;j\u00f6rg@d.org\r\n")
+    assert codes(out) == ["250 2.1.5"]
+    assert s.conn.envelope.recipients[0].orcpt == "utf-8;j\u00f6rg@d.org"
 
 
 def test_auth_mail_parameter_is_xtext() -> None:
