@@ -90,7 +90,10 @@ def check_config_command(
         return 1
     found = check_parts(config) if check_parts else Findings()
     for line in found.problems:
-        print(line, file=sys.stderr)
+        # FILE: KEY: problem, as the loader's own; a line naming its file already (a
+        # ConfigError's, or the users file's or access list's /path:LINE:) stays
+        named = line.startswith((f"{path}: ", "/"))
+        print(line if named else f"{path}: {line}", file=sys.stderr)
     for line in found.warnings:
         print(f"{path}: warning: {line}", file=sys.stderr)
     if found.problems:
@@ -389,7 +392,9 @@ class _Converter:
             for sub, text in _strings(value, key):
                 # an address (not a listen) may name a Unix socket: "/path" or "unix:/path"
                 socket_path = text.startswith(("/", "unix:/")) and "listen" not in name
-                if text and not socket_path:
+                if not text and name == "address":  # (only *_address and listen mean off)
+                    self.error(sub, "must not be empty")
+                elif text and not socket_path:
                     try:
                         split_host_port(text)
                     except ValueError as exc:

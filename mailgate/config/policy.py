@@ -5,6 +5,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
+
+from mailgate.config.names import domain_problem
 
 
 @dataclass
@@ -66,8 +69,24 @@ class PolicyConfig:
         for server in self.dns_servers:
             parse_nameserver(server)
         for zone in self.dnsbl_zones:
-            if not zone.strip(".") or any(c.isspace() for c in zone):
-                raise ValueError(f"policy.dnsbl_zones: not a zone name: {zone!r}")
+            # a malformed zone would never answer "listed": a blocklist doing nothing
+            problem = domain_problem(zone[:-1] if zone.endswith(".") else zone)
+            if problem:
+                raise ValueError(f"policy.dnsbl_zones: {problem}")
+
+
+def _check_redis_url(url: str) -> None:
+    """What redis-py would refuse only when it connects (at start, after check-config
+    said OK): the scheme, a host or socket path, and a port in range."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("greylist.redis_url: must start with redis://, rediss:// or unix://")
+    try:
+        parts.port  # noqa: B018 (urllib checks the port when it is read)
+    except ValueError as exc:
+        raise ValueError(f"greylist.redis_url: {url!r}: {exc}") from None
+    if not (parts.path if parts.scheme == "unix" else parts.hostname):
+        raise ValueError(f"greylist.redis_url: {url!r}: no host (or socket path)")
 
 
 def parse_nameserver(text: str) -> tuple[str, int]:
@@ -125,10 +144,9 @@ class GreylistConfig:
             raise ValueError("greylist.redis_timeout: must be positive")
         if not self.sqlite_path:
             raise ValueError("greylist.sqlite_path: must not be empty")
-        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("greylist.redis_url: must start with redis://, rediss:// or unix://")
+        _check_redis_url(self.redis_url)
         for network in self.whitelist:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError:
-                raise ValueError(f"greylist.whitelist: not a network: {network!r}") from None
+            try:  # host bits set: a typo for one host would whitelist a whole network
+                ipaddress.ip_network(network, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"greylist.whitelist: {network!r}: {exc}") from None

@@ -79,8 +79,9 @@ class DnsblStep(Step):
         """(zone, FOUND when listed / NXDOMAIN when not / TEMPFAIL, the reason)."""
         name = query_name(ip, zone)
         answer = await self._resolver.lookup(name, "A")
-        if answer.status is Status.TEMPFAIL:
-            log.warning("dnsbl lookup failed zone=%s ip=%s", zone, ip)
+        if answer.status in (Status.TEMPFAIL, Status.INVALID):
+            # INVALID: a zone too long for the query name; never taken as "not listed"
+            log.warning("dnsbl lookup failed zone=%s ip=%s (%s)", zone, ip, answer.status.value)
             return zone, Status.TEMPFAIL, ""
         records: tuple[Any, ...] = answer.records
         addresses = [ipaddress.ip_address(r.address) for r in records]

@@ -97,7 +97,7 @@ class Greylist(Step):
         self._config = config
         self._now = now
         self._whitelist: tuple[IPNetwork, ...] = tuple(
-            ipaddress.ip_network(net, strict=False) for net in config.whitelist
+            ipaddress.ip_network(net) for net in config.whitelist  # checked: host bits clear
         )
         self._store_failing = False  # so an outage is logged once, not per message
 

@@ -60,16 +60,17 @@ class HeloStep(Step):
             return "empty", "empty name"
         if lower.startswith("["):
             return self._literal_problem(client, lower)
-        local = _is_local_client(client)
-        if domain_key(lower) in self._ours and not local:
+        # This machine talking to itself may use our name, or say localhost (msmtp's
+        # default, and what a host without a domain name calls itself): from it, that
+        # is no lie.  Only while it is trusted: behind a local proxy every client
+        # comes from 127.0.0.1, and a site that runs one takes loopback out of
+        # trusted_networks.
+        itself = _is_local_client(client) and is_trusted(client)
+        if domain_key(lower) in self._ours and not itself:
             return "impersonation", "that is my name"
         labels = lower.split(".")
-        # This machine talking to itself may say localhost (msmtp's default, and what
-        # a host without a domain name calls itself): from it, that is no lie.  Only
-        # while it is trusted: behind a local proxy every client comes from 127.0.0.1,
-        # and a site that runs one takes loopback out of trusted_networks.
         reserved = labels[-1] in RESERVED_TLDS or ".".join(labels[-2:]) in RESERVED_DOMAINS
-        if reserved and not (local and is_trusted(client)):
+        if reserved and not itself:
             return "rfc2606", "reserved name (RFC 2606)"
         # Trusted clients (a host on our own network) may use a short or numeric name.
         if is_trusted(client):

@@ -17,6 +17,7 @@ from mailgate.config.errors import ConfigError
 from mailgate.config.loader import (
     MAX_CONFIG_BYTES,
     MAX_REPORTED_ERRORS,
+    Findings,
     check_config_command,
     config_fields,
     field_types,
@@ -466,6 +467,48 @@ def test_check_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert err == (
         f'{path}: server.max_recipients: expected an integer, got "ten"\n'
         f"{path}: server.vrfy: expected true or false, got 2\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        # serve would refuse it ("expected HOST:PORT"), naming no file or key
+        ('[[listener]]\naddress = ""', "listener[1].address: must not be empty"),
+        # redis-py would refuse it only when connecting, at start
+        ('[greylist]\nredis_url = "redis://127.0.0.1:99999/0"',
+         "greylist.redis_url: 'redis://127.0.0.1:99999/0': Port out of range 0-65535"),
+        ('[greylist]\nredis_url = "redis://"',
+         "greylist.redis_url: 'redis://': no host (or socket path)"),
+        # a typo for one host would whitelist a whole network
+        ('[greylist]\nwhitelist = ["127.0.0.8/8"]',
+         "greylist.whitelist: '127.0.0.8/8': 127.0.0.8/8 has host bits set"),
+        # a zone DNS cannot hold never says "listed": a blocklist silently doing nothing
+        ('[policy]\ndnsbl_zones = ["bl..example"]',
+         'policy.dnsbl_zones: "bl..example" is not a domain name (dot-separated labels of '
+         'letters, digits and inner hyphens, no trailing dot)'),
+        ('[policy]\ndnsbl_zones = ["http://bl.example/"]',
+         'policy.dnsbl_zones: "http://bl.example/" is not a domain name (dot-separated labels '
+         'of letters, digits and inner hyphens, no trailing dot)'),
+    ],
+)
+def test_what_would_fail_only_later_is_refused_now(
+    tmp_path: Path, toml: str, message: str
+) -> None:
+    assert errors_of(tmp_path, toml) == [f"mailgate.toml: {message}"]
+
+
+def test_check_config_names_the_file_on_every_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, "")
+
+    def found(config: object) -> Findings:
+        return Findings(["greylist.sqlite_path: no directory /x", "/etc/users:3: bad"], [])
+
+    assert check_config_command(path, found) == 1
+    assert capsys.readouterr().err == (
+        f"{path}: greylist.sqlite_path: no directory /x\n/etc/users:3: bad\n"
     )
 
 

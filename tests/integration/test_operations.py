@@ -91,7 +91,7 @@ def test_check_config_tries_what_the_file_names(tmp_path: Path) -> None:
     assert "key values mismatch" in lines[0]
     assert lines[1].startswith(f"{users}:1: unknown credential form")
     assert lines[2].startswith(f"{tmp_path}/access:2: ")
-    assert lines[3] == f"greylist.sqlite_path: no directory {grey}"
+    assert lines[3] == f"{config}: greylist.sqlite_path: no directory {grey}"
     # fixed, it passes; and checking opened no database (it would be created as
     # whoever ran the check)
     one.private_key_pem.write_to_path(tmp_path / "key.pem")
@@ -151,7 +151,7 @@ def test_a_user_or_group_that_does_not_exist(tmp_path: Path) -> None:
     config = _config_file(tmp_path, f'user = "no-such-user-here"\nspool_dir = "{tmp_path}/s"')
     checked = _cli("check-config", str(config))
     assert checked.returncode == 1
-    assert checked.stderr == "server.user: no such user 'no-such-user-here'\n"
+    assert checked.stderr == f"{config}: server.user: no such user 'no-such-user-here'\n"
     if os.geteuid() != 0:
         return  # only root drops privileges: serve would not look the user up
     started = _cli("serve", "--config", str(config), "--listen", "127.0.0.1:0")
@@ -165,7 +165,9 @@ def test_an_unusable_spool_stops_the_start_and_fails_the_check(tmp_path: Path) -
     config = _config_file(tmp_path, f'spool_dir = "{tmp_path}/file/spool"')
     checked = _cli("check-config", str(config))
     assert checked.returncode == 1
-    assert checked.stderr.startswith(f"server.spool_dir: cannot make or write {tmp_path}/file")
+    assert checked.stderr.startswith(
+        f"{config}: server.spool_dir: cannot make or write {tmp_path}/file"
+    )
     started = _cli("serve", "--config", str(config), "--listen", "127.0.0.1:0")
     assert started.returncode == 1 and "Traceback" not in started.stderr
     assert started.stderr.startswith("mailgate: cannot start: [Errno 20] ")

@@ -86,6 +86,14 @@ def test_failing_lists_fail_open_and_are_tagged(dns_server: LoopbackDNS, zone: s
     assert session(DnsblStep(dns_server.resolver(timeout=0.3), [zone]), who).accepted
 
 
+def test_a_query_name_dns_cannot_hold_is_an_error_not_a_pass(dns_server: LoopbackDNS) -> None:
+    # a zone so long that the reversed IPv6 address makes the name over 255 octets
+    zone = ".".join(["z" * 60] * 4) + ".lab"
+    who = client("2001:db8::1")
+    assert session(DnsblStep(dns_server.resolver(), [zone]), who).accepted
+    assert who.tags["dnsbl_error"] == zone
+
+
 def test_trusted_authenticated_and_allowed_clients_pass(dns_server: LoopbackDNS) -> None:
     step = DnsblStep(dns_server.resolver(), ["bl.lab"])
     before = len(dns_server.zones.queries)

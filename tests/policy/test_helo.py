@@ -107,9 +107,14 @@ def test_trusted_clients_are_exempt_only_from_dot_and_letter_rules() -> None:
 
 
 def test_our_own_name_is_allowed_when_the_client_is_this_machine() -> None:
-    assert reason(HOST, client("192.0.2.250", local_ip="192.0.2.250")) is None
-    assert reason(HOST, client("::ffff:192.0.2.250", local_ip="192.0.2.250")) is None
-    assert reason(HOST, client("192.0.2.9", local_ip="192.0.2.250")) == "impersonation"
+    itself = client("192.0.2.250", local_ip="192.0.2.250", trusted=True)
+    assert reason(HOST, itself) is None
+    mapped = client("::ffff:192.0.2.250", local_ip="192.0.2.250", trusted=True)
+    assert reason(HOST, mapped) is None
+    neighbour = client("192.0.2.9", local_ip="192.0.2.250", trusted=True)
+    assert reason(HOST, neighbour) == "impersonation"
+    # only while trusted: behind a local proxy every client comes from this machine
+    assert reason(HOST, client("127.0.0.1", local_ip="127.0.0.1")) == "impersonation"
 
 
 def test_this_machine_may_call_itself_localhost() -> None:
