@@ -327,7 +327,8 @@ class MailServer:
         """SIGHUP: a new config, users, aliases, access lists and certificates for new
         work; sessions in progress keep going.  A broken config changes nothing."""
         try:
-            config = load_overridden(self.config_path, self.overrides)
+            # read and checked in a thread: the sessions go on meanwhile
+            config = await asyncio.to_thread(load_overridden, self.config_path, self.overrides)
             # Under a supervisor it tells these once for all workers.
             restart_needed = [] if self.supervised else restart_only_changes(
                 self.ctx.config, config

@@ -46,6 +46,16 @@ MAX_CONFIG_BYTES = 4 * 1024 * 1024  # far above any real config; stops a hostile
 MAX_REPORTED_ERRORS = 100  # a garbage file must not print a million lines
 DEFAULTS_NAME = "<defaults>"  # the "file" named in errors about the embedded defaults
 
+# tomllib takes time and memory quadratic in the parts of one dotted key: a 40 KB
+# line "x.a.a.a...= 1" took seconds and GBs.  The deepest real key has five parts
+# (delivery.destinations.NAME.smtp.host); a chain of more than this is refused first,
+# and so is a file of more dotted parts in all than any real one has (each may make a
+# table: 4 MB of 31-part keys took 11 s and 830 MB).
+MAX_KEY_PARTS = 32
+MAX_DOTTED_PARTS = 10_000
+_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
+_KEY_CHAIN = re.compile(rf"{_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART})+")
+_KEY_PARTS = re.compile(_KEY_PART)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_POSITION = re.compile(
     r"^(?P<msg>.*?) \((?:at line (?P<line>\d+), column (?P<col>\d+)|at end of document)\)$"
@@ -152,12 +162,33 @@ def _read_toml(path: str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError([f"{path}: line {line}: not UTF-8 text"]) from None
+    _check_dotted_keys(path, text)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: {_toml_message(str(exc))}"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: arrays or tables nested too deeply"]) from None
+
+
+def _check_dotted_keys(path: str, text: str) -> None:
+    """ConfigError for a dotted key or a file too costly for tomllib (see above)."""
+    total = 0
+    for chain in _KEY_CHAIN.finditer(text):  # one pass: each match consumes its text
+        found = chain.group()
+        dots = found.count(".")
+        if dots < MAX_KEY_PARTS and total + dots <= MAX_DOTTED_PARTS:
+            total += dots  # (dots in quoted parts too: an upper bound, cheap)
+            continue
+        parts = len(_KEY_PARTS.findall(found))
+        line = text.count("\n", 0, chain.start()) + 1
+        if parts > MAX_KEY_PARTS:
+            raise ConfigError([f"{path}: line {line}: a key of more than {MAX_KEY_PARTS} "
+                               "dotted parts"])
+        total += parts - 1
+        if total > MAX_DOTTED_PARTS:
+            raise ConfigError([f"{path}: line {line}: more than {MAX_DOTTED_PARTS} dotted "
+                               "key parts in the file"])
 
 
 def _toml_message(message: str) -> str:

@@ -512,6 +512,30 @@ def test_check_config_names_the_file_on_every_line(
     )
 
 
+def test_a_hostile_dotted_key_is_refused_before_tomllib_sees_it(tmp_path: Path) -> None:
+    # tomllib spent seconds and GBs on one 40 KB key of 20,000 parts (quadratic)
+    deep = "[server]\n" + "x" + ".a" * 20_000 + " = 1\n"
+    assert errors_of(tmp_path, deep) == [
+        "mailgate.toml: line 2: a key of more than 32 dotted parts"
+    ]
+    inline = "[server]\nx = {" + "a." * 20_000 + "b = 1}\n"
+    assert errors_of(tmp_path, inline) == [
+        "mailgate.toml: line 2: a key of more than 32 dotted parts"
+    ]
+    many = "[server]\n" + "".join(f"k{i}" + ".a" * 30 + " = 1\n" for i in range(400))
+    assert errors_of(tmp_path, many) == [
+        "mailgate.toml: line 335: more than 10000 dotted key parts in the file"
+    ]
+
+
+def test_dotted_keys_of_a_real_config_pass(tmp_path: Path) -> None:
+    text = (
+        '[delivery]\ndestinations.box.lmtp.address = "unix:/run/dovecot/lmtp"\n'
+        '"quoted.part".x = 1\n'
+    )
+    assert "dotted" not in " ".join(errors_of(tmp_path, text))
+
+
 def test_check_config_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert check_config_command("/nonexistent/mailgate.toml") == 1
     assert capsys.readouterr().err == (
