@@ -475,7 +475,9 @@ class Connection:
         # upas rejectcheck: past the error budget every command but QUIT gets 421,
         # a line refused for its form (too long, bare LF) included.
         if self.errors >= self.settings.max_errors and verb != "QUIT":
-            self._send(reply("closing.too_many_errors", host=self.settings.hostname))
+            # a Rejected event too: the refusal is logged and counted like any other
+            self._refuse(verb[:16] or "empty",
+                         reply("closing.too_many_errors", host=self.settings.hostname))
             self._close()
             return
         if line is None:

@@ -221,7 +221,11 @@ class Session(asyncio.Protocol):
                 self.conn.receive_data(self._proxy_buf)
                 self._proxy_buf = b""
             refusal = server.admit(self)
-            if refusal is None:
+            if refusal is not None:  # a connection limit: logged and counted as refusals are
+                self.log_event("refused", command="connect", code=refusal.code,
+                               enhanced=refusal.enhanced, reason=refusal.name)
+                server.metrics.rejection(refusal.name or str(refusal.code))
+            else:
                 verdict = await server.policy.connect(self.client)
                 refusal = verdict.reply
                 if refusal is not None or verdict.tags:

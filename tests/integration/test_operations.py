@@ -252,6 +252,10 @@ def test_connection_limit_per_client(tmp_path: Path) -> None:
         time.sleep(0.3)
         with socket.create_connection((srv.host, srv.port), timeout=10) as again:
             assert again.recv(1024).startswith(b"220 ")
+        refused = [line for line in srv.log().splitlines() if "event=refused" in line]
+        assert len(refused) == 1
+        assert "command=connect code=421 enhanced=4.7.0" in refused[0]
+        assert "reason=closing.too_many_from_client" in refused[0]
     finally:
         srv.stop()
 

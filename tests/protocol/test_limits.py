@@ -31,6 +31,9 @@ def test_error_budget_then_421() -> None:
     assert codes(out) == ["500 5.5.1"] * 3 + ["421 4.7.0"]
     assert out[-1] == f"421 4.7.0 {HOST} Too many errors, closing connection"
     assert s.conn.closed and isinstance(s.events[-1], ev.Closed)
+    # the 421 is a refusal of the command, for the log and the metrics as any other
+    refused = s.of(ev.Rejected)[-1]
+    assert (refused.command, refused.reply.name) == ("NOOP", "closing.too_many_errors")
 
 
 def test_policy_refusals_count_too() -> None:
