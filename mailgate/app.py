@@ -114,7 +114,7 @@ def check_parts(config: Config) -> Findings:
         no_greylist = replace(config, greylist=replace(config.greylist, enabled=False))
         policy = attempt(lambda: build_policy(no_greylist, router, hostname))
         asyncio.run(_close_parts(policy, router))
-        warnings = maildir_problems(router, as_ids)
+        warnings = maildir_problems(router, as_ids) + router.postmaster_problems()
     spool = SpoolDir(config.server.spool_dir).problem(as_ids)
     if spool:
         problems.append(spool)
@@ -144,11 +144,14 @@ def maildir_problems(router: Router, as_ids: tuple[int, int] | None = None) -> l
     return found
 
 
-def warn_of_maildirs(router: object) -> None:
-    """At start-up, as the server's user: the maildir_problems, logged."""
+def warn_of_delivery(router: object) -> None:
+    """At start-up and after a reload, as the server's user: the maildir_problems and
+    postmaster_problems, logged (check-config prints the same as warnings)."""
     if isinstance(router, Router):
         for problem in maildir_problems(router):
             log_event("maildir", level="warning", problem=problem)
+        for problem in router.postmaster_problems():
+            log_event("postmaster", level="warning", problem=problem)
 
 
 def build_context(
@@ -298,7 +301,7 @@ class MailServer:
             if self.ctx.config.metrics.listen:  # with workers the supervisor serves them
                 self.ctx.metrics.start(self.ctx.config.metrics.listen)
             drop_privileges(self.ctx.config)
-            warn_of_maildirs(self.ctx.delivery)  # once: the supervisor's, with workers
+            warn_of_delivery(self.ctx.delivery)  # once: the supervisor's, with workers
         # As the user that will write it, before taking any mail: an unusable spool
         # would otherwise answer every message 452.
         self.ctx.spool.ensure()
@@ -365,7 +368,7 @@ class MailServer:
         self.listeners_settings_refresh()
         log_reloaded(restart_needed)
         if not self.supervised:  # with workers, the supervisor says it once
-            warn_of_maildirs(ctx.delivery)
+            warn_of_delivery(ctx.delivery)
 
     def _follow_users(self) -> None:
         """A users file picked up between reloads can change the mechanisms on offer

@@ -106,7 +106,7 @@ class Supervisor:
         self._metrics_started = 0.0
 
     def run(self) -> int:
-        from mailgate.app import bind_all, describe_delivery, drop_privileges, warn_of_maildirs
+        from mailgate.app import bind_all, describe_delivery, drop_privileges, warn_of_delivery
 
         config = self.config
         setup_logging(config.logging)
@@ -116,7 +116,7 @@ class Supervisor:
         try:
             self._serve_metrics()
             drop_privileges(config)
-            warn_of_maildirs(router)  # once for all workers, as the user they run as
+            warn_of_delivery(router)  # once for all workers, as the user they run as
         except BaseException:
             self._close()
             raise
@@ -304,15 +304,15 @@ class Supervisor:
         if restart_needed:
             log_event("reload", level="warning", outcome="relayed",
                       restart_needed=",".join(restart_needed))
-        self._warn_of_maildirs(fresh)
+        self._warn_of_delivery(fresh)
 
     @staticmethod
-    def _warn_of_maildirs(config: Config) -> None:
-        """The start-up's maildir warning, once for all workers, after a reload."""
-        from mailgate.app import warn_of_maildirs
+    def _warn_of_delivery(config: Config) -> None:
+        """The start-up's delivery warnings, once for all workers, after a reload."""
+        from mailgate.app import warn_of_delivery
 
         with contextlib.suppress(ValueError, OSError):  # the workers report those
-            warn_of_maildirs(build_router(config.delivery, config.server.hostname))
+            warn_of_delivery(build_router(config.delivery, config.server.hostname))
 
     def _reap(self) -> None:
         while self.pids:

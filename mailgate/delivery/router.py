@@ -103,6 +103,17 @@ class Router:
             return False
         return not isinstance(self._route(local, domain, False), Reply)
 
+    def postmaster_problems(self) -> list[str]:
+        """The local domains whose postmaster has no mailbox (RFC 5321 4.5.1: every
+        domain we take mail for MUST have one), e.g. the built-in postmaster → root
+        where root is no local user (system_users = false)."""
+        return [
+            f"postmaster@{domain} cannot be delivered (RFC 5321 4.5.1 requires it): "
+            f"add an alias, e.g. [delivery.aliases] postmaster = \"you\""
+            for domain in dict.fromkeys(self.table.local_domains.values())
+            if not self.has_recipient("postmaster", domain)
+        ]
+
     async def verify_recipient(self, local: str, domain: str) -> bool | None:
         """Ask the downstream of each of the recipient's targets, where it can say.
 

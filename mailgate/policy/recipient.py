@@ -33,9 +33,13 @@ class RecipientStep(Step):
 
     async def rcpt(self, client: Client, envelope: Envelope, recipient: Recipient) -> Verdict:
         address = recipient.address
-        # RFC 5321 4.5.1: <Postmaster> without a domain must always be accepted.
+        # RFC 5321 4.5.1: <Postmaster> without a domain is ours, whoever asks (no
+        # relay check); refused only if it has no mailbox (the start-up warned), as
+        # accepting it would only fail it after the data.
         if not address.domain and address.local.lower() == "postmaster":
-            return ACCEPT
+            if self._mailboxes.has_recipient("postmaster", self._hostname):
+                return ACCEPT
+            return self._refuse("rcpt.unknown", "unknown", address)
         may_relay = is_trusted(client)
         if not may_relay and ROUTING_CHARACTERS.intersection(address.local):
             return self._refuse("rcpt.relay_denied", "route_in_local_part", address)

@@ -379,3 +379,17 @@ def test_an_expanded_alias_is_reported_once(tmp_path: Path) -> None:
     env = Envelope(sender=Address("s", "example.net"), recipients=[only_success])
     asyncio.run(r.deliver(env, TRACE, spooled(tmp_path / "2", MESSAGE, env)))
     assert {notify for _, notify in recording.seen} == {("NEVER",)}
+
+
+def test_a_domain_without_a_postmaster_mailbox_is_named(tmp_path: Path) -> None:
+    # RFC 5321 4.5.1: postmaster MUST exist in every domain we take mail for; the
+    # built-in postmaster -> root has no mailbox where root is no local user
+    assert router(tmp_path).postmaster_problems() == []
+    without_root = router(tmp_path, local_users=["alice"])
+    assert without_root.postmaster_problems() == [
+        f"postmaster@{domain} cannot be delivered (RFC 5321 4.5.1 requires it): "
+        'add an alias, e.g. [delivery.aliases] postmaster = "you"'
+        for domain in ("example.org", "example.net")
+    ]
+    aliased = router(tmp_path, local_users=["alice"], aliases={"postmaster": ["alice"]})
+    assert aliased.postmaster_problems() == []

@@ -147,6 +147,29 @@ def test_a_maildir_root_the_server_cannot_write_in_is_a_warning(tmp_path: Path) 
         shutil.rmtree(shared, ignore_errors=True)
 
 
+def test_a_domain_without_a_postmaster_is_a_warning_and_refused_at_rcpt(tmp_path: Path) -> None:
+    text = (f'[server]\nspool_dir = "{tmp_path}/s"\n[delivery]\nmaildir_root = "{tmp_path}/m"\n'
+            'local_domains = ["mailgate.lab"]\nsystem_users = false\nlocal_users = ["alice"]\n')
+    config = tmp_path / "checked.toml"
+    config.write_text(text)
+    checked = _cli("check-config", str(config))
+    assert checked.returncode == 0
+    assert checked.stderr == (
+        f"{config}: warning: postmaster@mailgate.lab cannot be delivered (RFC 5321 4.5.1 "
+        'requires it): add an alias, e.g. [delivery.aliases] postmaster = "you"\n'
+    )
+    srv = start_server(tmp_path / "run", text)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.docmd("MAIL", "FROM:<a@client.mailgate.org>")
+            # refused here rather than accepted and failed after the data
+            assert smtp.docmd("RCPT", "TO:<Postmaster>")[0] == 550
+        assert "event=postmaster" in srv.log() and "level=warning" in srv.log()
+    finally:
+        srv.stop()
+
+
 def test_a_user_or_group_that_does_not_exist(tmp_path: Path) -> None:
     config = _config_file(tmp_path, f'user = "no-such-user-here"\nspool_dir = "{tmp_path}/s"')
     checked = _cli("check-config", str(config))

@@ -14,7 +14,8 @@ from mailgate.protocol.envelope import Address, Recipient
 HOST = "mx.mailgate.lab"
 BOXES = Mailboxes(
     domains={"mailgate.lab", "mx.mailgate.lab", "other.lab"},
-    users={"alice@mailgate.lab", "bob@other.lab", "root@mx.mailgate.lab", "alice@mx.mailgate.lab"},
+    users={"alice@mailgate.lab", "bob@other.lab", "root@mx.mailgate.lab", "alice@mx.mailgate.lab",
+           "postmaster@mx.mailgate.lab"},
 )
 
 
@@ -41,6 +42,13 @@ def test_unknown_local_user_is_550_5_1_1() -> None:
 @pytest.mark.parametrize("text", ["Postmaster", "postmaster", "POSTMASTER"])
 def test_bare_postmaster_is_always_accepted(text: str) -> None:
     assert outcome(Recipient(Address(text, ""))) == "ok"
+
+
+def test_bare_postmaster_without_a_mailbox_is_refused_at_rcpt_not_after_the_data() -> None:
+    boxes = Mailboxes(domains={"mx.mailgate.lab"}, users={"alice@mx.mailgate.lab"})
+    step = RecipientStep(boxes, HOST, allow_loopback_literal=False)
+    verdict = run(step.rcpt(client(), envelope(), Recipient(Address("Postmaster", ""))))
+    assert str(verdict.reply) == "550 5.1.1 <Postmaster> ... user unknown"
 
 
 def test_remote_recipient_from_untrusted_client_is_relay_denied() -> None:
