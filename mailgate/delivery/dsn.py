@@ -13,7 +13,8 @@ by an alias.  A downstream that was handed NOTIFY itself reports, not us.
 
 The report is ``multipart/report; report-type=delivery-status`` (RFC 6522) with a
 human-readable part, the ``message/delivery-status`` part and the original header as
-``text/rfc822-headers`` (never the whole body: RET=FULL is answered with the header
+``text/rfc822-headers`` (``message/global-headers`` for UTF-8 fields of SMTPUTF8 mail,
+RFC 6533; never the whole body: RET=FULL is answered with the header
 only, which RFC 3461 4.3 allows).  It is sent from the null sender (RFC 5321 6.1)
 with ``Auto-Submitted: auto-replied`` (RFC 3834).
 """
@@ -47,6 +48,15 @@ def bounce_recipients(results: list[RecipientResult]) -> list[RecipientResult]:
 def success_recipients(results: list[RecipientResult]) -> list[RecipientResult]:
     """The successes the sender asked to hear of and that nobody further on reports."""
     return [r for r in results if r.ok and r.action and "SUCCESS" in r.recipient.notify]
+
+
+def for_report(report_envelope: Envelope, report: bytes) -> Envelope:
+    """The report's envelope as its content needs it: BODY=8BITMIME when the report
+    holds 8-bit octets (a UTF-8 diagnostic or address, quoted 8-bit header fields):
+    RFC 6152 has 8-bit content only in a transaction that declares it."""
+    if not report.isascii():
+        report_envelope.body = "8BITMIME"
+    return report_envelope
 
 
 def bounce_envelope(envelope: Envelope) -> Envelope | None:
@@ -149,7 +159,14 @@ def build_dsn(
     out = head.encode()
     for part in parts:
         out += f"\r\n--{boundary}\r\n{part}".encode()
-    out += f"\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n".encode()
+    # RFC 6533 3.5: the UTF-8 header fields of an SMTPUTF8 message are quoted as
+    # message/global-headers; text/rfc822-headers is ASCII
+    headers_type = (
+        "message/global-headers"
+        if envelope.smtputf8 and not original_headers.isascii()
+        else "text/rfc822-headers"
+    )
+    out += f"\r\n--{boundary}\r\nContent-Type: {headers_type}\r\n\r\n".encode()
     out += original_headers
     out += f"\r\n--{boundary}--\r\n".encode()
     return out

@@ -72,7 +72,7 @@ class LineEnds(enum.Enum):
     LF_DROPPING_CR = "lf, dropping each cr"
 
     @classmethod
-    def for_message(cls, body: str | None, no_bare_cr: bool) -> LineEnds:
+    def for_message(cls, body: str, no_bare_cr: bool) -> LineEnds:
         """How a mailbox stores a message of MAIL's ``BODY=`` type: BINARYMIME as it
         came (RFC 3030 3: every bit of each octet is kept), other mail with LF."""
         if body == "BINARYMIME":

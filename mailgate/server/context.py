@@ -16,6 +16,7 @@ from mailgate.delivery.dsn import (
     bounce_envelope,
     bounce_recipients,
     build_dsn,
+    for_report,
     header_section,
     read_headers,
     success_recipients,
@@ -223,6 +224,7 @@ class ServerContext:
                 envelope=envelope, failed=reportable, reporting_mta=self.hostname,
                 original_headers=headers, success=success,
             )
+            report_envelope = for_report(report_envelope, report)
             spool = self.spool.create(f"{session.message_id}.dsn")
             spool.write(report)
             spool.close()

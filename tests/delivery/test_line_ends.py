@@ -35,7 +35,7 @@ def test_whole_and_in_chunks_split_anywhere(ends: LineEnds, data: bytes, stored:
 
 def test_binarymime_as_received_and_cr_dropped_only_without_a_stray_one() -> None:
     assert LineEnds.for_message("8BITMIME", no_bare_cr=True) is LineEnds.LF_DROPPING_CR
-    assert LineEnds.for_message(None, no_bare_cr=False) is LineEnds.LF
+    assert LineEnds.for_message("7BIT", no_bare_cr=False) is LineEnds.LF
     assert LineEnds.for_message("BINARYMIME", no_bare_cr=False) is LineEnds.AS_RECEIVED
 
 

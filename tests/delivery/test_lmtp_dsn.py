@@ -12,7 +12,13 @@ from dovecot_fixture import DOMAIN, Dovecot, dovecot_server  # noqa: F401  (the 
 
 from mailgate.config.delivery import LMTPConfig
 from mailgate.delivery.base import RecipientResult, TraceInfo
-from mailgate.delivery.dsn import bounce_envelope, bounce_recipients, build_dsn, read_headers
+from mailgate.delivery.dsn import (
+    bounce_envelope,
+    bounce_recipients,
+    build_dsn,
+    for_report,
+    read_headers,
+)
 from mailgate.delivery.lmtp import LMTPDestination
 from mailgate.protocol.envelope import NULL_ADDRESS, Address, Envelope, Recipient
 from mailgate.protocol.replies import reply
@@ -93,6 +99,25 @@ def test_temporary_failures_are_reported_with_their_status() -> None:
     msg = email.message_from_bytes(report, policy=email.policy.default)
     per_rcpt = msg.get_payload()[1].get_payload()[1]
     assert per_rcpt["Status"] == "4.4.0"
+
+
+def test_utf8_headers_of_smtputf8_mail_are_global_headers_and_the_report_8bitmime() -> None:
+    # RFC 6533 3.5: UTF-8 header fields are quoted as message/global-headers; RFC 6152:
+    # a report with 8-bit octets is sent BODY=8BITMIME
+    r = RecipientResult(Recipient(Address("x", DOMAIN)), reply("delivery.downstream_temp"))
+    headers = "Subject: caf\u00e9\r\n".encode()
+    for smtputf8, kind in ((True, "message/global-headers"), (False, "text/rfc822-headers")):
+        env = Envelope(sender=Address("s", DOMAIN), smtputf8=smtputf8)
+        report = build_dsn(envelope=env, failed=[r], reporting_mta="mx.test",
+                           original_headers=headers)
+        msg = email.message_from_bytes(report, policy=email.policy.default)
+        assert msg.get_payload()[2].get_content_type() == kind
+        envelope = bounce_envelope(env)
+        assert envelope is not None and for_report(envelope, report).body == "8BITMIME"
+    plain = build_dsn(envelope=Envelope(sender=Address("s", DOMAIN)), failed=[r],
+                      reporting_mta="mx.test", original_headers=b"Subject: hi\r\n")
+    envelope = bounce_envelope(Envelope(sender=Address("s", DOMAIN)))
+    assert envelope is not None and for_report(envelope, plain).body == "7BIT"
 
 
 def test_header_limit_keeps_whole_lines(tmp_path: Path) -> None:
