@@ -36,10 +36,11 @@ class RunningServer:
         return self.stderr_path.read_text(errors="replace")
 
     def messages(self, user: str = "root") -> list[bytes]:
+        """The user's messages in the order they were stored."""
         new = self.maildir / user / "new"
         if not new.is_dir():
             return []
-        return [p.read_bytes() for p in sorted(new.iterdir())]
+        return [p.read_bytes() for p in sorted(new.iterdir(), key=_stored_order)]
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -135,3 +136,12 @@ def start_behind_proxy(workdir: Path, policy: str) -> tuple[RunningServer, int]:
         proxy_protocol = true
     """)
     return server, port
+
+
+def _stored_order(path: Path) -> tuple[int, int, str]:
+    """A Maildir name "SECONDS.MMICROSECONDS..." as (seconds, microseconds, name): the
+    microseconds are not zero-padded, so the names alone do not sort by time."""
+    seconds, _, rest = path.name.partition(".")
+    micro = rest[1:].split("P", 1)[0] if rest.startswith("M") else ""
+    return (int(seconds) if seconds.isdigit() else 0,
+            int(micro) if micro.isdigit() else 0, path.name)

@@ -300,8 +300,14 @@ def test_a_dead_metrics_process_is_replaced(tmp_path: Path) -> None:
         os.kill(_metrics_pids(srv)[0], signal.SIGKILL)
         assert wait_for(lambda: len(_metrics_pids(srv)) == 2)
         assert "event=metrics_exited" in srv.log()
-        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
-        assert re.search(rb'mailgate_messages_total\{[^}]*outcome="accepted"[^}]*\} 1\.0', text)
+        accepted = re.compile(rb'mailgate_messages_total\{[^}]*outcome="accepted"[^}]*\} 1\.0')
+
+        def served() -> bool:
+            # the workers write their counts once a second: the message may be on its way
+            url = f"http://127.0.0.1:{mport}/metrics"
+            return accepted.search(urllib.request.urlopen(url, timeout=10).read()) is not None
+
+        assert wait_for(served)
         assert len(_worker_pids(srv)) == 2  # the workers were never touched
     finally:
         assert srv.stop() == 0
