@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ from mailgate.delivery.maildir import MaildirDestination
 from mailgate.delivery.router import Router
 from mailgate.delivery.spool import SpoolDir
 from mailgate.ops.logging import flush_logs, log_event, setup_logging
-from mailgate.ops.metrics import Metrics
+from mailgate.ops.metrics import Metrics, bind_metrics
 from mailgate.policy.factory import build_policy
 from mailgate.server.context import (
     ListenerContext,
@@ -286,21 +287,19 @@ class MailServer:
         self.supervised = False  # a worker of a supervisor (sockets bound for it)
 
     async def start(
-        self, sockets: list[list[socket.socket]] | None = None
+        self, sockets: list[list[socket.socket]], *, supervised: bool,
+        metrics_socket: socket.socket | None = None,
     ) -> list[tuple[str, int]]:
-        """Serve every listener; returns the bound (host, port) pairs.
-
-        ``sockets``: already bound (one list per listener) by the supervisor of several
-        workers, which also cleaned up and dropped privileges; else all that is done here.
+        """Serve every listener on ``sockets`` (one list per listener), bound, like the
+        leftovers cleaned and the privileges dropped, before this server was made
+        (:func:`prepare_alone`, or the supervisor of several workers); returns the
+        bound (host, port) pairs.  ``metrics_socket``: a single process's /metrics.
         """
         loop = asyncio.get_running_loop()
-        self.supervised = sockets is not None
-        if sockets is None:
-            clean_leftovers(self.ctx.spool, self.ctx.delivery)
-            sockets = bind_all(self.ctx.config)
-            if self.ctx.config.metrics.listen:  # with workers the supervisor serves them
-                self.ctx.metrics.start(self.ctx.config.metrics.listen)
-            drop_privileges(self.ctx.config)
+        self.supervised = supervised
+        if metrics_socket is not None:  # with workers the supervisor serves them
+            self.ctx.metrics.start(metrics_socket)
+        if not supervised:
             warn_of_delivery(self.ctx.delivery)  # once: the supervisor's, with workers
         # As the user that will write it, before taking any mail: an unusable spool
         # would otherwise answer every message 452.
@@ -434,13 +433,45 @@ def describe_delivery(config: Config) -> str:
     return os.path.abspath(delivery.maildir_root)
 
 
+def load_before_drop(config: Config) -> None:
+    """Import, while still root, the parts built after the privilege drop that are
+    otherwise imported only when configured (the greylist's SQLite and Redis
+    backends): a Python its user cannot read (a venv under /root) fails there with
+    ModuleNotFoundError, not with a message that names the cause."""
+    if config.greylist.enabled:
+        importlib.import_module("mailgate.policy.greylist")
+
+
+def prepare_alone(config: Config) -> tuple[list[list[socket.socket]], socket.socket | None]:
+    """What a single process does before it builds anything that opens a file: clean
+    what a crash left, bind the listeners and /metrics (ports below 1024 need root),
+    drop privileges.  Everything made after (the greylist database, the spool's files)
+    then belongs to server.user, as in the supervisor's workers."""
+    clean_leftovers(SpoolDir(config.server.spool_dir),
+                    build_router(config.delivery, config.server.hostname or default_hostname()))
+    sockets = bind_all(config)
+    metrics = None
+    try:
+        metrics = bind_metrics(config.metrics.listen) if config.metrics.listen else None
+        load_before_drop(config)
+        drop_privileges(config)
+    except BaseException:
+        for sock in (s for socks in sockets for s in socks):
+            sock.close()
+        if metrics is not None:
+            metrics.close()
+        raise
+    return sockets, metrics
+
+
 async def serve(
     config: Config, config_path: str | None, overrides: Overrides | None = None,
     announce: bool = True,
 ) -> int:
     setup_logging(config.logging)
+    sockets, metrics_socket = prepare_alone(config)
     server = MailServer(config, config_path, overrides=overrides)
-    bound = await server.start()
+    bound = await server.start(sockets, supervised=False, metrics_socket=metrics_socket)
     server.install_signals()
     flush_logs()  # what start() logged (cleanup, privilege drop) comes before the announce
     if announce:
@@ -466,7 +497,7 @@ async def serve_worker(
     server = MailServer(
         config, config_path, shared.connections, shared.auth_failures, overrides
     )
-    await server.start(sockets)
+    await server.start(sockets, supervised=True)
     server.install_signals()
     os.write(ready_fd, b"R")
     os.close(ready_fd)

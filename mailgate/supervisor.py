@@ -106,7 +106,13 @@ class Supervisor:
         self._metrics_started = 0.0
 
     def run(self) -> int:
-        from mailgate.app import bind_all, describe_delivery, drop_privileges, warn_of_delivery
+        from mailgate.app import (
+            bind_all,
+            describe_delivery,
+            drop_privileges,
+            load_before_drop,
+            warn_of_delivery,
+        )
 
         config = self.config
         setup_logging(config.logging)
@@ -115,6 +121,7 @@ class Supervisor:
         self.sockets = bind_all(config)
         try:
             self._serve_metrics()
+            load_before_drop(config)
             drop_privileges(config)
             warn_of_delivery(router)  # once for all workers, as the user they run as
         except BaseException:

@@ -105,12 +105,9 @@ class Metrics:
         """Metrics when ``config.listen`` is set, else a :class:`NullMetrics`."""
         return cls(config.latency_buckets) if config.listen else NullMetrics()
 
-    def start(self, listen: str) -> None:
-        """Serve /metrics on ``listen`` (HOST:PORT) from a thread.
-
-        Raises ValueError for a malformed address and OSError when it cannot be bound.
-        """
-        server = _BoundServer(bind_metrics(listen), make_wsgi_app(self.registry))
+    def start(self, sock: socket.socket) -> None:
+        """Serve /metrics on ``sock`` (from :func:`bind_metrics`) from a thread."""
+        server = _BoundServer(sock, make_wsgi_app(self.registry))
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._server = server
         self.bound_address = server.server_address[:2]
@@ -282,7 +279,7 @@ class NullMetrics(Metrics):
         self.bound_address = None
         self._server = None
 
-    def start(self, listen: str) -> None:
+    def start(self, sock: socket.socket) -> None:
         pass
 
     def connection_opened(self, listener: str) -> None:

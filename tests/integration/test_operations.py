@@ -483,6 +483,10 @@ def test_drops_privileges_after_binding(tmp_path: Path) -> None:
             spool_dir = "{shared}/spool"
             user = "nobody"
 
+            [greylist]
+            enabled = true
+            sqlite_path = "{shared}/greylist.sqlite"
+
             [delivery]
             maildir_root = "{shared}/maildir"
         """)
@@ -496,6 +500,9 @@ def test_drops_privileges_after_binding(tmp_path: Path) -> None:
                 smtp.sendmail("a@client.mailgate.org", ["root@localhost"], MESSAGE)
             [stored] = (shared / "maildir" / "root" / "new").iterdir()
             assert stored.stat().st_uid == nobody.pw_uid
+            # opened after the drop: a root-owned database would be read-only to
+            # the server after its first reload (greylisting silently off)
+            assert (shared / "greylist.sqlite").stat().st_uid == nobody.pw_uid
         finally:
             srv.stop()
     finally:

@@ -10,13 +10,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailgate.config.ops import MetricsConfig
-from mailgate.ops.metrics import FLUSH_DELAY, Metrics, NullMetrics
+from mailgate.ops.metrics import FLUSH_DELAY, Metrics, NullMetrics, bind_metrics
 
 
 @pytest.fixture
 def metrics() -> Iterator[Metrics]:
     m = Metrics(latency_buckets=[0.1, 1.0, 10.0])
-    m.start("127.0.0.1:0")
+    m.start(bind_metrics("127.0.0.1:0"))
     yield m
     m.stop()
 
@@ -138,7 +138,7 @@ def test_two_instances_do_not_share_counts() -> None:
 
 def test_ipv6_loopback_endpoint() -> None:
     m = Metrics()
-    m.start("[::1]:0")
+    m.start(bind_metrics("[::1]:0"))
     try:
         m.replies((1, 0, 0, 0))
         assert m.bound_address is not None and m.bound_address[0] == "::1"
@@ -164,13 +164,15 @@ def test_stop_closes_the_endpoint(metrics: Metrics) -> None:
 
 def test_a_bad_address_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="expected HOST:PORT"):
-        Metrics().start("9125")
+        bind_metrics("9125")
 
 
 def test_disabled_metrics_do_nothing() -> None:
     off = Metrics.from_config(MetricsConfig())
     assert isinstance(off, NullMetrics)
-    off.start("127.0.0.1:0")
+    unused = bind_metrics("127.0.0.1:0")
+    off.start(unused)
+    unused.close()
     off.connection_opened("x")
     off.connection_closed("x")
     off.message("accepted", 250, "2.0.0", 10)
