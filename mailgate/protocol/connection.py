@@ -175,6 +175,11 @@ class Connection:
         self._sent_2xx = self._sent_3xx = self._sent_4xx = self._sent_5xx = 0
         return counts
 
+    @property
+    def replies_waiting(self) -> int:
+        """Replies made since the last :meth:`data_to_send`."""
+        return len(self._out)
+
     def data_to_send(self) -> bytes:
         out = self._out
         # Usually one reply: hand its bytes over as they are, without a join.

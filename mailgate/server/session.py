@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 # Stop reading from a client whose unprocessed input passes this (it is pipelining
 # while we wait on a slow policy or delivery); resume once the engine caught up.
 _HIGH_WATER = 1 << 20
+_REPLIES_PER_WRITE = 256  # at most ~80 KB (EHLO replies) before a write
 _PROXY_HEADER_MAX = 536  # PROXY v2 header with TLVs is bounded; v1 is at most 107
 
 
@@ -79,6 +80,7 @@ class Session(asyncio.Protocol):
         "_auth_mechanism", "_busy", "_deadline", "_draining", "_event_loop", "_exchange", "_lost",
         "_message_id", "_message_started", "_messages", "_paused", "_proxy_buf", "_spool",
         "_stopping", "_task", "_timed_out", "_trace_info", "_trace_len", "_waiter",
+        "_write_paused",
         "admitted", "client", "conn", "listener", "log", "server", "sid", "transport",
     )  # fmt: skip
 
@@ -94,6 +96,10 @@ class Session(asyncio.Protocol):
         self._deadline = 0.0  # loop time at which the current wait times out
         self.admitted = False  # counted in the server's connection limits
         self._paused = False
+        # The transport's output is above its high-water mark: a client that sends
+        # commands without reading the replies; no more are read or answered until
+        # it has read them (else its replies would pile up in memory without bound).
+        self._write_paused = False
         self._lost = False
         self._timed_out = False
         self._draining = False  # SIGTERM: 421 once between transactions
@@ -143,6 +149,16 @@ class Session(asyncio.Protocol):
                 self.transport.pause_reading()
                 self._paused = True
         self._wake()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.transport is not None and not self._paused:
+            self.transport.pause_reading()
+            self._paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake()  # the loop goes on, and reads again once it needs data
 
     def eof_received(self) -> bool:
         self._lost = True
@@ -290,6 +306,14 @@ class Session(asyncio.Protocol):
         deadline = 0.0
         acted = True
         while True:
+            if self._write_paused and not (conn.closed or self._lost):
+                # (command_timeout: a client that never reads is let go in time)
+                await self._input_waiter(loop.time() + settings.command_timeout)
+                self._waiter = None
+                if self._timed_out:
+                    conn.timeout()
+                    self.log_event("timeout", in_data=conn.in_data, unread_replies=True)
+                continue
             event = conn.next_event()
             if event is ev.NEED_DATA:
                 acted = self._flush() or acted
@@ -302,7 +326,7 @@ class Session(asyncio.Protocol):
                     conn.timeout()
                     self.log_event("timeout", in_data=conn.in_data)
                     continue
-                if self._paused and self.transport is not None:
+                if self._paused and self.transport is not None and not self._write_paused:
                     self._paused = False
                     self.transport.resume_reading()
                 if acted:
@@ -322,6 +346,10 @@ class Session(asyncio.Protocol):
                 await self._dispatch(event)
             finally:
                 self._busy = False
+            if conn.replies_waiting >= _REPLIES_PER_WRITE:
+                # A long pipelined run is answered as it goes, so that the transport's
+                # high-water mark (pause_writing) sees its replies before its end.
+                self._flush()
 
     async def _dispatch(self, event: object) -> None:
         conn = self.conn
@@ -779,7 +807,9 @@ class Session(asyncio.Protocol):
                            errors=self.conn.errors if self.conn else 0)
             server.metrics.connection_closed(self.listener.name)
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if transport is not None and self._write_paused:
+            transport.abort()  # close() would wait for a reader that never reads
+        elif transport is not None and not transport.is_closing():
             transport.close()
 
 

@@ -3,6 +3,7 @@ clean SMTP error, and the server's resident memory stays bounded while they arri
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -135,3 +136,38 @@ def test_ten_thousand_recipients(server: RunningServer, long_run: bool) -> None:
     assert wire.cmd(b"Subject: many\r\n\r\nhi\r\n.").code == 250
     wire.close()
     assert meter.peak < baseline + GROWTH_KB, (baseline, meter.peak)
+
+
+def _push_until_refused(wire: Wire, piece: bytes, limit: int) -> int:
+    """Send ``piece`` over and over without reading, until the server has taken
+    nothing for two seconds or ``limit`` octets went; the octets it took."""
+    sock = wire.sock
+    sock.setblocking(False)
+    sent, stalled_since = 0, time.monotonic()
+    while sent < limit and time.monotonic() - stalled_since < 2.0:
+        try:
+            sent += sock.send(piece)
+            stalled_since = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.01)
+    sock.setblocking(True)
+    return sent
+
+
+def test_a_client_that_never_reads_its_replies_is_not_read_either(
+    server: RunningServer, volume: int
+) -> None:
+    # Each EHLO line of ~20 octets makes a reply of ~250: answered into the
+    # transport's buffer without end, they grew the server by 250 MB in 20 s.  Once
+    # the replies are not read, the server stops reading (pause_writing).
+    baseline = rss_kb(server.proc.pid)
+    wire = Wire(server)
+    wire.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    with Meter(server.proc.pid) as meter:
+        taken = _push_until_refused(wire, f"EHLO {HELO}\r\n".encode() * 5000, volume)
+    assert taken < 32 * 1024 * 1024, taken  # kernel buffers and one high-water mark
+    assert meter.peak < baseline + GROWTH_KB, (baseline, meter.peak)
+    other = Wire(server)  # the server goes on for everyone else
+    assert other.cmd("NOOP").code == 250
+    other.close()
+    wire.close()
