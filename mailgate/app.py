@@ -22,7 +22,7 @@ from mailgate.auth.throttle import Failures
 from mailgate.config.delivery import LOCAL_DESTINATION
 from mailgate.config.errors import ConfigError
 from mailgate.config.loader import Findings, load_config
-from mailgate.config.restart import restart_only_changes
+from mailgate.config.restart import keep_restart_only, restart_only_changes
 from mailgate.config.schema import Config
 from mailgate.config.server import ListenerConfig
 from mailgate.delivery.factory import build_router
@@ -335,7 +335,7 @@ class MailServer:
             restart_needed = [] if self.supervised else restart_only_changes(
                 self.ctx.config, config
             )
-            config.listener = self.ctx.config.listener  # sockets stay as bound
+            keep_restart_only(self.ctx.config, config)  # sockets, spool... as set up
             config.server.hostname = self.ctx.hostname if not config.server.hostname else (
                 config.server.hostname
             )

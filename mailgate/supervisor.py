@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from mailgate.auth.throttle import SharedFailureCounter
 from mailgate.config.errors import ConfigError
-from mailgate.config.restart import restart_only_changes
+from mailgate.config.restart import keep_restart_only, restart_only_changes
 from mailgate.config.schema import Config
 from mailgate.delivery.factory import build_router
 from mailgate.delivery.router import Router
@@ -290,19 +290,25 @@ class Supervisor:
                 return 1
 
     def _reload(self) -> None:
-        from mailgate.app import load_overridden
+        from mailgate.app import check_parts, load_overridden
 
         try:
-            # a broken file: one error here, not one per worker
+            # a broken file, or parts that will not build (a users file, an access
+            # list, certificates): one error here, not one per worker, and the old
+            # configuration stays, for the workers and for any started later
             fresh = load_overridden(self.config_path, self.overrides)
+            problems = check_parts(fresh).problems
+            if problems:
+                raise ConfigError(problems)
         except ConfigError as exc:
             log_event("reload", level="error", outcome="refused", error=str(exc)[:500])
             return
         # Told here once, not by every worker (the workers' reload does not say it).
         restart_needed = restart_only_changes(self.config, fresh)
         # What a worker started from now on runs with, as the running workers reload:
-        # the sockets stay as bound, the name as it was unless the file sets one.
-        fresh.listener = self.config.listener
+        # sockets, spool, logs and metrics as set up, the name as it was unless the
+        # file sets one.
+        keep_restart_only(self.config, fresh)
         fresh.server.hostname = fresh.server.hostname or self.config.server.hostname
         self.config = fresh
         for pid in self.pids:

@@ -33,3 +33,15 @@ def _at(config: Config, path: str) -> object:
     for name in path.split("."):
         value = getattr(value, name)
     return value
+
+
+def keep_restart_only(old: Config, new: Config) -> None:
+    """Give ``new`` the running values of RESTART_ONLY (from ``old``): what a reload
+    adopts runs as it was set up, and so does a worker started from it later."""
+    for path in RESTART_ONLY:
+        *parents, name = path.split(".")
+        old_owner: object = old
+        new_owner: object = new
+        for parent in parents:
+            old_owner, new_owner = getattr(old_owner, parent), getattr(new_owner, parent)
+        setattr(new_owner, name, getattr(old_owner, name))

@@ -345,3 +345,46 @@ def test_nothing_outlives_a_killed_supervisor(tmp_path: Path) -> None:
         for pid in children:  # should this fail, leave nothing running behind
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_reload_the_workers_would_refuse_is_refused_once_and_kept_from_new_ones(
+    tmp_path: Path,
+) -> None:
+    # The file loads, but a part it now names will not build (an access list with a
+    # bad line): the supervisor refuses it once, and a worker started after it runs
+    # the old configuration, as the others do, instead of failing to start.
+    access = tmp_path / "access"
+    access.write_text("deny ip 192.0.2.0/24\nfrobnicate everything\n")
+    srv = _start(tmp_path)
+    try:
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
+        srv.config_path.write_text(
+            srv.config_path.read_text() + f'[policy]\naccess_file = "{access}"\n'
+        )
+        srv.signal(signal.SIGHUP)
+        assert wait_for(lambda: "outcome=refused" in srv.log())
+        refused = [x for x in srv.log().splitlines() if "event=reload" in x]
+        assert len(refused) == 1 and "access:2:" in refused[0], refused
+        os.kill(_worker_pids(srv)[0], signal.SIGKILL)
+        assert wait_for(lambda: len(_worker_pids(srv)) == 3)
+        assert "worker_failed" not in srv.log()
+        _send(srv, 1)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_a_change_that_waits_for_a_restart_waits_in_new_workers_too(tmp_path: Path) -> None:
+    srv = _start(tmp_path)
+    try:
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
+        srv.config_path.write_text(srv.config_path.read_text().replace(
+            f'spool_dir = "{tmp_path}/s"', f'spool_dir = "{tmp_path}/s2"'))
+        srv.signal(signal.SIGHUP)
+        assert wait_for(lambda: "restart_needed=server.spool_dir" in srv.log())
+        os.kill(_worker_pids(srv)[0], signal.SIGKILL)
+        assert wait_for(lambda: len(_worker_pids(srv)) == 3)
+        for n in range(4):
+            _send(srv, n)
+        assert not (tmp_path / "s2").exists()  # the new worker kept the running spool
+    finally:
+        assert srv.stop() == 0
