@@ -195,7 +195,8 @@ class Supervisor:
                     listening.close()  # only the workers answer SMTP
                 serve_shared_directory(sock, self.metrics_dir)
             except BaseException as exc:
-                print(f"mailgate: metrics endpoint failed: {exc!r}", file=sys.stderr, flush=True)
+                log_event("metrics_failed", level="error", error=repr(exc)[:500])
+                flush_logs()
             finally:
                 os._exit(1)
         self._metrics_pid = pid
@@ -422,14 +423,16 @@ def _worker(supervisor: Supervisor, index: int, ready_fd: int) -> int:
             supervisor.config, supervisor.config_path, supervisor.shared, supervisor.sockets,
             index, ready_fd, supervisor.overrides,
         )
+    # Logged, not printed: logging is set up (JSON or syslog must get them too).
     except (ConfigError, ValueError) as exc:  # DeliveryConfigError is a ValueError
-        print(f"mailgate: {exc}", file=sys.stderr, flush=True)
+        log_event("worker_error", level="error", worker=index, error=str(exc)[:500])
         return 2
     except OSError as exc:
-        print(f"mailgate: cannot start: {exc}", file=sys.stderr, flush=True)
+        log_event("worker_error", level="error", worker=index,
+                  error=f"cannot start: {exc}"[:500])
         return 1
     except BaseException as exc:  # whatever happens, the child exits with a status
-        print(f"mailgate: worker {index} failed: {exc!r}", file=sys.stderr, flush=True)
+        log_event("worker_error", level="error", worker=index, error=repr(exc)[:500])
         return 1
     finally:
         flush_logs()

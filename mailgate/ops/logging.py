@@ -267,8 +267,13 @@ class _SyslogHandler(logging.handlers.SysLogHandler):
             # SysLogHandler would silently retry on every line; say so at start-up instead
             self.close()
             raise OSError(f"cannot connect to the syslog socket {self.address}")
-        self.ident = f"mailgate[{os.getpid()}]: "
         self.setFormatter(_Formatter(as_json=False, with_ts=False))  # syslog stamps the time
+
+    @property  # type: ignore[override]
+    def ident(self) -> str:
+        """The process that logs: a worker's own pid, not that of the supervisor whose
+        handler it inherited by fork."""
+        return f"mailgate[{os.getpid()}]: "
 
     def handleError(self, record: logging.LogRecord) -> None:
         """A syslog daemon that went away loses lines; the server must go on."""

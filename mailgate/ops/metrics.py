@@ -15,6 +15,7 @@ import asyncio
 import os
 import re
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -33,6 +34,7 @@ from prometheus_client import (
 
 from mailgate.config.loader import split_host_port
 from mailgate.config.ops import DEFAULT_LATENCY_BUCKETS, MetricsConfig
+from mailgate.ops.logging import log_event
 
 OUTCOMES: Final = ("accepted", "refused", "tempfail")
 TLS_VERSIONS: Final = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
@@ -260,6 +262,13 @@ class _BoundServer(ThreadingMixIn, WSGIServer):
         self.server_port = int(self.server_address[1])
         self.setup_environ()
         self.set_app(_only_metrics(app))  # type: ignore[arg-type]
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # socketserver prints a traceback to stderr, lines no log reader expects: a
+        # scraper that hung up is nothing to report, anything else one log line.
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, ConnectionError):
+            log_event("metrics_error", level="error", error=repr(exc)[:300])
 
 
 def forget_worker(pid: int, path: str) -> None:

@@ -388,3 +388,22 @@ def test_a_change_that_waits_for_a_restart_waits_in_new_workers_too(tmp_path: Pa
         assert not (tmp_path / "s2").exists()  # the new worker kept the running spool
     finally:
         assert srv.stop() == 0
+
+
+def test_a_replacement_that_cannot_start_says_why_in_a_log_line(tmp_path: Path) -> None:
+    # the access list broke on disk after the start: a new worker cannot build it
+    access = tmp_path / "access"
+    access.write_text("deny ip 192.0.2.0/24\n")
+    srv = _start(tmp_path, f'[policy]\naccess_file = "{access}"\n')
+    try:
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
+        access.write_text("frobnicate everything\n")
+        os.kill(_worker_pids(srv)[0], signal.SIGKILL)
+        assert wait_for(lambda: "event=worker_failed" in srv.log())
+        # a log line (JSON or syslog where so configured), not a print
+        errors = [x for x in srv.log().splitlines() if "event=worker_error" in x]
+        assert errors and "level=error" in errors[0] and "access:1:" in errors[0]
+        assert not [x for x in srv.log().splitlines() if x.startswith("mailgate: ")]
+    finally:
+        srv.stop()
+

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import re
 import select
 import socket
@@ -256,6 +257,27 @@ def test_syslog_over_udp() -> None:
         rb'<22>mailgate\[\d+\]: level=info sid=S1 event=connect ip=192\.0\.2\.1 note="a\\nb"\x00',
         datagram,
     )
+
+
+def test_syslog_lines_carry_the_pid_of_the_process_that_logs() -> None:
+    # a worker inherits the supervisor's handler by fork: its lines must say its pid
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(5)
+        port = receiver.getsockname()[1]
+        setup_logging(
+            LoggingConfig(format="syslog", syslog_address=f"127.0.0.1:{port}"), io.StringIO()
+        )
+        pid = os.fork()
+        if pid == 0:
+            try:
+                SessionLog("S2").event("connect")
+                flush_logs()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        datagram = receiver.recv(4096)
+    assert datagram.startswith(f"<22>mailgate[{pid}]: ".encode()), datagram
 
 
 def test_syslog_to_a_unix_socket_with_a_facility(tmp_path: Path) -> None:

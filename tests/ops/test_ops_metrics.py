@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -218,3 +221,16 @@ def test_an_address_in_use_is_named_as_the_metrics_address() -> None:
         with pytest.raises(OSError, match=f"^.*cannot listen on {listen} for metrics: "
                                           "Address already in use$"):
             bind_metrics(listen)
+
+
+def test_a_scraper_that_resets_its_connection_leaves_no_traceback(
+    metrics: Metrics, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # socketserver's default handle_error printed a 25-line traceback to stderr
+    assert metrics.bound_address is not None
+    with socket.create_connection(metrics.bound_address[:2], timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # half a request
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    time.sleep(0.3)
+    scrape(metrics)  # still serving
+    assert "Traceback" not in capfd.readouterr().err
