@@ -45,7 +45,9 @@ if TYPE_CHECKING:
 # while we wait on a slow policy or delivery); resume once the engine caught up.
 _HIGH_WATER = 1 << 20
 _REPLIES_PER_WRITE = 256  # at most ~80 KB (EHLO replies) before a write
-_PROXY_HEADER_MAX = 536  # PROXY v2 header with TLVs is bounded; v1 is at most 107
+# A PROXY v2 header says its own length, up to 16 + 65,535 octets with its TLVs (a
+# balancer's TLS and unique-id TLVs run to hundreds); the parser bounds v1 to 107.
+_PROXY_HEADER_MAX = 16 + 0xFFFF
 
 
 def _random_start() -> itertools.count[int]:
@@ -713,27 +715,35 @@ class Session(asyncio.Protocol):
         """PROXY v1/v2 from an allowed load balancer: the proxied address becomes the
         client for policy, logs and Received.  Anything else closes the connection."""
         client = self.client
-        assert client is not None and self.transport is not None
-        if not self.server.proxy_allowed(client.ip):
-            self.transport.close()
+        transport = self.transport
+        assert client is not None and transport is not None
+
+        def refuse(reason: str, answer: bool = False) -> bool:
+            # logged: an operator must be able to tell why a balancer's clients fail
+            SessionLog(self.sid, ip=ip_text(client.ip), listener=self.listener.name).event(
+                "proxy", level="warning", outcome="refused", reason=reason[:200])
+            if answer:
+                transport.write(reply("closing.proxy", host=self.server.hostname).to_bytes())
+            transport.close()
             return False
+
+        if not self.server.proxy_allowed(client.ip):
+            return refuse("not an address of server.proxy_from")
         deadline = time.monotonic() + self.server.config.server.command_timeout
         while True:
             try:
                 header = parse_proxy(self._proxy_buf)
-            except ProxyError:
-                self.transport.write(reply("closing.proxy", host=self.server.hostname).to_bytes())
-                self.transport.close()
-                return False
+            except ProxyError as exc:
+                return refuse(str(exc), answer=True)
             if header is not None:
                 break
-            if self._lost or len(self._proxy_buf) > _PROXY_HEADER_MAX:
-                self.transport.close()
-                return False
+            if self._lost:
+                return refuse("closed before the whole header")
+            if len(self._proxy_buf) > _PROXY_HEADER_MAX:
+                return refuse("header longer than PROXY v2 allows", answer=True)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.transport.close()
-                return False
+                return refuse("no whole header within command_timeout")
             await self._input_waiter(asyncio.get_running_loop().time() + remaining)
             self._waiter = None
         self._proxy_buf = self._proxy_buf[header.consumed :]

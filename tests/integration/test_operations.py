@@ -426,6 +426,21 @@ def test_proxy_protocol_from_allowed_balancer(tmp_path: Path) -> None:
         with socket.create_connection((srv.host, port), timeout=10) as sock:
             sock.sendall(b"PROXY NONSENSE\r\n")
             assert sock.recv(1024).startswith(b"421 4.7.0")
+        refused = [line for line in srv.log().splitlines() if "event=proxy" in line]
+        assert len(refused) == 1 and "outcome=refused" in refused[0]
+        assert "level=warning" in refused[0] and "reason=" in refused[0]
+        # a v2 header with TLVs of hundreds of octets (a balancer's TLS details), in
+        # two reads: it used to be cut off at 536 octets, silently
+        tlv = bytes([0x20]) + (700).to_bytes(2, "big") + b"\x00" * 700
+        body = bytes([198, 51, 100, 8, 127, 0, 0, 1]) + (40000).to_bytes(2, "big")
+        body += (25).to_bytes(2, "big") + tlv
+        header = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + len(body).to_bytes(2, "big")
+        header += body
+        with socket.create_connection((srv.host, port), timeout=10) as sock:
+            sock.sendall(header[:600])
+            time.sleep(0.2)
+            sock.sendall(header[600:])
+            assert sock.recv(1024).startswith(b"220 ")
     finally:
         srv.stop()
 
