@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import getpass
 import os
+import stat
 import sys
 import tempfile
+from collections.abc import Iterator
 
 from argon2 import PasswordHasher
 
@@ -31,20 +34,25 @@ def passwd_command(
     The password is read without echo (twice, to confirm) or, with ``stdin_password``,
     as one line from standard input.  Only ``--cram`` stores the CRAM-MD5 key states,
     which are password-equivalent for CRAM-MD5.  ``hasher`` picks argon2 parameters
-    (tests use cheap ones).  The file is rewritten atomically with mode 0600.
+    (tests use cheap ones).  The file is rewritten atomically with mode 0600, or 0640
+    if it was group-readable, under a lock that serializes concurrent runs.
     """
     try:
         problem = check_user_name(user)
         if problem:
             raise _Refused(problem)
-        lines = _existing_lines(users_file)
+        _existing_lines(users_file)  # a broken file is refused before asking
         password = _read_password(stdin_password)
         try:
             record = make_record(user, password, cram=cram, hasher=hasher)
         except ValueError as e:
             raise _Refused(str(e)) from None
-        changed = _replace_user(lines, user, record.to_line())
-        _write_atomically(users_file, "".join(f"{line}\n" for line in lines))
+        # Read, changed and written under a lock: two runs at once (a script adding
+        # users) would each write back what it read, and one's user would be lost.
+        with _locked(users_file):
+            lines = _existing_lines(users_file)
+            changed = _replace_user(lines, user, record.to_line())
+            _write_atomically(users_file, "".join(f"{line}\n" for line in lines))
     except _Refused as e:
         print(f"mailgate passwd: {e}", file=sys.stderr)
         return 1
@@ -53,6 +61,22 @@ def passwd_command(
         return 1
     print(f"{'password changed for' if changed else 'added user'} {user}", file=sys.stderr)
     return 0
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock on ``path``.lock (the users file itself is replaced by a
+    rename, so a lock on it would not be shared by the next run)."""
+    try:
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:  # no such directory, or not ours to write in
+        directory = os.path.dirname(os.path.abspath(path))
+        raise _Refused(f"{path}: cannot write in {directory}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _existing_lines(path: str) -> list[str]:
@@ -107,9 +131,11 @@ def _write_atomically(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             if old is not None:
-                # Run as root for a file the server's user owns: keep it readable to it.
+                # Run as root for a file the server's user owns, or root's and readable
+                # to the server's group (docs/deployment.md): keep it readable to it.
                 with contextlib.suppress(PermissionError):
                     os.fchown(f.fileno(), old.st_uid, old.st_gid)
+                os.fchmod(f.fileno(), 0o600 | (old.st_mode & stat.S_IRGRP))
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import os
 import stat
 from dataclasses import dataclass
@@ -25,8 +24,6 @@ from argon2 import extract_parameters
 from argon2.exceptions import InvalidHashError
 
 from mailgate.auth.md5state import STATE_SIZE
-
-log = logging.getLogger("mailgate.auth")
 
 ARGON2: Final = "argon2"
 SCRAM: Final = "scram-sha-256"
@@ -179,8 +176,8 @@ def check_mode(path: str, mode: int) -> None:
         raise ValueError(f"{path}: group- or world-writable (mode {mode:04o}); chmod 600")
     if mode & stat.S_IROTH:
         raise ValueError(f"{path}: world-readable (mode {mode:04o}); chmod 600")
-    if mode & stat.S_IRGRP:
-        log.warning("users file %s is group-readable (mode %04o); 0600 is safer", path, mode)
+    # Group-readable is the layout docs/deployment.md installs: root's file, readable
+    # to the server's group, so that the server cannot change its own credentials.
 
 
 def read_users_file(path: str) -> str:

@@ -50,7 +50,8 @@ def test_creates_the_file_0600_without_plaintext(
     assert "cram-md5=" not in text  # only with --cram
     assert verify(path, "alice", "s3cret passphrase")
     assert "added user alice" in capsys.readouterr().err
-    assert [p.name for p in tmp_path.iterdir()] == ["users"]  # no temporary file left
+    # no temporary file left; the lock that serializes runs stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users", "users.lock"]
 
 
 def test_changes_a_password_in_place(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -197,3 +198,33 @@ def test_without_a_terminal_or_stdin_it_says_to_use_stdin(
     err = capsys.readouterr().err
     assert "standard input is not a terminal: give the password with --stdin" in err
     assert not (tmp_path / "users").exists()
+
+
+def test_a_group_readable_file_stays_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # root:mailgate 0640 as docs/deployment.md installs it: 0600 would lock the server out
+    path = tmp_path / "users"
+    assert run_passwd(monkeypatch, path, "alice", "first") == 0
+    path.chmod(0o640)
+    assert run_passwd(monkeypatch, path, "bob", "second") == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert verify(path, "alice", "first") and verify(path, "bob", "second")
+
+
+def test_runs_at_the_same_time_lose_no_user(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mailgate.cli", "passwd", f"user{n}", "--users-file",
+             str(path), "--stdin"],
+            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for n in range(6)
+    ]
+    for run in runs:
+        run.communicate("pw\n", timeout=60)
+        assert run.returncode == 0
+    names = {line.split(":", 1)[0] for line in path.read_text().splitlines()}
+    assert names == {f"user{n}" for n in range(6)}
+
