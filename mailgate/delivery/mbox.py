@@ -6,7 +6,10 @@ message with LF line ends, every line matching ``^>*From `` given one more ``>``
 ``<mbox>.lock`` dotlock (O_EXCL; broken when its process is gone or it is older than
 ``stale_lock_age``) and then an flock on the mbox, so both kinds of mail readers are
 kept out.  A failed append is cut off again (ftruncate to the old size) before the
-locks are released, so no reader ever sees a partial message.
+locks are released, so no reader ever sees a partial message.  An append cut short by
+a crash of the process is cut off by the next writer: the dotlock holds the writer's
+pid and the size the mbox had before it wrote, and whoever breaks the lock of a dead
+writer truncates the mbox back to that size (that message got no 250: it comes again).
 """
 
 from __future__ import annotations
@@ -121,8 +124,10 @@ def append_message(
     try:
         if created:
             _fsync_dir(directory)  # the new file's name must survive a crash too
-        with _dotlock(path, deadline, config.stale_lock_age), _flock(fd, path, deadline):
+        with _dotlock(path, deadline, config.stale_lock_age) as lock, \
+                _flock(fd, path, deadline):
             start = os.fstat(fd).st_size
+            _note_start(lock, start)
             try:
                 _write(fd, envelope, spool, ends)
                 os.fsync(fd)
@@ -215,15 +220,19 @@ def _fsync_dir(directory: str) -> None:
 
 
 @contextmanager
-def _dotlock(path: str, deadline: float, stale_age: float) -> Iterator[None]:
+def _dotlock(path: str, deadline: float, stale_age: float) -> Iterator[str]:
+    """Hold ``path``.lock; yields its path."""
     lock = path + ".lock"
     while True:
         try:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             break
         except FileExistsError:
-            if _stale(lock, stale_age):
+            stale = _stale(lock, stale_age)
+            if stale is not None:
                 log.warning("mbox: breaking stale lock %s", lock)
+                if stale >= 0:
+                    _cut_back_dead_writer(path, stale)
                 _remove(lock)
                 continue
             if time.monotonic() >= deadline:
@@ -234,23 +243,50 @@ def _dotlock(path: str, deadline: float, stale_age: float) -> Iterator[None]:
     finally:
         os.close(fd)
     try:
-        yield
+        yield lock
     finally:
         _remove(lock)
 
 
-def _stale(lock: str, stale_age: float) -> bool:
-    """Whether ``lock`` is left by a dead process or too old to be a live writer's."""
+def _note_start(lock: str, start: int) -> None:
+    """Write the mbox's size before this append into our lock, after the pid (the
+    lock's first word, as other dotlock writers have it).  Not fsync'ed: it is for a
+    crash of the process, whose writes the page cache keeps."""
+    with open(lock, "r+b") as f:
+        f.write(f"{os.getpid()} {start}\n".encode())
+
+
+def _stale(lock: str, stale_age: float) -> int | None:
+    """None while ``lock`` may be a live writer's; for one left by a dead process (or
+    too old to be live), the mbox size its writer noted, or -1 if none."""
     try:
         age = time.time() - os.stat(lock).st_mtime
         with open(lock, "rb") as f:
-            text = f.read(32).strip()
+            words = f.read(64).split()
     except FileNotFoundError:
-        return False  # just released: the next attempt will take it
-    if age > stale_age:
-        return True
+        return None  # just released: the next attempt will take it
     # An empty lock file is a writer between creating and filling it: not stale.
-    return text.isdigit() and not pid_alive(int(text))
+    dead = bool(words) and words[0].isdigit() and not pid_alive(int(words[0]))
+    if not dead and age <= stale_age:
+        return None
+    noted = words[1] if dead and len(words) > 1 else b""
+    return int(noted) if noted.isdigit() else -1
+
+
+def _cut_back_dead_writer(path: str, size: int) -> None:
+    """Remove what a writer that died while appending left after ``size`` octets."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        if os.fstat(fd).st_size > size:
+            log.warning("mbox %s: cutting off a message a dead writer left unfinished "
+                        "(%d octets)", path, os.fstat(fd).st_size - size)
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

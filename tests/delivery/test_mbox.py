@@ -220,3 +220,23 @@ def test_held_and_spooled_messages_are_stored_alike(
     [stored] = read_mboxrd(tmp_path / "mail" / "alice")
     assert stored == as_stored(spool)  # the spool's bytes, LF line ends, CR kept
     assert (b"a\rb\n" in stored) == (not no_bare_cr)
+
+
+def test_what_a_writer_killed_mid_append_left_is_cut_off_by_the_next(tmp_path: Path) -> None:
+    dest = mbox(tmp_path)
+    env = envelope("alice@example.org")
+    first = spooled(tmp_path, b"Subject: first\r\n\r\none\r\n", env)
+    assert asyncio.run(dest.deliver(env, TRACE, first, alice()))[0].reply.code == 250
+    box = tmp_path / "mail" / "alice"
+    size = box.stat().st_size
+    # a writer killed in the middle of its append: half a message, and its lock
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with box.open("ab") as f:
+        f.write(b"From x@y Mon Jan  1 00:00:00 2024\nSubject: big\n\nhalf of i")
+    (tmp_path / "mail" / "alice.lock").write_text(f"{dead.pid} {size}\n")
+    second = spooled(tmp_path, b"Subject: second\r\n\r\ntwo\r\n", env)
+    assert asyncio.run(dest.deliver(env, TRACE, second, alice()))[0].reply.code == 250
+    subjects = [m.split(b"Subject: ")[1].split(b"\n")[0] for m in read_mboxrd(box)]
+    assert subjects == [b"first", b"second"]
+    assert not (tmp_path / "mail" / "alice.lock").exists()
