@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -242,7 +243,9 @@ def test_a_broken_stream_loses_the_line_without_a_traceback(
     assert capsys.readouterr().err == ""
 
 
-def test_syslog_over_udp() -> None:
+@contextlib.contextmanager
+def udp_syslog() -> Iterator[socket.socket]:
+    """A UDP syslog receiver on loopback, with logging set up to send to it."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
         receiver.bind(("127.0.0.1", 0))
         receiver.settimeout(5)
@@ -250,6 +253,11 @@ def test_syslog_over_udp() -> None:
         setup_logging(
             LoggingConfig(format="syslog", syslog_address=f"127.0.0.1:{port}"), io.StringIO()
         )
+        yield receiver
+
+
+def test_syslog_over_udp() -> None:
+    with udp_syslog() as receiver:
         SessionLog("S1", ip="192.0.2.1").event("connect", note="a\nb")
         datagram = receiver.recv(4096)
     # <22> = facility mail (2) * 8 + severity info (6); syslog adds its own time stamp
@@ -261,13 +269,7 @@ def test_syslog_over_udp() -> None:
 
 def test_syslog_lines_carry_the_pid_of_the_process_that_logs() -> None:
     # a worker inherits the supervisor's handler by fork: its lines must say its pid
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
-        receiver.bind(("127.0.0.1", 0))
-        receiver.settimeout(5)
-        port = receiver.getsockname()[1]
-        setup_logging(
-            LoggingConfig(format="syslog", syslog_address=f"127.0.0.1:{port}"), io.StringIO()
-        )
+    with udp_syslog() as receiver:
         pid = os.fork()
         if pid == 0:
             try:
