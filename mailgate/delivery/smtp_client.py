@@ -151,6 +151,12 @@ class Connection:
         return resp
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        # Bytes the server sent in plain text after its 220 would be read as replies
+        # inside TLS: a man in the middle could answer our MAIL, RCPT and DATA for the
+        # real server (a 250 for a message it never took; the CVE-2021-38371 class).
+        # StreamReader has no public way to ask, hence its buffer.
+        if len(getattr(self._reader, "_buffer", b"")):
+            raise ClientError("the server sent more after its 220 to STARTTLS (injection?)")
         try:
             async with asyncio.timeout(self.timeout):
                 await self._writer.start_tls(context, server_hostname=server_hostname)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,3 +375,51 @@ def test_bare_line_ends_of_bdat_data_cannot_smuggle_a_message(tmp_path: Path) ->
         assert mail["data"] == SMUGGLING.replace(b"hello\n", b"hello\r\n")
     finally:
         controller.stop()
+
+
+def test_replies_injected_after_the_220_to_starttls_are_not_believed(
+    tmp_path: Path, ca: trustme.CA, cafile: str
+) -> None:
+    # A man in the middle answers STARTTLS with 220 and, in the same plain-text write,
+    # the replies to what we will send inside TLS; the real server (here the same
+    # one, with a certificate we trust) then refuses the recipient inside TLS.  Read
+    # as TLS replies, the injected ones made the refused message look delivered.
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    inside_tls: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 evil ESMTP\r\n")
+            lines.readline()  # EHLO
+            conn.sendall(b"250-evil\r\n250 STARTTLS\r\n")
+            lines.readline()  # STARTTLS
+            conn.sendall(b"220 go\r\n250 ok\r\n250 2.1.0 ok\r\n250 2.1.5 ok\r\n"
+                         b"354 go\r\n250 2.0.0 queued (forged)\r\n")
+            try:
+                with tls.wrap_socket(conn, server_side=True) as secure, \
+                        secure.makefile("rb") as tls_lines:
+                    answers = {b"RCPT": b"550 5.1.1 no such user\r\n",
+                               b"DATA": b"554 5.5.1 no valid recipients\r\n",
+                               b"QUIT": b"221 bye\r\n"}
+                    while line := tls_lines.readline():
+                        inside_tls.append(line)
+                        secure.sendall(answers.get(line[:4], b"250 ok\r\n"))
+            except (ssl.SSLError, OSError):
+                pass  # the client gave up before or during the handshake
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        config = SmtpConfig("127.0.0.1", port, starttls="require", cafile=cafile, timeout=10)
+        results = deliver(config, tmp_path, "someone")
+        assert codes(results) == [(451, "4.4.1")]
+    finally:
+        thread.join(15)
+        listener.close()
+    assert inside_tls == []  # gave up at the injection, before any command in TLS
