@@ -28,10 +28,12 @@ status decides.
 
 **Outcome.**  Exit 0: ``250``.  Otherwise the first lines of its stderr (at most
 10 lines of the first 8 KiB) come before our own reply line, each with its code:
-exit EX_DATAERR (65), EX_NOUSER (67) or EX_NOPERM (77), or a failure whose stderr
-matches ``refused_pattern`` (a regular expression), is a permanent refusal
+exit EX_DATAERR (65), EX_NOUSER (67), EX_NOHOST (68) or EX_NOPERM (77), or a failure
+whose stderr matches ``refused_pattern`` (a regular expression), is a permanent refusal
 ``554 5.6.0``; anything else (EX_TEMPFAIL, a signal, no exit within ``timeout``
-seconds, after which the whole process group is killed) is ``451 4.3.0``.
+seconds, after which the whole process group is killed) is ``451 4.3.0``.  The
+mailer is judged by its own exit: a child it leaves running may keep its stderr open
+(what it wrote within a second of the exit is kept).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ log = logging.getLogger(__name__)
 
 STDERR_LIMIT = 8 * 1024  # octets of the mailer's stderr kept; the rest is read and dropped
 STDERR_LINES = 10  # lines of it put in the reply
-REFUSED_EXITS = frozenset({os.EX_DATAERR, os.EX_NOUSER, os.EX_NOPERM})
+REFUSED_EXITS = frozenset({os.EX_DATAERR, os.EX_NOUSER, os.EX_NOHOST, os.EX_NOPERM})
+STDERR_GRACE = 1.0  # seconds left for the rest of its stderr once the mailer exited
 
 _PLACEHOLDER = re.compile(r"\{(sender|recipient|id)\}")
 
@@ -168,12 +171,18 @@ class PipeDestination:
             log.error("%s: cannot run mailer %s: %s", session_id, argv[0], e)
             return reply("delivery.mailer_failed")
         assert proc.stdin is not None and proc.stderr is not None
-        stderr_task = asyncio.create_task(_read_bounded(proc.stderr))
+        said = bytearray()
+        stderr_task = asyncio.create_task(_read_bounded(proc.stderr, said))
         try:
             async with asyncio.timeout(self._timeout):
                 await _feed(proc.stdin, return_path_header(envelope), spool.path)
-                stderr = await stderr_task
-                status = await proc.wait()
+                # Judged by its own exit: a child it left running (a daemon it
+                # started) may hold stderr open long after it is done.
+                status = await _exited(proc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STDERR_GRACE):
+                    await asyncio.shield(stderr_task)
+            stderr = bytes(said)
         except TimeoutError:
             # The whole group: a mailer's children may hold its stderr open.
             _kill_group(proc.pid)
@@ -182,8 +191,13 @@ class PipeDestination:
         finally:
             if proc.returncode is None:
                 _kill_group(proc.pid)
-                await proc.wait()
+                await _exited(proc)
             stderr_task.cancel()
+            # Our end of a stderr a child still holds: closed, not left to the
+            # garbage collector (Process itself has no close()).
+            transport = getattr(proc, "_transport", None)
+            if transport is not None:
+                transport.close()
         return self._outcome(status, stderr, session_id, argv[0])
 
     def _outcome(self, status: int, stderr: bytes, session_id: str, program: str) -> Reply:
@@ -214,14 +228,32 @@ async def _feed(stdin: asyncio.StreamWriter, header: bytes, spool_path: str) -> 
     try:
         stdin.write(conv.feed(header))
         async for chunk in spool_chunks(spool_path):
+            if stdin.is_closing():
+                break
             stdin.write(conv.feed(chunk))
             await stdin.drain()
-        stdin.write(conv.finish())
-        await stdin.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # it stopped reading: its exit status tells whether that was a failure
+        if not stdin.is_closing():
+            stdin.write(conv.finish())
+            await stdin.drain()
+    except (BrokenPipeError, ConnectionResetError, RuntimeError):
+        # It stopped reading: its exit status tells whether that was a failure.
+        # (uvloop says so with RuntimeError "handler is closed", asyncio with EPIPE.)
+        pass
     finally:
         stdin.close()
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> int:
+    """Its exit status as soon as it exits.  (uvloop's wait() says so; asyncio's also
+    waits until its pipes are closed, which a child it left may never do: then its
+    return code is looked at every 50 ms.)"""
+    waiter = asyncio.ensure_future(proc.wait())
+    try:
+        while proc.returncode is None and not waiter.done():
+            await asyncio.wait({waiter}, timeout=0.05)
+        return proc.returncode if proc.returncode is not None else waiter.result()
+    finally:
+        waiter.cancel()
 
 
 def _kill_group(pgid: int) -> None:
@@ -229,10 +261,9 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-async def _read_bounded(stream: asyncio.StreamReader) -> bytes:
-    """The first STDERR_LIMIT octets; the rest is read too, so the mailer never blocks."""
-    kept = bytearray()
+async def _read_bounded(stream: asyncio.StreamReader, kept: bytearray) -> None:
+    """The first STDERR_LIMIT octets into ``kept`` (so that what came is there when
+    the reading is cancelled); the rest is read too, so the mailer never blocks."""
     while chunk := await stream.read(64 * 1024):
         if len(kept) < STDERR_LIMIT:
             kept += chunk[: STDERR_LIMIT - len(kept)]
-    return bytes(kept)

@@ -7,10 +7,13 @@ import json
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 
 from mailgate.config.delivery import PipeConfig
 from mailgate.delivery.base import RecipientResult, TraceInfo
@@ -63,13 +66,16 @@ def deliver(
     message: bytes = b"Subject: t\r\n\r\nbody\r\n",
     sender: Address | None = None,
     timeout: float = 30,
+    run: Callable[[Coroutine[Any, Any, list[RecipientResult]]], list[RecipientResult]] = (
+        asyncio.run
+    ),
 ) -> list[RecipientResult]:
     spool_path = tmp_path / "msg.spool"
     spool_path.write_bytes(message)
     rcpts = [Recipient(a) for a in recipients]
     env = Envelope(sender=sender or Address("s", "client.test"), recipients=rcpts)
     dest = PipeDestination(PipeConfig(command=command, timeout=timeout))
-    results = asyncio.run(dest.deliver(env, TRACE, Spooled(str(spool_path), len(message)), rcpts))
+    results = run(dest.deliver(env, TRACE, Spooled(str(spool_path), len(message)), rcpts))
     assert [r.recipient for r in results] == rcpts
     return results
 
@@ -176,14 +182,49 @@ def test_refused_pattern_in_stderr_is_permanent(tmp_path: Path) -> None:
     assert results[0].reply.lines[0] == "vf: mail refused: executable attachment"
 
 
-@pytest.mark.parametrize(("status", "expected"), [(0, (250, "2.0.0")), (1, (451, "4.3.0"))])
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+@pytest.mark.parametrize(
+    ("status", "expected"), [(0, (250, "2.0.0")), (1, (451, "4.3.0")), (67, (554, "5.6.0"))]
+)
 def test_mailer_that_does_not_read_stdin(
-    tmp_path: Path, status: int, expected: tuple[int, str]
+    tmp_path: Path, status: int, expected: tuple[int, str], run: Any
 ) -> None:
+    # judged by its exit status alone, on the server's loop too (uvloop says a closed
+    # pipe with RuntimeError, asyncio with BrokenPipeError)
     mailer = script(tmp_path, f"import sys\nsys.stdin.close()\nsys.exit({status})\n")
     message = b"x" * 1000 + b"\r\n"
-    results = deliver([sys.executable, mailer], tmp_path, [Address("a", "x")], message * 4000)
+    results = deliver([sys.executable, mailer], tmp_path, [Address("a", "x")], message * 4000,
+                      run=run)
     assert codes(results) == [expected]
+
+
+def test_ex_nohost_is_permanent(tmp_path: Path) -> None:
+    mailer = script(tmp_path, "import sys\nsys.stdin.read()\nsys.exit(68)\n")
+    assert codes(deliver([sys.executable, mailer], tmp_path, [Address("a", "x")])) == [
+        (554, "5.6.0")
+    ]
+
+
+def test_a_mailer_is_judged_by_its_exit_not_by_children_holding_stderr(
+    tmp_path: Path,
+) -> None:
+    # It delivered and exited 0, leaving a child with its stderr: waiting for the
+    # stderr to close ran into the timeout, and a 451 had the message sent again.
+    mailer = script(
+        tmp_path,
+        """
+        import subprocess, sys
+        sys.stdin.read()
+        subprocess.Popen(["sleep", "30"], stderr=sys.stderr)
+        sys.stderr.write("started a helper\\n")
+        sys.exit(0)
+    """,
+    )
+    started = time.monotonic()
+    results = deliver([sys.executable, mailer], tmp_path, [Address("a", "x")], timeout=10)
+    assert codes(results) == [(250, "2.0.0")]
+    assert time.monotonic() - started < 8  # not the timeout
+
 
 
 def test_stderr_is_bounded(tmp_path: Path) -> None:
