@@ -191,6 +191,11 @@ def test_mailer_that_does_not_read_stdin(
 ) -> None:
     # judged by its exit status alone, on the server's loop too (uvloop says a closed
     # pipe with RuntimeError, asyncio with BrokenPipeError)
+    for message in (b"Subject: t\r\n\r\nshort\r\n", b"x" * 998 + b"\r\n" * 4000):
+        # a shell exits before the first write: the pipe is gone when it is written
+        results = deliver(["/bin/sh", "-c", f"exit {status}"], tmp_path, [Address("a", "x")],
+                          message, run=run)
+        assert codes(results) == [expected]
     mailer = script(tmp_path, f"import sys\nsys.stdin.close()\nsys.exit({status})\n")
     message = b"x" * 1000 + b"\r\n"
     results = deliver([sys.executable, mailer], tmp_path, [Address("a", "x")], message * 4000,
