@@ -103,6 +103,17 @@ class Authenticator:
         """Seconds the session waits before sending a failure reply."""
         return self._throttle.delay(client_ip, user)
 
+    def forgive_fallback(self, client_ip: str, user: str, failed: list[tuple[str, str]]) -> None:
+        """``user`` just authenticated after the ``failed`` (user, mechanism) attempts
+        of the same session: take back those that were of this user with a mechanism
+        it has no stored form for.  They were no guesses but a client trying its
+        mechanisms in turn (Python's smtplib tries CRAM-MD5 before PLAIN): counted,
+        they locked out a client that always gives the right password.  Failures for
+        other users, or with a mechanism the user could have passed, stay counted."""
+        for claimed, mechanism in failed:
+            if claimed == user and self._credentials.lacks_form(user, NEEDS[mechanism]):
+                self._throttle.not_counted(client_ip)
+
     def may_send_as(self, user: str, address: str) -> bool:
         return self._senders.may_send_as(user, address)
 

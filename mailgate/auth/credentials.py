@@ -55,6 +55,9 @@ def make_record(
     )
 
 
+_ATTRIBUTES = {ARGON2: "argon2", SCRAM: "scram", CRAM: "cram"}  # form -> UserRecord field
+
+
 class Credentials:
     """The loaded users table and the checks the mechanisms need."""
 
@@ -68,8 +71,13 @@ class Credentials:
 
     def has_form(self, form: str) -> bool:
         """Whether any user has the stored form ``form`` (users.ARGON2, SCRAM or CRAM)."""
-        attribute = {ARGON2: "argon2", SCRAM: "scram", CRAM: "cram"}[form]
+        attribute = _ATTRIBUTES[form]
         return any(getattr(u, attribute) for u in self.users.values())
+
+    def lacks_form(self, user: str, form: str) -> bool:
+        """Whether ``user`` exists without the stored form ``form``."""
+        record = self.users.get(user)
+        return record is not None and not getattr(record, _ATTRIBUTES[form])
 
     async def verify_password(self, user: str, password: str) -> bool:
         """Whether ``password`` is ``user``'s; argon2 runs in a worker thread."""

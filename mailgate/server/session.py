@@ -79,7 +79,8 @@ def new_session_id() -> str:
 class Session(asyncio.Protocol):
     # Slots: an idle session should cost a few KB (ten thousand of them wait at once).
     __slots__ = (
-        "_auth_mechanism", "_busy", "_deadline", "_draining", "_event_loop", "_exchange", "_lost",
+        "_auth_failed", "_auth_mechanism", "_busy", "_deadline", "_draining", "_event_loop",
+        "_exchange", "_lost",
         "_message_id", "_message_started", "_messages", "_paused", "_proxy_buf", "_spool",
         "_stopping", "_task", "_timed_out", "_trace_info", "_trace_len", "_waiter",
         "_write_paused",
@@ -113,6 +114,7 @@ class Session(asyncio.Protocol):
         self._trace_len = 0  # octets of the Received: field at the head of its spool
         self._exchange: SaslExchange | None = None
         self._auth_mechanism = ""
+        self._auth_failed: list[tuple[str, str]] | None = None  # (user, mechanism), 535s
         self._messages = 0
         self._message_id = ""  # of the latest message, once there is one (see message_id)
         self._message_started = 0.0
@@ -620,15 +622,19 @@ class Session(asyncio.Protocol):
             conn.auth_challenge(outcome.data)
             return
         self._exchange = None
+        auth = self.server.authenticator
         if isinstance(outcome, Success):
             client.auth_user = outcome.user
             conn.auth_success(outcome.user)
             self.log_event("auth", mechanism=mech, outcome="ok", user=outcome.user)
             self.server.metrics.auth(mech, "ok")
+            if self._auth_failed and auth is not None:
+                auth.forgive_fallback(str(client.ip), outcome.user, self._auth_failed)
             return
         self.log_event("auth", mechanism=mech, outcome="failed", code=outcome.reply.code)
         self.server.metrics.auth(mech, "failed")
-        auth = self.server.authenticator
+        if outcome.reply.name == "auth.failed" and exchange.user:
+            self._auth_failed = [*(self._auth_failed or ()), (exchange.user, mech)]
         if auth is not None:
             # the larger of the address's and the claimed user's counts: guessing one
             # user's password from many addresses slows down too

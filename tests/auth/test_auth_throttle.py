@@ -200,3 +200,27 @@ def test_a_reload_keeps_the_failure_counts(
     )
     assert reloaded is not None
     assert throttle(reloaded) == "auth.throttled"  # not a fresh budget for the guesser
+
+
+def test_only_a_fallback_from_a_mechanism_the_user_cannot_pass_is_forgiven(
+    make_auth: Callable[..., Authenticator], users_file: Path
+) -> None:
+    auth = make_auth()
+    fail(auth, "alice")  # a PLAIN guess at alice, whom PLAIN can pass: stays counted
+    failed = [("alice", "PLAIN"), ("nobody", "CRAM-MD5")]
+    auth.forgive_fallback(IP, "alice", failed)
+    assert auth.failure_delay(IP, None) == 0.5  # still the one failure
+
+
+def test_a_fallback_from_cram_md5_for_a_user_without_its_secret_is_forgiven(
+    auth: Authenticator,
+) -> None:
+    async def cram_miss() -> None:
+        exchange = auth.start("CRAM-MD5", IP)
+        await exchange.step(None)  # the challenge
+        await exchange.step(b"carol " + b"0" * 32)
+
+    asyncio.run(cram_miss())
+    assert auth.failure_delay(IP, None) == 0.5
+    auth.forgive_fallback(IP, "carol", [("carol", "CRAM-MD5")])
+    assert auth.failure_delay(IP, None) == 0

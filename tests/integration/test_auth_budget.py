@@ -146,3 +146,40 @@ def test_mechanisms_follow_the_users_file_without_a_reload(tmp_path: Path) -> No
             assert "CRAM-MD5" not in smtp.esmtp_features["auth"].split()
     finally:
         srv.stop()
+
+
+def test_a_client_falling_back_from_cram_md5_is_not_locked_out(tmp_path: Path) -> None:
+    # Python's smtplib (and aiosmtplib) try CRAM-MD5 first and fall back to PLAIN:
+    # for a user without a CRAM-MD5 secret each login was one counted failure, and
+    # the fifth login with the right password met 454.
+    users = tmp_path / "users"
+    _passwd(users, "alice", "--cram")  # someone has one: CRAM-MD5 is offered
+    _passwd(users, "carol")
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path / 'spool'}"
+        [[listener]]
+        address = "127.0.0.1:0"
+        allow_plaintext_auth = true
+        [auth]
+        users_file = "{users}"
+        failure_delay = 0.05
+        [policy]
+        trusted_networks = []
+        verify_sender_domain = false
+        [delivery]
+        maildir_root = "{tmp_path / 'maildir'}"
+        system_users = false
+        local_users = ["alice", "carol"]
+    """)
+    try:
+        for _ in range(8):
+            with smtplib.SMTP(srv.host, srv.port, timeout=20) as smtp:
+                smtp.ehlo("client.mailgate.org")
+                assert "CRAM-MD5" in smtp.esmtp_features["auth"]
+                assert smtp.login("carol", PASSWORD)[0] == 235
+        log = srv.log()
+        assert log.count("mechanism=CRAM-MD5 outcome=failed") == 8
+        assert "454" not in log and "421" not in log
+    finally:
+        srv.stop()
