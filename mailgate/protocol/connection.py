@@ -91,8 +91,8 @@ class Connection:
         "_body_open", "_body_size", "_buf", "_chunk", "_chunk_last", "_chunk_sink",
         "_discard_line", "_dot", "_events", "_out", "_pending",
         "_send_later", "_sent_2xx", "_sent_3xx", "_sent_4xx", "_sent_5xx", "_too_big",
-        "authenticated", "envelope", "errors", "extended", "helo", "settings", "state",
-        "tls_active",
+        "authenticated", "envelope", "errors", "extended", "helo", "quit", "settings",
+        "state", "tls_active",
     )  # fmt: skip
 
     def __init__(self, settings: Settings) -> None:
@@ -124,6 +124,7 @@ class Connection:
         # inside an over-long line: the refusal it gets at its end (a SASL line's is
         # RFC 4954's 500 5.5.6), else None
         self._discard_line: str | None = None
+        self.quit = False  # the session ends at the client's QUIT, not at our word
 
     # -- driver API ------------------------------------------------------------
 
@@ -666,6 +667,7 @@ class Connection:
         if arg:
             return self._refuse("QUIT", reply("syntax.args", detail="QUIT takes no argument"))
         self._send(reply("quit", host=self.settings.hostname))
+        self.quit = True
         self._close()
 
     def _cmd_help(self, arg: str) -> None:

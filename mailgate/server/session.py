@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 # while we wait on a slow policy or delivery); resume once the engine caught up.
 _HIGH_WATER = 1 << 20
 _REPLIES_PER_WRITE = 256  # at most ~80 KB (EHLO replies) before a write
+LINGER = 15.0  # seconds a session we end reads on (discarding) before it closes
 # A PROXY v2 header says its own length, up to 16 + 65,535 octets with its TLVs (a
 # balancer's TLS and unique-id TLVs run to hundreds); the parser bounds v1 to 107.
 _PROXY_HEADER_MAX = 16 + 0xFFFF
@@ -80,7 +81,7 @@ class Session(asyncio.Protocol):
     # Slots: an idle session should cost a few KB (ten thousand of them wait at once).
     __slots__ = (
         "_auth_failed", "_auth_mechanism", "_busy", "_deadline", "_draining", "_event_loop",
-        "_exchange", "_lost",
+        "_exchange", "_lingering", "_lost",
         "_message_id", "_message_started", "_messages", "_paused", "_proxy_buf", "_spool",
         "_stopping", "_task", "_timed_out", "_trace_info", "_trace_len", "_waiter",
         "_write_paused",
@@ -103,6 +104,7 @@ class Session(asyncio.Protocol):
         # commands without reading the replies; no more are read or answered until
         # it has read them (else its replies would pile up in memory without bound).
         self._write_paused = False
+        self._lingering = False  # our last reply is sent; the client's input is dropped
         self._lost = False
         self._timed_out = False
         self._draining = False  # SIGTERM: 421 once between transactions
@@ -144,6 +146,8 @@ class Session(asyncio.Protocol):
         self.server.sessions.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # what a client sends after our last reply is dropped
         conn = self.conn
         if conn is None:
             self._proxy_buf += data
@@ -713,9 +717,7 @@ class Session(asyncio.Protocol):
         out = conn.data_to_send()
         if out and not transport.is_closing():
             transport.write(out)
-        if conn.closed and not transport.is_closing():
-            transport.close()
-        return bool(out)
+        return bool(out)  # (a closed session's transport is closed by _cleanup)
 
     async def _read_proxy_header(self) -> bool:
         """PROXY v1/v2 from an allowed load balancer: the proxied address becomes the
@@ -826,7 +828,24 @@ class Session(asyncio.Protocol):
         if transport is not None and self._write_paused:
             transport.abort()  # close() would wait for a reader that never reads
         elif transport is not None and not transport.is_closing():
+            self._close_transport(transport)
+
+    def _close_transport(self, transport: asyncio.Transport) -> None:
+        """Close after our last reply.  Where the client may still be sending (we end
+        the session: a 521 for a bare LF in the middle of its data, a 421), first
+        half-close and read on, discarding, for up to LINGER seconds: closed with its
+        data unread, the connection would be reset and our reply lost with it."""
+        conn = self.conn
+        if conn is None or conn.quit or self._lost or not transport.can_write_eof():
             transport.close()
+            return
+        self._lingering = True
+        transport.write_eof()
+        if self._paused:
+            self._paused = False
+            transport.resume_reading()
+        assert self._event_loop is not None
+        self._event_loop.call_later(LINGER, transport.close)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -247,3 +247,26 @@ def test_mail_of_our_own_users_gets_the_date_and_message_id_it_lacks(
         assert b"Message-ID" not in stored and b"\nDate:" not in stored
     finally:
         other.stop()
+
+
+def test_a_client_still_sending_gets_the_refusal_that_ends_its_session(
+    server: RunningServer,
+) -> None:
+    # A big message with LF line ends (curl without --crlf, a script): refused with
+    # 521 at its first bare LF while the client still uploads.  Closed with its data
+    # unread, the connection was reset and the client saw only that: the session now
+    # half-closes and drops what still comes, so the 521 is read.
+    body = b"Subject: lf\n\n" + b"a line ended by a bare LF\n" * 2_500_000  # ~65 MB
+    with socket.create_connection((server.host, server.port), timeout=20) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        sock.sendall(b"EHLO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                     b"RCPT TO:<root@localhost>\r\nDATA\r\n")
+        while not reader.readline().startswith(b"354 "):
+            pass
+        # all of it goes (clients such as smtplib give up on a failed send, without
+        # reading the reply that explains it)
+        sock.sendall(body + b".\r\n")
+        assert reader.readline().startswith(b"521 5.5.2 ")
+        assert reader.readline() == b""  # and then the end of the connection
+    assert server.messages("root") == []
