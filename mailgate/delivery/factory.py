@@ -154,13 +154,17 @@ def _check(table: RoutingTable, configs: dict[str, DestinationConfig]) -> None:
         raise DeliveryConfigError(f"default: no destination named {table.default!r}")
     if table.relay and table.relay not in configs:
         raise DeliveryConfigError(f"relay: no destination named {table.relay!r}")
+    def check_target(key: str, target: str) -> None:
+        domain = target.rpartition("@")[2].lower() if "@" in target else ""
+        if domain and domain_key(domain) not in table.local_domains and not table.relay:
+            raise DeliveryConfigError(
+                f"{key}: target {target} is in a remote domain and no relay is set"
+            )
+
     for key, targets in table.aliases.items():
         for target in targets:
-            domain = target.rpartition("@")[2].lower() if "@" in target else ""
-            if domain and domain_key(domain) not in table.local_domains and not table.relay:
-                raise DeliveryConfigError(
-                    f"aliases.{key}: target {target} is in a remote domain and no relay is set"
-                )
-    for domain in table.catch_all:
+            check_target(f"aliases.{key}", target)
+    for domain, target in table.catch_all.items():
         if domain_key(domain) not in table.local_domains:
             raise DeliveryConfigError(f"catch_all.{domain}: not a local domain")
+        check_target(f"catch_all.{domain}", target)

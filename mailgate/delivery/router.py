@@ -103,6 +103,13 @@ class Router:
             return False
         return not isinstance(self._route(local, domain, False), Reply)
 
+    def recipient_refusal(self, local: str, domain: str) -> Reply | None:
+        """Why a local recipient has no route: ``rcpt.unknown``, or a configuration
+        error (aliases nested too deep: 451, not a 550 that tells the sender the
+        address does not exist); None when it has one."""
+        found = self._route(local, domain, False)
+        return found if isinstance(found, Reply) else None
+
     def postmaster_problems(self) -> list[str]:
         """The local domains whose postmaster has no mailbox (RFC 5321 4.5.1: every
         domain we take mail for MUST have one), e.g. the built-in postmaster → root

@@ -30,6 +30,7 @@ class RecipientStep(Step):
         # relays (then it is taken to: the behaviour before it could say).
         self._verify = getattr(mailboxes, "verify_recipient", None)
         self._can_relay = getattr(mailboxes, "can_relay", None)
+        self._why_not = getattr(mailboxes, "recipient_refusal", None)
 
     async def rcpt(self, client: Client, envelope: Envelope, recipient: Recipient) -> Verdict:
         address = recipient.address
@@ -56,6 +57,10 @@ class RecipientStep(Step):
                 return self._refuse("rcpt.no_route", "no_route", address)
             return ACCEPT
         if not self._mailboxes.has_recipient(address.local, domain):
+            why = self._why_not(address.local, domain) if self._why_not else None
+            if why is not None and why.name != "rcpt.unknown":
+                # our configuration's fault (logged by the router): the sender retries
+                return Verdict(why, tags=(("check", self.name), ("reason", "route_error")))
             return self._refuse("rcpt.unknown", "unknown", address)
         verify = self._verify
         if verify is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 from pathlib import Path
@@ -24,6 +25,8 @@ from mailgate.delivery.base import RecipientResult
 from mailgate.delivery.discard import DiscardDestination
 from mailgate.delivery.factory import DeliveryConfigError, build_router
 from mailgate.delivery.router import ROUTE_CACHE_SIZE, Router, RoutingTable
+from mailgate.policy.base import Client
+from mailgate.policy.recipient import RecipientStep
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.replies import reply
 
@@ -225,6 +228,12 @@ def test_nesting_too_deep_is_a_local_error(tmp_path: Path) -> None:
     chain = {f"a{i}": [f"a{i + 1}"] for i in range(30)}
     r = router(tmp_path, aliases=chain)
     assert deliver(tmp_path, r, "a0@example.org")[0].startswith("451 4.3.0")
+    # and so it is at RCPT: our configuration's fault is no "user unknown" (550 5.1.1)
+    step = RecipientStep(r, HOST, allow_loopback_literal=False)
+    who = Client(ip=ipaddress.ip_address("192.0.2.1"))
+    verdict = asyncio.run(step.rcpt(who, Envelope(), Recipient(address("a0@example.org"))))
+    assert verdict.reply is not None
+    assert (verdict.reply.code, verdict.reply.enhanced) == (451, "4.3.0")
 
 
 @pytest.mark.parametrize(
@@ -234,6 +243,9 @@ def test_nesting_too_deep_is_a_local_error(tmp_path: Path) -> None:
         ({"users": {"a": "nowhere"}}, "users.a: no destination named"),
         ({"aliases": {"x": ["y@remote.test"]}}, "aliases.x: target y@remote.test"),
         ({"catch_all": {"remote.test": "alice"}}, "catch_all.remote.test: not a local domain"),
+        # refused at RCPT as "user unknown" before, while an alias to it was refused here
+        ({"catch_all": {"example.org": "x@remote.test"}},
+         "catch_all.example.org: target x@remote.test is in a remote domain"),
         ({"recipient_delimiter": "@"}, "recipient_delimiter"),
     ],
 )
