@@ -48,6 +48,7 @@ from mailgate.delivery.smtp_client import (
     sends_binary,
     transaction_commands,
     wire_path,
+    with_downstream_status,
 )
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.replies import Reply, multiline, reply
@@ -202,4 +203,4 @@ class LMTPDestination:
 
 def _whole_message_failure(resp: Response) -> Reply:
     name = "delivery.downstream_perm" if resp.permanent else "delivery.downstream_temp"
-    return multiline(name, downstream_said(resp))
+    return with_downstream_status(multiline(name, downstream_said(resp)), resp)

@@ -40,6 +40,7 @@ from mailgate.delivery.smtp_client import (
     sends_binary,
     transaction_commands,
     utf8_refusal,
+    with_downstream_status,
 )
 from mailgate.protocol.envelope import Envelope, Recipient
 from mailgate.protocol.replies import Reply, multiline, reply
@@ -181,4 +182,4 @@ def _read_password(path: str) -> str:
 
 def _whole_message_failure(resp: Response) -> Reply:
     name = "delivery.smarthost_perm" if resp.permanent else "delivery.smarthost_temp"
-    return multiline(name, downstream_said(resp))
+    return with_downstream_status(multiline(name, downstream_said(resp)), resp)

@@ -336,7 +336,17 @@ def downstream_said(resp: Response) -> list[str]:
     return [f"downstream said: {resp.summary()}"]
 
 
+def with_downstream_status(ours: Reply, resp: Response) -> Reply:
+    """Our reply with the downstream's enhanced status where it gave one of the same
+    class: 5.2.2 "mailbox full" must not become 5.1.1 "no such user" (a mailing
+    list would unsubscribe the recipient), nor 4.2.2 a generic 4.4.0."""
+    first = resp.lines[0].split(" ", 1)[0] if resp.lines else ""
+    return ours.with_status(first) if first[:1] == str(ours.code)[0] else ours
+
+
 def recipient_failure(recipient: Recipient, resp: Response) -> Reply:
     """A downstream's refusal of one recipient, as our per-recipient reply."""
     name = "delivery.downstream_rcpt_perm" if resp.permanent else "delivery.downstream_rcpt_temp"
-    return multiline(name, downstream_said(resp), address=recipient.address)
+    return with_downstream_status(
+        multiline(name, downstream_said(resp), address=recipient.address), resp
+    )

@@ -12,6 +12,7 @@ neither inject a reply line nor make one longer than RFC 5321's 512 octets.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -59,8 +60,19 @@ class Reply:
         extra = tuple(clean(line, 200) for line in lines if line.strip())
         return Reply(self.code, self.enhanced, extra + self.lines, self.name)
 
+    def with_status(self, enhanced: str) -> Reply:
+        """The same reply with another RFC 3463 status of its own class (a
+        downstream's, which says more than our generic one); unchanged otherwise."""
+        match = _STATUS.fullmatch(enhanced)
+        if match is None or match.group(1) != str(self.code)[0]:
+            return self
+        return Reply(self.code, enhanced, self.lines, self.name)
+
     def __str__(self) -> str:
         return self.to_bytes().decode("utf-8", "replace").rstrip("\r\n")
+
+
+_STATUS = re.compile(r"([245])\.(?:0|[1-9]\d{0,2})\.(?:0|[1-9]\d{0,2})")
 
 
 @dataclass(frozen=True, slots=True)

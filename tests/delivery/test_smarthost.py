@@ -19,6 +19,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from mailgate.config.delivery import SmtpConfig
 from mailgate.delivery.base import RecipientResult, TraceInfo
 from mailgate.delivery.smarthost import SmarthostDestination
+from mailgate.delivery.smtp_client import Response, recipient_failure
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 
 TRACE = TraceInfo("sid7", "client.test", "192.0.2.1", None, "mx.test", "ESMTPSA")
@@ -188,14 +189,14 @@ def test_accepted_over_verified_tls_with_auth(
 def test_temporary_refusal_after_data(smarthost: Smarthost, cafile: str, tmp_path: Path) -> None:
     smarthost.data_reply = "452 4.3.1 disk full, later"
     results = deliver(SmtpConfig("127.0.0.1", smarthost.port, cafile=cafile), tmp_path, "a", "b")
-    assert codes(results) == [(451, "4.4.1")] * 2
+    assert codes(results) == [(451, "4.3.1")] * 2  # the smarthost's status, our code
     assert "452 4.3.1 disk full, later" in results[0].reply.text
 
 
 def test_permanent_refusal_after_data(smarthost: Smarthost, cafile: str, tmp_path: Path) -> None:
     smarthost.data_reply = "554 5.7.1 spam"
     results = deliver(SmtpConfig("127.0.0.1", smarthost.port, cafile=cafile), tmp_path, "a")
-    assert codes(results) == [(554, "5.0.0")]
+    assert codes(results) == [(554, "5.7.1")]
 
 
 def test_refused_recipient_fails_alone(smarthost: Smarthost, cafile: str, tmp_path: Path) -> None:
@@ -423,3 +424,17 @@ def test_replies_injected_after_the_220_to_starttls_are_not_believed(
         thread.join(15)
         listener.close()
     assert inside_tls == []  # gave up at the injection, before any command in TLS
+
+
+def test_a_downstream_refusal_keeps_its_own_status() -> None:
+    # 5.2.2 "mailbox full" as 5.1.1 "no such user" would have a mailing list drop the
+    # recipient; a status of another class, or none, leaves ours
+    rcpt = Recipient(Address("a", "remote.test"))
+    full = recipient_failure(rcpt, Response(552, ("5.2.2 over quota",)))
+    assert (full.code, full.enhanced) == (550, "5.2.2")
+    later = recipient_failure(rcpt, Response(452, ("4.2.2 over quota, later",)))
+    assert (later.code, later.enhanced) == (451, "4.2.2")
+    odd = recipient_failure(rcpt, Response(550, ("4.2.2 mixed up",)))
+    assert (odd.code, odd.enhanced) == (550, "5.1.1")
+    bare = recipient_failure(rcpt, Response(550, ("no such user",)))
+    assert (bare.code, bare.enhanced) == (550, "5.1.1")

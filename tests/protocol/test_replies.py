@@ -164,3 +164,11 @@ def test_per_message_replies_do_not_push_recurring_ones_out_of_the_memo() -> Non
     accepted = [reply("data.accepted", id=f"S1.{n}") for n in range(1000)]
     assert reply("helo", host=HOST, name="client.example.net") is helo
     assert accepted[7].to_bytes() == b"250 2.0.0 OK: queued as S1.7\r\n"
+
+
+def test_a_status_of_another_class_or_form_is_not_taken() -> None:
+    ours = reply("delivery.downstream_rcpt_perm", address="a@b")
+    assert ours.with_status("5.2.2").enhanced == "5.2.2"
+    for other in ("4.2.2", "2.0.0", "5.2", "5.02.2", "5.2.2x", "5.1000.1", ""):
+        assert ours.with_status(other) is ours, other
+
