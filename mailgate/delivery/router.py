@@ -153,11 +153,24 @@ class Router:
 
     # --- routing ------------------------------------------------------------------
 
-    def canonical_user(self, local: str) -> str:
-        """The lookup form of a local part: lower case, without a +detail suffix."""
+    def canonical_user(self, local: str, domain: str) -> str:
+        """The lookup form of a local part in ``domain``: lower case, without a
+        +detail suffix, unless the whole of it is a configured name (a local user
+        john-smith, an alias mailer-daemon, with "-" as the delimiter), which is
+        looked up first, as Postfix and sendmail do."""
         user = local.lower()
         cuts = [i for i in (user.find(c) for c in self.table.delimiter) if i > 0]
-        return user[: min(cuts)] if cuts else user
+        if not cuts or self._known(user, domain):
+            return user
+        return user[: min(cuts)]
+
+    def _known(self, user: str, domain: str) -> bool:
+        table = self.table
+        full = f"{user}@{domain}"
+        return (
+            user in table.local_users or user in table.aliases or user in table.users
+            or full in table.aliases or full in table.users
+        )
 
     def route(self, address: Address) -> list[Target] | Reply:
         """The final targets of one recipient, or the reply that refuses it."""
@@ -187,7 +200,7 @@ class Router:
                 return (Target(self.table.relay, address),)
             return reply("rcpt.no_route", address=address)
         try:
-            user = self.canonical_user(address.local)
+            user = self.canonical_user(address.local, domain)
             targets = self._expand(user, domain, address.quoted, frozenset(), 0)
         except _Refusal as refusal:
             if refusal.reply.name == "rcpt.unknown":  # name the address the client gave
@@ -213,14 +226,14 @@ class Router:
         """An alias or catch-all target: ``user`` (in ``domain``) or ``user@domain``."""
         local, _, target_domain = target.rpartition("@") if "@" in target else (target, "", "")
         if not target_domain:
-            return self._expand(self.canonical_user(local), domain, False, chain, depth)
+            return self._expand(self.canonical_user(local, domain), domain, False, chain, depth)
         spelled = self.table.local_domains.get(domain_key(target_domain))
         if spelled is None:
             if not self.table.relay:
                 log.error("alias target %s is remote and no relay is configured", target)
                 raise _Refusal(reply("delivery.local_error"))
             return [Target(self.table.relay, Address(local, target_domain.lower()))]
-        return self._expand(self.canonical_user(local), spelled, False, chain, depth)
+        return self._expand(self.canonical_user(local, spelled), spelled, False, chain, depth)
 
     def _mailbox(
         self, user: str, domain: str, quoted: bool, chain: frozenset[str], depth: int

@@ -405,3 +405,20 @@ def test_a_domain_without_a_postmaster_mailbox_is_named(tmp_path: Path) -> None:
     ]
     aliased = router(tmp_path, local_users=["alice"], aliases={"postmaster": ["alice"]})
     assert aliased.postmaster_problems() == []
+
+
+def test_a_configured_name_with_the_delimiter_in_it_is_found_whole(tmp_path: Path) -> None:
+    # with "-" as the delimiter, john-smith was looked up as john (550) and the
+    # alias mailer-daemon as mailer; the whole local part now comes first
+    r = router(tmp_path, recipient_delimiter="-+", local_users=["john-smith", "alice", "bob"],
+               aliases={"mailer-daemon": ["alice"], "alice+spam": ["bob"]})
+
+    def box(text: str) -> list[str]:
+        found = r.route(address(text))
+        assert isinstance(found, list), (text, found)
+        return [str(t.address) for t in found]
+
+    assert box("john-smith@example.org") == ["john-smith@example.org"]
+    assert box("mailer-daemon@example.org") == ["alice@example.org"]
+    assert box("alice+spam@example.org") == ["bob@example.org"]
+    assert box("alice-lists@example.org") == ["alice@example.org"]  # a detail still goes
