@@ -9,7 +9,7 @@ SUDO=""
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
-    python3-venv swaks redis-server dovecot-lmtpd openssl >/dev/null
+    python3-venv swaks gsasl redis-server dovecot-lmtpd openssl >/dev/null
 # The Debian packages start their daemons; the tests run their own on free ports.
 $SUDO service redis-server stop >/dev/null 2>&1 || true
 $SUDO service dovecot stop >/dev/null 2>&1 || true

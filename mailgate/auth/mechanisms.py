@@ -8,6 +8,10 @@ Nothing here logs a password, a proof or a digest.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -115,6 +119,11 @@ class SaslExchange(ABC):
         return Failure(reply("auth.failed"))
 
 
+def _saslname(text: str) -> str:
+    """RFC 5802 5.1: "=2C" is a comma and "=3D" an equals sign in a name."""
+    return text.replace("=2C", ",").replace("=3D", "=")
+
+
 def _text(data: bytes) -> str:
     try:
         return data.decode("utf-8")
@@ -207,6 +216,10 @@ class ScramExchange(SaslExchange):
         super().__init__(credentials, recorder, client_ip)
         self._server = self._MECHANISM.make_server(self._auth_fn)
         self._stage = 0
+        # The gs2 header as the client sent it, when it names an authzid: scramp
+        # takes none (it refuses any "a="), so it gets the header without it and the
+        # client-final, whose c= and proof cover the original, is checked here.
+        self._gs2_with_authzid = ""
 
     def _auth_fn(self, user: str) -> tuple[bytes, bytes, bytes, int]:
         self.user = user
@@ -221,11 +234,22 @@ class ScramExchange(SaslExchange):
             text = _text(response)
             if text.startswith("p="):
                 return Failure(reply("auth.no_channel_binding"))
+            flag, _, rest = text.partition(",")
+            authz, _, bare = rest.partition(",")
+            if authz.startswith("a="):
+                self._gs2_with_authzid = f"{flag},{authz},"
+                text = f"{flag},,{bare}"
             try:
                 self._server.set_client_first(text)
-                return Challenge(self._server.get_server_first().encode())
+                first = self._server.get_server_first()
             except ScramException:
                 raise Malformed from None
+            if authz.startswith("a=") and _saslname(authz[2:]) != self.user:
+                # acting for another user is not supported: refused, not ignored
+                return Failure(reply("auth.failed"))
+            return Challenge(first.encode())
+        if stage == 1 and self._gs2_with_authzid:
+            return self._final_with_authzid(_text(response or b""))
         if stage == 1:
             try:
                 self._server.set_client_final(_text(response or b""))
@@ -239,3 +263,29 @@ class ScramExchange(SaslExchange):
         if self.user is None:  # cannot happen: _auth_fn ran in stage 0
             raise Malformed
         return Success(self.user)
+
+    def _final_with_authzid(self, text: str) -> Outcome:
+        """RFC 5802 5.1 and 3: the client-final of an exchange whose gs2 header named
+        the user as its authzid.  c= must be that header; the proof signs the
+        AuthMessage, of which the client-final without its proof is the last part."""
+        server = self._server
+        head, sep, proof_text = text.rpartition(",p=")
+        attributes = head.split(",")
+        if not sep or len(attributes) < 2 or attributes[0][:2] != "c=" or attributes[1][:2] != "r=":
+            raise Malformed
+        try:
+            binding = base64.b64decode(attributes[0][2:], validate=True)
+            proof = base64.b64decode(proof_text, validate=True)
+        except binascii.Error:
+            raise Malformed from None
+        if binding != self._gs2_with_authzid.encode() or attributes[1][2:] != str(server.nonce):
+            return Failure(reply("auth.failed"))
+        message = f"{server.client_first_bare},{server.server_first},{head}".encode()
+        signature = hmac.digest(server.stored_key, message, "sha256")
+        client_key = bytes(a ^ b for a, b in zip(signature, proof, strict=False))
+        if len(proof) != len(signature) or not hmac.compare_digest(
+            hashlib.sha256(client_key).digest(), server.stored_key
+        ):
+            return Failure(reply("auth.failed"))
+        verifier = base64.b64encode(hmac.digest(server.server_key, message, "sha256"))
+        return Challenge(b"v=" + verifier)

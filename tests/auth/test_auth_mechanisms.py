@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -219,10 +221,62 @@ def test_scram_accepts_y_flag(auth: Authenticator) -> None:
 
 
 @pytest.mark.parametrize(
-    "first", [b"", b"n,,", b"x,,n=alice,r=abc", b"n,,r=abc", b"n,a=bob,n=alice,r=abc", b"\xff"]
+    "first", [b"", b"n,,", b"x,,n=alice,r=abc", b"n,,r=abc", b"\xff"]
 )
 def test_scram_malformed_first(auth: Authenticator, first: bytes) -> None:
     assert failed(run(auth.start("SCRAM-SHA-256", IP).step(first)), "auth.bad_response")
+
+
+def _final_with_authzid(
+    password: str, nonce: str, header: bytes, server_first: str
+) -> tuple[bytes, bytes]:
+    """A client-final for a client-first "<header>n=alice,r=<nonce>", computed by the
+    RFC 5802 3 formulas; and the server signature the client expects."""
+    attrs = dict(part.split("=", 1) for part in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac(
+        "sha256", password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"])
+    )
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    stored_key = hashlib.sha256(client_key).digest()
+    without_proof = f"c={base64.b64encode(header).decode()},r={attrs['r']}"
+    message = f"n=alice,r={nonce},{server_first},{without_proof}".encode()
+    proof = bytes(a ^ b for a, b in zip(client_key, hmac.digest(stored_key, message, "sha256"),
+                                        strict=True))
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    final = f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
+    return final, b"v=" + base64.b64encode(hmac.digest(server_key, message, "sha256"))
+
+
+@pytest.mark.parametrize(
+    ("password", "signed_header", "ok"),
+    [
+        (PASSWORDS["alice"], b"n,a=alice,", True),
+        ("wrong", b"n,a=alice,", False),
+        (PASSWORDS["alice"], b"n,,", False),  # c= must be the header as it was sent
+    ],
+)
+def test_scram_with_the_user_as_authzid(
+    auth: Authenticator, password: str, signed_header: bytes, ok: bool
+) -> None:
+    # RFC 5802 5.1: "a=" names an authorization identity; the user's own is no more
+    # than it has (GNU SASL sends it), another user's is refused
+    exchange = auth.start("SCRAM-SHA-256", IP)
+    first = run(exchange.step(b"n,a=alice,n=alice,r=abcdefghijkl"))
+    assert isinstance(first, Challenge)
+    final, verifier = _final_with_authzid(
+        password, "abcdefghijkl", signed_header, first.data.decode()
+    )
+    out = run(exchange.step(final))
+    if ok:
+        assert out == Challenge(verifier)
+        assert run(exchange.step(b"")) == Success("alice")
+    else:
+        assert failed(out, "auth.failed")
+
+
+def test_scram_authzid_of_another_user_is_refused(auth: Authenticator) -> None:
+    out = run(auth.start("SCRAM-SHA-256", IP).step(b"n,a=bob,n=alice,r=abcdefghijkl"))
+    assert failed(out, "auth.failed")
 
 
 def test_scram_final_with_wrong_nonce_is_malformed(auth: Authenticator) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import shutil
 import smtplib
 import socket
 import subprocess
@@ -183,3 +184,21 @@ def test_a_client_falling_back_from_cram_md5_is_not_locked_out(tmp_path: Path) -
         assert "454" not in log and "421" not in log
     finally:
         srv.stop()
+
+
+@pytest.mark.skipif(shutil.which("gsasl") is None, reason="gsasl is not installed")
+def test_scram_with_the_user_as_authzid_from_gsasl(server: RunningServer) -> None:
+    # GNU SASL (neomutt's SASL library) sends "n,a=alice,n=alice,...": scramp refused
+    # any authzid, so such clients could not log in with SCRAM-SHA-256 at all
+    def gsasl(*authzid: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["gsasl", "--smtp", "--no-starttls", "-m", "SCRAM-SHA-256", "-a", "alice",
+             *authzid, "-p", PASSWORD, server.host, str(server.port)],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+        )
+
+    for authzid in (("-z", "alice"), ()):
+        done = gsasl(*authzid)
+        assert done.returncode == 0 and "221 " in done.stdout, (authzid, done.stdout)
+    other = gsasl("-z", "bob")  # acting for another user: refused
+    assert other.returncode != 0 and "535 5.7.8" in other.stdout + other.stderr
