@@ -82,13 +82,24 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return run(config, args.config, overrides)
     except (ConfigError, DeliveryConfigError, ValueError) as exc:
-        print(f"mailgate: {exc}", file=sys.stderr)
-        return 2
+        return _fatal(config.logging.format, str(exc), 2)
     except OSError as exc:
-        print(f"mailgate: cannot start: {exc}", file=sys.stderr)
-        return 1
+        return _fatal(config.logging.format, f"cannot start: {exc}", 1)
     except KeyboardInterrupt:
         return 0
+
+
+def _fatal(log_format: str, message: str, status: int) -> int:
+    """Why the server cannot run, on stderr: a JSON line where the log is JSON (a
+    reader of it must be able to parse every line), else the plain sentence."""
+    if log_format == "json":
+        from mailgate.ops.logging import flush_logs, log_event
+
+        log_event("start_failed", level="error", error=message)
+        flush_logs()
+    else:
+        print(f"mailgate: {message}", file=sys.stderr)
+    return status
 
 
 def _passwd(args: argparse.Namespace) -> int:

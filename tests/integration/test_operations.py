@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
@@ -168,6 +169,17 @@ def test_a_domain_without_a_postmaster_is_a_warning_and_refused_at_rcpt(tmp_path
         assert "event=postmaster" in srv.log() and "level=warning" in srv.log()
     finally:
         srv.stop()
+
+
+def test_a_start_that_fails_says_so_in_json_where_the_log_is_json(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    config = tmp_path / "json.toml"
+    config.write_text(f'[server]\nspool_dir = "{tmp_path}/file/spool"\n[logging]\n'
+                      f'format = "json"\n[delivery]\nmaildir_root = "{tmp_path}/m"\n')
+    started = _cli("serve", "--config", str(config), "--listen", "127.0.0.1:0")
+    assert started.returncode == 1
+    lines = [json.loads(line) for line in started.stderr.splitlines()]  # every one
+    assert lines[-1]["event"] == "start_failed" and "cannot start" in lines[-1]["error"]
 
 
 def test_a_user_or_group_that_does_not_exist(tmp_path: Path) -> None:
