@@ -58,6 +58,7 @@ STDERR_LIMIT = 8 * 1024  # octets of the mailer's stderr kept; the rest is read 
 STDERR_LINES = 10  # lines of it put in the reply
 REFUSED_EXITS = frozenset({os.EX_DATAERR, os.EX_NOUSER, os.EX_NOHOST, os.EX_NOPERM})
 STDERR_GRACE = 1.0  # seconds left for the rest of its stderr once the mailer exited
+_EXIT_STATUS = {os.EX_NOUSER: "5.1.1", os.EX_NOHOST: "5.1.2", os.EX_NOPERM: "5.7.1"}
 
 _PLACEHOLDER = re.compile(r"\{(sender|recipient|id)\}")
 
@@ -219,7 +220,9 @@ class PipeDestination:
             lines[0] if lines else "",
         )
         name = "delivery.mailer_refused" if refused else "delivery.mailer_failed"
-        return multiline(name, lines)
+        answer = multiline(name, lines)
+        # RFC 3463: what the exit says, where it says more than "content" (5.6.0)
+        return answer.with_status(_EXIT_STATUS[status]) if status in _EXIT_STATUS else answer
 
 
 async def _feed(stdin: asyncio.StreamWriter, header: bytes, spool_path: str) -> None:

@@ -541,7 +541,8 @@ class Connection:
         if not self.extended:
             raise GrammarError("syntax.param", param=kw)
         if kw == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 20:
+            # ASCII digits only (RFC 5234 DIGIT): str.isdigit() takes "²" and "٣" too
+            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                 raise GrammarError("syntax.param_value", param=kw)
             env.declared_size = int(value)
         elif kw == "BODY":
@@ -628,7 +629,10 @@ class Connection:
         parts = arg.split(" ")
         size_text = parts[0]
         last = len(parts) == 2 and parts[1].upper() == "LAST"
-        if not size_text.isdigit() or len(size_text) > _MAX_BDAT_DIGITS:
+        # RFC 3030 chunk-size is 1*DIGIT, ASCII: a reader that took "٣" for 3 would
+        # take what follows for data where another sees commands
+        digits = size_text.isascii() and size_text.isdigit()
+        if not digits or len(size_text) > _MAX_BDAT_DIGITS:
             return self._refuse("BDAT", reply("syntax.args", detail="BDAT <size> [LAST]"))
         size = int(size_text)
         self._chunk = ChunkReader(size)
@@ -712,7 +716,7 @@ class Connection:
         if not s.auth_mechanisms:
             return self._refuse("AUTH", reply("not_implemented"))
         if self.helo is None or not self.extended:
-            return self._refuse("AUTH", reply("seq.need_helo"))
+            return self._refuse("AUTH", reply("seq.need_ehlo"))
         if self.authenticated:
             return self._refuse("AUTH", reply("auth.already"))
         if self.envelope is not None:

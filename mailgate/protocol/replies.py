@@ -121,6 +121,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "not_implemented":        Template(502, "5.5.1", "Command not implemented"),
     # --- sequence ------------------------------------------------------------
     "seq.need_helo":          Template(503, "5.5.1", "Start by saying HELO, please"),
+    "seq.need_ehlo":          Template(503, "5.5.1", "AUTH needs EHLO, not HELO"),
     "seq.need_mail":          Template(503, "5.5.1", "Need MAIL before RCPT"),
     "seq.nested_mail":        Template(503, "5.5.1", "Sender already specified"),
     "seq.need_rcpt":          Template(503, "5.5.1", "No valid recipients"),
@@ -174,13 +175,13 @@ CATALOGUE: Final[dict[str, Template]] = {
     "rcpt.no_route":          Template(550, "5.4.4", "No route to <{address}>: this server relays to no other domain"),
     "rcpt.loopback_disabled": Template(550, "5.7.1", "Loopback address form user@[] not accepted"),
     # --- policy: access lists, DNSBL, greylisting (upas filter states) -------
-    "access.denied":          Template(554, "5.7.1", "We don't accept mail from {sender}.\nContact postmaster@{host} for more information."),
-    "access.client_denied":   Template(554, "5.7.1", "Access denied for {ip}.\nContact postmaster@{host} for more information."),
+    "access.denied":          Template(550, "5.7.1", "We don't accept mail from {sender}.\nContact postmaster@{host} for more information."),
+    "access.client_denied":   Template(550, "5.7.1", "Access denied for {ip}.\nContact postmaster@{host} for more information."),
     "access.blocked":         Template(554, "5.7.1", "we believe this is spam.  we don't accept it."),
     "access.delay":           Template(451, "4.7.1", "Please try again later"),
-    "access.dialup":          Template(554, "5.7.1", "We don't accept mail from dial-up ports."),
+    "access.dialup":          Template(550, "5.7.1", "We don't accept mail from dial-up ports."),
     "access.rcpt_denied":     Template(550, "5.7.1", "Mail to <{address}> refused by local policy"),
-    "access.dnsbl":           Template(554, "5.7.1", "Client {ip} is listed by {zone}: {reason}"),
+    "access.dnsbl":           Template(550, "5.7.1", "Client {ip} is listed by {zone}: {reason}"),
     "greylist.deferred":      Template(451, "4.7.1", "Greylisted, please try again later"),
     "filter.internal":        Template(451, "4.3.0", "Internal error classifying message"),
     # --- delivery ------------------------------------------------------------
@@ -193,7 +194,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "delivery.downstream_perm": Template(554, "5.0.0", "Downstream refused the message"),
     "delivery.partial_unreported": Template(554, "5.0.0", "Not delivered to the recipients above; the others have it, and no report could reach the sender"),
     "delivery.downstream_rcpt_temp": Template(451, "4.4.0", "Downstream deferred <{address}>"),
-    "delivery.downstream_rcpt_perm": Template(550, "5.1.1", "Downstream refused <{address}>"),
+    "delivery.downstream_rcpt_perm": Template(550, "5.0.0", "Downstream refused <{address}>"),
     "delivery.smarthost_temp": Template(451, "4.4.1", "Smarthost unavailable, try again later"),
     "delivery.smarthost_perm": Template(554, "5.0.0", "Smarthost refused the message"),
     # RFC 6531 3.2: a message that needs SMTPUTF8 must not go to a server without it

@@ -157,7 +157,7 @@ def test_one_run_per_recipient_with_its_own_outcome(tmp_path: Path, out: Path) -
     mailer = script(tmp_path, RECORDER, out)
     rcpts = [Address("a", "x.test"), Address("exit67", "x.test"), Address("exit75", "x.test")]
     results = deliver([sys.executable, mailer, "{recipient}"], tmp_path, rcpts)
-    assert codes(results) == [(250, "2.0.0"), (554, "5.6.0"), (451, "4.3.0")]
+    assert codes(results) == [(250, "2.0.0"), (554, "5.1.1"), (451, "4.3.0")]
     assert [r["argv"] for r in runs(out)] == [[str(a)] for a in rcpts]
     # stderr lines come first, every line with the code and enhanced code.
     assert results[2].reply.to_bytes() == (
@@ -184,7 +184,7 @@ def test_refused_pattern_in_stderr_is_permanent(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
 @pytest.mark.parametrize(
-    ("status", "expected"), [(0, (250, "2.0.0")), (1, (451, "4.3.0")), (67, (554, "5.6.0"))]
+    ("status", "expected"), [(0, (250, "2.0.0")), (1, (451, "4.3.0")), (67, (554, "5.1.1"))]
 )
 def test_mailer_that_does_not_read_stdin(
     tmp_path: Path, status: int, expected: tuple[int, str], run: Any
@@ -203,10 +203,14 @@ def test_mailer_that_does_not_read_stdin(
     assert codes(results) == [expected]
 
 
-def test_ex_nohost_is_permanent(tmp_path: Path) -> None:
-    mailer = script(tmp_path, "import sys\nsys.stdin.read()\nsys.exit(68)\n")
+@pytest.mark.parametrize(
+    ("status", "enhanced"), [(65, "5.6.0"), (67, "5.1.1"), (68, "5.1.2"), (77, "5.7.1")]
+)
+def test_permanent_exits_say_what_they_mean(tmp_path: Path, status: int, enhanced: str) -> None:
+    # EX_NOHOST is permanent too (sendmail, Postfix); each with its RFC 3463 status
+    mailer = script(tmp_path, f"import sys\nsys.stdin.read()\nsys.exit({status})\n")
     assert codes(deliver([sys.executable, mailer], tmp_path, [Address("a", "x")])) == [
-        (554, "5.6.0")
+        (554, enhanced)
     ]
 
 

@@ -435,6 +435,6 @@ def test_a_downstream_refusal_keeps_its_own_status() -> None:
     later = recipient_failure(rcpt, Response(452, ("4.2.2 over quota, later",)))
     assert (later.code, later.enhanced) == (451, "4.2.2")
     odd = recipient_failure(rcpt, Response(550, ("4.2.2 mixed up",)))
-    assert (odd.code, odd.enhanced) == (550, "5.1.1")
-    bare = recipient_failure(rcpt, Response(550, ("no such user",)))
-    assert (bare.code, bare.enhanced) == (550, "5.1.1")
+    assert (odd.code, odd.enhanced) == (550, "5.0.0")
+    bare = recipient_failure(rcpt, Response(552, ("Mailbox full",)))
+    assert (bare.code, bare.enhanced) == (550, "5.0.0")  # not "no such user"

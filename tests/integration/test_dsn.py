@@ -69,7 +69,7 @@ def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
         code, text = _to_root_and_lists(srv, "<>")
         assert code == 554
         said = text.decode()
-        assert said.startswith("5.0.0 <lists@localhost>: 554 5.6.0 ")
+        assert said.startswith("5.0.0 <lists@localhost>: 554 5.1.1 ")
         assert said.endswith(
             "5.0.0 Not delivered to the recipients above; the others have it, and no "
             "report could reach the sender"
@@ -84,7 +84,7 @@ def test_a_report_refused_for_good_ends_in_a_refusal_not_a_retry(tmp_path: Path)
     srv = _with_refusing_list(tmp_path, ["lists"])
     try:
         code, text = _to_root_and_lists(srv, "<someone@remote.mailgate.org>")
-        assert code == 554 and b"<lists@localhost>: 554 5.6.0" in text
+        assert code == 554 and b"<lists@localhost>: 554 5.1.1" in text
         assert len(srv.messages("root")) == 1
         assert wait_for(lambda: "event=dsn" in srv.log())
         [line] = [x for x in srv.log().splitlines() if "event=dsn" in x]

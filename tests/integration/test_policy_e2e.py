@@ -119,7 +119,8 @@ def test_access_list_states(tmp_path: Path, dns_address: str) -> None:
         with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
             smtp.ehlo("client.sender.lab")
             code, text = smtp.docmd("MAIL", "FROM:<x@a.sender.lab>")
-            assert code == 554 and b"postmaster@mx.mailgate.test" in text
+            # RFC 5321 4.3.2 lists no 554 for MAIL
+            assert code == 550 and b"postmaster@mx.mailgate.test" in text
             code, text = smtp.docmd("MAIL", "FROM:<x@deep.sub.sender.lab>")
             assert (code, text[:5]) == (451, b"4.7.1")
             assert smtp.docmd("MAIL", "FROM:<x@aaaa.sender.lab>")[0] == 250

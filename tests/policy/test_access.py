@@ -91,9 +91,9 @@ def test_denied_ip_is_refused_at_mail_naming_the_postmaster(step: AccessStep) ->
     assert who.tags["access_ip"] == "deny"  # decided at connect ...
     verdict, state = transaction(step, who, envelope("a@good.lab"))
     assert state == "DENIED"
-    assert str(verdict.reply) == (  # ... answered at MAIL, multi-line, 554 on every line
-        "554-5.7.1 Access denied for 192.0.2.9.\r\n"
-        f"554 5.7.1 Contact postmaster@{HOST} for more information."
+    assert str(verdict.reply) == (  # ... answered at MAIL, multi-line, 550 on every line
+        "550-5.7.1 Access denied for 192.0.2.9.\r\n"
+        f"550 5.7.1 Contact postmaster@{HOST} for more information."
     )
     assert dict(verdict.tags) == {"check": "access", "reason": "deny", "rule": verdict.tags[2][1]}
     assert verdict.tags[2][1].endswith(":2")
@@ -106,7 +106,7 @@ def test_denied_sender_is_refused_at_mail(step: AccessStep) -> None:
         "We don't accept mail from Spammer@Annoying.LAB.",
         f"Contact postmaster@{HOST} for more information.",
     )
-    assert (verdict.reply.code, verdict.reply.enhanced) == (554, "5.7.1")
+    assert (verdict.reply.code, verdict.reply.enhanced) == (550, "5.7.1")
 
 
 def test_ipv4_mapped_client_matches_ipv4_rules(step: AccessStep) -> None:
@@ -124,7 +124,7 @@ def test_ipv6_rules(step: AccessStep) -> None:
 def test_dialup_ip(step: AccessStep) -> None:
     verdict, state = transaction(step, client("198.51.100.3"), envelope("a@good.lab"))
     assert state == "DIALUP"
-    assert str(verdict.reply) == "554 5.7.1 We don't accept mail from dial-up ports."
+    assert str(verdict.reply) == "550 5.7.1 We don't accept mail from dial-up ports."
 
 
 def test_allow_beats_the_rest_whatever_the_order(step: AccessStep) -> None:

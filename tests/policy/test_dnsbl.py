@@ -33,7 +33,7 @@ def test_listed_client_is_refused_at_mail_with_the_txt_reason(dns_server: Loopba
     who = client("192.0.2.10")
     verdict = session(step, who)
     assert str(verdict.reply) == (
-        "554 5.7.1 Client 192.0.2.10 is listed by bl.lab: Listed: see https://bl.lab/q?192.0.2.10"
+        "550 5.7.1 Client 192.0.2.10 is listed by bl.lab: Listed: see https://bl.lab/q?192.0.2.10"
     )
     assert who.filter_state == "DIALUP"
     assert verdict.tags == (("check", "dnsbl"), ("reason", "listed"), ("zone", "bl.lab"))
@@ -41,7 +41,7 @@ def test_listed_client_is_refused_at_mail_with_the_txt_reason(dns_server: Loopba
 
 def test_listing_without_txt_says_listed(dns_server: LoopbackDNS) -> None:
     verdict = session(DnsblStep(dns_server.resolver(), ["bl.lab"]), client("192.0.2.11"))
-    assert str(verdict.reply) == "554 5.7.1 Client 192.0.2.11 is listed by bl.lab: listed"
+    assert str(verdict.reply) == "550 5.7.1 Client 192.0.2.11 is listed by bl.lab: listed"
 
 
 def test_ipv6_and_mapped_clients(dns_server: LoopbackDNS) -> None:

@@ -113,7 +113,7 @@ def test_multiline_reply_from_the_driver_keeps_code_on_every_line() -> None:
     s.ehlo()
     out = s.send("MAIL FROM:<a@example.net>\r\n")
     assert len(out) == 2
-    assert out[0].startswith("554-5.7.1 ") and out[1].startswith("554 5.7.1 ")
+    assert out[0].startswith("550-5.7.1 ") and out[1].startswith("550 5.7.1 ")
 
 
 HOSTILE = [

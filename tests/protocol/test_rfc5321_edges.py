@@ -80,3 +80,21 @@ def test_invalid_character_codes_in_a_known_command_are_501(line: bytes, code: s
     if not line.startswith(b"EHLO"):
         s.ehlo()
     assert codes(s.send(line)) == [code]
+
+
+@pytest.mark.parametrize("digits", ["\u00b2", "\u0663", "1\u0663"])
+def test_sizes_are_ascii_digits(digits: str) -> None:
+    # str.isdigit() takes "²" and "٣": int() then raised (the session died with 421),
+    # or BDAT read 3 octets as data where a strict reader sees a command
+    s = Session()
+    s.ehlo()
+    assert codes(s.send(f"MAIL FROM:<a@example.net> SIZE={digits}\r\n")) == ["501 5.5.4"]
+    s.transaction()
+    assert codes(s.send(f"BDAT {digits} LAST\r\nabcNOOP\r\n")) == ["501 5.5.2", "500 5.5.1"]
+    assert not s.of(ev.BodyChunk)
+
+
+def test_auth_after_helo_says_it_needs_ehlo() -> None:
+    s = Session(auth_mechanisms=("PLAIN",), allow_plaintext_auth=True)
+    s.send("HELO client.example.net\r\n")
+    assert s.send("AUTH PLAIN\r\n") == ["503 5.5.1 AUTH needs EHLO, not HELO"]
