@@ -40,6 +40,9 @@ _SASL_PLAINTEXT = frozenset({"PLAIN", "LOGIN"})
 # Mechanisms in which the server speaks first: an initial response to them is 501
 # 5.7.0 (RFC 4954 4).  PLAIN, LOGIN (its user name) and SCRAM may start with one.
 SERVER_FIRST = frozenset({"CRAM-MD5"})
+# the sequence refusals that follow from a refused MAIL, RCPT or BDAT
+_FOLLOW_ONS = frozenset({"seq.need_mail", "seq.need_mail_data", "seq.need_rcpt",
+                         "seq.bdat_aborted"})
 _MAX_BDAT_DIGITS = 18
 
 
@@ -89,7 +92,7 @@ class Connection:
     # Slots: ten thousand idle sessions each hold one of these.
     __slots__ = (
         "_body_open", "_body_size", "_buf", "_chunk", "_chunk_last", "_chunk_sink",
-        "_discard_line", "_dot", "_events", "_out", "_pending",
+        "_deferred", "_discard_line", "_dot", "_events", "_out", "_pending",
         "_send_later", "_sent_2xx", "_sent_3xx", "_sent_4xx", "_sent_5xx", "_too_big",
         "authenticated", "envelope", "errors", "extended", "helo", "quit", "settings",
         "state", "tls_active",
@@ -125,6 +128,10 @@ class Connection:
         # RFC 4954's 500 5.5.6), else None
         self._discard_line: str | None = None
         self.quit = False  # the session ends at the client's QUIT, not at our word
+        # This transaction met a temporary refusal (greylisting, DNS trouble): the 503s
+        # its pipelined follow-ups get are no fault of the client's (see _refuse); at
+        # most this many, so that a client cannot go on with them for ever.
+        self._deferred = 0
 
     # -- driver API ------------------------------------------------------------
 
@@ -232,6 +239,7 @@ class Connection:
         self._send(r)
 
     def _accept_mail(self, pending: ev.MailFrom, r: Reply | None) -> None:
+        self._deferred = 0
         self.envelope = pending.envelope
         sender = pending.envelope.sender
         self._send(r or reply("mail.ok", address=str(sender) if sender else ""))
@@ -276,6 +284,8 @@ class Connection:
         ``counted=False``: no fault of the client's (a message its recipients'
         destinations failed), so it does not count towards max_errors."""
         pending = self._take_pending()
+        if r.code < 500:  # a whole pipelined transaction may follow: its RCPTs, DATA
+            self._deferred = self.settings.max_recipients + 2
         if isinstance(pending, ev.DataStart) and pending.chunked:
             # The chunk that came with the refused BDAT must still be read (RFC 3030).
             self._chunk_sink = True
@@ -347,8 +357,15 @@ class Connection:
             self._events.append(ev.Closed())
 
     def _refuse(self, command: str, r: Reply) -> None:
-        self._send(r)
-        self._events.append(ev.Rejected(command, r))
+        # A pipelining MTA sends RCPT, DATA (or its BDAT chunks) without waiting: after
+        # a 4xx to MAIL or RCPT their 503s follow from our deferral, and counted they
+        # had greylisted senders tarpitted and cut off (max_errors counts only what
+        # the client got wrong).
+        counted = not (self._deferred and r.name in _FOLLOW_ONS)
+        if not counted:
+            self._deferred -= 1
+        self._send(r, counted)
+        self._events.append(ev.Rejected(command, r, counted))
 
     def _decide(self, event: ev.Event) -> None:
         self._pending = event
@@ -662,6 +679,7 @@ class Connection:
         if arg:
             return self._refuse("RSET", reply("syntax.args", detail="RSET takes no argument"))
         self._reset_transaction(reply("ok"))
+        self._deferred = 0
         self._send(reply("ok"))
 
     def _cmd_noop(self, arg: str) -> None:

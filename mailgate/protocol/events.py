@@ -129,6 +129,7 @@ class Rejected(Event):
 
     command: str
     reply: Reply
+    counted: bool = True  # towards max_errors (and the tarpit): the client's fault
 
 
 class _Sentinel:

@@ -389,7 +389,8 @@ class Session(asyncio.Protocol):
             self.log_event("refused", command=event.command, code=event.reply.code,
                            enhanced=event.reply.enhanced)
             server.metrics.rejection(event.reply.name or str(event.reply.code))
-            await self._tarpit(event.reply)
+            if event.counted:
+                await self._tarpit(event.reply)
         elif isinstance(event, ev.StartTLS):
             await self._on_starttls()
         elif isinstance(event, ev.AuthStart):

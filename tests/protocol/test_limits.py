@@ -131,3 +131,39 @@ def test_a_message_its_destinations_failed_is_not_counted() -> None:
     s.transaction("<a@example.net>", "<b@example.org>")
     s.send("DATA\r\nx\r\n.\r\n")
     assert codes(s.send("NOOP\r\n")) == ["421 4.7.0"]
+
+
+def test_what_follows_a_temporary_refusal_in_a_pipeline_does_not_count() -> None:
+    # A greylisting 451 to RCPT: the pipelined DATA gets 503, no fault of the client's.
+    # Counted, twenty greylisted messages on one connection met "421 Too many errors".
+    s = Session(max_errors=3, decide=scripted(RcptTo=reply("greylist.deferred")))
+    s.ehlo()
+    for _ in range(10):
+        out = s.send("MAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n"
+                     "RSET\r\n")
+        assert codes(out) == ["250 2.1.0", "451 4.7.1", "503 5.5.1", "250 2.0.0"]
+    assert s.conn.errors == 0
+    assert not [e for e in s.of(ev.Rejected) if e.counted]
+    # ... but only as many as a transaction can bring: then they count again
+    s.send("MAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\n")
+    out = s.send("DATA\r\n" * 200)
+    assert codes(out)[-1] == "421 4.7.0"
+
+
+def test_a_deferred_mail_makes_its_pipelined_rcpt_and_data_uncounted() -> None:
+    tempfail = reply("sender.dns_tempfail", domain="x.example")
+    s = Session(max_errors=2, decide=scripted(MailFrom=tempfail))
+    s.ehlo()
+    for _ in range(5):
+        out = s.send("MAIL FROM:<a@x.example>\r\nRCPT TO:<b@example.org>\r\nDATA\r\nRSET\r\n")
+        assert [c[:3] for c in codes(out)] == ["451", "503", "503", "250"]
+    assert s.conn.errors == 0
+
+
+def test_bdat_chunks_after_a_deferred_one_do_not_count() -> None:
+    # RFC 3030 2: the server must accept and discard the chunks already pipelined
+    s = Session(max_errors=1, decide=scripted(DataStart=reply("greylist.deferred")))
+    s.transaction()
+    out = s.send("BDAT 3\r\nabcBDAT 3 LAST\r\ndefRSET\r\n")
+    assert codes(out) == ["451 4.7.1", "503 5.5.1", "250 2.0.0"]
+    assert s.conn.errors == 0 and not s.conn.closed
