@@ -29,6 +29,7 @@ from typing import Protocol, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 Clock = Callable[[], float]
@@ -206,8 +207,10 @@ class RedisStore:
     """A store in Redis, shared by every mailgate instance that points at it.
 
     No connection is made until the first call.  Each call is bounded by ``timeout``
-    seconds and retried once at once (a pooled connection may have gone stale when
-    Redis restarted); after that it raises :class:`StoreError`.
+    seconds; one that failed to connect, or on a connection that broke, is retried once
+    at once (a pooled connection may have gone stale when Redis restarted), one that
+    timed out is not (a hung Redis would otherwise cost twice the timeout); then it
+    raises :class:`StoreError`.
     """
 
     def __init__(self, url: str, timeout: float = 2.0) -> None:
@@ -217,7 +220,7 @@ class RedisStore:
                 decode_responses=True,
                 socket_timeout=timeout,
                 socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 1),
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             )
         except ValueError as exc:
             raise StoreError(f"bad redis url: {exc}") from exc

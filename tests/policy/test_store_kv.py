@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -288,3 +291,22 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
         open_store("memcached", "x", "y")
     with pytest.raises(StoreError):
         open_store("redis", "x", "http://not-redis/")
+
+
+def test_a_hung_redis_costs_one_timeout_per_call(redis_server: RedisServer) -> None:  # noqa: F811
+    # A call that timed out was sent again: each greylist check on a hung Redis took
+    # twice greylist.redis_timeout (documented as the time per call).
+    async def go() -> float:
+        store = RedisStore(redis_server.url, timeout=1.0)
+        await store.set("k", "v")  # connected
+        os.kill(redis_server._proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreError):
+                await store.get("k")
+            return time.monotonic() - started
+        finally:
+            os.kill(redis_server._proc.pid, signal.SIGCONT)
+            await store.close()
+
+    assert asyncio.run(go()) < 1.8
