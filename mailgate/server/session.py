@@ -837,7 +837,13 @@ class Session(asyncio.Protocol):
         half-close and read on, discarding, for up to LINGER seconds: closed with its
         data unread, the connection would be reset and our reply lost with it."""
         conn = self.conn
-        if conn is None or conn.quit or self._lost or not transport.can_write_eof():
+        # Not for a client refused at connect or gone quiet before HELO: it sends no
+        # data to lose a reply in, and a flood of such connections must not hold a
+        # descriptor each for LINGER seconds.
+        if (
+            conn is None or conn.quit or conn.helo is None or self._lost
+            or not transport.can_write_eof()
+        ):
             transport.close()
             return
         self._lingering = True

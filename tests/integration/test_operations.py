@@ -291,6 +291,16 @@ def test_connection_limit_per_client(tmp_path: Path) -> None:
         assert len(refused) == 1
         assert "command=connect code=421 enhanced=4.7.0" in refused[0]
         assert "reason=closing.too_many_from_client" in refused[0]
+        # refused ones that stay open are let go at once, not kept lingering
+        fds = len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
+        extra = [socket.create_connection((srv.host, srv.port), timeout=10) for _ in range(12)]
+        try:
+            for sock in extra[2:]:
+                assert sock.recv(1024).startswith(b"421 ")
+            assert wait_for(lambda: len(os.listdir(f"/proc/{srv.proc.pid}/fd")) <= fds + 2, 5)
+        finally:
+            for sock in extra:
+                sock.close()
     finally:
         srv.stop()
 
