@@ -263,7 +263,7 @@ class _BoundServer(ThreadingMixIn, WSGIServer):
         self.setup_environ()
         self.set_app(_only_metrics(app))  # type: ignore[arg-type]
 
-    def handle_error(self, request: object, client_address: object) -> None:
+    def handle_error(self, _request: object, _client_address: object) -> None:
         # socketserver prints a traceback to stderr, lines no log reader expects: a
         # scraper that hung up is nothing to report, anything else one log line.
         exc = sys.exc_info()[1]

@@ -19,15 +19,17 @@ from tests.integration.server import RunningServer, start_server
 PASSWORD = "correct horse battery staple"
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RunningServer]:
-    users = tmp_path / "users"
+def _passwd(users: Path, user: str, *flags: str) -> None:
     subprocess.run(
-        [sys.executable, "-m", "mailgate.cli", "passwd", "alice", "--users-file", str(users),
-         "--stdin"],
+        [sys.executable, "-m", "mailgate.cli", "passwd", user, "--users-file", str(users),
+         "--stdin", *flags],
         input=PASSWORD + "\n", text=True, check=True, capture_output=True,
     )
-    srv = start_server(tmp_path, f"""
+
+
+def _auth_server(tmp_path: Path, users: Path, failure_delay: float) -> RunningServer:
+    """An untrusted client's server with AUTH (PLAIN without TLS too) for ``users``."""
+    return start_server(tmp_path, f"""
         [server]
         spool_dir = "{tmp_path / 'spool'}"
         [[listener]]
@@ -35,15 +37,22 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
         allow_plaintext_auth = true
         [auth]
         users_file = "{users}"
-        failure_delay = 0.2
+        failure_delay = {failure_delay}
         [policy]
         trusted_networks = []
         verify_sender_domain = false
         [delivery]
         maildir_root = "{tmp_path / 'maildir'}"
         system_users = false
-        local_users = ["alice", "bob"]
+        local_users = ["alice", "bob", "carol"]
     """)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RunningServer]:
+    users = tmp_path / "users"
+    _passwd(users, "alice")
+    srv = _auth_server(tmp_path, users, failure_delay=0.2)
     yield srv
     srv.stop()
 
@@ -97,14 +106,6 @@ def test_commands_pipelined_behind_auth_plain_are_answered(server: RunningServer
     assert [line[:3] for line in got.decode().splitlines()] == ["235", "250", "250", "221"]
 
 
-def _passwd(users: Path, user: str, *flags: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "mailgate.cli", "passwd", user, "--users-file", str(users),
-         "--stdin", *flags],
-        input=PASSWORD + "\n", text=True, check=True, capture_output=True,
-    )
-
-
 def test_mechanisms_follow_the_users_file_without_a_reload(tmp_path: Path) -> None:
     users = tmp_path / "users"
     users.write_text("")  # nobody yet: submission must still require AUTH
@@ -156,23 +157,7 @@ def test_a_client_falling_back_from_cram_md5_is_not_locked_out(tmp_path: Path) -
     users = tmp_path / "users"
     _passwd(users, "alice", "--cram")  # someone has one: CRAM-MD5 is offered
     _passwd(users, "carol")
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path / 'spool'}"
-        [[listener]]
-        address = "127.0.0.1:0"
-        allow_plaintext_auth = true
-        [auth]
-        users_file = "{users}"
-        failure_delay = 0.05
-        [policy]
-        trusted_networks = []
-        verify_sender_domain = false
-        [delivery]
-        maildir_root = "{tmp_path / 'maildir'}"
-        system_users = false
-        local_users = ["alice", "carol"]
-    """)
+    srv = _auth_server(tmp_path, users, failure_delay=0.05)
     try:
         for _ in range(8):
             with smtplib.SMTP(srv.host, srv.port, timeout=20) as smtp:
