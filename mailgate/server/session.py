@@ -244,6 +244,8 @@ class Session(asyncio.Protocol):
             if self._proxy_buf:
                 self.conn.receive_data(self._proxy_buf)
                 self._proxy_buf = b""
+            assert self._event_loop is not None
+            asked = self._event_loop.time()  # (the greeting pause counts from here)
             refusal = server.admit(self)
             if refusal is not None:  # a connection limit: logged and counted as refusals are
                 self.log_event("refused", command="connect", code=refusal.code,
@@ -257,7 +259,7 @@ class Session(asyncio.Protocol):
             if refusal is not None:
                 self.conn.refuse(refusal)
             else:
-                await self._greet_pause()
+                await self._greet_pause(since=asked)
                 if self._stopping or self._draining:  # no 220 to take back
                     self.conn.shutdown()
                 else:
@@ -272,10 +274,12 @@ class Session(asyncio.Protocol):
         finally:
             self._cleanup()
 
-    async def _greet_pause(self) -> None:
+    async def _greet_pause(self, since: float) -> None:
         """server.greet_pause: hold the greeting back from an untrusted client of a
         public listener and note whether it talked meanwhile (policy/pregreet.py
-        refuses its MAIL)."""
+        refuses its MAIL).  The pause counts from ``since``, when the connect checks
+        began: time spent on them (a DNSBL zone that does not answer) is part of it,
+        not added to it."""
         pause = self.server.config.server.greet_pause
         client = self.client
         conn = self.conn
@@ -284,7 +288,7 @@ class Session(asyncio.Protocol):
             return
         loop = self._event_loop
         assert loop is not None
-        end = loop.time() + pause
+        end = since + pause
         # Not a plain sleep: a client that hangs up, or a shutdown, ends the pause (the
         # session's connection slot is not held for a gone client).  Bytes that arrive
         # wake the wait too, which then goes on.

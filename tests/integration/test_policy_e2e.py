@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,5 +169,32 @@ def test_the_received_field_names_the_client_dns_confirms(
         log = srv.log()
         assert "level=error" not in log and "Traceback" not in log
         assert "Task was destroyed" not in log
+    finally:
+        srv.stop()
+
+
+def test_a_silent_blocklist_is_waited_for_within_the_greeting_pause(
+    tmp_path: Path, dns_address: str
+) -> None:
+    # A DNSBL zone that never answers costs dns_timeout at connect; the greeting pause
+    # used to come after it, on top: 1.5 s + 1.5 s here.  It counts from the connect now.
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+        greet_pause = 1.5
+        [policy]
+        trusted_networks = []
+        dns_servers = ["{dns_address}"]
+        dns_timeout = 1.5
+        dnsbl_zones = ["slow.lab"]
+        reverse_lookup = false
+    """)
+    try:
+        started = time.monotonic()
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            assert sock.recv(1024).startswith(b"220 ")
+            waited = time.monotonic() - started
+        assert 1.4 < waited < 2.5, waited  # the pause, not the pause plus the timeout
+        assert "dnsbl lookup failed zone=slow.lab" in srv.log()
     finally:
         srv.stop()
