@@ -257,7 +257,7 @@ class Session(asyncio.Protocol):
                 if refusal is not None or verdict.tags:
                     self._log_verdict("connect", verdict)
             if refusal is not None:
-                self.conn.refuse(refusal)
+                self.conn.refuse(self._closing(refusal))
             else:
                 await self._greet_pause(since=asked)
                 if self._stopping or self._draining:  # no 220 to take back
@@ -428,7 +428,17 @@ class Session(asyncio.Protocol):
             delay = self.server.config.server.helo_delay
             if delay > 0 and not client.trusted:
                 await asyncio.sleep(delay)  # upas -D: slow down the spam cannons
+        elif verdict.reply is not None and verdict.reply.code < 500:
+            verdict = Verdict(self._closing(verdict.reply), close=True, tags=verdict.tags)
         await self._answer(verdict)
+
+    def _closing(self, refusal: Reply) -> Reply:
+        """A refusal as the greeting and HELO may give it: RFC 5321 4.3.2 lists 554
+        (or 550 to HELO) and 421 there, no other 4xx; a temporary one (a policy step
+        that failed: 451) becomes 421 and the session ends."""
+        if refusal.code >= 500 or refusal.code == 421:
+            return refusal
+        return reply("closing.internal", host=self.server.hostname)
 
     async def _on_mail(self, envelope: Envelope) -> None:
         client = self.client
