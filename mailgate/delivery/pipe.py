@@ -167,6 +167,7 @@ class PipeDestination:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # its own process group, to kill it whole
+                env=mailer_environment(),
             )
         except (OSError, ValueError) as e:
             log.error("%s: cannot run mailer %s: %s", session_id, argv[0], e)
@@ -244,6 +245,18 @@ async def _feed(stdin: asyncio.StreamWriter, header: bytes, spool_path: str) -> 
         pass
     finally:
         stdin.close()
+
+
+# What a mailer gets of the server's environment (Postfix's pipe passes as little):
+# not the rest, which may hold what the server was started with (credentials, a
+# Redis URL with its password, the service manager's variables).
+MAILER_ENVIRONMENT = ("PATH", "TZ", "LANG", "LC_ALL", "LC_CTYPE")
+
+
+def mailer_environment() -> dict[str, str]:
+    env = {name: os.environ[name] for name in MAILER_ENVIRONMENT if name in os.environ}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    return env
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int:

@@ -305,3 +305,19 @@ def test_missing_program_is_temporary(tmp_path: Path) -> None:
 def test_bad_templates_are_refused(config: PipeConfig) -> None:
     with pytest.raises(ValueError, match=r"^(command|refused_pattern): "):
         PipeDestination(config)
+
+
+def test_the_mailer_gets_no_more_of_the_environment_than_it_needs(
+    tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the server's own environment may hold what it was started with (a password)
+    monkeypatch.setenv("MAILGATE_SECRET", "hunter2")
+    monkeypatch.setenv("TZ", "UTC")
+    mailer = script(tmp_path, "import json, os, sys\nsys.stdin.read()\n"
+                    "open(OUT, 'w').write(json.dumps(dict(os.environ)))\n", out)
+    assert codes(deliver([sys.executable, mailer], tmp_path, [Address("a", "x")])) == [
+        (250, "2.0.0")
+    ]
+    seen = json.loads(out.read_text())
+    assert "MAILGATE_SECRET" not in seen
+    assert seen["TZ"] == "UTC" and seen["PATH"]
