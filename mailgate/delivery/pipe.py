@@ -250,7 +250,8 @@ async def _feed(stdin: asyncio.StreamWriter, header: bytes, spool_path: str) -> 
 # What a mailer gets of the server's environment (Postfix's pipe passes as little):
 # not the rest, which may hold what the server was started with (credentials, a
 # Redis URL with its password, the service manager's variables).
-MAILER_ENVIRONMENT = ("PATH", "TZ", "LANG", "LC_ALL", "LC_CTYPE")
+MAILER_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "TZ", "LANG", "LC_ALL",
+                      "LC_CTYPE")  # who it runs as (procmail finds its rc by HOME), where
 
 
 def mailer_environment() -> dict[str, str]:
