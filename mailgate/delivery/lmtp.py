@@ -45,7 +45,6 @@ from mailgate.delivery.smtp_client import (
     binary_refusal,
     downstream_said,
     recipient_failure,
-    sends_binary,
     transaction_commands,
     wire_path,
     with_downstream_status,
@@ -132,15 +131,10 @@ class LMTPDestination:
                 final[i] = recipient_failure(recipient, resp)
         if not accepted:
             return
-        if sends_binary(conn, envelope):
-            await conn.send_bdat(spool.path)
-        else:
-            data = await conn.command("DATA")
-            if data.code != 354:
-                for i in accepted:
-                    final[i] = _whole_message_failure(data)
-                return
-            await conn.send_data(spool.path, spool.no_bare_cr)
+        refused = await conn.send_message(envelope, spool)
+        if refused is not None:
+            final.update(dict.fromkeys(accepted, _whole_message_failure(refused)))
+            return
         # RFC 2033 4.2: one reply per accepted RCPT, in RCPT order (after BDAT LAST too).
         for i in accepted:
             resp = await conn.read_response()

@@ -37,7 +37,6 @@ from mailgate.delivery.smtp_client import (
     binary_refusal,
     downstream_said,
     recipient_failure,
-    sends_binary,
     transaction_commands,
     utf8_refusal,
     with_downstream_status,
@@ -162,14 +161,10 @@ class SmarthostDestination:
                 final[i] = recipient_failure(recipient, resp)
         if not accepted:
             return
-        if sends_binary(conn, envelope):
-            await conn.send_bdat(spool.path)
-        else:
-            resp = await conn.command("DATA")
-            if resp.code != 354:
-                final.update(dict.fromkeys(accepted, _whole_message_failure(resp)))
-                return
-            await conn.send_data(spool.path, spool.no_bare_cr)
+        refused = await conn.send_message(envelope, spool)
+        if refused is not None:
+            final.update(dict.fromkeys(accepted, _whole_message_failure(refused)))
+            return
         resp = await conn.read_response()
         outcome = reply("ok") if resp.ok else _whole_message_failure(resp)
         final.update(dict.fromkeys(accepted, outcome))

@@ -178,7 +178,7 @@ class Connection:
             return mail, []
         return mail, [await self.command(line) for line in rcpt_lines]
 
-    async def send_data(self, spool_path: str, canonical: bool) -> None:
+    async def _send_data(self, spool_path: str, canonical: bool) -> None:
         """The message after a 354, dot-stuffed, and the final ``.CRLF``.
 
         ``canonical``: every CR and LF of the message is a CRLF's (it came by DATA);
@@ -194,7 +194,21 @@ class Connection:
         tail = stuffer.feed(lines.finish()) if lines else b""
         await self.write(tail + stuffer.finish())
 
-    async def send_bdat(self, spool_path: str) -> None:
+    async def send_message(self, envelope: Envelope, spool: SpoolReader) -> Response | None:
+        """The message, once the server took a recipient: by one BDAT LAST where it
+        goes as BINARYMIME (:func:`sends_binary`), else DATA and the dot-stuffed data.
+        The server's refusal of DATA, or None once all is sent (the caller reads the
+        reply: LMTP gives one per accepted recipient, after BDAT LAST too)."""
+        if sends_binary(self, envelope):
+            await self._send_bdat(spool.path)
+            return None
+        data = await self.command("DATA")
+        if data.code != 354:
+            return data
+        await self._send_data(spool.path, spool.no_bare_cr)
+        return None
+
+    async def _send_bdat(self, spool_path: str) -> None:
         """The message as one ``BDAT size LAST`` chunk, its octets as they are
         (BINARYMIME: no dot-stuffing, no line ends to mend); the caller reads the
         reply (LMTP: one per accepted recipient)."""

@@ -197,8 +197,9 @@ CATALOGUE: Final[dict[str, Template]] = {
     "delivery.downstream_rcpt_perm": Template(550, "5.0.0", "Downstream refused <{address}>"),
     "delivery.smarthost_temp": Template(451, "4.4.1", "Smarthost unavailable, try again later"),
     "delivery.smarthost_perm": Template(554, "5.0.0", "Smarthost refused the message"),
-    # RFC 6531 3.2: a message that needs SMTPUTF8 must not go to a server without it
+    # RFC 3030 3: binary data only to a next hop that offers BINARYMIME
     "delivery.binary_unsupported": Template(554, "5.6.3", "Not passed on: the message holds binary data, and the next hop does not offer BINARYMIME"),
+    # RFC 6531 3.2: a message that needs SMTPUTF8 must not go to a server without it
     "delivery.utf8_address_unsupported": Template(554, "5.6.7", "Not relayed: a non-ASCII address needs SMTPUTF8, which the smarthost does not offer"),
     "delivery.utf8_header_unsupported": Template(554, "5.6.9", "Not relayed: UTF-8 header fields need SMTPUTF8, which the smarthost does not offer"),
     "delivery.mailer_unsafe_recipient": Template(550, "5.1.3", "<{address}> cannot be passed to the mail processor"),
