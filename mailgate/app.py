@@ -219,17 +219,20 @@ def bind_all(config: Config) -> list[list[socket.socket]]:
     return bound
 
 
-def clean_leftovers(spool: SpoolDir, router: object) -> None:
-    """At start, before any session: what a crash left in the spool and in Maildir tmp/."""
-    removed = spool.cleanup()
+def clean_leftovers(config: Config) -> Router:
+    """Before any session: what a crash left in the spool and in Maildir tmp/ (files
+    of living workers are recognised by their pid and left alone); the router whose
+    destinations it looked in."""
+    removed = SpoolDir(config.server.spool_dir).cleanup()
     if removed:
         log_event("spool_cleanup", removed=removed)
-    destinations = router.destinations if isinstance(router, Router) else {}
-    for name, destination in destinations.items():
+    router = build_router(config.delivery, config.server.hostname or default_hostname())
+    for name, destination in router.destinations.items():
         if isinstance(destination, MaildirDestination):
             removed = destination.cleanup_tmp()  # a crash's half-written deliveries
             if removed:
                 log_event("maildir_cleanup", destination=name, removed=removed)
+    return router
 
 
 def run_as(config: Config) -> tuple[int, int] | None:
@@ -447,8 +450,7 @@ def prepare_alone(config: Config) -> tuple[list[list[socket.socket]], socket.soc
     what a crash left, bind the listeners and /metrics (ports below 1024 need root),
     drop privileges.  Everything made after (the greylist database, the spool's files)
     then belongs to server.user, as in the supervisor's workers."""
-    clean_leftovers(SpoolDir(config.server.spool_dir),
-                    build_router(config.delivery, config.server.hostname or default_hostname()))
+    clean_leftovers(config)
     sockets = bind_all(config)
     metrics = None
     try:

@@ -38,8 +38,6 @@ from mailgate.config.errors import ConfigError
 from mailgate.config.restart import keep_restart_only, restart_only_changes
 from mailgate.config.schema import Config
 from mailgate.delivery.factory import build_router
-from mailgate.delivery.router import Router
-from mailgate.delivery.spool import SpoolDir
 from mailgate.ops.logging import flush_logs, log_event, setup_logging
 from mailgate.ops.metrics import (
     bind_metrics,
@@ -108,6 +106,7 @@ class Supervisor:
     def run(self) -> int:
         from mailgate.app import (
             bind_all,
+            clean_leftovers,
             describe_delivery,
             drop_privileges,
             load_before_drop,
@@ -117,7 +116,7 @@ class Supervisor:
         config = self.config
         setup_logging(config.logging)
         hostname = config.server.hostname
-        router = self._clean_leftovers()
+        router = clean_leftovers(config)
         self.sockets = bind_all(config)
         try:
             self._serve_metrics()
@@ -154,16 +153,6 @@ class Supervisor:
         log_event("stopped")
         flush_logs()
         return status
-
-    def _clean_leftovers(self) -> Router:
-        """What dead processes left in the spool and in Maildir tmp/ (files of living
-        workers are recognised by their pid and left alone); the router it looked in."""
-        from mailgate.app import clean_leftovers
-
-        config = self.config
-        router = build_router(config.delivery, config.server.hostname)
-        clean_leftovers(SpoolDir(config.server.spool_dir), router)
-        return router
 
     def _serve_metrics(self) -> None:
         listen = self.config.metrics.listen
@@ -345,8 +334,10 @@ class Supervisor:
             log_event("worker_exited", level="error", worker=index, pid=pid, status=code)
             # Its connections died with it; its AUTH failure counts stay for the next.
             self.shared.connections.clear_row(index)
+            from mailgate.app import clean_leftovers
+
             try:
-                self._clean_leftovers()  # its half-received and half-delivered mail
+                clean_leftovers(self.config)  # its half-received and half-delivered mail
             except (OSError, ValueError) as exc:
                 log_event("cleanup", level="error", error=str(exc)[:300])
             pause = self._started[index] + RESTART_PAUSE - time.monotonic()
