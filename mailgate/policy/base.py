@@ -100,6 +100,12 @@ class Mailboxes(Protocol):
         """Would the downstream take it?  True, False, or None for "cannot say now"."""
         ...
 
+    def recipient_refusal(self, local: str, domain: str) -> Reply | None:
+        """Why a recipient in a local domain has no mailbox (``rcpt.unknown``, or a
+        configuration error answered as it is), or None.  Optional: without it
+        has_recipient decides, and a refusal is "user unknown"."""
+        ...
+
 
 class Step:
     """A policy step: accepts everything unless a subclass says otherwise.

@@ -12,7 +12,7 @@ from mailgate.policy.base import ACCEPT, Client, Mailboxes, Step, Verdict
 from mailgate.policy.helo import parse_literal
 from mailgate.policy.networks import is_trusted, unmap
 from mailgate.protocol.envelope import Address, Envelope, Recipient
-from mailgate.protocol.replies import reply
+from mailgate.protocol.replies import Reply, reply
 
 ROUTING_CHARACTERS = frozenset("%!@")
 
@@ -56,11 +56,11 @@ class RecipientStep(Step):
                 # recipients of the same message down with it): say so here.
                 return self._refuse("rcpt.no_route", "no_route", address)
             return ACCEPT
-        if not self._mailboxes.has_recipient(address.local, domain):
-            why = self._why_not(address.local, domain) if self._why_not else None
-            if why is not None and why.name != "rcpt.unknown":
-                # our configuration's fault (logged by the router): the sender retries
-                return Verdict(why, tags=(("check", self.name), ("reason", "route_error")))
+        why = self._refusal(address.local, domain)
+        if why is not None and why.name != "rcpt.unknown":
+            # our configuration's fault (logged by the router): the sender retries
+            return Verdict(why, tags=(("check", self.name), ("reason", "route_error")))
+        if why is not None:
             return self._refuse("rcpt.unknown", "unknown", address)
         verify = self._verify
         if verify is not None:
@@ -74,6 +74,15 @@ class RecipientStep(Step):
             # delivery, which knows no addresses, would hand it to the relay.
             recipient.address = Address(address.local, domain, address.quoted)
         return ACCEPT
+
+    def _refusal(self, local: str, domain: str) -> Reply | None:
+        """Why the local recipient has no mailbox, or None: the router says why (one
+        routing); a site's Mailboxes without recipient_refusal only whether."""
+        if self._why_not is not None:
+            return self._why_not(local, domain)
+        if self._mailboxes.has_recipient(local, domain):
+            return None
+        return reply("rcpt.unknown", address=f"{local}@{domain}")
 
     def _local_domain(self, client: Client, address: Address, domain: str) -> str | None:
         """The local domain ``address`` (whose domain in lower case is ``domain``) is
