@@ -145,3 +145,15 @@ def _stored_order(path: Path) -> tuple[int, int, str]:
     micro = rest[1:].split("P", 1)[0] if rest.startswith("M") else ""
     return (int(seconds) if seconds.isdigit() else 0,
             int(micro) if micro.isdigit() else 0, path.name)
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    """What ``sock`` receives until ``marker`` is in it, or the connection ends."""
+    got = b""
+    while marker not in got:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+

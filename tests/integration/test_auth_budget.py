@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.server import RunningServer, start_server
+from tests.integration.server import RunningServer, read_until, start_server
 
 PASSWORD = "correct horse battery staple"
 
@@ -92,17 +92,10 @@ def test_commands_pipelined_behind_auth_plain_are_answered(server: RunningServer
     with socket.create_connection((server.host, server.port), timeout=20) as sock:
         sock.recv(4096)
         sock.sendall(b"EHLO client.mailgate.org\r\n")
-        got = b""
-        while b"\r\n250 " not in got:  # the EHLO reply's last line
-            got += sock.recv(4096)
+        read_until(sock, b"\r\n250 ")  # the EHLO reply's last line
         sock.sendall(f"AUTH {_plain('alice', PASSWORD)}\r\nMAIL FROM:<alice@mx.mailgate.test>\r\n"
                      "RCPT TO:<bob@mx.mailgate.test>\r\nQUIT\r\n".encode())
-        got = b""
-        while b"221 " not in got:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            got += chunk
+        got = read_until(sock, b"221 ")
     assert [line[:3] for line in got.decode().splitlines()] == ["235", "250", "250", "221"]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
-from tests.integration.server import RunningServer, free_port, start_server
+from tests.integration.server import RunningServer, free_port, read_until, start_server
 
 BINARY = b"Subject: bin\r\n\r\n\x00\x01\r\n\xff\nbare LF\rbare CR\r\n.\r\nend"
 TEXT = b"Subject: text\r\n\r\ncaf\xc3\xa9\r\n.dot\r\n"
@@ -58,13 +58,7 @@ def send_binarymime(server: RunningServer, body: bytes) -> bytes:
             b"RCPT TO:<bob@remote.mailgate.org>\r\n"
             + f"BDAT {len(body)} LAST\r\n".encode() + body + b"QUIT\r\n"
         )
-        got = b""
-        while b"\r\n221 " not in got:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-    return got
+        return read_until(sock, b"\r\n221 ")
 
 
 @pytest.fixture

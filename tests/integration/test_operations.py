@@ -23,6 +23,7 @@ import trustme
 from tests.integration.server import (
     RunningServer,
     free_port,
+    read_until,
     start_behind_proxy,
     start_server,
     wait_for,
@@ -261,12 +262,7 @@ def test_command_timeout_sends_421(tmp_path: Path) -> None:
     try:
         with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
             assert sock.recv(1024).startswith(b"220")
-            got = b""
-            while b"\r\n" not in got:
-                chunk = sock.recv(1024)
-                if not chunk:
-                    break
-                got += chunk
+            got = read_until(sock, b"\r\n")
             assert got.startswith(b"421 4.4.2 mx.mailgate.test")
             assert sock.recv(1024) == b""  # and then it closes
     finally:
