@@ -13,7 +13,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from tests.integration.server import RunningServer, start_server
+from tests.integration.server import RunningServer, read_until, start_server
 
 MESSAGE = b"From: a@client.example.org\r\nSubject: hello\r\n\r\nbody line\r\n.leading dot\r\n"
 
@@ -82,13 +82,7 @@ def _talk(server: RunningServer, payload: bytes, until: bytes) -> bytes:
         data = sock.recv(4096)
         assert data.startswith(b"220 mx.mailgate.test ESMTP")
         sock.sendall(payload)
-        got = b""
-        while until not in got:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            got += chunk
-        return got
+        return read_until(sock, until)
 
 
 def test_pipelined_group_answered_in_order_in_one_write(server: RunningServer) -> None:
