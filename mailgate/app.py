@@ -41,6 +41,7 @@ from mailgate.server.context import (
 from mailgate.server.limits import ConnectionCounts
 from mailgate.server.listen import bind_listener
 from mailgate.server.session import Session
+from mailgate.server.tls_accept import TlsAcceptor
 from mailgate.tls import TLSContexts
 
 if TYPE_CHECKING:
@@ -285,7 +286,7 @@ class MailServer:
         self._auth_failures = auth_failures  # the workers' shared counts, if any
         self.listeners = build_listeners(self.ctx)
         self._follow_users()
-        self.servers: list[asyncio.base_events.Server] = []
+        self.servers: list[asyncio.base_events.Server | TlsAcceptor] = []
         self._stop = asyncio.Event()
         self.supervised = False  # a worker of a supervisor (sockets bound for it)
 
@@ -313,11 +314,16 @@ class MailServer:
             if listener.implicit_tls and ssl_ctx is None:
                 raise ConfigError([f"listener {listener.config.address}: role smtps needs [tls]"])
             for sock in socks:
-                server = await loop.create_server(
-                    lambda lc=listener: Session(self.ctx, lc), sock=sock, ssl=ssl_ctx,
-                    backlog=1024,
-                )
-                self.servers.append(server)
+                if listener.implicit_tls:
+                    # (admitted before the handshake: see server/tls_accept.py)
+                    acceptor = TlsAcceptor(self.ctx, listener, sock, self.ctx.tls.listener_context)
+                    acceptor.start()
+                    self.servers.append(acceptor)
+                else:
+                    server = await loop.create_server(
+                        lambda lc=listener: Session(self.ctx, lc), sock=sock, backlog=1024
+                    )
+                    self.servers.append(server)
                 addr = sock.getsockname()
                 bound.append((addr[0], addr[1]))
         return bound

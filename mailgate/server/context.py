@@ -130,15 +130,19 @@ class ServerContext:
     def admit(self, session: Session) -> Reply | None:
         """Connection limits, before the greeting: None, or the 421 to send."""
         assert session.client is not None
+        refusal = self.admit_address(session.client.ip)
+        session.admitted = refusal is None
+        return refusal
+
+    def admit_address(self, ip: IPAddress) -> Reply | None:
+        """Count a connection from ``ip`` in the limits, or the 421 that refuses it
+        (then it is not counted).  Whoever admits gives the place back (release)."""
         limits = self.config.server
-        refused = self.counts.try_add(
-            session.client.ip, limits.max_connections, limits.max_connections_per_ip
-        )
+        refused = self.counts.try_add(ip, limits.max_connections, limits.max_connections_per_ip)
         if refused == "total":
             return reply("closing.too_many_connections", host=self.hostname)
         if refused == "address":
             return reply("closing.too_many_from_client", host=self.hostname)
-        session.admitted = True
         return None
 
     def release(self, session: Session) -> None:

@@ -39,7 +39,7 @@ from mailgate.tls import describe
 if TYPE_CHECKING:
     from mailgate.auth.mechanisms import SaslExchange
     from mailgate.delivery.spool import SpoolFile
-    from mailgate.server.context import ListenerContext, ServerContext
+    from mailgate.server.context import IPAddress, ListenerContext, ServerContext
 
 # Stop reading from a client whose unprocessed input passes this (it is pipelining
 # while we wait on a slow policy or delivery); resume once the engine caught up.
@@ -48,7 +48,7 @@ _REPLIES_PER_WRITE = 256  # at most ~80 KB (EHLO replies) before a write
 LINGER = 15.0  # seconds a session we end reads on (discarding) before it closes
 # A PROXY v2 header says its own length, up to 16 + 65,535 octets with its TLVs (a
 # balancer's TLS and unique-id TLVs run to hundreds); the parser bounds v1 to 107.
-_PROXY_HEADER_MAX = 16 + 0xFFFF
+PROXY_HEADER_MAX = 16 + 0xFFFF
 
 
 def _random_start() -> itertools.count[int]:
@@ -81,14 +81,19 @@ class Session(asyncio.Protocol):
     # Slots: an idle session should cost a few KB (ten thousand of them wait at once).
     __slots__ = (
         "_auth_failed", "_auth_mechanism", "_busy", "_deadline", "_draining", "_event_loop",
-        "_exchange", "_lingering", "_lost",
-        "_message_id", "_message_started", "_messages", "_paused", "_proxy_buf", "_spool",
+        "_exchange", "_lingering", "_lost", "_message_id", "_message_started", "_messages",
+        "_origin", "_paused", "_proxy_buf", "_spool",
         "_stopping", "_task", "_timed_out", "_trace_info", "_trace_len", "_waiter",
         "_write_paused",
         "admitted", "client", "conn", "listener", "log", "server", "sid", "transport",
     )  # fmt: skip
 
-    def __init__(self, server: ServerContext, listener: ListenerContext) -> None:
+    def __init__(
+        self, server: ServerContext, listener: ListenerContext,
+        origin: tuple[IPAddress, int] | None = None,
+    ) -> None:
+        """``origin``: the client of a connection its listener has already admitted
+        (and read a PROXY header of): see server/tls_accept.py."""
         self.server = server
         self.listener = listener
         self.sid = new_session_id()
@@ -98,7 +103,8 @@ class Session(asyncio.Protocol):
         self.log: SessionLog | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._deadline = 0.0  # loop time at which the current wait times out
-        self.admitted = False  # counted in the server's connection limits
+        self._origin = origin
+        self.admitted = origin is not None  # counted in the server's connection limits
         self._paused = False
         # The transport's output is above its high-water mark: a client that sends
         # commands without reading the replies; no more are read or answered until
@@ -130,11 +136,13 @@ class Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        ip, port = self._origin or client_address(
+            transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        )
         sock = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
         self.client = Client(
-            ip=_ip(peer[0]),
-            port=int(peer[1]) if len(peer) > 1 else 0,
+            ip=ip,
+            port=port,
             local_ip=_ip(sock[0]),
             session_id=self.sid,
             listener=self.listener.config.role,
@@ -227,7 +235,11 @@ class Session(asyncio.Protocol):
         server = self.server
         listener = self.listener
         try:
-            if listener.config.proxy_protocol and not await self._read_proxy_header():
+            if (
+                listener.config.proxy_protocol
+                and self._origin is None  # (else its listener has read the header)
+                and not await self._read_proxy_header()
+            ):
                 return
             self.log = SessionLog(self.sid, ip=ip_text(self.client.ip), listener=listener.name)
             self.log.event("connect", port=self.client.port, tls=self.client.tls)
@@ -246,7 +258,7 @@ class Session(asyncio.Protocol):
                 self._proxy_buf = b""
             assert self._event_loop is not None
             asked = self._event_loop.time()  # (the greeting pause counts from here)
-            refusal = server.admit(self)
+            refusal = None if self.admitted else server.admit(self)
             if refusal is not None:  # a connection limit: logged and counted as refusals are
                 self.log_event("refused", command="connect", code=refusal.code,
                                enhanced=refusal.enhanced, reason=refusal.name)
@@ -762,7 +774,7 @@ class Session(asyncio.Protocol):
                 break
             if self._lost:
                 return refuse("closed before the whole header")
-            if len(self._proxy_buf) > _PROXY_HEADER_MAX:
+            if len(self._proxy_buf) > PROXY_HEADER_MAX:
                 return refuse("header longer than PROXY v2 allows", answer=True)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -867,6 +879,11 @@ class Session(asyncio.Protocol):
             transport.resume_reading()
         assert self._event_loop is not None
         self._event_loop.call_later(LINGER, transport.close)
+
+
+def client_address(peer: tuple[object, ...]) -> tuple[IPAddress, int]:
+    """A socket's peer address, as (address object, port)."""
+    return _ip(str(peer[0])), int(cast(int, peer[1])) if len(peer) > 1 else 0
 
 
 @functools.lru_cache(maxsize=4096)
