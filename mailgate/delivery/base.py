@@ -67,7 +67,9 @@ class SpoolReader(Protocol):
 
 
 class Delivery(Protocol):
-    """Stores or hands off one message; returns one result per envelope recipient.
+    """Stores or hands off one message; returns a result for each envelope recipient,
+    and may add one for each address an alias expanded to that failed (its own
+    recipient then, RFC 3461 6.2.7.3).
 
     A 250 result means durable: fsync'ed at its destination or accepted downstream.
     It must never raise: every failure becomes a 4xx/5xx result from the catalogue.

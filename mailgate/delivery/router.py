@@ -259,7 +259,8 @@ class Router:
     async def deliver(
         self, envelope: Envelope, trace: TraceInfo, spool: SpoolReader
     ) -> list[RecipientResult]:
-        """Deliver to every final target once; one result per envelope recipient."""
+        """Deliver to every final target once; a result per envelope recipient, and
+        one per failed address of an alias that fanned out (_expanded_results)."""
         try:
             return await self._deliver(envelope, trace, spool)
         except Exception:
@@ -302,17 +303,15 @@ class Router:
             for name, answers in zip(names, outcomes, strict=True)
             for key, answer in zip(plans[name], answers, strict=True)
         }
-        return [
-            RecipientResult(rcpt, r)
-            if isinstance(r, Reply)
-            else RecipientResult(
-                rcpt,
-                _worst([done[k].reply for k in r]),
-                # an alias of several addresses was "expanded" (RFC 3464 2.3.3)
-                done[r[0]].action if len(r) == 1 else "expanded",
-            )
-            for rcpt, r in zip(envelope.recipients, routed, strict=True)
-        ]
+        results: list[RecipientResult] = []
+        for rcpt, r in zip(envelope.recipients, routed, strict=True):
+            if isinstance(r, Reply):
+                results.append(RecipientResult(rcpt, r))
+            elif len(r) == 1:
+                results.append(RecipientResult(rcpt, done[r[0]].reply, done[r[0]].action))
+            else:
+                results += _expanded_results(rcpt, [done[k] for k in r])
+        return results
 
     async def _run(
         self,
@@ -345,12 +344,23 @@ def _expanded_notify(notify: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(n for n in notify if n != "SUCCESS") or ("NEVER",)
 
 
-def _worst(answers: list[Reply]) -> Reply:
-    """The reply for an address that fanned out: a permanent failure, else a temporary
-    one (a retry cannot fix the first), else success."""
-    if len(answers) == 1:  # the usual case: no fan-out
-        return answers[0]
-    for failed in ([r for r in answers if r.code >= 500], [r for r in answers if r.code >= 400]):
-        if failed:
-            return failed[0]
-    return answers[0] if answers else reply("delivery.local_error")
+def _expanded_results(rcpt: Recipient, answers: list[RecipientResult]) -> list[RecipientResult]:
+    """The results of an alias of several addresses (RFC 3461 6.2.7.3, "expanded").
+
+    Each address it expanded to is a recipient of its own: one that failed is named
+    with its own reply (a temporary failure of any then defers the whole message, as
+    for any recipient, and a permanent one is reported for that address, with the
+    alias as Original-Recipient); the alias itself has its success when at least one
+    address has the message.  One reply for all of them would either lose the
+    temporarily failed copies (250, no retry) or refuse a message some have.
+    """
+    address = str(rcpt.address)
+    orcpt = rcpt.orcpt or f"{'rfc822' if address.isascii() else 'utf-8'};{address}"
+    failed = [
+        RecipientResult(Recipient(a.recipient.address, rcpt.notify, orcpt), a.reply)
+        for a in answers
+        if not a.ok
+    ]
+    if len(failed) == len(answers):
+        return failed
+    return [RecipientResult(rcpt, next(a.reply for a in answers if a.ok), "expanded"), *failed]

@@ -51,10 +51,12 @@ def router(tmp_path: Path, **changes: Any) -> Router:
 
 
 def deliver(tmp_path: Path, r: Router, *rcpts: str) -> list[str]:
+    """The reply for each envelope recipient (and after them, for each address of an
+    alias that failed, see test_each_address_of_an_expanded_alias_keeps_its_own_outcome)."""
     env = envelope(*rcpts)
     spool = spooled(tmp_path, MESSAGE, env)
     results = asyncio.run(r.deliver(env, TRACE, spool))
-    assert [res.recipient for res in results] == env.recipients
+    assert [res.recipient for res in results][: len(env.recipients)] == env.recipients
     return [str(res.reply) for res in results]
 
 
@@ -220,7 +222,9 @@ def test_a_failing_destination_fails_only_its_recipients(tmp_path: Path) -> None
     )
     replies = deliver(tmp_path, r, "alice@example.org", "bob@example.org", "both@example.org")
     assert replies[0] == "250 2.0.0 OK"
-    assert replies[1].startswith("451 4.3.0") and replies[2].startswith("451 4.3.0")
+    assert replies[1].startswith("451 4.3.0")
+    # "both" reached alice; its address bob failed, a recipient of its own
+    assert replies[2] == "250 2.0.0 OK" and replies[3].startswith("451 4.3.0")
     assert count(tmp_path, "alice") == 1  # once, though two recipients lead there
 
 
@@ -422,3 +426,52 @@ def test_a_configured_name_with_the_delimiter_in_it_is_found_whole(tmp_path: Pat
     assert box("mailer-daemon@example.org") == ["alice@example.org"]
     assert box("alice+spam@example.org") == ["bob@example.org"]
     assert box("alice-lists@example.org") == ["alice@example.org"]  # a detail still goes
+
+
+class _Answering:
+    """A destination that answers each address as told (250 for the others)."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+
+    async def deliver(self, env: Any, trace: Any, spool: Any, recipients: list[Any]) -> list[Any]:
+        return [
+            RecipientResult(r, reply(self.answers.get(r.address.local, "ok"), address="x"))
+            for r in recipients
+        ]
+
+
+def test_each_address_of_an_expanded_alias_keeps_its_own_outcome(tmp_path: Path) -> None:
+    # team -> alice (stored), bob (mailbox full for now), carol (refused for good): a
+    # single worst reply for "team" lost bob's copy (a 550 is not retried) and named
+    # the alias, not carol, in the report.
+    r = router(tmp_path, aliases={"team": ["alice", "bob", "carol"], "two": ["alice", "carol"]})
+    r.destinations[LOCAL_DESTINATION] = _Answering(  # type: ignore[assignment]
+        {"bob": "delivery.downstream_temp", "carol": "rcpt.unknown"}
+    )
+    team = Recipient(Address("team", "example.org"), ("FAILURE",))
+    env = Envelope(sender=Address("s", "example.net"), recipients=[team])
+    results = asyncio.run(r.deliver(env, TRACE, spooled(tmp_path, MESSAGE, env)))
+    assert [(str(x.recipient.address), x.reply.code, x.action) for x in results] == [
+        ("team@example.org", 250, "expanded"),
+        ("bob@example.org", 451, "delivered"),
+        ("carol@example.org", 550, "delivered"),
+    ]
+    assert {x.recipient.orcpt for x in results[1:]} == {"rfc822;team@example.org"}
+    assert results[1].recipient.notify == ("FAILURE",)
+    # without a temporary failure: the alias has it, carol is a recipient of her own
+    env = Envelope(sender=Address("s", "example.net"),
+                   recipients=[Recipient(Address("two", "example.org"), (), "rfc822;x@y.org")])
+    results = asyncio.run(r.deliver(env, TRACE, spooled(tmp_path / "2", MESSAGE, env)))
+    assert [(str(x.recipient.address), x.reply.code) for x in results] == [
+        ("two@example.org", 250), ("carol@example.org", 550)]
+    assert results[1].recipient.orcpt == "rfc822;x@y.org"  # the sender's own ORCPT kept
+    # every address failed: each is named, none is counted as the alias's success
+    r.destinations[LOCAL_DESTINATION] = _Answering(  # type: ignore[assignment]
+        {"alice": "rcpt.unknown", "carol": "rcpt.unknown"}
+    )
+    env = Envelope(sender=Address("s", "example.net"),
+                   recipients=[Recipient(Address("two", "example.org"))])
+    results = asyncio.run(r.deliver(env, TRACE, spooled(tmp_path / "3", MESSAGE, env)))
+    assert [(str(x.recipient.address), x.reply.code) for x in results] == [
+        ("alice@example.org", 550), ("carol@example.org", 550)]
