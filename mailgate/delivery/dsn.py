@@ -29,6 +29,7 @@ from email.utils import format_datetime
 
 from mailgate.delivery.base import RecipientResult
 from mailgate.protocol.envelope import NULL_ADDRESS, Envelope, Recipient
+from mailgate.protocol.headers import header_end
 
 HEADER_LIMIT = 64 * 1024  # octets of the original header quoted in the report
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
@@ -78,11 +79,20 @@ async def read_headers(spool_path: str, limit: int = HEADER_LIMIT) -> bytes:
 
 
 def header_section(head: bytes) -> bytes:
-    """The header fields at the start of ``head`` (a message's first octets)."""
-    end = head.find(b"\r\n\r\n")
+    """The header fields at the start of ``head`` (a message's first octets), as CRLF
+    lines.  BDAT data keeps the line ends it came with: a bare LF ends a line too (the
+    body must never be taken for the header), and a lone CR or a NUL of a malformed
+    field is not passed on into a report, whose quoted header is text."""
+    end = header_end(head)
     if end < 0:  # no body, or a header longer than the limit: whole lines only
-        end = head.rfind(b"\r\n")
-    return head[: end + 2] if end >= 0 else b""
+        end = head.rfind(b"\n")
+        if end < 0:
+            return b""
+    section = head[:end].removesuffix(b"\r")
+    if not section:
+        return b""
+    section = section.replace(b"\r\n", b"\n").replace(b"\r", b" ").replace(b"\0", b"?")
+    return section.replace(b"\n", b"\r\n") + b"\r\n"
 
 
 def build_dsn(
@@ -103,11 +113,6 @@ def build_dsn(
     mta = _safe(reporting_mta)
     boundary = f"=_mailgate_{uuid.uuid4().hex}"
     sender = _safe(str(envelope.sender or ""))
-    utf8 = (
-        not all(_safe(str(r.recipient.address)).isascii() for r in failed) or not sender.isascii()
-    )
-    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
-    addr_type = "utf-8" if utf8 else "rfc822"
 
     listing = "\r\n".join(
         f"  <{_safe(str(r.recipient.address))}>: "
@@ -130,14 +135,28 @@ def build_dsn(
         fields = []
         if r.recipient.orcpt:
             fields.append(f"Original-Recipient: {_safe(r.recipient.orcpt)}")
+        final = _safe(str(r.recipient.address))
         fields += [
-            f"Final-Recipient: {addr_type}; {_safe(str(r.recipient.address))}",
+            f"Final-Recipient: {'rfc822' if final.isascii() else 'utf-8'}; {final}",
             f"Action: {r.action if success else 'failed'}",
             f"Status: {r.reply.enhanced or _default_status(r.reply.code)}",
             f"Diagnostic-Code: smtp; {_diagnostic(r)}",
         ]
         blocks.append("\r\n".join(fields))
     status = "\r\n\r\n".join(blocks) + "\r\n"
+    # RFC 3464 2.1: message/delivery-status is 7-bit; a UTF-8 address, ORCPT or
+    # downstream reply text makes it RFC 6533's message/global-delivery-status.
+    status_type = "message/global-delivery-status" if not status.isascii() else (
+        "message/delivery-status"
+    )
+    # RFC 6533 3.5: the UTF-8 header fields of an SMTPUTF8 message are quoted as
+    # message/global-headers; text/rfc822-headers is ASCII
+    headers_type = (
+        "message/global-headers"
+        if envelope.smtputf8 and not original_headers.isascii()
+        else "text/rfc822-headers"
+    )
+    eight_bit = not (status.isascii() and original_headers.isascii())
 
     head = (
         f"From: Mail Delivery System <MAILER-DAEMON@{mta}>\r\n"
@@ -148,28 +167,32 @@ def build_dsn(
         "Auto-Submitted: auto-replied\r\n"
         "MIME-Version: 1.0\r\n"
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
-        "\r\n"
+        # (RFC 2045 6.4: a multipart holding 8-bit parts is itself 8bit; the text
+        # part is UTF-8 and says so on its own)
+        + ("Content-Transfer-Encoding: 8bit\r\n" if eight_bit else "")
+        + "\r\n"
         "This is a MIME-encapsulated delivery status notification.\r\n"
     )
     parts = [
         "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
         + human,
-        f"Content-Type: {status_type}\r\n\r\n" + status,
+        f"Content-Type: {status_type}\r\n{_encoding(status.isascii())}\r\n" + status,
     ]
     out = head.encode()
     for part in parts:
         out += f"\r\n--{boundary}\r\n{part}".encode()
-    # RFC 6533 3.5: the UTF-8 header fields of an SMTPUTF8 message are quoted as
-    # message/global-headers; text/rfc822-headers is ASCII
-    headers_type = (
-        "message/global-headers"
-        if envelope.smtputf8 and not original_headers.isascii()
-        else "text/rfc822-headers"
-    )
-    out += f"\r\n--{boundary}\r\nContent-Type: {headers_type}\r\n\r\n".encode()
+    out += (
+        f"\r\n--{boundary}\r\nContent-Type: {headers_type}\r\n"
+        f"{_encoding(original_headers.isascii())}\r\n"
+    ).encode()
     out += original_headers
     out += f"\r\n--{boundary}--\r\n".encode()
     return out
+
+
+def _encoding(ascii_only: bool) -> str:
+    """The Content-Transfer-Encoding line a part with 8-bit octets needs (RFC 2045)."""
+    return "" if ascii_only else "Content-Transfer-Encoding: 8bit\r\n"
 
 
 def _default_status(code: int) -> str:

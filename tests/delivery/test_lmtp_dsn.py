@@ -17,6 +17,7 @@ from mailgate.delivery.dsn import (
     bounce_recipients,
     build_dsn,
     for_report,
+    header_section,
     read_headers,
 )
 from mailgate.delivery.lmtp import LMTPDestination
@@ -126,3 +127,38 @@ def test_header_limit_keeps_whole_lines(tmp_path: Path) -> None:
     assert asyncio.run(read_headers(str(path), limit=12)) == b"A: 1\r\n"
     path.write_bytes(b"no line end at all")
     assert asyncio.run(read_headers(str(path), limit=5)) == b""
+
+
+def test_the_quoted_header_of_bdat_mail_is_the_header_only() -> None:
+    # BDAT keeps bare-LF line ends: the header ended at the first blank line, and the
+    # body (here with a CRLF pair, a NUL and binary octets) must not be quoted as
+    # "the header" (RET=HDRS; a report's text/rfc822-headers part is text lines)
+    received = b"Received: from x by y; Thu, 26 Nov 2026 05:00:00 +0000\r\n"
+    head = received + b"Subject: bin\nX-Odd: a\rb\x00c\n\n\x00\x01\xff\r\nSECRET\r\n\r\n"
+    assert header_section(head) == received + b"Subject: bin\r\nX-Odd: a b?c\r\n"
+    # a header longer than the limit: whole lines, whichever their ends
+    assert header_section(b"A: 1\nB: 2\nC: th") == b"A: 1\r\nB: 2\r\n"
+
+
+def test_a_utf8_orcpt_makes_the_status_global_and_8bit() -> None:
+    # RFC 3464 2.1: message/delivery-status is 7-bit: a UTF-8 ORCPT of an ASCII
+    # recipient needs RFC 6533's message/global-delivery-status, and every part with
+    # 8-bit octets says so (RFC 2045)
+    refused = reply("delivery.downstream_rcpt_perm")
+    rcpt = Recipient(Address("x", DOMAIN), orcpt="utf-8;carl\u00f6@b\u00fccher.test")
+    report = build_dsn(envelope=Envelope(sender=Address("s", DOMAIN)),
+                       failed=[RecipientResult(rcpt, refused)], reporting_mta="mx.test",
+                       original_headers=b"Subject: hi\r\n")
+    msg = email.message_from_bytes(report, policy=email.policy.default)
+    assert msg["Content-Transfer-Encoding"] == "8bit"
+    status = msg.get_payload()[1]
+    assert status.get_content_type() == "message/global-delivery-status"
+    assert status["Content-Transfer-Encoding"] == "8bit"
+    text = report.decode()
+    assert "Final-Recipient: rfc822; x@" in text and "Original-Recipient: utf-8;carl" in text
+    ascii_only = build_dsn(envelope=Envelope(sender=Address("s", DOMAIN)),
+                           failed=[RecipientResult(Recipient(Address("x", DOMAIN)), refused)],
+                           reporting_mta="mx.test", original_headers=b"Subject: hi\r\n")
+    msg = email.message_from_bytes(ascii_only, policy=email.policy.default)
+    assert msg["Content-Transfer-Encoding"] is None
+    assert msg.get_payload()[1].get_content_type() == "message/delivery-status"

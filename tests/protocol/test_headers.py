@@ -16,6 +16,11 @@ from mailgate.protocol.headers import header_end
         (b"\r\nbody only\r\n", 0),
         (b"\nbody only\n", 0),
         (b"Subject: x\r\nno end within the head", -1),
+        # BDAT data with mixed line ends: the first blank line, whichever its ends
+        (b"Received: r\r\nSubject: x\n\nbody\r\n\r\nmore", 23),
+        (b"Received: r\r\nSubject: x\r\n\nbody\r\n\r\nmore", 23),
+        (b"Received: r\r\nSubject: x\n\r\nbody\r\n\r\nmore", 23),
+        (b"Subject: x\nbody, no blank line\r\n", -1),
     ],
 )
 def test_header_end(head: bytes, end: int) -> None:
