@@ -16,15 +16,20 @@ import re
 from dataclasses import dataclass, field
 from typing import Final
 
-ECHO_LIMIT: Final = 64  # the most characters of any client value echoed in a reply
+# The most characters of any client value echoed in a reply: a whole address (RFC 5321
+# 4.5.3.1.3: a path is up to 256 octets), so that replies to pipelined RCPTs tell them
+# apart; a line with two such values is still cut at MAX_LINE.
+ECHO_LIMIT: Final = 256
 MAX_LINE: Final = 512  # RFC 5321 4.5.3.1.5: a reply line, CRLF included
 
 
 def clean(value: object, limit: int = ECHO_LIMIT) -> str:
-    """Make a value safe to echo: printable characters only, at most ``limit`` of them."""
+    """Make a value safe to echo: printable US-ASCII only (RFC 5321 4.2's textstring;
+    RFC 6531 adds no UTF-8 to reply text: a U-label name, a UTF-8 address or a
+    mailer's UTF-8 words get a "?" for each other character), at most ``limit``."""
     text = str(value)
-    if not text.isprintable():
-        text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    if not (text.isascii() and text.isprintable()):
+        text = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
     if len(text) > limit:
         text = text[: limit - 3] + "..."
     return text
@@ -213,11 +218,11 @@ def _wire(r: Reply) -> bytes:
     limit = MAX_LINE - 2 if r.code != 334 else 12288
     lines = r.lines
     if len(lines) == 1:  # most replies: no list to join
-        return f"{r.code} {head}{lines[0]}".encode("utf-8", "replace")[:limit] + b"\r\n"
+        return f"{r.code} {head}{lines[0]}".encode("ascii", "replace")[:limit] + b"\r\n"
     last = len(lines) - 1
     out = []
     for i, line in enumerate(lines):
-        raw = f"{r.code}{' ' if i == last else '-'}{head}{line}".encode("utf-8", "replace")
+        raw = f"{r.code}{' ' if i == last else '-'}{head}{line}".encode("ascii", "replace")
         out.append(raw[:limit] + b"\r\n")
     return b"".join(out)
 

@@ -9,7 +9,7 @@ import pytest
 from protocol_helpers import HOST, Session, codes, lines, well_formed
 
 from mailgate.protocol.connection import Connection, Settings
-from mailgate.protocol.replies import CATALOGUE, MAX_LINE, Reply, reply
+from mailgate.protocol.replies import CATALOGUE, ECHO_LIMIT, MAX_LINE, Reply, reply
 
 ENHANCED_RFC3463 = re.compile(r"[245]\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\Z")
 
@@ -141,7 +141,20 @@ def test_replies_never_echo_control_characters_or_long_input(line: str) -> None:
     well_formed(out)
     for text in lines(out):
         assert "\x1b" not in text and "\x01" not in text
-        assert len(text) <= 200, text  # client values are cut to replies.ECHO_LIMIT
+        assert len(text) <= ECHO_LIMIT + 80, text  # client values are cut to ECHO_LIMIT
+
+
+def test_reply_text_is_us_ascii() -> None:
+    # RFC 5321 4.2 textstring: a U-label HELO name or a mailer's UTF-8 words are not
+    # echoed as UTF-8 (nor cut in the middle of a character at the 512-octet limit)
+    r = reply("helo", host="mx.example.org", name="b\u00fccher-client.de")
+    assert r.to_bytes() == b"250 mx.example.org you are b?cher-client.de\r\n"
+    long = reply("delivery.downstream_temp").with_preface(["\u30c6\u30b9\u30c8" * 200])
+    assert long.to_bytes().isascii() and all(
+        len(line) <= MAX_LINE for line in long.to_bytes().splitlines(keepends=True))
+    # a whole address of the longest kind is echoed, not cut to 64 characters
+    address = "a" * 64 + "@" + "b" * 180 + ".example"
+    assert address in reply("rcpt.unknown", address=address).text
 
 
 def test_a_driver_reply_with_a_hostile_value_is_cleaned() -> None:
