@@ -352,8 +352,8 @@ class MailServer:
             old = self.ctx.authenticator
             failures = old.failures if old else self._auth_failures
             fresh = build_context(config, auth_failures=failures)
-        except (ConfigError, ValueError, OSError) as exc:
-            log_event("reload", level="error", outcome="refused", error=str(exc)[:500])
+        except Exception as exc:  # (whatever it is, the running server must stay up)
+            log_event("reload", level="error", outcome="refused", error=str(exc)[:500] or repr(exc))
             return
         ctx = self.ctx
         retired = (ctx.policy, ctx.delivery)

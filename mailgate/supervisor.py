@@ -290,8 +290,8 @@ class Supervisor:
             problems = check_parts(fresh).problems
             if problems:
                 raise ConfigError(problems)
-        except ConfigError as exc:
-            log_event("reload", level="error", outcome="refused", error=str(exc)[:500])
+        except Exception as exc:  # (whatever it is, the running server must stay up)
+            log_event("reload", level="error", outcome="refused", error=str(exc)[:500] or repr(exc))
             return
         # Told here once, not by every worker (the workers' reload does not say it).
         restart_needed = restart_only_changes(self.config, fresh)

@@ -62,6 +62,7 @@ _TOML_POSITION = re.compile(
 )
 _NON_NEGATIVE_WORDS = ("delay", "grace")  # and *timeout* must be more than 0
 _INVALID = object()
+_INT_MAX = 2**63 - 1
 T = typing.TypeVar("T")  # marks a value that produced an error, so its parents are not built
 
 
@@ -252,6 +253,8 @@ def _shown(value: object) -> str:
     if isinstance(value, str):
         text = json.dumps(value if len(value) <= 60 else value[:57] + "...", ensure_ascii=False)
         return text
+    if isinstance(value, int) and abs(value) > _INT_MAX:
+        return f"an integer of {len(str(abs(value)))} digits"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, list):
@@ -402,10 +405,19 @@ class _Converter:
             ok = isinstance(raw, bool)
         elif tp is int:
             ok = isinstance(raw, int) and not isinstance(raw, bool)
+            if ok and abs(typing.cast(int, raw)) > _INT_MAX:
+                # (TOML integers are unbounded in tomllib; every count, size and port
+                # here fits in 64 bits, and SIZE may advertise 20 digits at most)
+                self.error(key, f"{_shown(raw)} is out of range (at most {_INT_MAX})")
+                return _INVALID
         elif tp is float:
             ok = isinstance(raw, int | float) and not isinstance(raw, bool)
             if ok:
-                raw = float(typing.cast(float, raw))
+                try:
+                    raw = float(typing.cast(float, raw))
+                except OverflowError:  # an integer of hundreds of digits
+                    self.error(key, f"expected a finite number, got {_shown(raw)}")
+                    return _INVALID
         elif tp is str:
             ok = isinstance(raw, str)
         else:

@@ -356,6 +356,16 @@ def test_numbers_must_be_finite_and_limits_not_negative(tmp_path: Path) -> None:
         "mailgate.toml: server.data_timeout: expected a finite number, got inf",
         "mailgate.toml: server.max_errors: must not be negative, got -1",
     ]
+    # integers of hundreds of digits (tomllib's are unbounded): float() overflowed into
+    # a traceback, and a SIZE of 31 digits was advertised (RFC 1870: 20 at most)
+    assert errors_of(
+        tmp_path, f"[server]\ntarpit_delay = 1{'0' * 400}\nmax_message_size = 1{'0' * 30}\n"
+    ) == [
+        "mailgate.toml: server.tarpit_delay: expected a finite number, got an integer of 401"
+        " digits",
+        "mailgate.toml: server.max_message_size: an integer of 31 digits is out of range (at"
+        " most 9223372036854775807)",
+    ]
 
 
 # --- __post_init__ and generic shapes, on a schema made for the test ----------------------
