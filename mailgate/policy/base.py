@@ -90,7 +90,10 @@ class Mailboxes(Protocol):
 
     def is_local_domain(self, domain: str) -> bool: ...
 
-    def has_recipient(self, local: str, domain: str) -> bool: ...
+    def has_recipient(self, local: str, domain: str) -> bool:
+        """Does ``local@domain`` have a mailbox?  An empty ``domain`` is RFC 5321's
+        bare ``<Postmaster>``: the postmaster of the domain the site says."""
+        ...
 
     def can_relay(self) -> bool:
         """Is there a way out (a relay) for mail to domains that are not local?"""

@@ -38,7 +38,9 @@ class RecipientStep(Step):
         # relay check); refused only if it has no mailbox (the start-up warned), as
         # accepting it would only fail it after the data.
         if not address.domain and address.local.lower() == "postmaster":
-            if self._mailboxes.has_recipient("postmaster", self._hostname):
+            # (the mailboxes know whose postmaster it is: the host name's domain
+            # when it is local, else the first local domain)
+            if self._mailboxes.has_recipient("postmaster", ""):
                 return ACCEPT
             return self._refuse("rcpt.unknown", "unknown", address)
         may_relay = is_trusted(client)

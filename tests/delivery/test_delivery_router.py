@@ -475,3 +475,12 @@ def test_each_address_of_an_expanded_alias_keeps_its_own_outcome(tmp_path: Path)
     results = asyncio.run(r.deliver(env, TRACE, spooled(tmp_path / "3", MESSAGE, env)))
     assert [(str(x.recipient.address), x.reply.code) for x in results] == [
         ("alice@example.org", 550), ("carol@example.org", 550)]
+
+
+def test_bare_postmaster_is_known_where_the_host_name_is_no_local_domain(tmp_path: Path) -> None:
+    # RFC 5321 4.5.1: RCPT TO:<Postmaster> MUST be taken; mx.example.org takes mail for
+    # example.org only (the shipped example), and <Postmaster> is postmaster@example.org
+    r = router(tmp_path)
+    assert not r.is_local_domain(HOST)
+    assert r.has_recipient("postmaster", "")
+    assert not router(tmp_path / "2", local_users=["alice"]).has_recipient("postmaster", "")

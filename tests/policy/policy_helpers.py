@@ -47,12 +47,15 @@ def recipient(text: str, quoted: bool = False) -> Recipient:
 class Mailboxes:
     """A table of local domains and users: the Mailboxes interface the router implements."""
 
-    def __init__(self, domains: set[str], users: set[str]) -> None:
+    def __init__(self, domains: set[str], users: set[str], postmaster_domain: str = "") -> None:
         self.domains = domains
         self.users = users  # "local@domain", lower case
+        # whose postmaster a bare <Postmaster> is (the router: the host name's domain
+        # when local, else the first local domain)
+        self.postmaster_domain = postmaster_domain or min(domains, key=len, default="")
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.domains
 
     def has_recipient(self, local: str, domain: str) -> bool:
-        return f"{local.lower()}@{domain.lower()}" in self.users
+        return f"{local.lower()}@{(domain or self.postmaster_domain).lower()}" in self.users

@@ -16,6 +16,7 @@ BOXES = Mailboxes(
     domains={"mailgate.lab", "mx.mailgate.lab", "other.lab"},
     users={"alice@mailgate.lab", "bob@other.lab", "root@mx.mailgate.lab", "alice@mx.mailgate.lab",
            "postmaster@mx.mailgate.lab"},
+    postmaster_domain="mx.mailgate.lab",
 )
 
 
@@ -42,6 +43,14 @@ def test_unknown_local_user_is_550_5_1_1() -> None:
 @pytest.mark.parametrize("text", ["Postmaster", "postmaster", "POSTMASTER"])
 def test_bare_postmaster_is_always_accepted(text: str) -> None:
     assert outcome(Recipient(Address(text, ""))) == "ok"
+
+
+def test_bare_postmaster_is_the_postmaster_of_the_mailboxes_domain() -> None:
+    # the host name need not be a local domain (mx.example.org taking mail for
+    # example.org): the mailboxes say whose postmaster <Postmaster> is
+    boxes = Mailboxes(domains={"mailgate.lab"}, users={"postmaster@mailgate.lab"})
+    step = RecipientStep(boxes, HOST, allow_loopback_literal=False)
+    assert run(step.rcpt(client(), envelope(), Recipient(Address("Postmaster", "")))).accepted
 
 
 def test_bare_postmaster_without_a_mailbox_is_refused_at_rcpt_not_after_the_data() -> None:
