@@ -284,7 +284,10 @@ class Connection:
         ``counted=False``: no fault of the client's (a message its recipients'
         destinations failed), so it does not count towards max_errors."""
         pending = self._take_pending()
-        if r.code < 500:  # a whole pipelined transaction may follow: its RCPTs, DATA
+        # A whole pipelined transaction may follow, its RCPTs and DATA (or chunks)
+        # answered 503 for what we refused: after any refusal of MAIL, and after a
+        # temporary one of a RCPT (a permanent one is the client's own fault).
+        if r.code < 500 or isinstance(pending, ev.MailFrom):
             self._deferred = self.settings.max_recipients + 2
         if isinstance(pending, ev.DataStart) and pending.chunked:
             # The chunk that came with the refused BDAT must still be read (RFC 3030).
@@ -358,9 +361,10 @@ class Connection:
 
     def _refuse(self, command: str, r: Reply) -> None:
         # A pipelining MTA sends RCPT, DATA (or its BDAT chunks) without waiting: after
-        # a 4xx to MAIL or RCPT their 503s follow from our deferral, and counted they
-        # had greylisted senders tarpitted and cut off (max_errors counts only what
-        # the client got wrong).
+        # a refused MAIL or a 4xx to RCPT their 503s follow from our refusal, and
+        # counted they had greylisted senders cut off, and a refused sender's twelve
+        # recipients tarpitted past RFC 5321's five-minute timeout (max_errors counts
+        # only what the client got wrong).
         counted = not (self._deferred and r.name in _FOLLOW_ONS)
         if not counted:
             self._deferred -= 1
@@ -547,7 +551,7 @@ class Connection:
             sender = parse_path(path, utf8=env.smtputf8, allow_null=True)
         except GrammarError:
             if not env.smtputf8 and not path.isascii():
-                return self._refuse("MAIL", reply("syntax.utf8_address"))
+                return self._refuse("MAIL", reply("syntax.utf8_sender"))
             return self._refuse("MAIL", reply("syntax.sender"))
         env.sender = sender
         if env.declared_size is not None and env.declared_size > s.max_message_size:
@@ -624,7 +628,7 @@ class Connection:
                 address = parse_path(path, utf8=env.smtputf8, allow_null=False)
             except GrammarError:
                 if not env.smtputf8 and not path.isascii():
-                    return self._refuse("RCPT", reply("syntax.utf8_address"))
+                    return self._refuse("RCPT", reply("syntax.utf8_recipient"))
                 return self._refuse("RCPT", reply("syntax.recipient"))
         self._decide(ev.RcptTo(Recipient(address, notify, orcpt), env))
 
@@ -693,7 +697,14 @@ class Connection:
         self._close()
 
     def _cmd_help(self, arg: str) -> None:
-        self._send(reply("help"))
+        # what this session would take now: STARTTLS and AUTH only where they are on
+        # offer (listed always, they were answered 502 on a listener without them)
+        commands = "EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
+        if self.settings.starttls and not self.tls_active:
+            commands += " STARTTLS"
+        if self._offered_mechanisms() and not self.authenticated:
+            commands += " AUTH"
+        self._send(reply("help", commands=commands))
 
     def _cmd_vrfy(self, arg: str) -> None:
         if not arg.strip():

@@ -106,7 +106,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "helo":                   Template(250, None, "{host} you are {name}"),
     "ok":                     Template(250, "2.0.0", "OK"),
     "noop":                   Template(250, "2.0.0", "OK"),
-    "help":                   Template(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY STARTTLS AUTH\nSee RFC 5321"),
+    "help":                   Template(214, "2.0.0", "Commands: {commands}\nSee RFC 5321"),
     "vrfy.cannot":            Template(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"),
     "vrfy.ok":                Template(250, "2.1.5", "<{address}>"),
     "vrfy.unknown":           Template(550, "5.1.1", "<{address}> ... user unknown"),
@@ -122,7 +122,9 @@ CATALOGUE: Final[dict[str, Template]] = {
     "syntax.recipient":       Template(501, "5.1.3", "Bad recipient address syntax"),
     "syntax.param":           Template(555, "5.5.4", "Unsupported or unknown parameter {param}"),
     "syntax.param_value":     Template(501, "5.5.4", "Bad value for parameter {param}"),
-    "syntax.utf8_address":    Template(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter"),
+    # RFC 6531 3.5: 550 when MAIL needs an ASCII address, 553 when RCPT does
+    "syntax.utf8_sender":     Template(550, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter"),
+    "syntax.utf8_recipient":  Template(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter"),
     "not_implemented":        Template(502, "5.5.1", "Command not implemented"),
     # --- sequence ------------------------------------------------------------
     "seq.need_helo":          Template(503, "5.5.1", "Start by saying HELO, please"),

@@ -206,6 +206,10 @@ def test_noop_help_quit() -> None:
     help_lines = s.send("HELP\r\n")
     assert all(line.startswith(("214-2.0.0 ", "214 2.0.0 ")) for line in help_lines)
     assert codes(s.send("HELP MAIL\r\n")) == ["214 2.0.0"]
+    # STARTTLS and AUTH only where the listener offers them (else they answer 502)
+    assert "STARTTLS" not in help_lines[0] and "AUTH" not in help_lines[0]
+    offering = Session(starttls=True, auth_mechanisms=("PLAIN",), allow_plaintext_auth=True)
+    assert offering.send("HELP\r\n")[0].endswith(" HELP STARTTLS AUTH")
     assert s.send("QUIT\r\n") == [f"221 2.0.0 {HOST} Service closing transmission channel"]
     assert s.conn.closed
     assert isinstance(s.events[-1], ev.Closed)

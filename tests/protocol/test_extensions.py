@@ -84,8 +84,9 @@ def test_binarymime_requires_bdat() -> None:
 
 
 def test_utf8_addresses_need_the_smtputf8_parameter() -> None:
+    # RFC 6531 3.5: 550 to a MAIL that needs an ASCII address (553 to a RCPT)
     s = Session()
-    assert mail(s, "", path="<j\u00f6rg@b\u00fccher.example>") == ["553 5.6.7"]
+    assert mail(s, "", path="<j\u00f6rg@b\u00fccher.example>") == ["550 5.6.7"]
     assert mail(s, "SMTPUTF8", path="<j\u00f6rg@b\u00fccher.example>") == ["250 2.1.0"]
     env = s.conn.envelope
     assert env.smtputf8 and env.sender.local == "j\u00f6rg"
@@ -103,7 +104,7 @@ def test_a_quoted_local_part_is_ascii_without_smtputf8() -> None:
     # only for SMTPUTF8 transactions
     s = Session()
     for path in ('<"\u00e9"@b.example>', '<"j\\\u00f6rg"@b.example>'):
-        assert mail(s, "", path=path) == ["553 5.6.7"], path
+        assert mail(s, "", path=path) == ["550 5.6.7"], path
     assert mail(s, "SMTPUTF8", path='<"\u00e9 x"@b.example>') == ["250 2.1.0"]
     s = Session()
     s.transaction()

@@ -160,6 +160,19 @@ def test_a_deferred_mail_makes_its_pipelined_rcpt_and_data_uncounted() -> None:
     assert s.conn.errors == 0
 
 
+def test_what_follows_a_refused_mail_in_a_pipeline_does_not_count() -> None:
+    # A denied sender with twelve pipelined recipients: one refusal, not thirteen (each
+    # 503 was tarpitted, doubling: the first reply came after 303 s with a 1 s delay)
+    denied = reply("access.denied", sender="a@x.example", host="example.org")
+    s = Session(max_errors=3, decide=scripted(MailFrom=denied))
+    s.ehlo()
+    out = s.send("MAIL FROM:<a@x.example>\r\n" + "RCPT TO:<b@example.org>\r\n" * 12
+                 + "DATA\r\nRSET\r\n")
+    assert [c[:3] for c in codes(out)] == ["550"] + ["503"] * 13 + ["250"]
+    assert s.conn.errors == 1
+    assert [e.counted for e in s.of(ev.Rejected)] == [False] * 13
+
+
 def test_bdat_chunks_after_a_deferred_one_do_not_count() -> None:
     # RFC 3030 2: the server must accept and discard the chunks already pipelined
     s = Session(max_errors=1, decide=scripted(DataStart=reply("greylist.deferred")))
