@@ -98,6 +98,12 @@ class Router:
     def can_relay(self) -> bool:
         return bool(self.table.relay)
 
+    @property
+    def postmaster_domain(self) -> str:
+        """Whose postmaster a bare <Postmaster> is: the host name's domain when it is
+        local, else the first local domain (refusals name it for contact too)."""
+        return self.table.postmaster_domain
+
     def has_recipient(self, local: str, domain: str) -> bool:
         if domain and not self.is_local_domain(domain):
             return False

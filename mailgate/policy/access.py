@@ -196,12 +196,14 @@ class AccessStep(Step):
     def __init__(
         self,
         path: str,
-        hostname: str,
+        contact_domain: str,
         disposition: Literal["discard", "quarantine"] = "discard",
         quarantine_dir: str = "",
     ) -> None:
+        """``contact_domain``: whose postmaster a refusal tells the sender to write to
+        (one this server takes mail for)."""
         self._path = path
-        self._hostname = hostname
+        self._contact = contact_domain
         self._blocked_tags = (("disposition", disposition),)
         if disposition == "quarantine":
             self._blocked_tags += (("quarantine_dir", quarantine_dir),)
@@ -234,7 +236,7 @@ class AccessStep(Step):
             return ACCEPT
         client.filter_state = winner.state
         tags = (("check", self.name), ("reason", winner.action), ("rule", winner.where))
-        host = self._hostname
+        host = self._contact
         if winner.action == "deny" and winner.kind == "sender":
             return Verdict(reply("access.denied", sender=envelope.sender, host=host), tags=tags)
         if winner.action == "deny":

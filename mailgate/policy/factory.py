@@ -47,9 +47,12 @@ def build_policy(
         steps.append(ReverseNameStep(resolver))
     steps.append(HopCountStep(policy.max_received_headers))
     if policy.access_file:
+        # A refusal names postmaster@ a domain we take mail for: the host name need not
+        # be one (mx.example.org serving example.org).
+        contact = getattr(mailboxes, "postmaster_domain", "") or hostname
         steps.append(
             AccessStep(
-                policy.access_file, hostname, policy.blocked_disposition, policy.quarantine_dir
+                policy.access_file, contact, policy.blocked_disposition, policy.quarantine_dir
             )
         )
     if resolver is not None and policy.dnsbl_zones:

@@ -22,7 +22,7 @@ from mailgate.policy.networks import NetworkList, parse_network
 from mailgate.policy.recipient import RecipientStep
 from mailgate.policy.reverse import ReverseNameStep
 from mailgate.policy.sender import SenderDomainStep
-from mailgate.protocol.envelope import Envelope, Recipient
+from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.replies import reply
 
 HOST = "mx.mailgate.lab"
@@ -105,6 +105,19 @@ def test_factory_composes_steps_from_the_switches(dns_server: LoopbackDNS, tmp_p
         config(helo_checks=False, verify_sender_domain=False, reverse_lookup=False), BOXES, HOST
     )
     assert [type(step) for step in bare.steps] == [HopCountStep, RecipientStep]
+
+
+def test_access_refusals_name_the_postmaster_of_a_local_domain(tmp_path: Path) -> None:
+    # the host name mx.mailgate.lab is no local domain: postmaster@ it is refused, and
+    # a denied sender was told to write there
+    access = tmp_path / "access"
+    access.write_text("deny sender spammer@*\n")
+    engine = build_policy(config(access_file=str(access), verify_sender_domain=False),
+                          BOXES, HOST)
+    env = Envelope(sender=Address("spammer", "example.net"))
+    verdict = run(engine.mail(client(), env))
+    assert verdict.reply is not None
+    assert "Contact postmaster@mailgate.lab for" in verdict.reply.text
 
 
 def test_factory_adds_greylisting_when_enabled(tmp_path: Path) -> None:
