@@ -182,7 +182,8 @@ class CramMD5Exchange(SaslExchange):
 
     async def _step(self, response: bytes | None) -> Outcome:
         if not self._sent:
-            # RFC 2195 has no initial response; one given is ignored, as upas did.
+            # RFC 2195 has no initial response: the engine refuses one (501 5.7.0)
+            # before the exchange starts.
             self._sent = True
             return Challenge(self._challenge)
         user, space, digest = _text(response or b"").rpartition(" ")
