@@ -24,7 +24,10 @@ class RecipientStep(Step):
 
     def __init__(self, mailboxes: Mailboxes, hostname: str, allow_loopback_literal: bool) -> None:
         self._mailboxes = mailboxes
-        self._hostname = hostname
+        # The domain of local forms without one of ours (a bare local part, user@[],
+        # user@[our address]): the mailboxes' own (the host name when it is a local
+        # domain, else the first local domain: mx.example.org serves example.org).
+        self._home = getattr(mailboxes, "postmaster_domain", "") or hostname
         self._allow_loopback = allow_loopback_literal
         # A site's own Mailboxes may have no downstream to ask, nor say whether it
         # relays (then it is taken to: the behaviour before it could say).
@@ -72,8 +75,8 @@ class RecipientStep(Step):
             if downstream is None:
                 return self._refuse("delivery.downstream_rcpt_temp", "downstream_tempfail", address)
         if given and domain != given:
-            # user@[our address] (or user@[]) is local mail: make it user@hostname, or
-            # delivery, which knows no addresses, would hand it to the relay.
+            # user@[our address] (or user@[]) is local mail: make it user@ our home
+            # domain, or delivery, which knows no addresses, would hand it to the relay.
             recipient.address = Address(address.local, domain, address.quoted)
         return ACCEPT
 
@@ -90,13 +93,13 @@ class RecipientStep(Step):
         """The local domain ``address`` (whose domain in lower case is ``domain``) is
         delivered in, or None when it is not local."""
         if not domain:
-            return self._hostname  # a domainless local part, as upas: a local user
+            return self._home  # a domainless local part, as upas: a local user
         if domain == "[]":
-            return self._hostname if self._allow_loopback else None
+            return self._home if self._allow_loopback else None
         if address.is_literal:
             literal, local_ip = parse_literal(domain), client.local_ip
             if literal is not None and local_ip is not None and unmap(literal) == unmap(local_ip):
-                return self._hostname  # user@[our address] is local mail
+                return self._home  # user@[our address] is local mail
         return domain if self._mailboxes.is_local_domain(domain) else None
 
     def _refuse(self, name: str, why: str, address: Address) -> Verdict:

@@ -147,6 +147,17 @@ def test_loopback_form_needs_the_switch() -> None:
     assert outcome(recipient("nobody@[]"), loopback=True) == "rcpt.unknown"
 
 
+def test_local_forms_go_to_the_mailboxes_home_domain_not_the_host_name() -> None:
+    # mx.mailgate.lab takes mail for mailgate.lab only: root@[] and root@[our address]
+    # were made root@mx.mailgate.lab and refused (no route, or relaying denied)
+    boxes = Mailboxes(domains={"mailgate.lab"}, users={"root@mailgate.lab"})
+    step = RecipientStep(boxes, HOST, allow_loopback_literal=True)
+    for text in ("root@[]", "root@[192.0.2.250]"):
+        rcpt = recipient(text)
+        assert run(step.rcpt(client(), envelope(), rcpt)).accepted, text
+        assert str(rcpt.address) == "root@mailgate.lab"
+
+
 def test_domainless_recipient_is_a_user_of_this_host() -> None:
     assert outcome(Recipient(Address("root", ""))) == "ok"
     assert outcome(Recipient(Address("nobody", ""))) == "rcpt.unknown"
