@@ -717,6 +717,9 @@ class Session(asyncio.Protocol):
         if conn is None or settings.tarpit_delay <= 0 or conn.closed or refusal.code < 500:
             return
         n = max(conn.errors, 1)
+        # The refusal (and the replies queued before it in a pipelined group) leaves
+        # now: the delay holds up what comes next, not the answers already decided.
+        self._flush()
         await asyncio.sleep(min(settings.tarpit_delay * 2 ** (n - 1), settings.tarpit_max_delay))
 
     def _write_body(self, data: bytes) -> None:

@@ -73,8 +73,11 @@ def test_helo_delay_and_growing_tarpit(tmp_path: Path) -> None:
             assert time.monotonic() - started >= 0.4
             smtp.docmd("MAIL", "FROM:<a@client.mailgate.org>")
             started = time.monotonic()
-            for _ in range(3):  # 0.2 + 0.4 + 0.4 (capped)
+            # 0.2 + 0.4 + 0.4 (capped), each after its refusal has left (as 9front:
+            # the next command waits), so the third holds up the NOOP
+            for _ in range(3):
                 assert smtp.docmd("RCPT", "TO:<nobody-at-all@localhost>")[0] == 550
+            assert smtp.noop()[0] == 250
             assert time.monotonic() - started >= 1.0
         assert "errors=3" in srv.log()
     finally:
@@ -214,5 +217,35 @@ def test_trusted_clients_are_greeted_at_once(tmp_path: Path) -> None:
             [greeting] = _read_replies(sock)
             assert greeting.startswith(b"220 ")
             assert time.monotonic() - started < 4  # 127.0.0.1 is trusted by default
+    finally:
+        srv.stop()
+
+
+def test_a_refusal_leaves_before_its_tarpit_delay(tmp_path: Path) -> None:
+    # A pipelined group (MAIL refused, then RCPTs): the refusal was held in the output
+    # until every delay of the group had passed, minutes with a few recipients.
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+        tarpit_delay = 3
+        tarpit_max_delay = 3
+
+        [policy]
+        trusted_networks = []
+        verify_sender_domain = false
+    """)
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            sock.recv(1024)
+            sock.sendall(b"EHLO client.mailgate.org\r\n")
+            time.sleep(0.3)
+            sock.recv(4096)
+            started = time.monotonic()
+            sock.sendall(b"MAIL FROM:<a@client.mailgate.org>\r\nRCPT TO:<nobody-x@localhost>\r\n"
+                         b"RCPT TO:<nobody-y@localhost>\r\n")
+            got = b""
+            while b"550" not in got:
+                got += sock.recv(4096)
+            assert time.monotonic() - started < 2.5  # the first refusal, before its 3 s delay
     finally:
         srv.stop()
