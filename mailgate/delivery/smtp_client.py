@@ -66,6 +66,14 @@ def xtext(value: str) -> str:
     )
 
 
+def utf8_addr_xtext(value: str) -> str:
+    """RFC 6533 3 utf-8-addr-xtext: a utf-8 ORCPT's 7-bit form, each non-ASCII
+    character as ``\\x{HEX}`` (the value is checked on input: no "+", "=", lone "\\")."""
+    if value.isascii():
+        return value
+    return "".join(ch if ch.isascii() else f"\\x{{{ord(ch):X}}}" for ch in value)
+
+
 class Connection:
     """One connection to an SMTP or LMTP server."""
 
@@ -283,7 +291,10 @@ def _rcpt_command(conn: Connection, recipient: Recipient, utf8: bool) -> str:
             params.append("NOTIFY=" + ",".join(recipient.notify))
         if recipient.orcpt:
             kind, sep, value = recipient.orcpt.partition(";")
-            if sep:
+            if sep and kind.lower() == "utf-8":
+                # RFC 6533 3: no xtext here; raw UTF-8 only in an SMTPUTF8 transaction
+                params.append(f"ORCPT={kind};{value if utf8 else utf8_addr_xtext(value)}")
+            elif sep:
                 params.append(f"ORCPT={kind};{xtext(value)}")
     return " ".join([f"RCPT TO:{wire_path(recipient.address, utf8)}", *params])
 

@@ -42,6 +42,9 @@ _LABEL_UTF8 = re.compile(
 )
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*\Z")
 _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")
+# RFC 6533 3: utf-8-addr-unitext, QCHAR (printable ASCII but "+", "=" and "\"), an
+# EmbeddedUnicodeChar "\x{HEXPOINT}", or UTF-8 (utf-8-addr-xtext has no raw UTF-8)
+_UTF8_ADDR = re.compile(r"(?:[!-*,-<>-\[\]-~]|\\x\{[0-9A-F]{2,6}\}|[^\x00-\x7f])+\Z")
 _GENERAL_TAG = re.compile(r"[A-Za-z0-9\-]*[A-Za-z0-9]:[!-Z^-~]+\Z")
 
 
@@ -328,7 +331,7 @@ def parse_orcpt(value: str, utf8: bool) -> str:
     if addr_type.lower() == "utf-8":
         # RFC 6533 3: utf-8-addr-xtext (ASCII, \x{HEX} escapes), or with SMTPUTF8
         # utf-8-addr-unitext (raw UTF-8 too).
-        if not rest.isprintable() or not (utf8 or rest.isascii()):
+        if not (_UTF8_ADDR.match(rest) and rest.isprintable()) or not (utf8 or rest.isascii()):
             raise GrammarError("syntax.param_value", param="ORCPT")
         return f"{addr_type};{rest}"
     return f"{addr_type};{decode_xtext(rest, 'ORCPT')}"

@@ -19,7 +19,12 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from mailgate.config.delivery import SmtpConfig
 from mailgate.delivery.base import RecipientResult, TraceInfo
 from mailgate.delivery.smarthost import SmarthostDestination
-from mailgate.delivery.smtp_client import Response, recipient_failure
+from mailgate.delivery.smtp_client import (
+    Connection,
+    Response,
+    recipient_failure,
+    transaction_commands,
+)
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 
 TRACE = TraceInfo("sid7", "client.test", "192.0.2.1", None, "mx.test", "ESMTPSA")
@@ -438,3 +443,27 @@ def test_a_downstream_refusal_keeps_its_own_status() -> None:
     assert (odd.code, odd.enhanced) == (550, "5.0.0")
     bare = recipient_failure(rcpt, Response(552, ("Mailbox full",)))
     assert (bare.code, bare.enhanced) == (550, "5.0.0")  # not "no such user"
+
+
+def _offering(*keywords: str) -> Any:
+    conn = Connection.__new__(Connection)  # the commands need only what it offers
+    conn.extensions = dict.fromkeys(keywords, "")
+    return conn
+
+
+def test_a_utf8_orcpt_is_passed_on_in_its_own_forms() -> None:
+    # RFC 6533 3: a utf-8 ORCPT is utf-8-addr-xtext (\x{HEX}) or, with SMTPUTF8,
+    # utf-8-addr-unitext; RFC 3461 xtext "+C3+B6" is no form of it (a downstream
+    # reported the original recipient as the literal "carl+C3+B6@...")
+    original = "utf-8;carl\u00f6@b\u00fccher.test"
+    rcpt = Recipient(Address("r1", "remote.test"), ("FAILURE",), original)
+    plain = Recipient(Address("r2", "remote.test"), (), "rfc822;a+b=c@d.test")
+    env = Envelope(sender=Address("s", "example.org"), recipients=[rcpt, plain])
+    _, rcpts = transaction_commands(_offering("DSN"), env, 10, [rcpt, plain])
+    assert rcpts == [
+        "RCPT TO:<r1@remote.test> NOTIFY=FAILURE ORCPT=utf-8;carl\\x{F6}@b\\x{FC}cher.test",
+        "RCPT TO:<r2@remote.test> ORCPT=rfc822;a+2Bb+3Dc@d.test",
+    ]
+    env.smtputf8 = True
+    _, rcpts = transaction_commands(_offering("DSN", "SMTPUTF8"), env, 10, [rcpt])
+    assert rcpts == [f"RCPT TO:<r1@remote.test> NOTIFY=FAILURE ORCPT={original}"]

@@ -151,7 +151,10 @@ def test_bad_mail_dsn_parameters(param: str) -> None:
      # RFC 3461 4.2: printable US-ASCII once decoded; RFC 6533 3: raw UTF-8 in a utf-8
      # address only with SMTPUTF8
      "ORCPT=rfc822;u+00@d.org", "ORCPT=rfc822;a+0D+0AX:+20y@c", "ORCPT=rfc822;j+C3+B6@d.org",
-     "ORCPT=utf-8;j\u00f6rg@d.org"],
+     "ORCPT=utf-8;j\u00f6rg@d.org",
+     # RFC 6533 3: a utf-8 address has no xtext "+XX", and "\" only as \x{HEX}
+     "ORCPT=utf-8;a+2Bb@d.org", "ORCPT=utf-8;a=b@d.org", "ORCPT=utf-8;a\\b@d.org",
+     "ORCPT=utf-8;a\\x{zz}@d.org"],
 )
 def test_bad_rcpt_dsn_parameters(param: str) -> None:
     s = Session()
@@ -166,6 +169,9 @@ def test_a_raw_utf8_original_recipient_with_smtputf8() -> None:
     out = s.send("RCPT TO:<c@example.org> ORCPT=utf-8;j\u00f6rg@d.org\r\n")
     assert codes(out) == ["250 2.1.5"]
     assert s.conn.envelope.recipients[0].orcpt == "utf-8;j\u00f6rg@d.org"
+    # and its 7-bit form, with or without SMTPUTF8
+    out = s.send("RCPT TO:<c@example.org> ORCPT=utf-8;j\\x{F6}rg@d.org\r\n")
+    assert codes(out) == ["250 2.1.5"]
 
 
 def test_auth_mail_parameter_is_xtext() -> None:
