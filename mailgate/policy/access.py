@@ -248,7 +248,10 @@ class AccessStep(Step):
         return ACCEPT  # block: refused after the data, in message()
 
     async def rcpt(self, client: Client, envelope: Envelope, recipient: Recipient) -> Verdict:
-        if is_trusted(client) or client.tags.get("access") == "allow":
+        # Not excused by an `allow` rule on the client's HELO or sender, which it can
+        # forge: a spam trap or a refused address holds for every untrusted client, as
+        # upas's refused-recipient list did.
+        if is_trusted(client):
             return ACCEPT
         rule = self._rules.match_address("recipient", recipient.address)
         if rule is None or rule.action == "allow":

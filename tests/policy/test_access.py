@@ -207,6 +207,17 @@ def test_recipient_deny_and_delay_at_rcpt(step: AccessStep) -> None:
     assert str(verdict.reply) == "451 4.7.1 Please try again later"
 
 
+def test_an_allowed_client_still_meets_the_recipient_rules(step: AccessStep) -> None:
+    # an allowed sender (forgeable) or address: refused addresses and spam traps hold
+    # (they were skipped for any client an allow rule had matched)
+    allowed = envelope("owner-9fans@cse.psu.edu")
+    verdict, _ = transaction(step, client(), allowed, ("old@mailgate.lab",))
+    assert str(verdict.reply) == "550 5.7.1 Mail to <old@mailgate.lab> refused by local policy"
+    verdict, state = transaction(step, client(ip="198.51.100.77"), envelope("a@good.lab"),
+                                 ("a@mailgate.lab", "trap@mailgate.lab"))
+    assert state == "BLOCKED" and verdict.reply is not None and verdict.reply.code == 554
+
+
 def test_opt_out_every_recipient_allowed_delivers_blocked_mail(step: AccessStep) -> None:
     verdict, state = transaction(step, client(), envelope("x@spam.lab"), ("abuse@mailgate.lab",))
     assert verdict.accepted and state == "ACCEPT"
