@@ -713,9 +713,16 @@ class Connection:
             self._send(reply("vrfy.cannot"))
             return
         text = arg.strip()
+        # RFC 6531 3.7.4.2: "VRFY String [SP SMTPUTF8]"; without the parameter no UTF-8
+        # may be asked about or answered (550 X.6.8, never echoed).
+        words = text.rsplit(None, 1)
+        utf8 = len(words) == 2 and words[1].upper() == "SMTPUTF8"
+        if utf8:
+            text = words[0]
+        elif not text.isascii():
+            return self._refuse("VRFY", reply("vrfy.utf8_not_permitted"))
         if text.startswith("<") and text.endswith(">"):
             text = text[1:-1]
-        utf8 = not text.isascii()
         if "@" not in text and is_local_part(text, utf8=utf8):
             # RFC 5321 3.5.3: VRFY may name a user without a domain (a local user).
             self._decide(ev.Verify(Address(text, "")))

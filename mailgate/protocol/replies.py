@@ -110,6 +110,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "vrfy.cannot":            Template(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery"),
     "vrfy.ok":                Template(250, "2.1.5", "<{address}>"),
     "vrfy.unknown":           Template(550, "5.1.1", "<{address}> ... user unknown"),
+    "vrfy.utf8_not_permitted": Template(550, "5.6.8", "A UTF-8 mailbox needs VRFY with the SMTPUTF8 parameter"),
     "expn.disabled":          Template(502, "5.5.1", "EXPN not available"),
     # --- syntax --------------------------------------------------------------
     "syntax.unknown":         Template(500, "5.5.1", "Command unrecognized"),

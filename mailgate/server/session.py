@@ -30,7 +30,7 @@ from mailgate.policy.networks import is_trusted
 from mailgate.policy.pregreet import TAG as PREGREET
 from mailgate.protocol import events as ev
 from mailgate.protocol.connection import Connection, Settings
-from mailgate.protocol.envelope import Envelope
+from mailgate.protocol.envelope import Address, Envelope
 from mailgate.protocol.replies import Reply, reply
 from mailgate.server.outcome import combine_results
 from mailgate.server.proxy import ProxyError, parse_proxy
@@ -298,12 +298,20 @@ class Session(asyncio.Protocol):
         assert client is not None and conn is not None
         if pause <= 0 or client.trusted or self.listener.config.role != "public":
             return
+        assert self._event_loop is not None
+        await self._sleep(since + pause - self._event_loop.time())
+        if conn.buffered and not self._lost:
+            client.tags[PREGREET] = str(conn.buffered)
+            self.log_event("pregreet", octets=conn.buffered)
+
+    async def _sleep(self, seconds: float) -> None:
+        """A deliberate delay (greeting pause, HELO delay, tarpit, AUTH failure delay)
+        that a client hanging up, or a shutdown, ends early: the session's connection
+        slot is not held for a gone client.  Bytes that arrive wake the wait too, which
+        then goes on."""
         loop = self._event_loop
         assert loop is not None
-        end = since + pause
-        # Not a plain sleep: a client that hangs up, or a shutdown, ends the pause (the
-        # session's connection slot is not held for a gone client).  Bytes that arrive
-        # wake the wait too, which then goes on.
+        end = loop.time() + seconds
         while (
             not (self._lost or self._stopping or self._draining)
             and (left := end - loop.time()) > 0
@@ -313,9 +321,6 @@ class Session(asyncio.Protocol):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter, left)
             self._waiter = None
-        if conn.buffered and not self._lost:
-            client.tags[PREGREET] = str(conn.buffered)
-            self.log_event("pregreet", octets=conn.buffered)
 
     async def _loop(self) -> None:
         conn = self.conn
@@ -419,10 +424,18 @@ class Session(asyncio.Protocol):
             server.metrics.auth(self._auth_mechanism or "?", "aborted")
         elif isinstance(event, ev.Verify):
             addr = event.address
-            if server.mailboxes.has_recipient(addr.local, addr.domain):
-                conn.accept()
-            else:
-                conn.reject(reply("vrfy.unknown", address=str(addr)))
+            # RFC 5321 3.5.1: a 250 names the mailbox, domain and all (a bare user name
+            # is one of the domain a bare <Postmaster> is in)
+            domain = addr.domain or getattr(server.mailboxes, "postmaster_domain", "") or (
+                server.hostname
+            )
+            mailbox = Address(addr.local, domain, addr.quoted)
+            if not server.mailboxes.has_recipient(addr.local, addr.domain):
+                conn.reject(reply("vrfy.unknown", address=mailbox))
+            elif str(mailbox).isascii():
+                conn.accept(reply("vrfy.ok", address=mailbox))
+            else:  # (reply text is ASCII: 252 rather than a mailbox with "?" in it)
+                conn.accept(reply("vrfy.cannot"))
         elif isinstance(event, ev.Closed):
             self._flush()
 
@@ -439,7 +452,7 @@ class Session(asyncio.Protocol):
             client.helo = event.name
             delay = self.server.config.server.helo_delay
             if delay > 0 and not client.trusted:
-                await asyncio.sleep(delay)  # upas -D: slow down the spam cannons
+                await self._sleep(delay)  # upas -D: slow down the spam cannons
         elif verdict.reply is not None and verdict.reply.code < 500:
             verdict = Verdict(self._closing(verdict.reply), close=True, tags=verdict.tags)
         await self._answer(verdict)
@@ -671,7 +684,7 @@ class Session(asyncio.Protocol):
             # user's password from many addresses slows down too
             delay = auth.failure_delay(str(client.ip), exchange.user)
             if delay > 0:
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
         conn.auth_failure(outcome.reply)
 
     # -- helpers ------------------------------------------------------------------------
@@ -720,7 +733,7 @@ class Session(asyncio.Protocol):
         # The refusal (and the replies queued before it in a pipelined group) leaves
         # now: the delay holds up what comes next, not the answers already decided.
         self._flush()
-        await asyncio.sleep(min(settings.tarpit_delay * 2 ** (n - 1), settings.tarpit_max_delay))
+        await self._sleep(min(settings.tarpit_delay * 2 ** (n - 1), settings.tarpit_max_delay))
 
     def _write_body(self, data: bytes) -> None:
         spool = self._spool

@@ -184,9 +184,14 @@ def test_vrfy_when_verification_is_enabled(tmp_path) -> None:
         with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
             smtp.ehlo("client.mailgate.org")
             assert smtp.has_extn("vrfy")
-            assert smtp.verify("root")[0] == 250
+            # RFC 5321 3.5.1: the 250 names the mailbox, domain and all
+            assert smtp.verify("root") == (250, b"2.1.5 <root@mx.mailgate.test>")
             assert smtp.verify("<postmaster@localhost>")[0] == 250
             assert smtp.verify("nobody-by-this-name")[:1] == (550,)
+            # RFC 6531 3.7.4.2: UTF-8 only with the SMTPUTF8 parameter
+            smtp.send("VRFY j\u00f6rg\r\n".encode())  # (smtplib sends only ASCII)
+            assert smtp.getreply()[0] == 550
+            assert smtp.docmd("VRFY", "root SMTPUTF8") == (250, b"2.1.5 <root@mx.mailgate.test>")
     finally:
         srv.stop()
 

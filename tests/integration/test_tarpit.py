@@ -249,3 +249,29 @@ def test_a_refusal_leaves_before_its_tarpit_delay(tmp_path: Path) -> None:
             assert time.monotonic() - started < 2.5  # the first refusal, before its 3 s delay
     finally:
         srv.stop()
+
+
+def test_a_client_that_hangs_up_is_not_held_in_its_tarpit(tmp_path: Path) -> None:
+    # The delay slept on after the client had gone, holding its connection slot (here
+    # the only one its address has) for up to tarpit_max_delay.
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+        tarpit_delay = 30
+        max_connections_per_ip = 1
+
+        [policy]
+        trusted_networks = []
+        verify_sender_domain = false
+    """)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.docmd("MAIL", "FROM:<a@client.mailgate.org>")
+            assert smtp.docmd("RCPT", "TO:<nobody-x@localhost>")[0] == 550
+            smtp.sock.close()  # gone, in the middle of its 30 s delay
+        assert wait_for(lambda: "event=close" in srv.log(), timeout=10)
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            assert smtp.noop()[0] == 250
+    finally:
+        srv.stop()

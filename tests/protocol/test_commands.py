@@ -240,6 +240,17 @@ def test_vrfy_takes_a_bare_user_name() -> None:
     assert codes(s.send("VRFY " + "j" * 65 + "\r\n")) == ["501 5.1.3"]
 
 
+def test_vrfy_takes_the_smtputf8_parameter() -> None:
+    # RFC 6531 3.7.4.2: VRFY String [SP SMTPUTF8]; UTF-8 without it is 550 5.6.8,
+    # not echoed
+    s = Session(vrfy=True)
+    assert codes(s.send("VRFY j\u00f6rg@example.org\r\n")) == ["550 5.6.8"]
+    assert codes(s.send("VRFY j\u00f6rg@example.org SMTPUTF8\r\n")) == ["250 2.1.5"]
+    assert codes(s.send("VRFY joe smtputf8\r\n")) == ["250 2.1.5"]
+    assert s.of(ev.Verify) == [ev.Verify(Address("j\u00f6rg", "example.org")),
+                               ev.Verify(Address("joe", ""))]
+
+
 def test_expn_is_refused() -> None:
     s = Session()
     assert codes(s.send("EXPN staff\r\n")) == ["502 5.5.1"]
