@@ -113,6 +113,15 @@ class SmtpConfig:
     username: str = ""  # empty: no AUTH
     password_file: str = ""  # a file holding the AUTH password (not the password itself)
 
+    def __post_init__(self) -> None:
+        # (each message would otherwise meet a 451 at the first connection)
+        if not self.host.strip():
+            raise ValueError("host: must not be empty")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port: must be from 1 to 65535, got {self.port}")
+        if self.username and not self.password_file:
+            raise ValueError("username: AUTH needs password_file too")
+
 
 @dataclass
 class DestinationConfig:

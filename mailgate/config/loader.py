@@ -420,6 +420,10 @@ class _Converter:
                     return _INVALID
         elif tp is str:
             ok = isinstance(raw, str)
+            if ok and "\0" in typing.cast(str, raw):
+                # (no path, name or address holds one; open() and friends raise on it)
+                self.error(key, "must not contain a NUL character")
+                return _INVALID
         else:
             raise TypeError(f"config field {key} has a type the loader cannot read: {tp!r}")
         if not ok:

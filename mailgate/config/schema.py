@@ -24,6 +24,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
+        if not self.listener:
+            raise ValueError("listener: at least one [[listener]] (with none, no mail is taken)")
         # Two listeners on one address would fail at bind: say so in check-config
         # already.  Port 0 asks the kernel for a free port, a different one each time.
         seen: dict[str, int] = {}
@@ -38,6 +40,21 @@ class Config:
                     f"listener[{seen[address]}]"
                 )
             seen[address] = n
+        for n, entry in enumerate(self.listener, 1):
+            # Settings that leave a listener unable to take any mail, refused here
+            # rather than found by the first client.
+            if entry.address.startswith(("/", "unix:")):
+                raise ValueError(f"listener[{n}].address: HOST:PORT, not a Unix socket")
+            if entry.proxy_protocol and not self.server.proxy_from:
+                raise ValueError(
+                    f"listener[{n}].proxy_protocol: needs server.proxy_from (a PROXY header "
+                    "is taken only from those addresses: every connection would be refused)"
+                )
+            if entry.role != "public" and self.auth.users_file and not self.auth.mechanisms:
+                raise ValueError(
+                    f"listener[{n}].role: {entry.role} requires AUTH, and auth.mechanisms "
+                    "is empty"
+                )
         # Without a certificate these listeners could never take mail: smtps speaks
         # TLS from the first byte, and require_tls waits for a STARTTLS not offered.
         if not self.tls.pairs:

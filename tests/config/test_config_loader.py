@@ -699,3 +699,36 @@ def test_listeners_that_need_a_certificate(tmp_path: Path, listener: str, line: 
         f'[[listener]]\naddress = "127.0.0.1:587"\n{listener}'
     )
     assert errors_of(tmp_path, text) == [f"mailgate.toml: {line}"]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("listener = []\n", "listener: at least one [[listener]]"),
+        ('[[listener]]\naddress = "unix:/run/x.sock"\n',
+         "listener[1].address: HOST:PORT, not a Unix socket"),
+        ('[[listener]]\naddress = "/run/x.sock"\n',
+         "listener[1].address: HOST:PORT, not a Unix socket"),
+        ('[[listener]]\naddress = "127.0.0.1:2526"\nproxy_protocol = true\n',
+         "listener[1].proxy_protocol: needs server.proxy_from"),
+        ('[[listener]]\naddress = "127.0.0.1:2526"\nrole = "submission"\n'
+         '[auth]\nusers_file = "/etc/passwd"\nmechanisms = []\n',
+         "listener[1].role: submission requires AUTH, and auth.mechanisms is empty"),
+        ('[delivery]\nrelay = "out"\n[delivery.destinations.out.smtp]\nhost = ""\n',
+         "delivery.destinations.out.smtp.host: must not be empty"),
+        ('[delivery]\nrelay = "out"\n[delivery.destinations.out.smtp]\nhost = "h.example"\n'
+         "port = 99999\n", "delivery.destinations.out.smtp.port: must be from 1 to 65535"),
+        ('[delivery]\nrelay = "out"\n[delivery.destinations.out.smtp]\nhost = "h.example"\n'
+         'username = "u"\n', "delivery.destinations.out.smtp.username: AUTH needs password_file"),
+        # a NUL in a path: a traceback (embedded null byte), or an error naming no key
+        ('[server]\nspool_dir = "sp\\u0000ool"\n', "server.spool_dir: must not contain a NUL"),
+        ('[policy]\naccess_file = "/etc/a\\u0000b"\n',
+         "policy.access_file: must not contain a NUL"),
+    ],
+)
+def test_settings_that_could_take_no_mail_are_refused(
+    tmp_path: Path, text: str, error: str
+) -> None:
+    # check-config said OK to these; serve then failed, or every message got a 451
+    [line] = errors_of(tmp_path, text)
+    assert line.startswith(f"mailgate.toml: {error}"), line
