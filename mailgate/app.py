@@ -345,9 +345,9 @@ class MailServer:
                 self.ctx.config, config
             )
             keep_restart_only(self.ctx.config, config)  # sockets, spool... as set up
-            config.server.hostname = self.ctx.hostname if not config.server.hostname else (
-                config.server.hostname
-            )
+            # (a file without hostname means the machine's name, as at start: one
+            # taken out of the file must not stay until a restart)
+            config.server.hostname = config.server.hostname or default_hostname()
             # The AUTH failure counts go on: a reload must not reset a guesser's budget.
             old = self.ctx.authenticator
             failures = old.failures if old else self._auth_failures

@@ -280,7 +280,7 @@ class Supervisor:
                 return 1
 
     def _reload(self) -> None:
-        from mailgate.app import check_parts, load_overridden
+        from mailgate.app import check_parts, default_hostname, load_overridden
 
         try:
             # a broken file, or parts that will not build (a users file, an access
@@ -296,10 +296,10 @@ class Supervisor:
         # Told here once, not by every worker (the workers' reload does not say it).
         restart_needed = restart_only_changes(self.config, fresh)
         # What a worker started from now on runs with, as the running workers reload:
-        # sockets, spool, logs and metrics as set up, the name as it was unless the
-        # file sets one.
+        # sockets, spool, logs and metrics as set up, the machine's name unless the
+        # file (or --hostname) gives one.
         keep_restart_only(self.config, fresh)
-        fresh.server.hostname = fresh.server.hostname or self.config.server.hostname
+        fresh.server.hostname = fresh.server.hostname or default_hostname()
         self.config = fresh
         for pid in self.pids:
             with contextlib.suppress(ProcessLookupError):

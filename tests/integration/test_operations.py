@@ -406,6 +406,21 @@ def test_a_reload_applies_the_name_and_says_what_waits_for_a_restart(tmp_path: P
         srv.stop()
 
 
+def test_a_name_taken_out_of_the_file_is_the_machines_after_a_reload(tmp_path: Path) -> None:
+    from mailgate.app import default_hostname
+
+    base = f'[server]\nspool_dir = "{tmp_path}/s"\n'
+    srv = start_server(tmp_path, base + 'hostname = "mx1.mailgate.test"\n', hostname=None)
+    try:
+        srv.config_path.write_text(srv.config_path.read_text().replace(
+            'hostname = "mx1.mailgate.test"\n', ""))
+        srv.signal(signal.SIGHUP)
+        assert wait_for(lambda: "event=reload" in srv.log())
+        assert _greeting(srv).startswith(f"220 {default_hostname()} ".encode())
+    finally:
+        srv.stop()
+
+
 def test_a_reload_keeps_the_command_line_settings(tmp_path: Path) -> None:
     # --listen and --hostname win over the file at start, and after a reload too
     srv = start_server(tmp_path, f'[server]\nspool_dir = "{tmp_path}/s"\n')
