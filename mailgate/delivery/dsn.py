@@ -14,8 +14,9 @@ by an alias.  A downstream that was handed NOTIFY itself reports, not us.
 The report is ``multipart/report; report-type=delivery-status`` (RFC 6522) with a
 human-readable part, the ``message/delivery-status`` part and the original header as
 ``text/rfc822-headers`` (``message/global-headers`` for UTF-8 fields of SMTPUTF8 mail,
-RFC 6533; never the whole body: RET=FULL is answered with the header
-only, which RFC 3461 4.3 allows).  It is sent from the null sender (RFC 5321 6.1)
+RFC 6533), or with RET=FULL the whole message as ``message/rfc822`` when it is at
+most RETURN_LIMIT octets of text lines (a larger or binary one by its header, as
+Postfix's bounce_size_limit).  It is sent from the null sender (RFC 5321 6.1)
 with ``Auto-Submitted: auto-replied`` (RFC 3834).
 """
 
@@ -32,6 +33,9 @@ from mailgate.protocol.envelope import NULL_ADDRESS, Envelope, Recipient
 from mailgate.protocol.headers import header_end
 
 HEADER_LIMIT = 64 * 1024  # octets of the original header quoted in the report
+# RET=FULL returns a message up to this size whole; a larger one by its header (a
+# report the size of the message it reports on would double a mailbox's load)
+RETURN_LIMIT = 100 * 1024
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 _FAILURE_SUBJECT = "Undelivered Mail Returned to Sender"
 _SUCCESS_SUBJECT = "Successful Mail Delivery Report"
@@ -68,14 +72,28 @@ def bounce_envelope(envelope: Envelope) -> Envelope | None:
     return Envelope(sender=NULL_ADDRESS, recipients=[Recipient(sender)], smtputf8=envelope.smtputf8)
 
 
-async def read_headers(spool_path: str, limit: int = HEADER_LIMIT) -> bytes:
-    """The header of the spooled message (up to its blank line), at most ``limit`` octets."""
+async def read_returned(
+    spool_path: str, envelope: Envelope | None, limit: int = HEADER_LIMIT
+) -> tuple[bytes, bool]:
+    """What a failure report returns of the message, and whether it is the whole of
+    it: with RET=FULL (RFC 3461 4.3) a message of at most RETURN_LIMIT octets that is
+    text lines (CRLF only, no NUL: message/rfc822 content), else its header (up to
+    its blank line, at most ``limit`` octets of it)."""
+    whole = envelope is not None and envelope.ret == "FULL" and envelope.body != "BINARYMIME"
 
     def read() -> bytes:
         with open(spool_path, "rb") as f:
-            return f.read(limit)
+            return f.read(max(limit, RETURN_LIMIT + 1 if whole else 0))
 
-    return header_section(await asyncio.to_thread(read))
+    data = await asyncio.to_thread(read)
+    if whole and len(data) <= RETURN_LIMIT and _text_lines(data):
+        return data, True
+    return header_section(data[:limit]), False
+
+
+def _text_lines(data: bytes) -> bool:
+    crlf = data.count(b"\r\n")
+    return b"\0" not in data and data.count(b"\n") == crlf and data.count(b"\r") == crlf
 
 
 def header_section(head: bytes) -> bytes:
@@ -101,6 +119,7 @@ def build_dsn(
     failed: list[RecipientResult],
     reporting_mta: str,
     original_headers: bytes,
+    whole_message: bool = False,
     arrival: datetime | None = None,
     now: datetime | None = None,
     success: bool = False,
@@ -150,12 +169,13 @@ def build_dsn(
         "message/delivery-status"
     )
     # RFC 6533 3.5: the UTF-8 header fields of an SMTPUTF8 message are quoted as
-    # message/global-headers; text/rfc822-headers is ASCII
-    headers_type = (
-        "message/global-headers"
-        if envelope.smtputf8 and not original_headers.isascii()
-        else "text/rfc822-headers"
-    )
+    # message/global-headers (a whole one as message/global); text/rfc822-headers is
+    # ASCII.  ``whole_message``: RET=FULL, the message itself (RFC 6522 3).
+    global_type = envelope.smtputf8 and not original_headers.isascii()
+    if whole_message:
+        headers_type = "message/global" if global_type else "message/rfc822"
+    else:
+        headers_type = "message/global-headers" if global_type else "text/rfc822-headers"
     eight_bit = not (status.isascii() and original_headers.isascii())
 
     head = (

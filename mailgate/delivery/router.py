@@ -314,7 +314,13 @@ class Router:
             if isinstance(r, Reply):
                 results.append(RecipientResult(rcpt, r))
             elif len(r) == 1:
-                results.append(RecipientResult(rcpt, done[r[0]].reply, done[r[0]].action))
+                answer = done[r[0]]
+                action = answer.action
+                if not action and answer.recipient.notify != rcpt.notify:
+                    # Two RCPTs for one mailbox: the downstream was handed the other's
+                    # NOTIFY, so a success this one asked for is ours to report.
+                    action = "relayed"
+                results.append(RecipientResult(rcpt, answer.reply, action))
             else:
                 results += _expanded_results(rcpt, [done[k] for k in r])
         return results

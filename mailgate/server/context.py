@@ -18,7 +18,7 @@ from mailgate.delivery.dsn import (
     build_dsn,
     for_report,
     header_section,
-    read_headers,
+    read_returned,
     success_recipients,
 )
 from mailgate.delivery.spool import SpoolDir
@@ -191,10 +191,12 @@ class ServerContext:
         if not reportable:
             return Report.SENT  # NOTIFY=NEVER: the sender asked not to hear of failures
         try:
-            headers = await read_headers(spool_path)
+            returned, whole = await read_returned(spool_path, envelope)
         except OSError:
             return Report.DEFER
-        return await self._report(session, envelope, report_envelope, reportable, headers)
+        return await self._report(
+            session, envelope, report_envelope, reportable, returned, whole=whole
+        )
 
     async def notify_success(
         self, session: Session, envelope: Envelope, results: list[RecipientResult],
@@ -220,13 +222,14 @@ class ServerContext:
     async def _report(
         self, session: Session, envelope: Envelope, report_envelope: Envelope,
         reportable: list[RecipientResult], headers: bytes, success: bool = False,
+        whole: bool = False,
     ) -> Report:
         """Build the report and deliver it now (no queue); as :meth:`bounce`."""
         spool = None
         try:
             report = build_dsn(
                 envelope=envelope, failed=reportable, reporting_mta=self.hostname,
-                original_headers=headers, success=success,
+                original_headers=headers, whole_message=whole, success=success,
             )
             report_envelope = for_report(report_envelope, report)
             spool = self.spool.create(f"{session.message_id}.dsn")

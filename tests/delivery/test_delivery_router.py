@@ -484,3 +484,25 @@ def test_bare_postmaster_is_known_where_the_host_name_is_no_local_domain(tmp_pat
     assert not r.is_local_domain(HOST)
     assert r.has_recipient("postmaster", "")
     assert not router(tmp_path / "2", local_users=["alice"]).has_recipient("postmaster", "")
+
+
+class _ReportingDownstream:
+    """A destination that was handed the DSN parameters (it reports successes itself)."""
+
+    async def deliver(self, env: Any, trace: Any, spool: Any, recipients: list[Any]) -> list[Any]:
+        return [RecipientResult(r, reply("ok"), "") for r in recipients]
+
+
+def test_a_success_asked_for_by_a_second_rcpt_of_one_mailbox_is_ours_to_report(
+    tmp_path: Path,
+) -> None:
+    # alice and alice+tag are one mailbox: the downstream gets one RCPT, with the first
+    # one's NOTIFY; the second asked for SUCCESS, which nobody would have reported
+    r = router(tmp_path, recipient_delimiter="+")
+    r.destinations[LOCAL_DESTINATION] = _ReportingDownstream()  # type: ignore[assignment]
+    env = Envelope(sender=Address("s", "example.net"), recipients=[
+        Recipient(Address("alice", "example.org"), ("FAILURE",)),
+        Recipient(Address("alice+tag", "example.org"), ("SUCCESS",)),
+    ])
+    results = asyncio.run(r.deliver(env, TRACE, spooled(tmp_path, MESSAGE, env)))
+    assert [x.action for x in results] == ["", "relayed"]

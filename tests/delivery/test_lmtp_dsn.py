@@ -13,12 +13,13 @@ from dovecot_fixture import DOMAIN, Dovecot, dovecot_server  # noqa: F401  (the 
 from mailgate.config.delivery import LMTPConfig
 from mailgate.delivery.base import RecipientResult, TraceInfo
 from mailgate.delivery.dsn import (
+    RETURN_LIMIT,
     bounce_envelope,
     bounce_recipients,
     build_dsn,
     for_report,
     header_section,
-    read_headers,
+    read_returned,
 )
 from mailgate.delivery.lmtp import LMTPDestination
 from mailgate.protocol.envelope import NULL_ADDRESS, Address, Envelope, Recipient
@@ -54,7 +55,7 @@ def test_refused_recipient_is_reported_to_the_sender(dovecot: Dovecot, tmp_path:
 
     failed = bounce_recipients(results)
     assert [r.recipient for r in failed] == [rcpts[0]]  # NOTIFY=NEVER is not reported
-    headers = asyncio.run(read_headers(spool.path))
+    headers, _ = asyncio.run(read_returned(spool.path, None))
     assert headers == MESSAGE.split(b"\r\n\r\n")[0] + b"\r\n"
     report = build_dsn(
         envelope=env, failed=failed, reporting_mta="mx.test", original_headers=headers
@@ -124,9 +125,9 @@ def test_utf8_headers_of_smtputf8_mail_are_global_headers_and_the_report_8bitmim
 def test_header_limit_keeps_whole_lines(tmp_path: Path) -> None:
     path = tmp_path / "m"
     path.write_bytes(b"A: 1\r\nB: 22222\r\nC: 3\r\n\r\nbody")
-    assert asyncio.run(read_headers(str(path), limit=12)) == b"A: 1\r\n"
+    assert asyncio.run(read_returned(str(path), None, limit=12)) == (b"A: 1\r\n", False)
     path.write_bytes(b"no line end at all")
-    assert asyncio.run(read_headers(str(path), limit=5)) == b""
+    assert asyncio.run(read_returned(str(path), None, limit=5)) == (b"", False)
 
 
 def test_the_quoted_header_of_bdat_mail_is_the_header_only() -> None:
@@ -162,3 +163,29 @@ def test_a_utf8_orcpt_makes_the_status_global_and_8bit() -> None:
     msg = email.message_from_bytes(ascii_only, policy=email.policy.default)
     assert msg["Content-Transfer-Encoding"] is None
     assert msg.get_payload()[1].get_content_type() == "message/delivery-status"
+
+
+def test_ret_full_returns_a_small_text_message_whole(tmp_path: Path) -> None:
+    # RFC 3461 4.3: RET=FULL asks for the entire message in a failure report; it was
+    # answered with the header only, whatever its size
+    message = b"Received: x\r\nSubject: s\r\n\r\nthe body\r\n"
+    path = tmp_path / "m"
+    path.write_bytes(message)
+    full = Envelope(sender=Address("s", DOMAIN), ret="FULL")
+    assert asyncio.run(read_returned(str(path), full)) == (message, True)
+    assert asyncio.run(read_returned(str(path), Envelope(sender=Address("s", DOMAIN)))) == (
+        b"Received: x\r\nSubject: s\r\n", False)
+    # too large, binary, or not text lines (BDAT with bare LF): the header
+    for body, env in ((b"x" * RETURN_LIMIT, full),
+                      (b"the body\r\n", Envelope(sender=Address("s", DOMAIN), ret="FULL",
+                                                  body="BINARYMIME")),
+                      (b"bare\nLF\r\n", full)):
+        path.write_bytes(b"Subject: s\r\n\r\n" + body)
+        assert asyncio.run(read_returned(str(path), env)) == (b"Subject: s\r\n", False)
+    r = RecipientResult(Recipient(Address("x", DOMAIN)), reply("delivery.downstream_rcpt_perm"))
+    report = build_dsn(envelope=full, failed=[r], reporting_mta="mx.test",
+                       original_headers=message, whole_message=True)
+    msg = email.message_from_bytes(report, policy=email.policy.default)
+    returned = msg.get_payload()[2]
+    assert returned.get_content_type() == "message/rfc822"
+    assert returned.get_payload()[0]["Subject"] == "s"

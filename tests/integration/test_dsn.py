@@ -63,6 +63,16 @@ def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
         assert msg.get_content_type() == "multipart/report"
         assert "lists@localhost" in report.decode()
         assert "Status: 5." in report.decode()
+        assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+        # RET=FULL (RFC 3461 4.3): the message itself comes back
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.sendmail("alice@localhost", ["root@localhost", "lists@localhost"],
+                          b"Subject: full\r\n\r\nthe whole body\r\n", mail_options=["RET=FULL"])
+        report = srv.messages("alice")[1]
+        returned = email.message_from_bytes(report, policy=email.policy.default).get_payload()[2]
+        assert returned.get_content_type() == "message/rfc822"
+        assert b"the whole body" in report
         # A null sender is never bounced to, and no retry changes that: a 4xx would
         # have the client send it again and again, a copy each time for root.  The
         # refusal names who did not get it and says the others did.
@@ -74,7 +84,7 @@ def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
             "5.0.0 Not delivered to the recipients above; the others have it, and no "
             "report could reach the sender"
         )
-        assert len(srv.messages("root")) == 2  # this message's copy, once
+        assert len(srv.messages("root")) == 3  # this message's copy, once
     finally:
         srv.stop()
 
