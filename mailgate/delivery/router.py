@@ -219,7 +219,7 @@ class Router:
     ) -> list[Target]:
         if depth > MAX_ALIAS_DEPTH:
             log.error("aliases nest deeper than %d at %s@%s", MAX_ALIAS_DEPTH, user, domain)
-            raise _Refusal(reply("delivery.local_error"))
+            raise _Refusal(reply("delivery.misconfigured"))
         full = f"{user}@{domain}"
         aliases = self.table.aliases
         members = aliases.get(full) or aliases.get(user)
@@ -237,7 +237,7 @@ class Router:
         if spelled is None:
             if not self.table.relay:
                 log.error("alias target %s is remote and no relay is configured", target)
-                raise _Refusal(reply("delivery.local_error"))
+                raise _Refusal(reply("delivery.misconfigured"))
             return [Target(self.table.relay, Address(local, target_domain.lower()))]
         return self._expand(self.canonical_user(local, spelled), spelled, False, chain, depth)
 

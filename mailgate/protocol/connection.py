@@ -42,7 +42,7 @@ _SASL_PLAINTEXT = frozenset({"PLAIN", "LOGIN"})
 SERVER_FIRST = frozenset({"CRAM-MD5"})
 # the sequence refusals that follow from a refused MAIL, RCPT or BDAT
 _FOLLOW_ONS = frozenset({"seq.need_mail", "seq.need_mail_data", "seq.need_rcpt",
-                         "seq.bdat_aborted"})
+                         "seq.bdat_aborted", "seq.need_mail_bdat"})
 _MAX_BDAT_DIGITS = 18
 
 
@@ -663,7 +663,7 @@ class Connection:
         if len(parts) > 2 or (len(parts) == 2 and not last):
             return self._sink_chunk(reply("syntax.args", detail="BDAT <size> [LAST]"))
         if env is None:
-            return self._sink_chunk(reply("seq.bdat_aborted"))
+            return self._sink_chunk(reply("seq.need_mail_bdat"))
         if not env.recipients:
             return self._sink_chunk(reply("seq.need_rcpt"))
         if env.chunked:

@@ -287,7 +287,7 @@ def parse_params(items: list[str]) -> list[Param]:
             raise GrammarError("syntax.args", detail="bad parameter")
         kw = keyword.upper()
         if kw in seen:
-            raise GrammarError("syntax.param_value", param=kw)
+            raise GrammarError("syntax.param_twice", param=kw)
         seen.add(kw)
         if eq:
             if not value or any(c in value for c in "= ") or not value.isprintable():

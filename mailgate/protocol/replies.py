@@ -123,6 +123,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "syntax.recipient":       Template(501, "5.1.3", "Bad recipient address syntax"),
     "syntax.param":           Template(555, "5.5.4", "Unsupported or unknown parameter {param}"),
     "syntax.param_value":     Template(501, "5.5.4", "Bad value for parameter {param}"),
+    "syntax.param_twice":     Template(501, "5.5.4", "Duplicate parameter {param}"),
     # RFC 6531 3.5: 550 when MAIL needs an ASCII address, 553 when RCPT does
     "syntax.utf8_sender":     Template(550, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter"),
     "syntax.utf8_recipient":  Template(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter"),
@@ -134,6 +135,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "seq.nested_mail":        Template(503, "5.5.1", "Sender already specified"),
     "seq.need_rcpt":          Template(503, "5.5.1", "No valid recipients"),
     "seq.need_mail_data":     Template(503, "5.5.1", "Need MAIL before DATA"),
+    "seq.need_mail_bdat":     Template(503, "5.5.1", "Need MAIL before BDAT, chunk discarded"),
     "seq.data_after_bdat":    Template(503, "5.5.1", "DATA not allowed after BDAT in the same transaction"),
     "seq.binarymime_data":    Template(503, "5.5.1", "BODY=BINARYMIME requires BDAT"),
     "seq.bdat_aborted":       Template(503, "5.5.1", "Transaction aborted, BDAT data discarded"),
@@ -162,7 +164,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "auth.too_long":          Template(500, "5.5.6", "Authentication exchange line is too long"),
     "auth.no_initial_response": Template(501, "5.7.0", "{mechanism} takes no initial response"),
     "auth.bad_response":      Template(501, "5.5.2", "Malformed authentication response"),
-    "auth.cancelled":         Template(501, "5.0.0", "Authentication cancelled"),
+    "auth.cancelled":         Template(501, "5.7.0", "Authentication cancelled"),
     "auth.unknown_mech":      Template(504, "5.5.4", "Unrecognized authentication type"),
     "auth.already":           Template(503, "5.5.1", "Already authenticated"),
     "auth.in_transaction":    Template(503, "5.5.1", "AUTH not permitted during a mail transaction"),
@@ -194,11 +196,17 @@ CATALOGUE: Final[dict[str, Template]] = {
     "filter.internal":        Template(451, "4.3.0", "Internal error classifying message"),
     # --- delivery ------------------------------------------------------------
     "delivery.local_error":   Template(451, "4.3.0", "Requested action aborted: local error in processing"),
+    # RFC 3463 X.3.5: the routing configuration (alias nesting, a target with no way
+    # out) cannot deliver it; the operator is told in the log
+    "delivery.misconfigured": Template(451, "4.3.5", "Requested action aborted: local configuration error"),
     "delivery.storage":       Template(452, "4.3.1", "Insufficient system storage"),
     "delivery.mailbox_busy":  Template(450, "4.2.0", "Mailbox busy, try again later"),
     "delivery.mailer_failed": Template(451, "4.3.0", "mail process terminated abnormally"),
     "delivery.mailer_refused": Template(554, "5.6.0", "mail refused by the mail processor"),
     "delivery.downstream_temp": Template(451, "4.4.0", "Downstream delivery failed temporarily, try again later"),
+    # some recipients have it, others refused it, and the report to the sender of the
+    # refusals could not be sent now: the client is to try again
+    "delivery.report_deferred": Template(451, "4.3.0", "Not every recipient could take it, and the report of that cannot be sent now; try again later"),
     "delivery.downstream_perm": Template(554, "5.0.0", "Downstream refused the message"),
     "delivery.partial_unreported": Template(554, "5.0.0", "Not delivered to the recipients above; the others have it, and no report could reach the sender"),
     "delivery.downstream_rcpt_temp": Template(451, "4.4.0", "Downstream deferred <{address}>"),

@@ -49,7 +49,7 @@ async def combine_results(
     if report is Report.SENT:
         return accepted
     if report is Report.DEFER:
-        return reply("delivery.downstream_temp")
+        return reply("delivery.report_deferred")
     return multiline(
         "delivery.partial_unreported",
         # each refusal's last line as sent on the wire: "554 5.6.0 mail refused ..."

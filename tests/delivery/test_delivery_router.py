@@ -229,15 +229,16 @@ def test_a_failing_destination_fails_only_its_recipients(tmp_path: Path) -> None
 
 
 def test_nesting_too_deep_is_a_local_error(tmp_path: Path) -> None:
+    # RFC 3463 X.3.5: system incorrectly configured
     chain = {f"a{i}": [f"a{i + 1}"] for i in range(30)}
     r = router(tmp_path, aliases=chain)
-    assert deliver(tmp_path, r, "a0@example.org")[0].startswith("451 4.3.0")
+    assert deliver(tmp_path, r, "a0@example.org")[0].startswith("451 4.3.5")
     # and so it is at RCPT: our configuration's fault is no "user unknown" (550 5.1.1)
     step = RecipientStep(r, HOST, allow_loopback_literal=False)
     who = Client(ip=ipaddress.ip_address("192.0.2.1"))
     verdict = asyncio.run(step.rcpt(who, Envelope(), Recipient(address("a0@example.org"))))
     assert verdict.reply is not None
-    assert (verdict.reply.code, verdict.reply.enhanced) == (451, "4.3.0")
+    assert (verdict.reply.code, verdict.reply.enhanced) == (451, "4.3.5")
 
 
 @pytest.mark.parametrize(
@@ -308,7 +309,7 @@ def test_a_configuration_error_is_logged_at_every_message(
     r = router(tmp_path, aliases=chain)
     with caplog.at_level(logging.ERROR, logger="mailgate.delivery.router"):
         for _ in range(2):
-            assert deliver(tmp_path, r, "a0@example.org")[0].startswith("451 4.3.0")
+            assert deliver(tmp_path, r, "a0@example.org")[0].startswith("451 4.3.5")
     assert len([rec for rec in caplog.records if "nest deeper" in rec.getMessage()]) == 2
 
 

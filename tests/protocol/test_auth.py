@@ -127,12 +127,13 @@ def test_bad_base64_is_501_5_5_2() -> None:
 
 
 def test_star_cancels() -> None:
+    # RFC 4954 4: 501; the security subject, as the other AUTH 501 (was 5.0.0)
     s = session(decide=login_flow)
-    assert codes(s.send("AUTH PLAIN *\r\n")) == ["501 5.0.0"]
+    assert codes(s.send("AUTH PLAIN *\r\n")) == ["501 5.7.0"]
     s.send("AUTH LOGIN\r\n")
-    assert codes(s.send("*\r\n")) == ["501 5.0.0"]
+    assert codes(s.send("*\r\n")) == ["501 5.7.0"]
     aborted = s.of(ev.AuthAborted)
-    assert len(aborted) == 1 and aborted[0].reply.enhanced == "5.0.0"
+    assert len(aborted) == 1 and aborted[0].reply.enhanced == "5.7.0"
     assert s.conn.authenticated is None
 
 

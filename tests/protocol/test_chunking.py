@@ -72,6 +72,8 @@ def test_bdat_without_transaction_still_consumes_its_chunk() -> None:
     s.ehlo()
     out = s.send(b"BDAT 6\r\nNOOP\r\nNOOP\r\n")
     assert codes(out) == ["503 5.5.1", "250 2.0.0"]  # the first NOOP was chunk data
+    # no transaction was aborted: there was none
+    assert out[0] == "503 5.5.1 Need MAIL before BDAT, chunk discarded"
     assert not s.of(ev.BodyChunk)
 
 

@@ -178,3 +178,10 @@ def test_auth_mail_parameter_is_xtext() -> None:
     s = Session()
     assert mail(s, "AUTH=joe+40example.net") == ["250 2.1.0"]
     assert s.conn.envelope.auth == "joe@example.net"
+
+
+def test_a_parameter_given_twice_is_named_so() -> None:
+    s = Session()
+    s.ehlo()
+    out = s.send("MAIL FROM:<a@example.net> SIZE=1 SIZE=2\r\n")
+    assert out == ["501 5.5.4 Duplicate parameter SIZE"]

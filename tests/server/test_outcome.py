@@ -67,7 +67,8 @@ MIXED = [
     ("report", "first_line"),
     [
         (Report.SENT, "250 2.0.0 OK: queued as S1.1"),  # the sender has the bounce
-        (Report.DEFER, "451 4.4.0 Downstream delivery failed temporarily, try again later"),
+        (Report.DEFER, "451 4.3.0 Not every recipient could take it, and the report of that "
+         "cannot be sent now; try again later"),
         # no retry could report it: refuse, naming who did not get it
         (Report.IMPOSSIBLE, "554-5.0.0 <lists@localhost>: 554 5.6.0 "),
     ],
