@@ -9,7 +9,9 @@ kept out.  A failed append is cut off again (ftruncate to the old size) before t
 locks are released, so no reader ever sees a partial message.  An append cut short by
 a crash of the process is cut off by the next writer: the dotlock holds the writer's
 pid and the size the mbox had before it wrote, and whoever breaks the lock of a dead
-writer truncates the mbox back to that size (that message got no 250: it comes again).
+writer truncates the mbox back to that size (that message got no 250: it comes again);
+only one writer breaks it, under the mbox's flock, which a live writer holds for its
+whole append and a dead one no longer does.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 
 from mailgate.config.delivery import MboxConfig
@@ -47,6 +50,23 @@ _SENDER_UNSAFE = re.compile(r"[\x00-\x20\x7f]+")
 
 class MailboxBusy(Exception):
     """The locks could not be had in time."""
+
+
+APPEND_THREADS = 16
+_appenders: ThreadPoolExecutor | None = None
+_appenders_pid = 0
+
+
+def _append_pool() -> ThreadPoolExecutor:
+    """The threads mbox appends run in, this process's own: an append waits up to
+    lock_timeout for a busy mailbox, and in the event loop's default pool (six threads
+    on two CPUs) such waits held up everything else it runs, AUTH checks included
+    (a greeting took 27 s).  Made again in a forked child (threads do not survive)."""
+    global _appenders, _appenders_pid
+    if _appenders is None or _appenders_pid != os.getpid():
+        _appenders = ThreadPoolExecutor(APPEND_THREADS, thread_name_prefix="mailgate-mbox")
+        _appenders_pid = os.getpid()
+    return _appenders
 
 
 class MboxDestination:
@@ -83,8 +103,11 @@ class MboxDestination:
         held = spool.held()
         source = held if held is not None else spool.path
         ends = LineEnds.for_message(envelope.body, spool.no_bare_cr)
+        loop = asyncio.get_running_loop()
+        pool = _append_pool()
         replies = await asyncio.gather(
-            *(asyncio.to_thread(self._append, p, envelope, source, ends) for p in distinct)
+            *(loop.run_in_executor(pool, self._append, p, envelope, source, ends)
+              for p in distinct)
         )
         outcome = dict(zip(distinct, replies, strict=True))
         return [
@@ -124,7 +147,7 @@ def append_message(
     try:
         if created:
             _fsync_dir(directory)  # the new file's name must survive a crash too
-        with _dotlock(path, deadline, config.stale_lock_age) as lock, \
+        with _dotlock(path, fd, deadline, config.stale_lock_age) as lock, \
                 _flock(fd, path, deadline):
             start = os.fstat(fd).st_size
             _note_start(lock, start)
@@ -220,32 +243,62 @@ def _fsync_dir(directory: str) -> None:
 
 
 @contextmanager
-def _dotlock(path: str, deadline: float, stale_age: float) -> Iterator[str]:
-    """Hold ``path``.lock; yields its path."""
+def _dotlock(path: str, fd: int, deadline: float, stale_age: float) -> Iterator[str]:
+    """Hold ``path``.lock (``fd``: the mbox, open); yields its path."""
     lock = path + ".lock"
     while True:
         try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            lock_fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             break
         except FileExistsError:
-            stale = _stale(lock, stale_age)
-            if stale is not None:
-                log.warning("mbox: breaking stale lock %s", lock)
-                if stale >= 0:
-                    _cut_back_dead_writer(path, stale)
-                _remove(lock)
+            if _stale(lock, stale_age) is not None and _break_stale(lock, path, fd, deadline,
+                                                                     stale_age):
                 continue
             if time.monotonic() >= deadline:
                 raise MailboxBusy(f"{lock} is held by another writer") from None
             time.sleep(_POLL)
     try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
+        ours = os.fstat(lock_fd).st_ino
+        os.write(lock_fd, f"{os.getpid()}\n".encode())
+    except BaseException:
+        # (a full disk: the create needs an inode, the pid a block) an empty lock
+        # left behind would hold the mbox up for stale_lock_age
+        os.close(lock_fd)
+        _remove(lock)
+        raise
+    os.close(lock_fd)
     try:
         yield lock
     finally:
-        _remove(lock)
+        _remove_own(lock, ours)
+
+
+def _break_stale(lock: str, path: str, fd: int, deadline: float, stale_age: float) -> bool:
+    """Break a dead writer's lock; whether it was broken.  Under the mbox's flock, which
+    a dead writer no longer holds and a live one holds for its whole append: of several
+    writers that saw the same dead lock only the first breaks it (and cuts off the dead
+    writer's part); a later one, checking again under the flock, finds a live lock or
+    none.  Without it, a late breaker cut off a message another had just appended and
+    answered 250 to, and removed that writer's lock."""
+    try:
+        with _flock(fd, path, deadline):
+            stale = _stale(lock, stale_age)
+            if stale is None:
+                return False
+            log.warning("mbox: breaking stale lock %s", lock)
+            if stale >= 0:
+                _cut_back_dead_writer(fd, path, stale)
+            _remove(lock)
+            return True
+    except MailboxBusy:  # (a reader holds the flock: the caller's deadline decides)
+        return False
+
+
+def _remove_own(lock: str, inode: int) -> None:
+    """Remove our lock, not one that replaced it (ours broken as too old)."""
+    with suppress(FileNotFoundError):
+        if os.stat(lock).st_ino == inode:
+            os.unlink(lock)
 
 
 def _note_start(lock: str, start: int) -> None:
@@ -273,20 +326,14 @@ def _stale(lock: str, stale_age: float) -> int | None:
     return int(noted) if noted.isdigit() else -1
 
 
-def _cut_back_dead_writer(path: str, size: int) -> None:
+def _cut_back_dead_writer(fd: int, path: str, size: int) -> None:
     """Remove what a writer that died while appending left after ``size`` octets."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        if os.fstat(fd).st_size > size:
-            log.warning("mbox %s: cutting off a message a dead writer left unfinished "
-                        "(%d octets)", path, os.fstat(fd).st_size - size)
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    now = os.fstat(fd).st_size
+    if now > size:
+        log.warning("mbox %s: cutting off a message a dead writer left unfinished "
+                    "(%d octets)", path, now - size)
+        os.ftruncate(fd, size)
+        os.fsync(fd)
 
 
 @contextmanager

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,8 +16,9 @@ import pytest
 from delivery_helpers import TRACE, as_stored, envelope, spooled
 
 from mailgate.config.delivery import MboxConfig
-from mailgate.delivery.mbox import MboxDestination, mboxrd_quote
-from mailgate.delivery.spool import MEMORY_LIMIT
+from mailgate.delivery import mbox as mbox_module
+from mailgate.delivery.mbox import MboxDestination, append_message, mboxrd_quote
+from mailgate.delivery.spool import MEMORY_LIMIT, LineEnds
 from mailgate.protocol.envelope import Address, Recipient
 
 TRICKY = (
@@ -240,3 +243,94 @@ def test_what_a_writer_killed_mid_append_left_is_cut_off_by_the_next(tmp_path: P
     subjects = [m.split(b"Subject: ")[1].split(b"\n")[0] for m in read_mboxrd(box)]
     assert subjects == [b"first", b"second"]
     assert not (tmp_path / "mail" / "alice.lock").exists()
+
+
+def _append_all(box: Path, config: MboxConfig, tags: list[str]) -> tuple[list[str], list[str]]:
+    """Append a message per tag from a thread each, at once: the tags stored, and the
+    errors of those that failed."""
+    done: list[str] = []
+    failed: list[str] = []
+
+    def append(tag: str) -> None:
+        body = f"Subject: {tag}\r\n\r\n".encode() + b"text\r\n" * 3000
+        try:
+            append_message(str(box), envelope("alice@example.org"), body + f"END {tag}\r\n"
+                           .encode(), config, LineEnds.LF)
+            done.append(tag)
+        except Exception as exc:
+            failed.append(repr(exc))
+
+    threads = [threading.Thread(target=append, args=(tag,)) for tag in tags]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done, failed
+
+
+def test_writers_meeting_one_dead_lock_break_it_once(tmp_path: Path) -> None:
+    # Eight deliveries wait on the lock of a writer that died mid-append.  Each used to
+    # break it on its own: a late one cut off a message another had appended and
+    # answered 250 to, and removed that writer's live lock (which then failed, 451).
+    box = tmp_path / "box"
+    config = MboxConfig(path=str(box), lock_timeout=60)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for round_ in range(5):
+        good = b"From x Thu Jan  1 00:00:00 1970\nSubject: pre\n\npre\n\n"
+        box.write_bytes(good + b"From y partial junk\n" + b"j" * 50_000)
+        (tmp_path / "box.lock").write_text(f"{dead.pid} {len(good)}\n")
+        done, failed = _append_all(box, config, [f"r{round_}t{i}" for i in range(8)])
+        data = box.read_bytes()
+        assert failed == [] and len(done) == 8
+        assert all(f"END {tag}\n".encode() in data for tag in done)
+        assert b"partial junk" not in data
+        assert not (tmp_path / "box.lock").exists()
+
+
+def test_a_lock_that_cannot_be_filled_in_is_not_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk: the lock's create needs an inode, its pid a block.  The empty lock
+    # left behind held the mailbox up ("held by another writer") for stale_lock_age.
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".lock"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    dest = mbox(tmp_path)
+    env = envelope("alice@example.org")
+    first = spooled(tmp_path, b"Subject: a\r\n\r\nx\r\n", env)
+    monkeypatch.setattr(mbox_module.os, "write", full)
+    assert asyncio.run(dest.deliver(env, TRACE, first, alice()))[0].reply.code == 452
+    assert not (tmp_path / "mail" / "alice.lock").exists()
+    monkeypatch.setattr(mbox_module.os, "write", real_write)
+    second = spooled(tmp_path, b"Subject: b\r\n\r\ny\r\n", env)
+    assert asyncio.run(dest.deliver(env, TRACE, second, alice()))[0].reply.code == 250
+
+
+def test_busy_mailboxes_do_not_hold_up_the_loops_threads(tmp_path: Path) -> None:
+    # Ten appends wait for mailboxes a live writer holds: in the loop's default pool
+    # (six threads here) they held up everything else it runs, AUTH checks included.
+    dest = mbox(tmp_path, lock_timeout=3)
+    users = [f"u{i}" for i in range(10)]
+    (tmp_path / "mail").mkdir(exist_ok=True)
+    for user in users:
+        (tmp_path / "mail" / f"{user}.lock").write_text(f"{os.getpid()}\n")
+    env = envelope("alice@example.org")
+    rcpts = [Recipient(Address(user, "example.org")) for user in users]
+
+    async def main() -> None:
+        spool = spooled(tmp_path, b"Subject: s\r\n\r\nx\r\n", env)
+        waiting = asyncio.ensure_future(dest.deliver(env, TRACE, spool, rcpts))
+        await asyncio.sleep(0.2)  # the appends have their threads
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        await asyncio.to_thread(int)  # the default pool still has one free...
+        assert loop.time() - asked < 2  # ...not one an append gives back after 3 s
+        assert not waiting.done()
+        assert {r.reply.code for r in await waiting} == {450}
+
+    asyncio.run(main())
