@@ -54,8 +54,6 @@ class GroupCommitter:
         self._stats_lock = threading.Lock()  # count_direct runs in worker threads
         self._pending: list[tuple[tuple[PathOrFd, ...], asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
-        self._jobs: queue.SimpleQueue[tuple[list[PathOrFd], _Pass]] = queue.SimpleQueue()
-        self._threads_pid = 0  # the process whose threads serve _jobs (0: none yet)
 
     async def sync(self, items: Iterable[PathOrFd]) -> None:
         """Return once every path (file or directory) or fd (counted as a file) in ``items``
@@ -128,27 +126,37 @@ class GroupCommitter:
 
     async def _pass(self, items: list[PathOrFd]) -> tuple[dict[PathOrFd, OSError], int, int]:
         """fsync ``items`` in up to SYNC_THREADS threads at once; as _sync_all."""
-        self._start_threads()
+        jobs = _sync_jobs()
         ways = min(SYNC_THREADS, len(items))
         state = _Pass(asyncio.get_running_loop(), ways)
         for i in range(ways):
-            self._jobs.put((items[i::ways], state))
+            jobs.put((items[i::ways], state))
         await state.future
         return state.errors, state.files, state.dirs
 
-    def _start_threads(self) -> None:
-        """Start the sync threads on the first pass of this process (threads do not
-        survive a fork: a worker forked after a pass starts its own)."""
-        if self._threads_pid == this_pid():
-            return
-        self._jobs = queue.SimpleQueue()
+
+# The sync threads of this process and their queue, shared by every committer: a
+# reload builds a new router and committer, and threads per committer were never
+# stopped (eight more at each SIGHUP, until a pids limit refused new ones).
+_jobs: queue.SimpleQueue[tuple[list[PathOrFd], _Pass]] = queue.SimpleQueue()
+_threads_pid = 0  # the process whose threads serve _jobs (0: none yet)
+
+
+def _sync_jobs() -> queue.SimpleQueue[tuple[list[PathOrFd], _Pass]]:
+    """The queue of this process's sync threads, started on its first pass (threads
+    do not survive a fork: a worker forked after a pass starts its own).  Called on
+    the event loop's thread only."""
+    global _jobs, _threads_pid
+    if _threads_pid != this_pid():
+        _jobs = queue.SimpleQueue()
         for n in range(SYNC_THREADS):
             # Daemon threads: at exit they wait in the queue, and a pass still in
             # flight belongs to a message whose 250 was never sent.
             threading.Thread(
-                target=_serve_jobs, args=(self._jobs,), name=f"mailgate-fsync_{n}", daemon=True
+                target=_serve_jobs, args=(_jobs,), name=f"mailgate-fsync_{n}", daemon=True
             ).start()
-        self._threads_pid = this_pid()
+        _threads_pid = this_pid()
+    return _jobs
 
 
 class _Pass:

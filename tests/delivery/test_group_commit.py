@@ -208,3 +208,17 @@ def test_a_cancelled_pass_fails_its_requests_and_the_next_one_works(
     failed = asyncio.run(main())
     assert isinstance(failed, OSError) and "cancelled" in str(failed)
     assert committer.idle
+
+
+def test_committers_share_the_process_sync_threads(tmp_path: Path) -> None:
+    # Each reload builds a router with a new committer: with threads of its own per
+    # committer, eight more were left at every SIGHUP, until a pids limit refused
+    # new threads and deliveries answered 451.
+    (path,) = make_files(tmp_path, 1)
+
+    def sync_threads() -> int:
+        return sum(t.name.startswith("mailgate-fsync_") for t in threading.enumerate())
+
+    for _ in range(5):
+        asyncio.run(GroupCommitter().sync([path, str(tmp_path)]))
+    assert sync_threads() == fsync.SYNC_THREADS
