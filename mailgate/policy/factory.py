@@ -60,7 +60,9 @@ def build_policy(
     if config.server.greet_pause > 0:
         steps.append(PregreetStep())
     if policy.helo_checks:
-        names = [*policy.local_names, *(local_names or [])]
+        # A client claiming our mail domain is lying as much as one claiming our host
+        # name (upas refused its -h domain too).
+        names = [*policy.local_names, *config.delivery.local_domains, *(local_names or [])]
         steps.append(HeloStep(hostname, names, policy.helo_refusal, policy.helo_literal_must_match))
     if resolver is not None and policy.verify_sender_domain:
         steps.append(SenderDomainStep(resolver))

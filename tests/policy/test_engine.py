@@ -145,6 +145,11 @@ def test_local_names_from_config_and_caller_are_ours() -> None:
     for name in (HOST, "OLD.mailgate.lab", "alias.mailgate.lab"):
         verdict = run(engine.helo(client(), name))
         assert dict(verdict.tags)["reason"] == "impersonation"
+    # our mail domains too (upas refused its -h domain): no outsider is example.org
+    cfg = config(verify_sender_domain=False)
+    cfg.delivery.local_domains = ["mailgate.lab"]
+    verdict = run(build_policy(cfg, BOXES, HOST).helo(client(), "MailGate.lab"))
+    assert dict(verdict.tags)["reason"] == "impersonation"
 
 
 @pytest.mark.parametrize(
