@@ -207,9 +207,12 @@ class Supervisor:
             time.sleep(pause)  # one that keeps dying must not spin
         self._start_metrics()
 
-    def _close(self) -> None:
+    def _close_listeners(self) -> None:
         for sock in (s for socks in self.sockets for s in socks):
             sock.close()
+
+    def _close(self) -> None:
+        self._close_listeners()
         if self._metrics_pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._metrics_pid, signal.SIGTERM)
@@ -266,8 +269,14 @@ class Supervisor:
             info = signal.sigtimedwait(SIGNALS, 1.0)
             if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
                 log_event("shutdown", workers=len(self.pids))
-                self._stop_all(grace=self.config.server.shutdown_grace + KILL_AFTER)
-                return 0
+                # The workers close their copies; with ours open the kernel would go
+                # on completing connections nobody accepts (no greeting, a reset at
+                # exit) where a client should be refused and try the next MX.
+                self._close_listeners()
+                # a worker that had to be killed: not a clean stop (a service manager
+                # should see it)
+                clean = self._stop_all(grace=self.config.server.shutdown_grace + KILL_AFTER)
+                return 0 if clean else 1
             if info is not None and info.si_signo == signal.SIGHUP:
                 self._reload()
             elif info is not None and info.si_signo == signal.SIGCHLD:
@@ -361,7 +370,9 @@ class Supervisor:
             if when <= now:
                 self._restart(index, delay)
 
-    def _stop_all(self, grace: float) -> None:
+    def _stop_all(self, grace: float) -> bool:
+        """Stop every worker, killing those still running after ``grace`` seconds;
+        whether all of them ended on their own."""
         for pid in self.pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -375,12 +386,16 @@ class Supervisor:
                 continue
             if time.monotonic() >= deadline:
                 for straggler in list(self.pids):
+                    if grace > 0:  # (a delivery stuck past the grace: no answer sent)
+                        log_event("worker_killed", level="error", worker=self.pids[straggler],
+                                  pid=straggler, after=grace)
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(straggler, signal.SIGKILL)
                     os.waitpid(straggler, 0)
                     del self.pids[straggler]
-                return
+                return False
             time.sleep(0.05)
+        return True
 
 
 def _die_with(supervisor: int) -> None:

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import trustme
 
-from tests.integration.server import RunningServer, free_port, start_server, wait_for
+from tests.integration.server import (
+    RunningServer,
+    free_port,
+    read_until,
+    start_server,
+    wait_for,
+)
 
 
 def _worker_pids(srv: RunningServer) -> list[int]:
@@ -407,3 +413,55 @@ def test_a_replacement_that_cannot_start_says_why_in_a_log_line(tmp_path: Path) 
     finally:
         srv.stop()
 
+
+
+def test_new_connections_are_refused_once_the_shutdown_begins(tmp_path: Path) -> None:
+    # The supervisor kept its listening sockets open through the shutdown grace: the
+    # kernel completed connections nobody accepted (no greeting, a reset at exit),
+    # where a client should be refused at once and try the next MX.
+    srv = _start(tmp_path, "shutdown_grace = 5")
+    try:
+        assert wait_for(lambda: len(_worker_pids(srv)) == 2)
+        with socket.create_connection((srv.host, srv.port), timeout=10) as busy:
+            busy.recv(1024)
+            busy.sendall(b"EHLO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                         b"RCPT TO:<root@localhost>\r\nDATA\r\n")
+            time.sleep(0.5)  # a transaction under way holds the shutdown up
+            srv.signal(signal.SIGTERM)
+            assert wait_for(lambda: "event=shutdown" in srv.log())
+            time.sleep(0.5)
+            try:
+                with socket.create_connection((srv.host, srv.port), timeout=3) as late:
+                    late.settimeout(3)
+                    greeting = late.recv(1024)
+            except ConnectionRefusedError:
+                greeting = b"refused"
+            assert greeting in (b"refused", b"") or greeting.startswith(b"421")
+            busy.sendall(b"Subject: last\r\n\r\nhi\r\n.\r\n")
+            assert b"250 2.0.0" in read_until(busy, b"250 2.0.0")
+        assert srv.proc.wait(30) == 0
+    finally:
+        srv.stop()
+
+
+def test_a_worker_killed_at_the_end_of_the_shutdown_is_logged() -> None:
+    # A delivery stuck past the grace: the worker was killed in silence and the server
+    # exited 0.  (In a process of its own: _stop_all reaps any child of its process.)
+    script = (
+        "import subprocess, sys, time\n"
+        "from mailgate.ops.logging import setup_logging\n"
+        "from mailgate.config.ops import LoggingConfig\n"
+        "from mailgate.supervisor import Supervisor\n"
+        "setup_logging(LoggingConfig())\n"
+        "stuck = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+        "time.sleep(0.5)\n"
+        "sup = Supervisor.__new__(Supervisor)\n"
+        "sup.pids = {stuck.pid: 1}\n"
+        "sup._metrics_pid = 0\n"
+        "print(sup._stop_all(grace=0.5), stuck.poll() is not None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30)
+    assert done.stdout.split() == ["False", "True"]
+    assert "event=worker_killed" in done.stderr and "worker=1" in done.stderr
