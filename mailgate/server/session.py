@@ -856,6 +856,10 @@ class Session(asyncio.Protocol):
             self.server.metrics.replies(self.conn.take_replies_sent())
 
     def _cleanup(self) -> None:
+        if self._spool is not None:  # data under way: the message is not taken
+            reason = ("shutdown" if self._stopping else "timeout" if self._timed_out
+                      else "connection lost")
+            self.log_event("message", id=self.message_id, outcome="aborted", reason=reason)
         self._drop_spool()
         if self.client is not None and self.client.name_lookup is not None:
             self.client.name_lookup.cancel()  # a client gone before HELO

@@ -239,6 +239,20 @@ def test_session_id_links_logs_and_received_header(server: RunningServer) -> Non
     assert all("hello" not in line for line in lines)  # no message bodies in logs
 
 
+def test_a_message_cut_off_in_its_data_is_logged(server: RunningServer) -> None:
+    # Its only trace was the close line, whose messages=1 counted a message never taken.
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.recv(1024)
+        sock.sendall(b"EHLO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                     b"RCPT TO:<root@localhost>\r\nDATA\r\n")
+        read_until(sock, b"354 ")
+        sock.sendall(b"Subject: half\r\n\r\nthe first half of it")
+    assert wait_for(lambda: "outcome=aborted" in server.log())
+    [line] = [x for x in server.log().splitlines() if "outcome=aborted" in x]
+    assert "event=message" in line and 'reason="connection lost"' in line
+    assert server.messages("root") == []
+
+
 def test_accepted_mail_and_rcpt_are_logged_at_debug(tmp_path: Path) -> None:
     # At "info" they are skipped before their fields are even made; at "debug" they
     # are there, with the sender and the recipient.
