@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
@@ -268,8 +269,11 @@ class SpoolDir:
         OSError naming it otherwise (the server's start-up stops on that)."""
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
-            if not os.access(self.path, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            # A file made and removed, not os.access(): its error is the real one (a
+            # read-only file system said "Permission denied", pointing at the modes).
+            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=self.path)
+            os.close(fd)
+            os.unlink(probe)
         except OSError as exc:
             raise OSError(exc.errno, f"spool_dir {self.path}: {exc.strerror or exc}") from None
         self._ready = True

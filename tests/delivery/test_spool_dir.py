@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from mailgate.delivery import spool as spool_module
 from mailgate.delivery.spool import SpoolDir, crlf_to_lf, reply_for_os_error, unwritable
 
 
@@ -107,3 +110,15 @@ def test_unwritable_for_the_user_the_server_will_become(tmp_path: Path) -> None:
     assert unwritable(str(box), (0, 0)) is None  # root writes anywhere the bits allow
     (tmp_path / "file").write_text("x")
     assert unwritable(str(tmp_path / "file" / "spool")) == str(tmp_path / "file")
+
+
+def test_ensure_names_the_real_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a spool on a file system remounted read-only was "Permission denied" (os.access),
+    # pointing the operator at the modes instead of the mount
+    def read_only(*args: object, **kwargs: object) -> tuple[int, str]:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(spool_module.tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError, match="Read-only file system") as caught:
+        SpoolDir(str(tmp_path / "spool")).ensure()
+    assert caught.value.errno == errno.EROFS
