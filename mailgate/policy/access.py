@@ -23,7 +23,6 @@ later steps (DNSBL) that an allow rule matched it.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -202,16 +201,11 @@ class AccessStep(Step):
     ) -> None:
         """``contact_domain``: whose postmaster a refusal tells the sender to write to
         (one this server takes mail for)."""
-        self._path = path
         self._contact = contact_domain
         self._blocked_tags = (("disposition", disposition),)
         if disposition == "quarantine":
             self._blocked_tags += (("quarantine_dir", quarantine_dir),)
         self._rules = AccessList.load(path)
-
-    async def reload(self) -> None:
-        """Re-read the file; on a problem raise ValueError("file:line: problem")."""
-        self._rules = await asyncio.to_thread(AccessList.load, self._path)
 
     async def connect(self, client: Client) -> Verdict:
         for key in ("access_ip", "access_ip_rule"):

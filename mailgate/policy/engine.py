@@ -74,24 +74,6 @@ class PolicyEngine:
                 except Exception as exc:  # closing must not stop the others
                     log.warning("closing %s failed: %s", getattr(step, "name", step), exc)
 
-    async def reload(self) -> None:
-        """Reload every step that can (the access list); keep the old state on an error.
-
-        Raises ValueError ("file:line: problem") when a step's new configuration is
-        broken; the other steps are reloaded all the same.
-        """
-        problems = []
-        for step in self.steps:
-            reload = getattr(step, "reload", None)
-            if reload is None:
-                continue
-            try:
-                await reload()
-            except ValueError as exc:
-                problems.append(str(exc))
-        if problems:
-            raise ValueError("\n".join(problems))
-
     async def _run(self, stage: str, client: Client, args: tuple[Any, ...]) -> Verdict:
         # Accepting steps may tag too (greylist "passed"); their tags reach the log
         # along with those of the refusal, if any.

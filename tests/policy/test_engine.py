@@ -287,26 +287,6 @@ def test_whole_session_through_the_engine(dns_server: LoopbackDNS, tmp_path: Pat
     assert str(missing.reply) == "550 5.1.8 Sender domain must exist: nothing.sender.lab"
 
 
-def test_reload_rereads_the_access_file(tmp_path: Path) -> None:
-    access = tmp_path / "access"
-    access.write_text("")
-    engine = build_policy(config(access_file=str(access), verify_sender_domain=False), BOXES, HOST)
-
-    async def mail() -> Verdict:
-        who = client("198.51.100.1")
-        await engine.connect(who)
-        return await engine.mail(who, envelope("x@a.sender.lab"))
-
-    assert run(mail()).accepted
-    access.write_text("delay ip 198.51.100.0/24\n")
-    run(engine.reload())
-    assert run(mail()).reply == reply("access.delay")
-    access.write_text("delay ip 198.51.100.0/24\nnonsense\n")
-    with pytest.raises(ValueError, match=r"access:2: expected"):
-        run(engine.reload())
-    assert run(mail()).reply == reply("access.delay")
-
-
 @pytest.mark.parametrize(
     ("field", "value", "problem"),
     [
