@@ -43,10 +43,26 @@ Example::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from mailgate.config.names import domain_problem
+
+# a configured user name: no space, control character or address punctuation
+_USER = re.compile(r'[^\s@"<>()\[\],;:\\]+\Z')
+
+
+def address_problem(text: str) -> str | None:
+    """Why ``text`` is neither a user name nor ``user@domain``, or None."""
+    local, at, domain = text.rpartition("@") if "@" in text else (text, "", "")
+    if not _USER.match(local) or not local.isprintable():
+        return f"{text!r} is not a user name or an address"
+    if at:
+        problem = domain_problem(domain, idna=True)
+        if problem:
+            return f"{text!r}: {problem}"
+    return None
 
 DestinationType = Literal["maildir", "mbox", "pipe", "lmtp", "smtp", "discard"]
 MaildirLayout = Literal["user", "domain/user"]
@@ -214,6 +230,20 @@ class DeliveryConfig:
         for key, targets in self.aliases.items():
             if not key or not targets or not all(targets):
                 raise ValueError(f"aliases.{key}: needs a name and at least one target")
+        # A malformed name or target never matches or never delivers: its mail would be
+        # refused for good (550), where the mistake is ours.
+        named = [(f"aliases.{key}", key) for key in self.aliases]
+        named += [(f"aliases.{key}", t) for key, targets in self.aliases.items()
+                  for t in targets]
+        named += [(f"users.{key}", key) for key in self.users]
+        named += [(f"catch_all.{key}", target) for key, target in self.catch_all.items()]
+        for key, text in named:
+            problem = address_problem(str(text))
+            if problem:
+                raise ValueError(f"{key}: {problem}")
+        for n, user in enumerate(self.local_users, 1):
+            if "@" in user or address_problem(user):
+                raise ValueError(f"local_users[{n}]: {user!r} is not a user name")
         known = {LOCAL_DESTINATION, *self.destinations}
         references = [("default", self.default)]
         references += [("relay", self.relay)] if self.relay else []

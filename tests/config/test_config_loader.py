@@ -720,6 +720,15 @@ def test_listeners_that_need_a_certificate(tmp_path: Path, listener: str, line: 
          "port = 99999\n", "delivery.destinations.out.smtp.port: must be from 1 to 65535"),
         ('[delivery]\nrelay = "out"\n[delivery.destinations.out.smtp]\nhost = "h.example"\n'
          'username = "u"\n', "delivery.destinations.out.smtp.username: AUTH needs password_file"),
+        # malformed names and targets passed, and their mail was refused for good
+        ('[delivery.aliases]\nbad = ["a b c"]\n',
+         "delivery.aliases.bad: 'a b c' is not a user name or an address"),
+        ('[delivery.aliases]\nbad = ["@@"]\n', "delivery.aliases.bad: '@@' is not a user"),
+        ('[delivery]\nlocal_domains = ["c.example"]\n[delivery.catch_all]\n'
+         '"c.example" = "x@@"\n', "delivery.catch_all.c.example: 'x@@' is not a user"),
+        ('[delivery]\nlocal_users = ["a b"]\n', "delivery.local_users[1]: 'a b' is not a user"),
+        ('[delivery.users]\n"x@not a domain" = "local"\n',
+         "delivery.users.x@not a domain: 'x@not a domain': "),
         # a NUL in a path: a traceback (embedded null byte), or an error naming no key
         ('[server]\nspool_dir = "sp\\u0000ool"\n', "server.spool_dir: must not contain a NUL"),
         ('[policy]\naccess_file = "/etc/a\\u0000b"\n',
