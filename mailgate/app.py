@@ -117,6 +117,7 @@ def check_parts(config: Config) -> Findings:
         policy = attempt(lambda: build_policy(no_greylist, router, hostname))
         asyncio.run(_close_parts(policy, router))
         warnings = maildir_problems(router, as_ids) + router.postmaster_problems()
+    warnings += setting_warnings(config)
     spool = SpoolDir(config.server.spool_dir).problem(as_ids)
     if spool:
         problems.append(spool)
@@ -146,14 +147,36 @@ def maildir_problems(router: Router, as_ids: tuple[int, int] | None = None) -> l
     return found
 
 
-def warn_of_delivery(router: object) -> None:
-    """At start-up and after a reload, as the server's user: the maildir_problems and
-    postmaster_problems, logged (check-config prints the same as warnings)."""
+def warn_of_delivery(router: object, config: Config) -> None:
+    """At start-up and after a reload, as the server's user: the maildir_problems,
+    postmaster_problems and setting_warnings, logged (check-config prints the same as
+    warnings)."""
     if isinstance(router, Router):
         for problem in maildir_problems(router):
             log_event("maildir", level="warning", problem=problem)
         for problem in router.postmaster_problems():
             log_event("postmaster", level="warning", problem=problem)
+    for problem in setting_warnings(config):
+        log_event("config", level="warning", problem=problem)
+
+
+def setting_warnings(config: Config) -> list[str]:
+    """Settings that work but that an administrator would not want unknowingly."""
+    found = []
+    hostname = config.server.hostname or default_hostname()
+    if "." not in hostname.strip("."):
+        found.append(
+            f"server.hostname: {hostname!r} is not a fully qualified domain name (RFC 5321 "
+            "4.1.1.1 and 4.2: the greeting and EHLO name the host by one); set it"
+        )
+    for n, listener in enumerate(config.listener, 1):
+        if listener.role == "public" and listener.require_tls:
+            found.append(
+                f"listener[{n}].require_tls: a public (port 25) listener that requires "
+                "STARTTLS refuses every MTA that does not offer it (RFC 3207 4: a "
+                "publicly-referenced server MUST NOT require it)"
+            )
+    return found
 
 
 def build_context(
@@ -304,7 +327,7 @@ class MailServer:
         if metrics_socket is not None:  # with workers the supervisor serves them
             self.ctx.metrics.start(metrics_socket)
         if not supervised:
-            warn_of_delivery(self.ctx.delivery)  # once: the supervisor's, with workers
+            warn_of_delivery(self.ctx.delivery, self.ctx.config)  # (the supervisor's, with workers)
         # As the user that will write it, before taking any mail: an unusable spool
         # would otherwise answer every message 452.
         self.ctx.spool.ensure()
@@ -376,7 +399,7 @@ class MailServer:
         self.listeners_settings_refresh()
         log_reloaded(restart_needed)
         if not self.supervised:  # with workers, the supervisor says it once
-            warn_of_delivery(ctx.delivery)
+            warn_of_delivery(ctx.delivery, ctx.config)
 
     def _follow_users(self) -> None:
         """A users file picked up between reloads can change the mechanisms on offer

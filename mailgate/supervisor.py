@@ -37,6 +37,7 @@ from mailgate.auth.throttle import SharedFailureCounter
 from mailgate.config.errors import ConfigError
 from mailgate.config.restart import keep_restart_only, restart_only_changes
 from mailgate.config.schema import Config
+from mailgate.config.server import MAX_WORKERS
 from mailgate.delivery.factory import build_router
 from mailgate.ops.logging import flush_logs, log_event, setup_logging
 from mailgate.ops.metrics import (
@@ -59,7 +60,11 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def worker_count(config: Config) -> int:
-    return config.server.workers or os.cpu_count() or 1
+    """server.workers, or with 0 one per CPU this process may run on (its affinity:
+    taskset, a cgroup's cpuset), at most MAX_WORKERS."""
+    if config.server.workers:
+        return config.server.workers
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
 @dataclass
@@ -122,7 +127,7 @@ class Supervisor:
             self._serve_metrics()
             load_before_drop(config)
             drop_privileges(config)
-            warn_of_delivery(router)  # once for all workers, as the user they run as
+            warn_of_delivery(router, config)  # once for all workers, as the user they run as
         except BaseException:
             self._close()
             raise
@@ -324,7 +329,7 @@ class Supervisor:
         from mailgate.app import warn_of_delivery
 
         with contextlib.suppress(ValueError, OSError):  # the workers report those
-            warn_of_delivery(build_router(config.delivery, config.server.hostname))
+            warn_of_delivery(build_router(config.delivery, config.server.hostname), config)
 
     def _reap(self) -> None:
         while self.pids:

@@ -6,9 +6,9 @@ set -eu
 cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
-export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends \
+# (through env: sudo's env_reset would drop an exported DEBIAN_FRONTEND)
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     python3-venv swaks gsasl redis-server dovecot-lmtpd openssl >/dev/null
 # The Debian packages start their daemons; the tests run their own on free ports.
 $SUDO service redis-server stop >/dev/null 2>&1 || true

@@ -81,6 +81,7 @@ def test_check_config_tries_what_the_file_names(tmp_path: Path) -> None:
     grey = tmp_path / "grey"
     config = tmp_path / "parts.toml"
     config.write_text(
+        '[server]\nhostname = "mx.mailgate.test"\n'
         f'[tls]\ncert = "{tmp_path}/cert.pem"\nkey = "{tmp_path}/key.pem"\n'
         f'[auth]\nusers_file = "{users}"\n'
         f'[policy]\naccess_file = "{tmp_path}/access"\n'
@@ -105,10 +106,32 @@ def test_check_config_tries_what_the_file_names(tmp_path: Path) -> None:
     assert list(grey.iterdir()) == []
 
 
+def test_settings_an_administrator_should_know_of_are_warnings(tmp_path: Path) -> None:
+    # a host name that is no FQDN (the greeting said "220 vm"), and a public listener
+    # that requires STARTTLS (RFC 3207 4 forbids it for a publicly-referenced server)
+    ca = trustme.CA()
+    pair = tmp_path / "pair.pem"
+    ca.issue_cert("mx.mailgate.test").private_key_and_cert_chain_pem.write_to_path(pair)
+    config = tmp_path / "checked.toml"
+    config.write_text(
+        f'[server]\nhostname = "vm"\nspool_dir = "{tmp_path}/s"\n'
+        f'[[listener]]\naddress = "127.0.0.1:2525"\nrequire_tls = true\n'
+        f'[tls]\ncert = "{pair}"\nkey = "{pair}"\n'
+        f'[delivery]\nmaildir_root = "{tmp_path}/m"\nlocal_domains = ["mailgate.test"]\n'
+    )
+    checked = _cli("check-config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    lines = checked.stderr.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"{config}: warning: server.hostname: 'vm' is not a fully")
+    assert lines[1].startswith(f"{config}: warning: listener[1].require_tls: a public")
+
+
 def _config_file(tmp_path: Path, server: str) -> Path:
     """A config file with these [server] lines and a maildir in ``tmp_path``."""
     path = tmp_path / "checked.toml"
-    path.write_text(f'[server]\n{server}\n[delivery]\nmaildir_root = "{tmp_path}/m"\n')
+    path.write_text(f'[server]\nhostname = "mx.mailgate.test"\n{server}\n'
+                    f'[delivery]\nmaildir_root = "{tmp_path}/m"\n')
     return path
 
 
@@ -125,8 +148,8 @@ def test_a_maildir_root_the_server_cannot_write_in_is_a_warning(tmp_path: Path) 
         (shared / "s").chmod(0o777)
         user = 'user = "nobody"\n' if os.geteuid() == 0 else ""
         config = tmp_path / "checked.toml"
-        config.write_text(f'[server]\n{user}spool_dir = "{shared}/s"\n'
-                          f'[delivery]\nmaildir_root = "{locked}/m"\n')
+        config.write_text(f'[server]\nhostname = "mx.mailgate.test"\n{user}'
+                          f'spool_dir = "{shared}/s"\n[delivery]\nmaildir_root = "{locked}/m"\n')
         checked = _cli("check-config", str(config))
         assert checked.returncode == 0, checked.stderr
         assert checked.stderr == (
@@ -150,7 +173,8 @@ def test_a_maildir_root_the_server_cannot_write_in_is_a_warning(tmp_path: Path) 
 
 
 def test_a_domain_without_a_postmaster_is_a_warning_and_refused_at_rcpt(tmp_path: Path) -> None:
-    text = (f'[server]\nspool_dir = "{tmp_path}/s"\n[delivery]\nmaildir_root = "{tmp_path}/m"\n'
+    text = (f'[server]\nhostname = "mx.mailgate.test"\nspool_dir = "{tmp_path}/s"\n'
+            f'[delivery]\nmaildir_root = "{tmp_path}/m"\n'
             'local_domains = ["mailgate.lab"]\nsystem_users = false\nlocal_users = ["alice"]\n')
     config = tmp_path / "checked.toml"
     config.write_text(text)

@@ -465,3 +465,22 @@ def test_a_worker_killed_at_the_end_of_the_shutdown_is_logged() -> None:
                           timeout=30)
     assert done.stdout.split() == ["False", "True"]
     assert "event=worker_killed" in done.stderr and "worker=1" in done.stderr
+
+
+def test_one_worker_per_cpu_means_the_cpus_this_process_may_use() -> None:
+    # os.cpu_count() ignored affinity (taskset, a container's cpuset) and the cap:
+    # a 2-CPU container on a 128-core host forked 128 workers
+    script = (
+        "import os\n"
+        "from mailgate.config.schema import Config\n"
+        "from mailgate.supervisor import worker_count\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "config = Config()\n"
+        "config.server.workers = 0\n"
+        "print(worker_count(config))\n"
+        "config.server.workers = 3\n"
+        "print(worker_count(config))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30)
+    assert done.stdout.split() == ["1", "3"], done.stderr
