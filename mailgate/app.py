@@ -27,6 +27,7 @@ from mailgate.config.schema import Config
 from mailgate.config.server import ListenerConfig
 from mailgate.delivery.factory import build_router
 from mailgate.delivery.maildir import MaildirDestination
+from mailgate.delivery.mbox import MboxDestination
 from mailgate.delivery.router import Router
 from mailgate.delivery.spool import SpoolDir
 from mailgate.ops.logging import flush_logs, log_event, setup_logging
@@ -246,7 +247,7 @@ def bind_all(config: Config) -> list[list[socket.socket]]:
 def clean_leftovers(config: Config) -> Router:
     """Before any session: what a crash left in the spool and in Maildir tmp/ (files
     of living workers are recognised by their pid and left alone); the router whose
-    destinations it looked in."""
+    destinations it looked in (recover_mboxes does the mbox files, after the drop)."""
     removed = SpoolDir(config.server.spool_dir).cleanup()
     if removed:
         log_event("spool_cleanup", removed=removed)
@@ -257,6 +258,17 @@ def clean_leftovers(config: Config) -> Router:
             if removed:
                 log_event("maildir_cleanup", destination=name, removed=removed)
     return router
+
+
+def recover_mboxes(router: Router) -> None:
+    """What writers that died in the middle of an mbox append left, cut off: as the
+    server's user, after the privilege drop (it truncates files in directories local
+    users may write in)."""
+    for name, destination in router.destinations.items():
+        if isinstance(destination, MboxDestination):
+            mended = destination.recover_dead_appends()
+            if mended:
+                log_event("mbox_cleanup", destination=name, mended=mended)
 
 
 def run_as(config: Config) -> tuple[int, int] | None:
@@ -479,13 +491,14 @@ def prepare_alone(config: Config) -> tuple[list[list[socket.socket]], socket.soc
     what a crash left, bind the listeners and /metrics (ports below 1024 need root),
     drop privileges.  Everything made after (the greylist database, the spool's files)
     then belongs to server.user, as in the supervisor's workers."""
-    clean_leftovers(config)
+    router = clean_leftovers(config)
     sockets = bind_all(config)
     metrics = None
     try:
         metrics = bind_metrics(config.metrics.listen) if config.metrics.listen else None
         load_before_drop(config)
         drop_privileges(config)
+        recover_mboxes(router)
     except BaseException:
         for sock in (s for socks in sockets for s in socks):
             sock.close()

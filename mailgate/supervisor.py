@@ -115,6 +115,7 @@ class Supervisor:
             describe_delivery,
             drop_privileges,
             load_before_drop,
+            recover_mboxes,
             warn_of_delivery,
         )
 
@@ -127,6 +128,7 @@ class Supervisor:
             self._serve_metrics()
             load_before_drop(config)
             drop_privileges(config)
+            recover_mboxes(router)
             warn_of_delivery(router, config)  # once for all workers, as the user they run as
         except BaseException:
             self._close()
@@ -348,10 +350,11 @@ class Supervisor:
             log_event("worker_exited", level="error", worker=index, pid=pid, status=code)
             # Its connections died with it; its AUTH failure counts stay for the next.
             self.shared.connections.clear_row(index)
-            from mailgate.app import clean_leftovers
+            from mailgate.app import clean_leftovers, recover_mboxes
 
             try:
-                clean_leftovers(self.config)  # its half-received and half-delivered mail
+                # its half-received and half-delivered mail
+                recover_mboxes(clean_leftovers(self.config))
             except (OSError, ValueError) as exc:
                 log_event("cleanup", level="error", error=str(exc)[:300])
             pause = self._started[index] + RESTART_PAUSE - time.monotonic()

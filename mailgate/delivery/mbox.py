@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import glob
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -114,6 +116,36 @@ class MboxDestination:
             RecipientResult(rcpt, outcome[p] if p else reply("delivery.local_error"))
             for rcpt, p in zip(recipients, paths, strict=True)
         ]
+
+    def recover_dead_appends(self) -> int:
+        """At start-up and after a worker died: cut off what writers that died in the
+        middle of an append left (a reader would see half a message until the next
+        delivery to that mailbox did it); how many mailboxes were mended."""
+        pattern = self.config.path.replace("{user}", "*").replace("{domain}", "*")
+        mended = 0
+        for lock in glob.glob(glob.escape(pattern).replace("[*]", "*") + ".lock"):
+            if _stale(lock, self.config.stale_lock_age) is None:
+                continue  # a live writer's
+            path = lock.removesuffix(".lock")
+            try:
+                # not through a symlink or into another name of some file: in a
+                # directory local users write in, either could aim the cut elsewhere
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue  # (no mbox: the next writer removes the lock)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                os.close(fd)
+                continue
+            try:
+                # no waiting: a mailbox in use is left to its next writer
+                mended += _break_stale(lock, path, fd, time.monotonic(),
+                                       self.config.stale_lock_age)
+            except OSError as exc:
+                log.error("mbox %s: cannot recover: %s", path, exc)
+            finally:
+                os.close(fd)
+        return mended
 
     def _append(
         self, path: str, envelope: Envelope, spool: str | bytes, ends: LineEnds
@@ -227,7 +259,9 @@ def _prepend(first: bytes, rest: Iterable[bytes]) -> Iterator[bytes]:
 
 
 def _open_mbox(path: str) -> tuple[int, bool]:
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+    # O_NOFOLLOW: a symlink planted where a mailbox should be (in a directory local
+    # users write in, as /var/mail) would have the mail appended wherever it points
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
         return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
     except FileExistsError:

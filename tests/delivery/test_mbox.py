@@ -334,3 +334,40 @@ def test_busy_mailboxes_do_not_hold_up_the_loops_threads(tmp_path: Path) -> None
         assert {r.reply.code for r in await waiting} == {450}
 
     asyncio.run(main())
+
+
+def test_a_dead_writers_half_message_is_cut_off_at_start_up(tmp_path: Path) -> None:
+    # It stayed visible to readers until the next delivery to that mailbox.
+    dest = mbox(tmp_path)
+    (tmp_path / "mail").mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    good = b"From x Thu Jan  1 00:00:00 1970\nSubject: pre\n\npre\n\n"
+    for user in ("alice", "bob", "carol"):
+        (tmp_path / "mail" / user).write_bytes(good + b"From y\nSubject: half\n\nhalf of")
+    (tmp_path / "mail" / "alice.lock").write_text(f"{dead.pid} {len(good)}\n")
+    (tmp_path / "mail" / "bob.lock").write_text(f"{os.getpid()} {len(good)}\n")  # live
+    # a symlink where an mbox should be: never followed (a local user could aim the
+    # cut at any file the server may write)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * 100)
+    (tmp_path / "mail" / "carol").unlink()
+    (tmp_path / "mail" / "carol").symlink_to(victim)
+    (tmp_path / "mail" / "carol.lock").write_text(f"{dead.pid} 0\n")
+    assert dest.recover_dead_appends() == 1
+    assert (tmp_path / "mail" / "alice").read_bytes() == good
+    assert not (tmp_path / "mail" / "alice.lock").exists()
+    assert (tmp_path / "mail" / "bob").read_bytes().endswith(b"half of")
+    assert victim.read_bytes() == b"precious" * 100
+
+
+def test_a_symlink_where_the_mailbox_should_be_is_not_followed(tmp_path: Path) -> None:
+    dest = mbox(tmp_path)
+    (tmp_path / "mail").mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not a mailbox\n")
+    (tmp_path / "mail" / "alice").symlink_to(victim)
+    env = envelope("alice@example.org")
+    spool = spooled(tmp_path, b"Subject: s\r\n\r\nx\r\n", env)
+    assert asyncio.run(dest.deliver(env, TRACE, spool, alice()))[0].reply.code == 451
+    assert victim.read_bytes() == b"not a mailbox\n"
