@@ -54,18 +54,21 @@ def auth_once(srv: RunningServer) -> int:
         return smtp.docmd("AUTH", f"PLAIN {WRONG}")[0]
 
 
-def test_helo_delay_and_growing_tarpit(tmp_path: Path) -> None:
-    srv = start_server(tmp_path, f"""
+def slowed_server(tmp_path: Path, server: str) -> RunningServer:
+    """A server whose loopback clients are untrusted, with these [server] lines."""
+    return start_server(tmp_path, f"""
         [server]
         spool_dir = "{tmp_path}/spool"
-        helo_delay = 0.4
-        tarpit_delay = 0.2
-        tarpit_max_delay = 0.4
+        {server}
 
         [policy]
         trusted_networks = []
         verify_sender_domain = false
     """)
+
+
+def test_helo_delay_and_growing_tarpit(tmp_path: Path) -> None:
+    srv = slowed_server(tmp_path, "helo_delay = 0.4\ntarpit_delay = 0.2\ntarpit_max_delay = 0.4")
     try:
         with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
             started = time.monotonic()
@@ -224,16 +227,7 @@ def test_trusted_clients_are_greeted_at_once(tmp_path: Path) -> None:
 def test_a_refusal_leaves_before_its_tarpit_delay(tmp_path: Path) -> None:
     # A pipelined group (MAIL refused, then RCPTs): the refusal was held in the output
     # until every delay of the group had passed, minutes with a few recipients.
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path}/spool"
-        tarpit_delay = 3
-        tarpit_max_delay = 3
-
-        [policy]
-        trusted_networks = []
-        verify_sender_domain = false
-    """)
+    srv = slowed_server(tmp_path, "tarpit_delay = 3\ntarpit_max_delay = 3")
     try:
         with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
             sock.recv(1024)
@@ -254,16 +248,7 @@ def test_a_refusal_leaves_before_its_tarpit_delay(tmp_path: Path) -> None:
 def test_a_client_that_hangs_up_is_not_held_in_its_tarpit(tmp_path: Path) -> None:
     # The delay slept on after the client had gone, holding its connection slot (here
     # the only one its address has) for up to tarpit_max_delay.
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path}/spool"
-        tarpit_delay = 30
-        max_connections_per_ip = 1
-
-        [policy]
-        trusted_networks = []
-        verify_sender_domain = false
-    """)
+    srv = slowed_server(tmp_path, "tarpit_delay = 30\nmax_connections_per_ip = 1")
     try:
         with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
             smtp.ehlo("client.mailgate.org")

@@ -461,8 +461,7 @@ def test_a_worker_killed_at_the_end_of_the_shutdown_is_logged() -> None:
         "sup._metrics_pid = 0\n"
         "print(sup._stop_all(grace=0.5), stuck.poll() is not None)\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=30)
+    done = _python(script)
     assert done.stdout.split() == ["False", "True"]
     assert "event=worker_killed" in done.stderr and "worker=1" in done.stderr
 
@@ -481,6 +480,10 @@ def test_one_worker_per_cpu_means_the_cpus_this_process_may_use() -> None:
         "config.server.workers = 3\n"
         "print(worker_count(config))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=30)
+    done = _python(script)
     assert done.stdout.split() == ["1", "3"], done.stderr
+
+
+def _python(script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30)
