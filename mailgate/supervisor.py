@@ -347,7 +347,9 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             if self.metrics_dir:
                 forget_worker(pid, self.metrics_dir)
-            log_event("worker_exited", level="error", worker=index, pid=pid, status=code)
+            # killed by a signal: its name (status=-9 said little to an operator)
+            how = {"signal": _signal_name(-code)} if code < 0 else {"status": code}
+            log_event("worker_exited", level="error", worker=index, pid=pid, **how)
             # Its connections died with it; its AUTH failure counts stay for the next.
             self.shared.connections.clear_row(index)
             from mailgate.app import clean_leftovers, recover_mboxes
@@ -404,6 +406,13 @@ class Supervisor:
                 return False
             time.sleep(0.05)
         return True
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # (a real-time signal has no name)
+        return str(number)
 
 
 def _die_with(supervisor: int) -> None:

@@ -101,7 +101,7 @@ def test_a_killed_worker_is_replaced(tmp_path: Path) -> None:
         victim = _worker_pids(srv)[0]
         os.kill(victim, signal.SIGKILL)
         assert wait_for(lambda: len(_worker_pids(srv)) == 3)
-        assert f"event=worker_exited worker=0 pid={victim} status=-9" in srv.log()
+        assert f"event=worker_exited worker=0 pid={victim} signal=SIGKILL" in srv.log()
         assert victim not in _children(srv.proc.pid) and len(_children(srv.proc.pid)) == 2
         for n in range(6):
             _send(srv, n)
