@@ -168,6 +168,9 @@ class PipeDestination:
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,  # its own process group, to kill it whole
                 env=mailer_environment(),
+                # not the server's working directory (whatever it was started in,
+                # with whatever files it holds): the root, as daemons' children have
+                cwd="/",
             )
         except (OSError, ValueError) as e:
             log.error("%s: cannot run mailer %s: %s", session_id, argv[0], e)

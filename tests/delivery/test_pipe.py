@@ -313,11 +313,14 @@ def test_the_mailer_gets_no_more_of_the_environment_than_it_needs(
     # the server's own environment may hold what it was started with (a password)
     monkeypatch.setenv("MAILGATE_SECRET", "hunter2")
     monkeypatch.setenv("TZ", "UTC")
+    monkeypatch.chdir(tmp_path)  # and its working directory (it runs in /)
     mailer = script(tmp_path, "import json, os, sys\nsys.stdin.read()\n"
-                    "open(OUT, 'w').write(json.dumps(dict(os.environ)))\n", out)
+                    "open(OUT, 'w').write(json.dumps({**os.environ, 'CWD': os.getcwd()}))\n",
+                    out)
     assert codes(deliver([sys.executable, mailer], tmp_path, [Address("a", "x")])) == [
         (250, "2.0.0")
     ]
     seen = json.loads(out.read_text())
     assert "MAILGATE_SECRET" not in seen
     assert seen["TZ"] == "UTC" and seen["PATH"]
+    assert seen["CWD"] == "/"
