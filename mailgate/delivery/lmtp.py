@@ -44,6 +44,7 @@ from mailgate.delivery.smtp_client import (
     Response,
     binary_refusal,
     downstream_said,
+    hold_back_if_deferred,
     recipient_failure,
     transaction_commands,
     wire_path,
@@ -129,7 +130,7 @@ class LMTPDestination:
                 accepted.append(i)
             else:
                 final[i] = recipient_failure(recipient, resp)
-        if not accepted:
+        if not accepted or hold_back_if_deferred(final, accepted):
             return
         refused = await conn.send_message(envelope, spool)
         if refused is not None:

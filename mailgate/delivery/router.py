@@ -301,9 +301,7 @@ class Router:
             name = names[0]
             outcomes = [await self._run(name, envelope, trace, spool, list(plans[name].values()))]
         else:
-            outcomes = await asyncio.gather(
-                *(self._run(n, envelope, trace, spool, list(plans[n].values())) for n in names)
-            )
+            outcomes = await self._run_several(names, plans, envelope, trace, spool)
         done = {
             key: answer
             for name, answers in zip(names, outcomes, strict=True)
@@ -324,6 +322,33 @@ class Router:
             else:
                 results += _expanded_results(rcpt, [done[k] for k in r])
         return results
+
+    async def _run_several(
+        self,
+        names: list[str],
+        plans: dict[str, dict[tuple[str, str, str], Recipient]],
+        envelope: Envelope,
+        trace: TraceInfo,
+        spool: SpoolReader,
+    ) -> list[list[RecipientResult]]:
+        """Several destinations, their results in ``names`` order.  Those that hand the
+        message on (LMTP, smarthost, pipe), which may defer it, go first; when one did,
+        the message is answered 4xx and comes again whole, so the mailboxes are not
+        written to now: their copy would be a duplicate then."""
+        def run(name: str) -> Awaitable[list[RecipientResult]]:
+            return self._run(name, envelope, trace, spool, list(plans[name].values()))
+
+        boxes = self.table.mailbox_destinations
+        first = [n for n in names if n not in boxes]
+        then = [n for n in names if n in boxes]
+        results = dict(zip(first, await asyncio.gather(*map(run, first)), strict=True))
+        deferred = any(r.reply.code < 500 and not r.ok for rs in results.values() for r in rs)
+        if deferred:
+            held = reply("delivery.held_back")
+            results.update({n: [RecipientResult(r, held) for r in plans[n].values()] for n in then})
+        else:
+            results.update(zip(then, await asyncio.gather(*map(run, then)), strict=True))
+        return [results[n] for n in names]
 
     async def _run(
         self,

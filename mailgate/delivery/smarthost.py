@@ -36,6 +36,7 @@ from mailgate.delivery.smtp_client import (
     Response,
     binary_refusal,
     downstream_said,
+    hold_back_if_deferred,
     recipient_failure,
     transaction_commands,
     utf8_refusal,
@@ -159,7 +160,7 @@ class SmarthostDestination:
                 accepted.append(i)
             else:
                 final[i] = recipient_failure(recipient, resp)
-        if not accepted:
+        if not accepted or hold_back_if_deferred(final, accepted):
             return
         refused = await conn.send_message(envelope, spool)
         if refused is not None:

@@ -74,6 +74,16 @@ def utf8_addr_xtext(value: str) -> str:
     return "".join(ch if ch.isascii() else f"\\x{{{ord(ch):X}}}" for ch in value)
 
 
+def hold_back_if_deferred(final: dict[int, Reply], accepted: list[int]) -> bool:
+    """Whether to send no data because a recipient was refused for now at RCPT: the
+    client is then answered 4xx for the whole message and sends it again, so the
+    accepted recipients would get it twice; they are held back with it instead."""
+    if not any(r.code < 500 for r in final.values()):
+        return False
+    final.update(dict.fromkeys(accepted, reply("delivery.held_back")))
+    return True
+
+
 class Connection:
     """One connection to an SMTP or LMTP server."""
 

@@ -204,6 +204,9 @@ CATALOGUE: Final[dict[str, Template]] = {
     "delivery.mailer_failed": Template(451, "4.3.0", "mail process terminated abnormally"),
     "delivery.mailer_refused": Template(554, "5.6.0", "mail refused by the mail processor"),
     "delivery.downstream_temp": Template(451, "4.4.0", "Downstream delivery failed temporarily, try again later"),
+    # another recipient of the message was deferred: it comes again whole, and what
+    # this one got now would be a duplicate then
+    "delivery.held_back":     Template(451, "4.3.0", "Not passed on now: another recipient was deferred; try the message again later"),
     # some recipients have it, others refused it, and the report to the sender of the
     # refusals could not be sent now: the client is to try again
     "delivery.report_deferred": Template(451, "4.3.0", "Not every recipient could take it, and the report of that cannot be sent now; try again later"),

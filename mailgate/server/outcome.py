@@ -6,7 +6,8 @@ dropped and none is told 250 for a message it did not get:
 
 * every recipient durable -> ``250 2.0.0 OK: queued as <id>``;
 * any temporary failure -> that 4xx for the whole message: the client retries, and the
-  recipients already served may get a duplicate (a duplicate is better than a loss);
+  recipients already served may get a duplicate (a duplicate is better than a loss;
+  the router and the hand-offs hold back what would be one: delivery.held_back);
 * only permanent failures -> the first of them;
 * durable for some, permanently refused for the others -> 250, and an RFC 3464 bounce
   to the sender for the refused ones (see ``Session`` and ``delivery.dsn``); when the

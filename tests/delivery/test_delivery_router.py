@@ -507,3 +507,21 @@ def test_a_success_asked_for_by_a_second_rcpt_of_one_mailbox_is_ours_to_report(
     ])
     results = asyncio.run(r.deliver(env, TRACE, spooled(tmp_path, MESSAGE, env)))
     assert [x.action for x in results] == ["", "relayed"]
+
+
+def test_mailboxes_are_not_written_when_a_hand_off_deferred(tmp_path: Path) -> None:
+    # alice's maildir and bob's smarthost (down): the message is answered 451 and comes
+    # again whole, so alice's copy now would be a duplicate then (one per retry)
+    handoff = DestinationConfig(pipe=PipeConfig(command=["/bin/true"]))
+    r = router(tmp_path, destinations={"handoff": handoff}, users={"bob": "handoff"})
+    r.destinations["handoff"] = _Answering(  # type: ignore[assignment]
+        {"bob": "delivery.downstream_temp"}
+    )
+    replies = deliver(tmp_path, r, "alice@example.org", "bob@example.org")
+    assert replies[0].startswith("451 4.3.0 Not passed on now")
+    assert replies[1].startswith("451 4.4.0")
+    assert count(tmp_path, "alice") == 0
+    # when it goes through, both have it
+    r.destinations["handoff"] = _Answering({})  # type: ignore[assignment]
+    assert deliver(tmp_path, r, "alice@example.org", "bob@example.org") == ["250 2.0.0 OK"] * 2
+    assert count(tmp_path, "alice") == 1

@@ -59,6 +59,8 @@ class Smarthost:
     async def handle_RCPT(self, server, session, envelope, address, options):
         if address.startswith(self.refuse):
             return "550 5.1.1 no such user here"
+        if address.startswith("later"):
+            return "452 4.2.2 mailbox full, try later"
         envelope.rcpt_tos.append(address)
         self.rcpt_options.append(list(options))
         return "250 2.1.5 OK"
@@ -209,6 +211,19 @@ def test_refused_recipient_fails_alone(smarthost: Smarthost, cafile: str, tmp_pa
     results = deliver(config, tmp_path, "refused-one", "fine")
     assert codes(results) == [(550, "5.1.1"), (250, "2.0.0")]
     assert smarthost.delivered[0]["to"] == ["fine@remote.test"]
+
+
+def test_a_recipient_deferred_at_rcpt_holds_the_data_back(
+    smarthost: Smarthost, cafile: str, tmp_path: Path
+) -> None:
+    # The client is answered 451 for the whole message and sends it again: the data
+    # sent now for the accepted recipient put a copy in the smarthost's queue at each
+    # try (three tries, three copies).
+    config = SmtpConfig("127.0.0.1", smarthost.port, cafile=cafile)
+    results = deliver(config, tmp_path, "later-one", "fine", "refused-one")
+    assert codes(results) == [(451, "4.2.2"), (451, "4.3.0"), (550, "5.1.1")]
+    assert "another recipient was deferred" in results[1].reply.text
+    assert smarthost.delivered == []
 
 
 def test_starttls_required_but_not_offered(plain_smarthost: Smarthost, tmp_path: Path) -> None:
