@@ -141,11 +141,14 @@ class LMTPDestination:
             resp = await conn.read_response()
             final[i] = reply("ok") if resp.ok else recipient_failure(recipients[i], resp)
 
-    async def verify_recipient(self, address: Address) -> bool | None:
+    async def verify_recipient(self, address: Address) -> bool | Reply | None:
         """Would the LMTP server accept mail for ``address``?
 
-        True: it answered 2xx to RCPT; False: 5xx; None: it could not say (4xx, or
-        the server is unreachable), and the caller should answer 451.  One cached
+        True: it answered 2xx to RCPT; False: no such mailbox (5.1.x, or a 5xx
+        without a status); a Reply: another refusal, in its own words and status (a
+        full mailbox, 552 5.2.2, must not reach the client as "user unknown": a
+        mailing list would unsubscribe the address); None: it could not say (the
+        server is unreachable), and the caller should answer 451.  One cached
         connection is shared by all callers, one check at a time.
         """
         async with self._verify_lock:
@@ -165,7 +168,7 @@ class LMTPDestination:
                 log.warning("verifying <%s> by LMTP: %s", address, e)
                 return None
 
-    async def _verify_once(self, address: Address) -> bool | None:
+    async def _verify_once(self, address: Address) -> bool | Reply | None:
         if self._verifier is None or self._verifier.closing:
             self._verifier = await self._connect()
         conn = self._verifier
@@ -179,9 +182,13 @@ class LMTPDestination:
             self._drop_verifier()
         if not mail.ok or not rcpts:
             return None
-        if rcpts[0].ok:
+        answer = rcpts[0]
+        if answer.ok:
             return True
-        return False if rcpts[0].permanent else None
+        status = answer.lines[0].split(" ", 1)[0] if answer.lines else ""
+        if answer.permanent and (status.startswith("5.1.") or not status[:1].isdigit()):
+            return False
+        return recipient_failure(Recipient(address), answer)
 
     def _drop_verifier(self) -> None:
         if self._verifier is not None:

@@ -84,7 +84,7 @@ class Router:
         # route, once found, holds for this Router's life.
         self._routes: dict[tuple[str, str, bool], tuple[Target, ...] | Reply] = {}
         # the destinations whose downstream can check a recipient at RCPT (LMTP)
-        self._verifiers: dict[str, Callable[[Address], Awaitable[bool | None]]] = {
+        self._verifiers: dict[str, Callable[[Address], Awaitable[bool | Reply | None]]] = {
             name: check
             for name, destination in self.destinations.items()
             if (check := getattr(destination, "verify_recipient", None)) is not None
@@ -127,27 +127,28 @@ class Router:
             if not self.has_recipient("postmaster", domain)
         ]
 
-    async def verify_recipient(self, local: str, domain: str) -> bool | None:
+    async def verify_recipient(self, local: str, domain: str) -> bool | Reply | None:
         """Ask the downstream of each of the recipient's targets, where it can say.
 
         LMTP destinations check RCPT before the client is answered, so a downstream
-        refusal reaches the client as a 550 at RCPT rather than as a bounce later.
-        True: every downstream that can tell accepts; False: one refuses; None: one
-        could not say now (the caller answers 4xx).
+        refusal reaches the client at RCPT rather than as a bounce later.  True:
+        every downstream that can tell accepts; False: one has no such mailbox; a
+        Reply: one refuses otherwise (its words and status: a full mailbox); None:
+        one could not say now (the caller answers 4xx).
         """
         targets = self._route(local, domain, False)
         if isinstance(targets, Reply):
             return False
-        answer: bool | None = True
+        answer: bool | Reply | None = True
         for target in targets:
             check = self._verifiers.get(target.destination)
             if check is None:
                 continue
             verdict = await check(target.address)
-            if verdict is False:
-                return False
-            if verdict is None:
-                answer = None
+            if verdict is False or (isinstance(verdict, Reply) and verdict.code >= 500):
+                return verdict
+            if verdict is not True and answer is True:
+                answer = verdict  # (for now: a later target may refuse for good)
         return answer
 
     async def aclose(self) -> None:

@@ -99,8 +99,9 @@ class Mailboxes(Protocol):
         """Is there a way out (a relay) for mail to domains that are not local?"""
         ...
 
-    async def verify_recipient(self, local: str, domain: str) -> bool | None:
-        """Would the downstream take it?  True, False, or None for "cannot say now"."""
+    async def verify_recipient(self, local: str, domain: str) -> bool | Reply | None:
+        """Would the downstream take it?  True; False (no such mailbox); a Reply (the
+        downstream's own refusal, e.g. a full mailbox); or None for "cannot say now"."""
         ...
 
     def recipient_refusal(self, local: str, domain: str) -> Reply | None:

@@ -74,6 +74,9 @@ class RecipientStep(Step):
                 return self._refuse("rcpt.unknown", "downstream_unknown", address)
             if downstream is None:
                 return self._refuse("delivery.downstream_rcpt_temp", "downstream_tempfail", address)
+            if isinstance(downstream, Reply):  # the downstream's own refusal, as it said
+                reason = "downstream_refused" if downstream.code >= 500 else "downstream_tempfail"
+                return Verdict(downstream, tags=(("check", self.name), ("reason", reason)))
         if given and domain != given:
             # user@[our address] (or user@[]) is local mail: make it user@ our home
             # domain, or delivery, which knows no addresses, would hand it to the relay.

@@ -6,12 +6,15 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from dovecot_fixture import DOMAIN, Dovecot, dovecot_server  # noqa: F401  (the fixture)
+from aiosmtpd.controller import Controller
+from aiosmtpd.lmtp import LMTP
+from dovecot_fixture import DOMAIN, Dovecot, dovecot_server, free_port  # noqa: F401
 
 from mailgate.config.delivery import LMTPConfig
 from mailgate.delivery.base import TraceInfo
 from mailgate.delivery.lmtp import LMTPDestination
 from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.replies import Reply
 
 TRACE = TraceInfo("abc123", "client.test", "192.0.2.1", None, "mx.test", "ESMTP")
 
@@ -164,3 +167,46 @@ def test_binarymime_to_a_server_without_it(dovecot: Dovecot, tmp_path: Path) -> 
     assert dovecot.maildir_messages("alice") == []
     (stored,) = dovecot.maildir_messages("bob")
     assert stored.endswith(b"\n\ncaf\xc3\xa9\n")
+
+
+class _Refusing:
+    """An LMTP server's RCPT answers by local part (aiosmtpd's LMTP)."""
+
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        for prefix, answer in (("full", "552 5.2.2 Mailbox full"),
+                               ("nobody", "550 5.1.1 No such user"),
+                               ("plain", "550 Rejected"),
+                               ("later", "452 4.2.2 Over quota, try later")):
+            if address.startswith(prefix):
+                return answer
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+
+class _LMTPController(Controller):
+    def factory(self) -> LMTP:
+        return LMTP(self.handler)
+
+
+def test_verify_recipient_keeps_a_refusal_that_is_not_user_unknown() -> None:
+    # Dovecot's 552 5.2.2 at RCPT (lmtp_rcpt_check_quota) reached the client as 550
+    # 5.1.1 "user unknown": a mailing list unsubscribes such an address.
+    port = free_port()
+    controller = _LMTPController(_Refusing(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        dest = LMTPDestination(LMTPConfig(f"127.0.0.1:{port}", timeout=5), "mx.test")
+
+        async def run() -> list[object]:
+            answers = [await dest.verify_recipient(Address(user, DOMAIN))
+                       for user in ("alice", "nobody", "plain", "full", "later")]
+            await dest.aclose()
+            return answers
+
+        ok, unknown, plain, full, later = asyncio.run(run())
+    finally:
+        controller.stop()
+    assert (ok, unknown, plain) == (True, False, False)
+    assert isinstance(full, Reply) and (full.code, full.enhanced) == (550, "5.2.2")
+    assert "552 5.2.2 Mailbox full" in full.text
+    assert isinstance(later, Reply) and (later.code, later.enhanced) == (451, "4.2.2")

@@ -175,3 +175,21 @@ def test_weird_addresses_never_raise(local: str, domain: str, quoted: bool, trus
     assert result in ("ok", "rcpt.unknown", "rcpt.relay_denied", "rcpt.loopback_disabled")
     if not trusted and set(local) & set("%!@"):
         assert result == "rcpt.relay_denied"
+
+
+def test_a_downstream_refusal_is_passed_on_as_it_was_said() -> None:
+    # a full mailbox at the LMTP check is no "user unknown" (550 5.1.1)
+    from mailgate.protocol.replies import reply as make_reply
+
+    full = make_reply("delivery.downstream_rcpt_perm", address="alice@mailgate.lab")
+    full = full.with_status("5.2.2")
+
+    class Verifying(Mailboxes):
+        async def verify_recipient(self, local: str, domain: str) -> object:
+            return full
+
+    boxes = Verifying(domains={"mailgate.lab"}, users={"alice@mailgate.lab"})
+    step = RecipientStep(boxes, HOST, allow_loopback_literal=False)  # type: ignore[arg-type]
+    verdict = run(step.rcpt(client(), envelope(), recipient("alice@mailgate.lab")))
+    assert verdict.reply is full
+    assert dict(verdict.tags)["reason"] == "downstream_refused"
