@@ -213,7 +213,22 @@ class Router:
             if refusal.reply.name == "rcpt.unknown":  # name the address the client gave
                 return reply("rcpt.unknown", address=address)
             return refusal.reply
+        detail = address.local[len(user):]
+        if detail:
+            targets = [self._with_detail(t, user, domain, detail) for t in targets]
         return tuple({t.key: t for t in targets}.values())
+
+    def _with_detail(self, target: Target, user: str, domain: str, detail: str) -> Target:
+        """The recipient itself handed on (LMTP, a smarthost, a mailer) keeps its
+        +detail: Dovecot files alice+lists in its lists folder and Sieve sees it.  A
+        mailbox we write ourselves, and an alias's addresses, go without it."""
+        addr = target.address
+        if (
+            target.destination in self.table.mailbox_destinations
+            or (addr.local, addr.domain) != (user, domain)
+        ):
+            return target
+        return Target(target.destination, Address(user + detail, domain, addr.quoted))
 
     def _expand(
         self, user: str, domain: str, quoted: bool, chain: frozenset[str], depth: int

@@ -525,3 +525,21 @@ def test_mailboxes_are_not_written_when_a_hand_off_deferred(tmp_path: Path) -> N
     r.destinations["handoff"] = _Answering({})  # type: ignore[assignment]
     assert deliver(tmp_path, r, "alice@example.org", "bob@example.org") == ["250 2.0.0 OK"] * 2
     assert count(tmp_path, "alice") == 1
+
+
+def test_a_recipient_handed_on_keeps_its_detail(tmp_path: Path) -> None:
+    # alice+lists reached Dovecot as alice: its lists folder and Sieve never saw it
+    handoff = DestinationConfig(lmtp=LMTPConfig(address="127.0.0.1:24"))
+    r = router(tmp_path, destinations={"handoff": handoff}, users={"alice": "handoff"},
+               aliases={"team": ["alice"]})
+    recording = _Recording()
+    r.destinations["handoff"] = recording  # type: ignore[assignment]
+    env = Envelope(sender=Address("s", "example.net"), recipients=[
+        Recipient(Address("Alice+Lists", "example.org")),
+        Recipient(Address("team+x", "example.org")),
+        Recipient(Address("bob+news", "example.org")),  # a maildir of ours: bob's own
+    ])
+    asyncio.run(r.deliver(env, TRACE, spooled(tmp_path, MESSAGE, env)))
+    assert sorted(address for address, _ in recording.seen) == [
+        "alice+Lists@example.org", "alice@example.org"]
+    assert count(tmp_path, "bob") == 1
