@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from mailgate.config.delivery import LMTPConfig
 from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
@@ -56,6 +57,9 @@ from mailgate.protocol.replies import Reply, multiline, reply
 log = logging.getLogger(__name__)
 
 
+UNREACHABLE_FOR = 30.0  # seconds checks answer "cannot say now" after a failed one
+
+
 class LMTPDestination:
     """Delivers by LMTP to ``config.address`` (``host:port`` or ``unix:/path``)."""
 
@@ -64,6 +68,11 @@ class LMTPDestination:
         self._hostname = hostname
         self._verifier: Connection | None = None
         self._verify_lock = asyncio.Lock()
+        # After a check that could not reach the server: until this (monotonic) time
+        # every check answers "cannot say now" at once.  Checks go one at a time over
+        # one connection, so with a server that hangs each RCPT of every session
+        # waited for all the timeouts before it (the fifth, five minutes).
+        self._unreachable_until = 0.0
 
     async def deliver(
         self,
@@ -138,7 +147,7 @@ class LMTPDestination:
             return
         # RFC 2033 4.2: one reply per accepted RCPT, in RCPT order (after BDAT LAST too).
         for i in accepted:
-            resp = await conn.read_response()
+            resp = await conn.read_response(final=True)
             final[i] = reply("ok") if resp.ok else recipient_failure(recipients[i], resp)
 
     async def verify_recipient(self, address: Address) -> bool | Reply | None:
@@ -151,22 +160,29 @@ class LMTPDestination:
         server is unreachable), and the caller should answer 451.  One cached
         connection is shared by all callers, one check at a time.
         """
+        if time.monotonic() < self._unreachable_until:
+            return None
         async with self._verify_lock:
+            if time.monotonic() < self._unreachable_until:  # (found while we waited)
+                return None
             reused = self._verifier is not None and not self._verifier.closing
             try:
                 return await self._verify_once(address)
             except ClientError as e:
                 self._drop_verifier()
                 if not reused:
-                    log.warning("verifying <%s> by LMTP: %s", address, e)
-                    return None
+                    return self._unreachable(address, e)
             # The cached connection may have timed out at the server: one fresh try.
             try:
                 return await self._verify_once(address)
             except ClientError as e:
                 self._drop_verifier()
-                log.warning("verifying <%s> by LMTP: %s", address, e)
-                return None
+                return self._unreachable(address, e)
+
+    def _unreachable(self, address: Address, error: ClientError) -> None:
+        log.warning("verifying <%s> by LMTP: %s", address, error)
+        self._unreachable_until = time.monotonic() + min(self._config.timeout, UNREACHABLE_FOR)
+        return None
 
     async def _verify_once(self, address: Address) -> bool | Reply | None:
         if self._verifier is None or self._verifier.closing:

@@ -166,7 +166,7 @@ class SmarthostDestination:
         if refused is not None:
             final.update(dict.fromkeys(accepted, _whole_message_failure(refused)))
             return
-        resp = await conn.read_response()
+        resp = await conn.read_response(final=True)
         outcome = reply("ok") if resp.ok else _whole_message_failure(resp)
         final.update(dict.fromkeys(accepted, outcome))
 

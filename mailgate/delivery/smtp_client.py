@@ -74,6 +74,11 @@ def utf8_addr_xtext(value: str) -> str:
     return "".join(ch if ch.isascii() else f"\\x{{{ord(ch):X}}}" for ch in value)
 
 
+# Seconds to wait for the reply to the end of the data: well within the 10 minutes
+# our own client waits for ours.
+FINAL_REPLY_TIMEOUT = 300.0
+
+
 def hold_back_if_deferred(final: dict[int, Reply], accepted: list[int]) -> bool:
     """Whether to send no data because a recipient was refused for now at RCPT: the
     client is then answered 4xx for the whole message and sends it again, so the
@@ -109,7 +114,7 @@ class Connection:
                     host, port = split_host_port(address)
                     reader, writer = await asyncio.open_connection(host, port, limit=LINE_LIMIT)
         except (OSError, TimeoutError, ValueError) as e:
-            raise ClientError(f"cannot connect to {address}: {e or type(e).__name__}") from e
+            raise ClientError(f"cannot connect to {address}: {str(e) or type(e).__name__}") from e
         conn = cls(reader, writer, timeout)
         greeting = await conn.read_response()
         if greeting.code != 220:
@@ -120,10 +125,15 @@ class Connection:
     def supports(self, keyword: str) -> bool:
         return keyword in self.extensions
 
-    async def read_response(self) -> Response:
+    async def read_response(self, final: bool = False) -> Response:
+        """The next reply; ``final``: the one to the end of the data, which a server
+        may take minutes to give (RFC 5321 4.5.3.2.6 has clients wait 10): given up
+        after the command timeout, the message was often queued all the same, and
+        the client's retry made a second copy."""
         lines: list[str] = []
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(max(self.timeout, FINAL_REPLY_TIMEOUT) if final
+                                       else self.timeout):
                 while len(lines) < MAX_REPLY_LINES:
                     raw = await self._reader.readline()
                     if not raw:
@@ -135,7 +145,7 @@ class Connection:
                     if m[2] == b" ":
                         return Response(int(m[1]), tuple(lines))
         except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError) as e:
-            raise ClientError(f"reading reply: {e or type(e).__name__}") from e
+            raise ClientError(f"reading reply: {str(e) or type(e).__name__}") from e
         raise ClientError("reply has too many lines")
 
     async def write(self, data: bytes) -> None:
@@ -144,7 +154,7 @@ class Connection:
             async with asyncio.timeout(self.timeout):
                 await self._writer.drain()
         except (OSError, TimeoutError) as e:
-            raise ClientError(f"writing: {e or type(e).__name__}") from e
+            raise ClientError(f"writing: {str(e) or type(e).__name__}") from e
 
     @staticmethod
     def encode(line: str) -> bytes:
@@ -179,7 +189,7 @@ class Connection:
             async with asyncio.timeout(self.timeout):
                 await self._writer.start_tls(context, server_hostname=server_hostname)
         except (OSError, TimeoutError, ssl.SSLError) as e:
-            raise ClientError(f"TLS handshake: {e or type(e).__name__}") from e
+            raise ClientError(f"TLS handshake: {str(e) or type(e).__name__}") from e
         self.extensions = {}  # RFC 3207 4.2: forget everything learnt before TLS
         self.tls = True
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,3 +213,31 @@ def test_verify_recipient_keeps_a_refusal_that_is_not_user_unknown() -> None:
     assert isinstance(full, Reply) and (full.code, full.enhanced) == (550, "5.2.2")
     assert "552 5.2.2 Mailbox full" in full.text
     assert isinstance(later, Reply) and (later.code, later.enhanced) == (451, "4.2.2")
+
+
+def test_an_unreachable_server_is_asked_once_not_once_per_waiting_rcpt() -> None:
+    # The checks share one connection, one at a time: with a server that accepts and
+    # never answers, every waiting RCPT sat through all the timeouts before its own.
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(listener.accept()[0])  # and never a greeting
+
+    threading.Thread(target=accept, daemon=True).start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    dest = LMTPDestination(LMTPConfig(address, timeout=0.5), "mx.test")
+
+    async def run() -> list[object]:
+        return list(await asyncio.gather(
+            *(dest.verify_recipient(Address(f"u{i}", DOMAIN)) for i in range(4))))
+
+    try:
+        assert asyncio.run(run()) == [None] * 4
+        assert len(held) == 1
+    finally:
+        listener.close()
+        for sock in held:
+            sock.close()

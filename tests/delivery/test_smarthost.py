@@ -43,6 +43,7 @@ class Smarthost:
 
     port: int = 0
     data_reply: str = "250 2.0.0 queued"
+    data_delay: float = 0.0  # seconds before the reply to the data
     refuse: str = "refused"  # RCPT of a local part starting with this gets 550
     mails: int = 0
     delivered: list[dict[str, Any]] = field(default_factory=list)
@@ -66,6 +67,7 @@ class Smarthost:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        await asyncio.sleep(self.data_delay)
         if self.data_reply.startswith("250"):
             self.delivered.append(
                 {
@@ -211,6 +213,17 @@ def test_refused_recipient_fails_alone(smarthost: Smarthost, cafile: str, tmp_pa
     results = deliver(config, tmp_path, "refused-one", "fine")
     assert codes(results) == [(550, "5.1.1"), (250, "2.0.0")]
     assert smarthost.delivered[0]["to"] == ["fine@remote.test"]
+
+
+def test_the_reply_to_the_data_may_take_longer_than_a_command(
+    smarthost: Smarthost, cafile: str, tmp_path: Path
+) -> None:
+    # RFC 5321 4.5.3.2.6: 10 minutes for it.  Given up after the command timeout, the
+    # client got 451 while the smarthost queued the message: its retry was a copy.
+    smarthost.data_delay = 1.5
+    config = SmtpConfig("127.0.0.1", smarthost.port, cafile=cafile, timeout=0.5)
+    assert codes(deliver(config, tmp_path, "a")) == [(250, "2.0.0")]
+    assert len(smarthost.delivered) == 1
 
 
 def test_a_recipient_deferred_at_rcpt_holds_the_data_back(
