@@ -40,3 +40,10 @@ def file_holds_binary(path: str) -> bool:
     """:func:`holds_binary` of the spool file at ``path`` (blocking: run in a thread)."""
     with open(path, "rb") as f:
         return holds_binary(iter(lambda: f.read(CHUNK_SIZE), b""))
+
+
+def file_holds_8bit(path: str) -> bool:
+    """Whether the spool file at ``path`` has an octet above 127 (blocking: run in a
+    thread): 8BITMIME content, which a next hop without 8BITMIME must not get."""
+    with open(path, "rb") as f:
+        return not all(chunk.isascii() for chunk in iter(lambda: f.read(CHUNK_SIZE), b""))

@@ -43,7 +43,7 @@ from mailgate.delivery.smtp_client import (
     ClientError,
     Connection,
     Response,
-    binary_refusal,
+    content_refusal,
     downstream_said,
     hold_back_if_deferred,
     recipient_failure,
@@ -122,7 +122,7 @@ class LMTPDestination:
         final: dict[int, Reply],
     ) -> None:
         """Runs the transaction, filling ``final`` as replies come in."""
-        refusal = await binary_refusal(conn, envelope, spool.path)
+        refusal = await content_refusal(conn, envelope, spool.path)
         if refusal is not None:
             final.update(dict.fromkeys(range(len(recipients)), refusal))
             return

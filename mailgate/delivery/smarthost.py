@@ -34,7 +34,7 @@ from mailgate.delivery.smtp_client import (
     ClientError,
     Connection,
     Response,
-    binary_refusal,
+    content_refusal,
     downstream_said,
     hold_back_if_deferred,
     recipient_failure,
@@ -144,7 +144,7 @@ class SmarthostDestination:
     ) -> None:
         """Runs the transaction, filling ``final`` as replies come in."""
         refusal = None if conn.supports("SMTPUTF8") else utf8_refusal(envelope, recipients, spool)
-        refusal = refusal or await binary_refusal(conn, envelope, spool.path)
+        refusal = refusal or await content_refusal(conn, envelope, spool.path)
         if refusal is not None:
             final.update(dict.fromkeys(range(len(recipients)), refusal))
             return

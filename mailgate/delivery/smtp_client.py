@@ -16,7 +16,7 @@ import ssl
 from dataclasses import dataclass
 
 from mailgate.delivery.base import SpoolReader
-from mailgate.delivery.binary import file_holds_binary
+from mailgate.delivery.binary import file_holds_8bit, file_holds_binary
 from mailgate.delivery.dotstuff import CanonicalLines, DotStuffer, spool_chunks
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.headers import header_end
@@ -291,7 +291,7 @@ def transaction_commands(
     if sends_binary(conn, envelope):
         params.append("BODY=BINARYMIME")
     elif envelope.body in ("8BITMIME", "BINARYMIME") and conn.supports("8BITMIME"):
-        params.append("BODY=8BITMIME")  # BINARYMIME as text lines: see binary_refusal
+        params.append("BODY=8BITMIME")  # BINARYMIME as text lines: see content_refusal
     if utf8:
         params.append("SMTPUTF8")
     if conn.supports("SIZE"):
@@ -329,18 +329,35 @@ def sends_binary(conn: Connection, envelope: Envelope) -> bool:
     )
 
 
-async def binary_refusal(conn: Connection, envelope: Envelope, path: str) -> Reply | None:
-    """For a BINARYMIME message to a server that cannot take it so: 554 5.6.3 if
-    it holds binary data, which DATA would change (RFC 3030 3: a server that
-    accepted binary data MUST pass on every bit of each octet); None if it goes as
-    it is.  The check reads the message, in a worker thread."""
+async def content_refusal(conn: Connection, envelope: Envelope, path: str) -> Reply | None:
+    """Why the message cannot go to this server as it is, or None: a BINARYMIME one
+    holding binary data to a server that cannot take it so, which DATA would change
+    (RFC 3030 3: a server that accepted binary data MUST pass on every bit of each
+    octet), or 8-bit data to one without 8BITMIME (eight_bit_refusal); 554 5.6.3.
+    The checks read the message, in a worker thread."""
     if envelope.body != "BINARYMIME" or sends_binary(conn, envelope):
-        return None
+        return await eight_bit_refusal(conn, envelope, path)
     try:
         binary = await asyncio.to_thread(file_holds_binary, path)
     except OSError as e:
         raise ClientError(f"reading the spool: {e}") from e
-    return reply("delivery.binary_unsupported") if binary else None
+    if binary:
+        return reply("delivery.binary_unsupported")
+    return await eight_bit_refusal(conn, envelope, path)
+
+
+async def eight_bit_refusal(conn: Connection, envelope: Envelope, path: str) -> Reply | None:
+    """For 8BITMIME (or text-only BINARYMIME) content to a server without 8BITMIME:
+    554 5.6.3 if it holds 8-bit octets (RFC 5321 2.4, RFC 6152 3: a client that has
+    not negotiated it MUST NOT send them; there is no conversion here), else None.
+    A message its client declared 7BIT goes as it came."""
+    if envelope.body == "7BIT" or conn.supports("8BITMIME"):
+        return None
+    try:
+        eight_bit = await asyncio.to_thread(file_holds_8bit, path)
+    except OSError as e:
+        raise ClientError(f"reading the spool: {e}") from e
+    return reply("delivery.8bit_unsupported") if eight_bit else None
 
 
 UTF8_HEAD_LIMIT = 64 * 1024  # how much of a header section is looked at for UTF-8

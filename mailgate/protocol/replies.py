@@ -218,6 +218,8 @@ CATALOGUE: Final[dict[str, Template]] = {
     "delivery.smarthost_perm": Template(554, "5.0.0", "Smarthost refused the message"),
     # RFC 3030 3: binary data only to a next hop that offers BINARYMIME
     "delivery.binary_unsupported": Template(554, "5.6.3", "Not passed on: the message holds binary data, and the next hop does not offer BINARYMIME"),
+    # RFC 5321 2.4 / RFC 6152 3: no 8-bit octets to a server without 8BITMIME
+    "delivery.8bit_unsupported": Template(554, "5.6.3", "Not passed on: the message holds 8-bit data, and the next hop does not offer 8BITMIME"),
     # RFC 6531 3.2: a message that needs SMTPUTF8 must not go to a server without it
     "delivery.utf8_address_unsupported": Template(554, "5.6.7", "Not relayed: a non-ASCII address needs SMTPUTF8, which the smarthost does not offer"),
     "delivery.utf8_header_unsupported": Template(554, "5.6.9", "Not relayed: UTF-8 header fields need SMTPUTF8, which the smarthost does not offer"),

@@ -22,10 +22,12 @@ from mailgate.delivery.smarthost import SmarthostDestination
 from mailgate.delivery.smtp_client import (
     Connection,
     Response,
+    eight_bit_refusal,
     recipient_failure,
     transaction_commands,
 )
 from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.replies import Reply
 
 TRACE = TraceInfo("sid7", "client.test", "192.0.2.1", None, "mx.test", "ESMTPSA")
 USER, PASSWORD = "relay-user", "s3cret pass"
@@ -495,3 +497,23 @@ def test_a_utf8_orcpt_is_passed_on_in_its_own_forms() -> None:
     env.smtputf8 = True
     _, rcpts = transaction_commands(_offering("DSN", "SMTPUTF8"), env, 10, [rcpt])
     assert rcpts == [f"RCPT TO:<r1@remote.test> NOTIFY=FAILURE ORCPT={original}"]
+
+
+def test_8bit_data_goes_only_to_a_server_that_offers_8bitmime(tmp_path: Path) -> None:
+    # RFC 5321 2.4 / RFC 6152 3: it went as raw 8-bit octets (and without BODY=) to
+    # a Postfix that did not offer 8BITMIME
+    eight = tmp_path / "8bit"
+    eight.write_bytes("Subject: x\r\n\r\nGrüße\r\n".encode())
+    plain = tmp_path / "7bit"
+    plain.write_bytes(b"Subject: x\r\n\r\nhello\r\n")
+
+    def refusal(keywords: tuple[str, ...], body: str, path: Path) -> object:
+        env = Envelope(sender=Address("s", "example.org"), body=body)
+        return asyncio.run(eight_bit_refusal(_offering(*keywords), env, str(path)))
+
+    refused = refusal(("DSN",), "8BITMIME", eight)
+    assert isinstance(refused, Reply) and (refused.code, refused.enhanced) == (554, "5.6.3")
+    assert refusal(("DSN",), "BINARYMIME", eight) is not None  # text lines, still 8-bit
+    assert refusal(("DSN",), "8BITMIME", plain) is None  # declared, but 7-bit after all
+    assert refusal(("8BITMIME",), "8BITMIME", eight) is None
+    assert refusal(("DSN",), "7BIT", eight) is None  # its client's claim: as it came
