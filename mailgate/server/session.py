@@ -841,10 +841,17 @@ class Session(asyncio.Protocol):
         elapsed: float,
     ) -> None:
         for result in results:
-            self.log_event(
-                "delivery", id=self.message_id, to=str(result.recipient.address),
-                code=result.reply.code, enhanced=result.reply.enhanced,
-            )
+            if result.ok:
+                self.log_event(
+                    "delivery", id=self.message_id, to=str(result.recipient.address),
+                    code=result.reply.code, enhanced=result.reply.enhanced,
+                )
+            else:  # why, on the session's own line (the downstream's words included)
+                self.log_event(
+                    "delivery", id=self.message_id, to=str(result.recipient.address),
+                    code=result.reply.code, enhanced=result.reply.enhanced,
+                    reply=" / ".join(result.reply.lines)[:300],
+                )
         self.log_event(
             "message", id=self.message_id, sender=str(envelope.sender), size=size,
             rcpts=len(envelope.recipients), code=final.code, enhanced=final.enhanced,

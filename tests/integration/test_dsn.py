@@ -64,6 +64,11 @@ def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
         assert "lists@localhost" in report.decode()
         assert "Status: 5." in report.decode()
         assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+        # the refusal's words are on the session's own delivery line, not only elsewhere
+        [refused_line] = [x for x in srv.log().splitlines()
+                          if "event=delivery" in x and "to=lists@localhost" in x]
+        assert "sid=" in refused_line and "reply=" in refused_line
+        assert "no such list" in refused_line
         # RET=FULL (RFC 3461 4.3): the message itself comes back
         with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
             smtp.ehlo("client.mailgate.org")
