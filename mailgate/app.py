@@ -170,6 +170,13 @@ def setting_warnings(config: Config) -> list[str]:
             f"server.hostname: {hostname!r} is not a fully qualified domain name (RFC 5321 "
             "4.1.1.1 and 4.2: the greeting and EHLO name the host by one); set it"
         )
+    if os.geteuid() == 0 and not config.server.user:
+        found.append(
+            "server.user: empty, and running as root: every mailbox write and every pipe "
+            "mailer runs as root; set a user of its own (see deployment.md)"
+        )
+    if config.server.group and not config.server.user:
+        found.append("server.group: used only with server.user, which is empty")
     for n, listener in enumerate(config.listener, 1):
         if listener.role == "public" and listener.require_tls:
             found.append(
@@ -487,18 +494,19 @@ def load_before_drop(config: Config) -> None:
 
 
 def prepare_alone(config: Config) -> tuple[list[list[socket.socket]], socket.socket | None]:
-    """What a single process does before it builds anything that opens a file: clean
-    what a crash left, bind the listeners and /metrics (ports below 1024 need root),
-    drop privileges.  Everything made after (the greylist database, the spool's files)
-    then belongs to server.user, as in the supervisor's workers."""
-    router = clean_leftovers(config)
+    """What a single process does before it builds anything that opens a file: bind
+    the listeners and /metrics (ports below 1024 need root), drop privileges, clean
+    what a crash left.  Everything made after (the greylist database, the spool's
+    files) then belongs to server.user, as in the supervisor's workers."""
     sockets = bind_all(config)
     metrics = None
     try:
         metrics = bind_metrics(config.metrics.listen) if config.metrics.listen else None
         load_before_drop(config)
         drop_privileges(config)
-        recover_mboxes(router)
+        # As the server's user: as root, a symlink planted under maildir_root had
+        # root delete (or truncate) files anywhere.
+        recover_mboxes(clean_leftovers(config))
     except BaseException:
         for sock in (s for socks in sockets for s in socks):
             sock.close()

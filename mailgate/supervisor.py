@@ -122,12 +122,14 @@ class Supervisor:
         config = self.config
         setup_logging(config.logging)
         hostname = config.server.hostname
-        router = clean_leftovers(config)
         self.sockets = bind_all(config)
         try:
             self._serve_metrics()
             load_before_drop(config)
             drop_privileges(config)
+            # what a crash left, as the server's user (as root, a symlink planted
+            # under maildir_root had root delete files anywhere)
+            router = clean_leftovers(config)
             recover_mboxes(router)
             warn_of_delivery(router, config)  # once for all workers, as the user they run as
         except BaseException:

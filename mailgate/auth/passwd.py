@@ -68,7 +68,10 @@ def _locked(path: str) -> Iterator[None]:
     """An exclusive lock on ``path``.lock (the users file itself is replaced by a
     rename, so a lock on it would not be shared by the next run)."""
     try:
-        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # O_NOFOLLOW: the users file's directory may be writable by the server's user,
+        # who must not have root (running passwd) create or open a file elsewhere
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
     except OSError as e:  # no such directory, or not ours to write in
         directory = os.path.dirname(os.path.abspath(path))
         raise _Refused(f"{path}: cannot write in {directory}: {e.strerror or e}") from None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import glob
 import itertools
 import logging
 import os
@@ -59,6 +58,23 @@ def unique_name(hostname: str) -> str:
     sec = int(now)
     host = _host_part(hostname)
     return f"{sec}.M{int((now - sec) * 1e6)}P{this_pid()}Q{next(_deliveries)}.{host}"
+
+
+def _real_subdirs(parent: str) -> list[str]:
+    """The directories in ``parent`` that are directories themselves, not symlinks to
+    one: a cleanup must not follow a link planted under maildir_root out of it."""
+    try:
+        with os.scandir(parent) as entries:
+            return [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _names(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
 
 
 def _host_part(hostname: str) -> str:
@@ -134,10 +150,13 @@ class MaildirDestination:
         """
         own = f".{_host_part(self.hostname)}"
         depth = 2 if self.layout == "domain/user" else 1
-        pattern = os.path.join(self.root, *["*"] * depth, "tmp", "*")
+        boxes = [self.root]
+        for _ in range(depth):
+            boxes = [d for parent in boxes for d in _real_subdirs(parent)]
+        tmps = [t for box in boxes for t in _real_subdirs(box) if os.path.basename(t) == "tmp"]
         removed = 0
         now = time.time()
-        for path in glob.glob(pattern):
+        for path in (os.path.join(t, name) for t in tmps for name in _names(t)):
             name = os.path.basename(path)
             pid = _writer_pid(name) if name.endswith(own) else None
             try:

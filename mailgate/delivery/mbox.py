@@ -179,10 +179,10 @@ def append_message(
     try:
         if created:
             _fsync_dir(directory)  # the new file's name must survive a crash too
-        with _dotlock(path, fd, deadline, config.stale_lock_age) as lock, \
+        with _dotlock(path, fd, deadline, config.stale_lock_age) as lock_fd, \
                 _flock(fd, path, deadline):
             start = os.fstat(fd).st_size
-            _note_start(lock, start)
+            _note_start(lock_fd, start)
             try:
                 _write(fd, envelope, spool, ends)
                 os.fsync(fd)
@@ -277,8 +277,8 @@ def _fsync_dir(directory: str) -> None:
 
 
 @contextmanager
-def _dotlock(path: str, fd: int, deadline: float, stale_age: float) -> Iterator[str]:
-    """Hold ``path``.lock (``fd``: the mbox, open); yields its path."""
+def _dotlock(path: str, fd: int, deadline: float, stale_age: float) -> Iterator[int]:
+    """Hold ``path``.lock (``fd``: the mbox, open); yields the lock's open file."""
     lock = path + ".lock"
     while True:
         try:
@@ -300,10 +300,10 @@ def _dotlock(path: str, fd: int, deadline: float, stale_age: float) -> Iterator[
         os.close(lock_fd)
         _remove(lock)
         raise
-    os.close(lock_fd)
     try:
-        yield lock
+        yield lock_fd  # (kept open: the lock is written to by this fd, never by name)
     finally:
+        os.close(lock_fd)
         _remove_own(lock, ours)
 
 
@@ -335,28 +335,33 @@ def _remove_own(lock: str, inode: int) -> None:
             os.unlink(lock)
 
 
-def _note_start(lock: str, start: int) -> None:
+def _note_start(lock_fd: int, start: int) -> None:
     """Write the mbox's size before this append into our lock, after the pid (the
-    lock's first word, as other dotlock writers have it).  Not fsync'ed: it is for a
-    crash of the process, whose writes the page cache keeps."""
-    with open(lock, "r+b") as f:
-        f.write(f"{os.getpid()} {start}\n".encode())
+    lock's first word, as other dotlock writers have it).  Through the file we made,
+    not by its name (one swapped for a symlink while we waited for the flock would
+    have had these bytes written over whatever it pointed at).  Not fsync'ed: it is
+    for a crash of the process, whose writes the page cache keeps."""
+    os.pwrite(lock_fd, f"{os.getpid()} {start}\n".encode(), 0)
 
 
 def _stale(lock: str, stale_age: float) -> int | None:
     """None while ``lock`` may be a live writer's; for one left by a dead process (or
     too old to be live), the mbox size its writer noted, or -1 if none."""
     try:
-        age = time.time() - os.stat(lock).st_mtime
+        info = os.lstat(lock)
         with open(lock, "rb") as f:
             words = f.read(64).split()
     except FileNotFoundError:
         return None  # just released: the next attempt will take it
+    age = time.time() - info.st_mtime
     # An empty lock file is a writer between creating and filling it: not stale.
     dead = bool(words) and words[0].isdigit() and not pid_alive(int(words[0]))
     if not dead and age <= stale_age:
         return None
-    noted = words[1] if dead and len(words) > 1 else b""
+    # The size is believed only from a lock this server's user made: in a mail spool
+    # local users write in, a planted "999999 0" would have the mbox cut to nothing.
+    ours = stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid()
+    noted = words[1] if dead and ours and len(words) > 1 else b""
     return int(noted) if noted.isdigit() else -1
 
 

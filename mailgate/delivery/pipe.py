@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pwd
 import re
 import signal
 
@@ -260,6 +261,14 @@ MAILER_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "TZ", "LANG", 
 def mailer_environment() -> dict[str, str]:
     env = {name: os.environ[name] for name in MAILER_ENVIRONMENT if name in os.environ}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    # Who it runs as, not who started the server: after the privilege drop the
+    # environment still said HOME=/root, USER=root.
+    try:
+        account = pwd.getpwuid(os.geteuid())
+    except KeyError:
+        return env
+    env.update(HOME=account.pw_dir, USER=account.pw_name, LOGNAME=account.pw_name,
+               SHELL=account.pw_shell or "/bin/sh")
     return env
 
 

@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -301,3 +302,29 @@ def test_a_maildir_removed_since_its_last_delivery_is_made_again(
     assert len(files(alice / "new")) == kept
     assert files(alice / "tmp") == []
     assert len(files(tmp_path / "md" / "bob" / "new")) == 1
+
+
+def test_the_tmp_cleanup_follows_no_symlink_out_of_the_maildirs(tmp_path: Path) -> None:
+    # It globbed root/*/tmp/*: a link root/x/tmp -> /etc had (as root, at start-up)
+    # every file there older than 36 hours removed.
+    root = tmp_path / "md"
+    (root / "alice" / "tmp").mkdir(parents=True)
+    old_leftover = root / "alice" / "tmp" / "1.M1P999999Q1.mx.example.org"
+    old_leftover.write_bytes(b"half")
+    victim_dir = tmp_path / "etc"
+    victim_dir.mkdir()
+    victim = victim_dir / "important.conf"
+    victim.write_text("keep me")
+    long_ago = time.time() - 3 * 86400
+    for path in (old_leftover, victim):
+        os.utime(path, (long_ago, long_ago))
+    (root / "x").mkdir()
+    (root / "x" / "tmp").symlink_to(victim_dir)
+    (root / "y").symlink_to(tmp_path / "etc-box")
+    (tmp_path / "etc-box" / "tmp").mkdir(parents=True)
+    (tmp_path / "etc-box" / "tmp" / "other.conf").write_text("keep me too")
+    os.utime(tmp_path / "etc-box" / "tmp" / "other.conf", (long_ago, long_ago))
+    assert destination(root).cleanup_tmp() == 1
+    assert not old_leftover.exists()
+    assert victim.read_text() == "keep me"
+    assert (tmp_path / "etc-box" / "tmp" / "other.conf").exists()

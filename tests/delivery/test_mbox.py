@@ -371,3 +371,20 @@ def test_a_symlink_where_the_mailbox_should_be_is_not_followed(tmp_path: Path) -
     spool = spooled(tmp_path, b"Subject: s\r\n\r\nx\r\n", env)
     assert asyncio.run(dest.deliver(env, TRACE, spool, alice()))[0].reply.code == 451
     assert victim.read_bytes() == b"not a mailbox\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user's needs root")
+def test_a_lock_planted_by_another_user_never_cuts_the_mailbox(tmp_path: Path) -> None:
+    # In a mail spool local users write in, "999999 0" in bob.lock had the server cut
+    # bob's mailbox (mail it had answered 250 for) to nothing.
+    dest = mbox(tmp_path)
+    (tmp_path / "mail").mkdir()
+    box = tmp_path / "mail" / "bob"
+    box.write_bytes(b"From x Thu Jan  1 00:00:00 1970\nSubject: kept\n\nmail\n\n")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / "mail" / "bob.lock"
+    lock.write_text(f"{dead.pid} 0\n")
+    os.chown(lock, 4242, 4242)
+    assert dest.recover_dead_appends() == 1  # the dead lock goes...
+    assert b"Subject: kept" in box.read_bytes()  # ...and the mailbox stays whole

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pwd
 import sys
 import textwrap
 import time
@@ -324,3 +326,6 @@ def test_the_mailer_gets_no_more_of_the_environment_than_it_needs(
     assert "MAILGATE_SECRET" not in seen
     assert seen["TZ"] == "UTC" and seen["PATH"]
     assert seen["CWD"] == "/"
+    # who it runs as, not who started the server (HOME=/root after the drop)
+    account = pwd.getpwuid(os.geteuid())
+    assert (seen["USER"], seen["HOME"]) == (account.pw_name, account.pw_dir)
