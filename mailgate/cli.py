@@ -79,6 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     overrides = Overrides(listen=args.listen, hostname=args.hostname)
     apply_overrides(config, overrides)
+    _start_clean()
     try:
         return run(config, args.config, overrides)
     except (ConfigError, DeliveryConfigError, ValueError) as exc:
@@ -87,6 +88,25 @@ def _serve(args: argparse.Namespace) -> int:
         return _fatal(config.logging.format, f"cannot start: {exc}", 1)
     except KeyboardInterrupt:
         return 0
+
+
+def _start_clean() -> None:
+    """What a daemon sets before it opens anything: files it makes without a mode of
+    their own (the greylist database, parent directories) readable by its group at
+    most, and no descriptor it inherited (an open /etc/shadow of whoever started it)
+    passed on to the mailers it runs (uvloop's subprocesses keep inherited ones)."""
+    import contextlib
+    import os
+
+    os.umask(0o027)
+    try:
+        inherited = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: nothing to go by
+        return
+    for fd in inherited:
+        if fd > 2:
+            with contextlib.suppress(OSError):  # (the listing's own, closed meanwhile)
+                os.set_inheritable(fd, False)
 
 
 def _fatal(log_format: str, message: str, status: int) -> int:

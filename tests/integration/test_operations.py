@@ -609,3 +609,41 @@ def test_drops_privileges_after_binding(tmp_path: Path) -> None:
             srv.stop()
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_mailers_inherit_no_descriptor_and_files_get_a_daemons_umask(tmp_path: Path) -> None:
+    # uvloop's subprocesses keep what the server inherited: a mailer (running as the
+    # server's user) could read a file its launcher had open; and files made without
+    # a mode of their own followed the launcher's umask.
+    secret = tmp_path / "secret"
+    secret.write_text("launcher's file")
+    seen = tmp_path / "fds"
+    mailer = tmp_path / "mailer.sh"
+    mailer.write_text(f"#!/bin/sh\ncat >/dev/null\nls -l /proc/self/fd/ > {seen}\n")
+    mailer.chmod(0o755)
+    config = tmp_path / "mailgate.toml"
+    config.write_text(
+        f'[server]\nhostname = "mx.mailgate.test"\nspool_dir = "{tmp_path}/spool"\n'
+        f'[delivery]\nmaildir_root = "{tmp_path}/md"\n'
+        '[delivery.users]\n"root" = "mailer"\n'
+        f'[delivery.destinations.mailer.pipe]\ncommand = ["{mailer}"]\n'
+    )
+    with secret.open() as held:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailgate.cli", "serve", "--config", str(config),
+             "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            pass_fds=(held.fileno(),), preexec_fn=lambda: os.umask(0),
+        )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().split("127.0.0.1:")[1].split(";")[0])
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert "Umask:\t0027" in status
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.sendmail("a@client.mailgate.org", ["root@localhost"], MESSAGE)
+        assert wait_for(seen.exists)
+        assert str(secret) not in seen.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(15)
