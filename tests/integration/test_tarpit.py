@@ -138,15 +138,7 @@ def _read_replies(sock: socket.socket, count: int = 1) -> list[bytes]:
 
 
 def test_a_client_that_talks_before_the_greeting_is_refused_at_mail(tmp_path: Path) -> None:
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path}/spool"
-        greet_pause = 0.5
-
-        [policy]
-        trusted_networks = []
-        verify_sender_domain = false
-    """)
+    srv = slowed_server(tmp_path, "greet_pause = 0.5")
     try:
         # The bot: EHLO at once, without waiting for the 220.
         with socket.create_connection((srv.host, srv.port), timeout=10) as bot:
