@@ -80,9 +80,9 @@ def new_session_id() -> str:
 class Session(asyncio.Protocol):
     # Slots: an idle session should cost a few KB (ten thousand of them wait at once).
     __slots__ = (
-        "_auth_failed", "_auth_mechanism", "_busy", "_deadline", "_draining", "_event_loop",
-        "_exchange", "_lingering", "_lost", "_message_id", "_message_started", "_messages",
-        "_origin", "_paused", "_proxy_buf", "_spool",
+        "_auth_failed", "_auth_mechanism", "_busy", "_deadline", "_draining", "_eof",
+        "_event_loop", "_exchange", "_lingering", "_lost", "_message_id", "_message_started",
+        "_messages", "_origin", "_paused", "_proxy_buf", "_spool",
         "_stopping", "_task", "_timed_out", "_trace_info", "_trace_len", "_waiter",
         "_write_paused",
         "admitted", "client", "conn", "listener", "log", "server", "sid", "transport",
@@ -111,7 +111,11 @@ class Session(asyncio.Protocol):
         # it has read them (else its replies would pile up in memory without bound).
         self._write_paused = False
         self._lingering = False  # our last reply is sent; the client's input is dropped
-        self._lost = False
+        self._lost = False  # the connection is gone: nothing more can be sent
+        # The client half-closed (or closed: the two look alike until we write): no
+        # more input, but what it sent is still answered, as RFC 5321 4.1.1.10 expects
+        # of a client that sends QUIT and reads the replies to EOF.
+        self._eof = False
         self._timed_out = False
         self._draining = False  # SIGTERM: 421 once between transactions
         self._stopping = False  # the shutdown grace is over: 421 at the next safe point
@@ -177,9 +181,12 @@ class Session(asyncio.Protocol):
         self._wake()  # the loop goes on, and reads again once it needs data
 
     def eof_received(self) -> bool:
-        self._lost = True
+        self._eof = True
         self._wake()
-        return False
+        # Kept open for our replies to what the client sent before its FIN; closed
+        # by _cleanup once they are written.  A TLS transport cannot stay half-open
+        # (asyncio warns and closes it anyway), so it is not asked to.
+        return not (self.client is not None and self.client.tls)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -300,6 +307,8 @@ class Session(asyncio.Protocol):
             return
         assert self._event_loop is not None
         await self._sleep(since + pause - self._event_loop.time())
+        # (an EOF ends the pause early, but what the client sent first still counts:
+        # a half-close must not be a way round the pregreet refusal)
         if conn.buffered and not self._lost:
             client.tags[PREGREET] = str(conn.buffered)
             self.log_event("pregreet", octets=conn.buffered)
@@ -307,13 +316,15 @@ class Session(asyncio.Protocol):
     async def _sleep(self, seconds: float) -> None:
         """A deliberate delay (greeting pause, HELO delay, tarpit, AUTH failure delay)
         that a client hanging up, or a shutdown, ends early: the session's connection
-        slot is not held for a gone client.  Bytes that arrive wake the wait too, which
-        then goes on."""
+        slot is not held for a gone client.  A half-close ends it too: a closed socket
+        looks the same until we write to it, and a client that sends nothing more has
+        no further command to slow down; it gets its replies at once.  Bytes that
+        arrive wake the wait too, which then goes on."""
         loop = self._event_loop
         assert loop is not None
         end = loop.time() + seconds
         while (
-            not (self._lost or self._stopping or self._draining)
+            not (self._lost or self._eof or self._stopping or self._draining)
             and (left := end - loop.time()) > 0
         ):
             self._deadline = math.inf  # the server's timeout sweep leaves this wait alone
@@ -346,8 +357,8 @@ class Session(asyncio.Protocol):
             event = conn.next_event()
             if event is ev.NEED_DATA:
                 acted = self._flush() or acted
-                if conn.closed or self._lost:
-                    return
+                if conn.closed or self._lost or self._eof:
+                    return  # (after EOF only a partial command can be left: dropped)
                 if self._stopping or (self._draining and conn.between_transactions):
                     conn.shutdown()
                     continue
@@ -788,7 +799,7 @@ class Session(asyncio.Protocol):
                 return refuse(str(exc), answer=True)
             if header is not None:
                 break
-            if self._lost:
+            if self._lost or self._eof:
                 return refuse("closed before the whole header")
             if len(self._proxy_buf) > PROXY_HEADER_MAX:
                 return refuse("header longer than PROXY v2 allows", answer=True)
@@ -894,7 +905,7 @@ class Session(asyncio.Protocol):
         # data to lose a reply in, and a flood of such connections must not hold a
         # descriptor each for LINGER seconds.
         if (
-            conn is None or conn.quit or conn.helo is None or self._lost
+            conn is None or conn.quit or conn.helo is None or self._lost or self._eof
             or not transport.can_write_eof()
         ):
             transport.close()

@@ -85,6 +85,32 @@ def _talk(server: RunningServer, payload: bytes, until: bytes) -> bytes:
         return read_until(sock, until)
 
 
+def test_a_client_that_half_closes_after_quit_gets_every_reply(server: RunningServer) -> None:
+    # RFC 5321 4.1.1.10: the client sends QUIT, then reads to EOF.  One that sends
+    # its whole session and then shuts its side down (shutdown(SHUT_WR)) must still
+    # learn that its message was taken, or it retries and the mail is duplicated.
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"EHLO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                     b"RCPT TO:<root@localhost>\r\nDATA\r\n")
+        read_until(sock, b"354 ")
+        sock.sendall(MESSAGE + b".\r\nQUIT\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        rest = read_until(sock, b"no marker: read to EOF")
+    assert re.match(rb"250 2\.0\.0 OK: queued as \S+\r\n221 2\.0\.0 ", rest), rest
+    assert len(server.messages("root")) == 1
+
+
+def test_a_half_closed_client_with_a_partial_command_gets_the_replies_before_it(
+    server: RunningServer,
+) -> None:
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sock.sendall(b"EHLO client.mailgate.org\r\nNOOP\r\nMAIL FROM:<a@cli")
+        sock.shutdown(socket.SHUT_WR)
+        got = read_until(sock, b"no marker: read to EOF")
+    assert got.endswith(b"250 2.0.0 OK\r\n"), got  # the NOOP's; the fragment is dropped
+    assert "event=close" in server.log()
+
+
 def test_pipelined_group_answered_in_order_in_one_write(server: RunningServer) -> None:
     with socket.create_connection((server.host, server.port), timeout=10) as sock:
         sock.recv(4096)

@@ -185,7 +185,28 @@ def test_a_client_that_hangs_up_during_the_greet_pause_is_let_go(tmp_path: Path)
             assert wait_for(lambda: "event=connect" in srv.log())
             sock.sendall(b"EHLO bot.mailgate.org\r\n")
         assert wait_for(lambda: "event=close" in srv.log())  # well before the 30 s
-        assert "event=pregreet" not in srv.log()  # nobody left to refuse
+    finally:
+        srv.stop()
+
+
+def test_a_half_close_during_the_greet_pause_is_no_way_round_the_pregreet_refusal(
+    tmp_path: Path,
+) -> None:
+    # The bot sends its whole transaction at once and half-closes: the pause ends
+    # at the EOF (it has nothing more to send), but it talked first all the same.
+    srv = _pausing_30_s(tmp_path, "")
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as bot:
+            started = time.monotonic()
+            bot.sendall(b"EHLO bot.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                        b"QUIT\r\n")
+            bot.shutdown(socket.SHUT_WR)
+            greeting, ehlo, mail, bye = _read_replies(bot, 4)
+            assert time.monotonic() - started < 20  # not after the 30 s pause
+            assert greeting.startswith(b"220 ") and ehlo.startswith(b"250-")
+            assert mail.startswith(b"550 5.5.1 Protocol error")
+            assert bye.startswith(b"221 2.0.0")
+        assert "event=pregreet" in srv.log()
     finally:
         srv.stop()
 
