@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 
 UNREACHABLE_FOR = 30.0  # seconds checks answer "cannot say now" after a failed one
+VERIFIERS = 4  # connections recipient checks may use at once
 
 
 class LMTPDestination:
@@ -66,13 +67,16 @@ class LMTPDestination:
     def __init__(self, config: LMTPConfig, hostname: str) -> None:
         self._config = config
         self._hostname = hostname
-        self._verifier: Connection | None = None
-        self._verify_lock = asyncio.Lock()
+        # Checks run over a few cached connections, one check per connection at a
+        # time: with a single shared one, a recipient the server was slow to look up
+        # held every other session's RCPT to this destination behind it.
+        self._idle_verifiers: list[Connection] = []
+        self._verifier_slots = asyncio.Semaphore(VERIFIERS)
         # After a check that could not reach the server: until this (monotonic) time
-        # every check answers "cannot say now" at once.  Checks go one at a time over
-        # one connection, so with a server that hangs each RCPT of every session
-        # waited for all the timeouts before it (the fifth, five minutes).
+        # every check answers "cannot say now" at once, so with a server that hangs
+        # a waiting RCPT does not sit through the timeouts of the checks before it.
         self._unreachable_until = 0.0
+        self._last_answer = 0.0  # (monotonic) when the server last answered a check
 
     async def deliver(
         self,
@@ -157,45 +161,69 @@ class LMTPDestination:
         without a status); a Reply: another refusal, in its own words and status (a
         full mailbox, 552 5.2.2, must not reach the client as "user unknown": a
         mailing list would unsubscribe the address); None: it could not say (the
-        server is unreachable), and the caller should answer 451.  One cached
-        connection is shared by all callers, one check at a time.
+        server is unreachable or did not answer in time), and the caller should
+        answer 451.
         """
         if time.monotonic() < self._unreachable_until:
             return None
-        async with self._verify_lock:
+        async with self._verifier_slots:
             if time.monotonic() < self._unreachable_until:  # (found while we waited)
                 return None
-            reused = self._verifier is not None and not self._verifier.closing
+            started = time.monotonic()
+            conn = self._take_idle_verifier()
             try:
-                return await self._verify_once(address)
+                answer = await self._verify_once(conn, address)
             except ClientError as e:
-                self._drop_verifier()
-                if not reused:
-                    return self._unreachable(address, e)
-            # The cached connection may have timed out at the server: one fresh try.
-            try:
-                return await self._verify_once(address)
-            except ClientError as e:
-                self._drop_verifier()
-                return self._unreachable(address, e)
+                if conn is None or _timed_out(e):
+                    return self._failed(address, e, started)
+                # The cached connection may have been closed by the server since
+                # (its idle timeout): one fresh try.  Not after a timeout, which a
+                # fresh connection would only sit through again.
+                try:
+                    answer = await self._verify_once(None, address)
+                except ClientError as e:
+                    return self._failed(address, e, started)
+            self._last_answer = time.monotonic()
+            return answer
 
-    def _unreachable(self, address: Address, error: ClientError) -> None:
-        log.warning("verifying <%s> by LMTP: %s", address, error)
-        self._unreachable_until = time.monotonic() + min(self._config.timeout, UNREACHABLE_FOR)
+    def _take_idle_verifier(self) -> Connection | None:
+        while self._idle_verifiers:
+            conn = self._idle_verifiers.pop()
+            if not conn.closing:
+                return conn
+            conn.abort()
         return None
 
-    async def _verify_once(self, address: Address) -> bool | Reply | None:
-        if self._verifier is None or self._verifier.closing:
-            self._verifier = await self._connect()
-        conn = self._verifier
-        utf8 = conn.supports("SMTPUTF8") and not str(address).isascii()
-        mail, rcpts = await conn.transaction(
-            "MAIL FROM:<> SMTPUTF8" if utf8 else "MAIL FROM:<>",
-            [f"RCPT TO:{wire_path(address, utf8)}"],
-        )
-        rset = await conn.command("RSET")
-        if not rset.ok:
-            self._drop_verifier()
+    def _failed(self, address: Address, error: ClientError, started: float) -> None:
+        log.warning("verifying <%s> by LMTP: %s", address, error)
+        # A check that timed out while others were answered is one slow lookup (a
+        # user database that is slow for this user), not a server to stop asking.
+        if not (_timed_out(error) and self._last_answer > started):
+            self._unreachable_until = (
+                time.monotonic() + min(self._config.timeout, UNREACHABLE_FOR)
+            )
+        return None
+
+    async def _verify_once(self, conn: Connection | None, address: Address) -> bool | Reply | None:
+        """One check over ``conn`` (or a new connection), which goes back to the idle
+        ones if it is still good; on ClientError it is closed."""
+        try:
+            if conn is None:
+                conn = await self._connect()
+            utf8 = conn.supports("SMTPUTF8") and not str(address).isascii()
+            mail, rcpts = await conn.transaction(
+                "MAIL FROM:<> SMTPUTF8" if utf8 else "MAIL FROM:<>",
+                [f"RCPT TO:{wire_path(address, utf8)}"],
+            )
+            rset = await conn.command("RSET")
+        except ClientError:
+            if conn is not None:
+                conn.abort()
+            raise
+        if rset.ok:
+            self._idle_verifiers.append(conn)
+        else:
+            conn.abort()
         if not mail.ok or not rcpts:
             return None
         answer = rcpts[0]
@@ -206,17 +234,15 @@ class LMTPDestination:
             return False
         return recipient_failure(Recipient(address), answer)
 
-    def _drop_verifier(self) -> None:
-        if self._verifier is not None:
-            self._verifier.abort()
-            self._verifier = None
-
     async def aclose(self) -> None:
-        """Close the cached verification connection (at shutdown)."""
-        async with self._verify_lock:
-            if self._verifier is not None:
-                await self._verifier.quit()
-                self._verifier = None
+        """Close the cached verification connections (at shutdown)."""
+        idle, self._idle_verifiers = self._idle_verifiers, []
+        for conn in idle:
+            await conn.quit()
+
+
+def _timed_out(error: ClientError) -> bool:
+    return isinstance(error.__cause__, TimeoutError)
 
 
 def _whole_message_failure(resp: Response) -> Reply:

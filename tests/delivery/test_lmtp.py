@@ -15,7 +15,7 @@ from dovecot_fixture import DOMAIN, Dovecot, dovecot_server, free_port  # noqa: 
 
 from mailgate.config.delivery import LMTPConfig
 from mailgate.delivery.base import TraceInfo
-from mailgate.delivery.lmtp import LMTPDestination
+from mailgate.delivery.lmtp import VERIFIERS, LMTPDestination
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.replies import Reply
 
@@ -215,9 +215,10 @@ def test_verify_recipient_keeps_a_refusal_that_is_not_user_unknown() -> None:
     assert isinstance(later, Reply) and (later.code, later.enhanced) == (451, "4.2.2")
 
 
-def test_an_unreachable_server_is_asked_once_not_once_per_waiting_rcpt() -> None:
-    # The checks share one connection, one at a time: with a server that accepts and
-    # never answers, every waiting RCPT sat through all the timeouts before its own.
+def test_an_unreachable_server_is_not_asked_once_per_waiting_rcpt() -> None:
+    # The checks share a few connections, one check at a time on each: with a server
+    # that accepts and never answers, a waiting RCPT sat through all the timeouts
+    # before its own.
     listener = socket.create_server(("127.0.0.1", 0))
     held: list[socket.socket] = []
 
@@ -232,12 +233,48 @@ def test_an_unreachable_server_is_asked_once_not_once_per_waiting_rcpt() -> None
 
     async def run() -> list[object]:
         return list(await asyncio.gather(
-            *(dest.verify_recipient(Address(f"u{i}", DOMAIN)) for i in range(4))))
+            *(dest.verify_recipient(Address(f"u{i}", DOMAIN)) for i in range(3 * VERIFIERS))))
 
     try:
-        assert asyncio.run(run()) == [None] * 4
-        assert len(held) == 1
+        assert asyncio.run(run()) == [None] * 3 * VERIFIERS
+        assert len(held) == VERIFIERS  # the first round; the others answered at once
     finally:
         listener.close()
         for sock in held:
             sock.close()
+
+
+class _SlowForOne(_Refusing):
+    """Looks "slow" up for longer than the client waits (a user database that stalls
+    on one entry); every other user at once."""
+
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        if address.startswith("slow"):
+            await asyncio.sleep(2)
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+def test_one_slow_lookup_does_not_defer_the_checks_of_other_recipients() -> None:
+    port = free_port()
+    controller = _LMTPController(_SlowForOne(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        dest = LMTPDestination(LMTPConfig(f"127.0.0.1:{port}", timeout=0.5), "mx.test")
+
+        async def run() -> tuple[object, list[object], object]:
+            slow = asyncio.ensure_future(dest.verify_recipient(Address("slow", DOMAIN)))
+            await asyncio.sleep(0.05)  # (its RCPT is out)
+            # meanwhile, on connections of their own
+            others = [await dest.verify_recipient(Address(u, DOMAIN)) for u in ("alice", "bob")]
+            slow_answer = await slow  # its timeout
+            # the server answered the others meanwhile: it is still asked
+            after = await dest.verify_recipient(Address("carol", DOMAIN))
+            await dest.aclose()
+            return slow_answer, others, after
+
+        slow, others, after = asyncio.run(run())
+    finally:
+        controller.stop()
+    assert slow is None  # its own RCPT gets 451
+    assert others == [True, True]
+    assert after is True
