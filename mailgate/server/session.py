@@ -46,6 +46,16 @@ if TYPE_CHECKING:
 _HIGH_WATER = 1 << 20
 _REPLIES_PER_WRITE = 256  # at most ~80 KB (EHLO replies) before a write
 LINGER = 15.0  # seconds a session we end reads on (discarding) before it closes
+# Lines a session may log about its commands (HELO, MAIL, RCPT, refusals) before the
+# rest go at "debug": an EHLO or an RCPT past max_recipients is a line of its own
+# and not an error that ends the session, so a client could turn a few bytes of
+# input into ten times as much log.  The lines of its messages (a stored one's
+# message and delivery lines), connect, close, TLS and errors are never held back.
+LOG_LINES_PER_SESSION = 500
+_ALWAYS_LOGGED = frozenset(
+    ("connect", "close", "delivery", "error", "pregreet", "quarantine", "spool", "timeout",
+     "tls")
+)
 # A PROXY v2 header says its own length, up to 16 + 65,535 octets with its TLVs (a
 # balancer's TLS and unique-id TLVs run to hundreds); the parser bounds v1 to 107.
 PROXY_HEADER_MAX = 16 + 0xFFFF
@@ -81,8 +91,8 @@ class Session(asyncio.Protocol):
     # Slots: an idle session should cost a few KB (ten thousand of them wait at once).
     __slots__ = (
         "_auth_failed", "_auth_mechanism", "_busy", "_deadline", "_draining", "_eof",
-        "_event_loop", "_exchange", "_lingering", "_lost", "_message_id", "_message_started",
-        "_messages", "_origin", "_paused", "_proxy_buf", "_spool",
+        "_event_loop", "_exchange", "_lingering", "_log_lines", "_lost", "_message_id",
+        "_message_started", "_messages", "_origin", "_paused", "_proxy_buf", "_spool",
         "_stopping", "_task", "_timed_out", "_trace_info", "_trace_len", "_waiter",
         "_write_paused",
         "admitted", "client", "conn", "listener", "log", "server", "sid", "transport",
@@ -128,6 +138,7 @@ class Session(asyncio.Protocol):
         self._auth_mechanism = ""
         self._auth_failed: list[tuple[str, str]] | None = None  # (user, mechanism), 535s
         self._messages = 0
+        self._log_lines = 0  # of those LOG_LINES_PER_SESSION counts
         self._message_id = ""  # of the latest message, once there is one (see message_id)
         self._message_started = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -140,9 +151,15 @@ class Session(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport; they implement it.
         self.transport = cast(asyncio.Transport, transport)
-        ip, port = self._origin or client_address(
-            transport.get_extra_info("peername") or ("0.0.0.0", 0)
-        )
+        peer = self._origin or transport.get_extra_info("peername")
+        if not peer:
+            # Reset before it was accepted: the address can no longer be read (uvloop
+            # asks the socket only now).  No session for it, rather than one run for
+            # 0.0.0.0 through the policy, the limits and the logs.
+            SessionLog(self.sid, listener=self.listener.name).event("connect", outcome="reset")
+            transport.abort()
+            return
+        ip, port = peer if self._origin else client_address(peer)
         sock = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
         self.client = Client(
             ip=ip,
@@ -815,8 +832,16 @@ class Session(asyncio.Protocol):
         return True
 
     def log_event(self, name: str, /, level: str = "info", **fields: object) -> None:
-        if self.log is not None:
-            self.log.event(name, level=level, **fields)
+        log = self.log
+        if log is None:
+            return
+        if name not in _ALWAYS_LOGGED and not (name == "message" and "id" in fields):
+            self._log_lines += 1
+            if self._log_lines > LOG_LINES_PER_SESSION and level != "error":
+                if self._log_lines == LOG_LINES_PER_SESSION + 1:
+                    log.event("log_limited", level="warning", lines=LOG_LINES_PER_SESSION)
+                level = "debug"
+        log.event(name, level=level, **fields)
 
     def _log_verdict(
         self, stage: str, verdict: Verdict, /, quiet: bool = False, **fields: object

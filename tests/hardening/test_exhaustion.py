@@ -20,6 +20,7 @@ from tests.hardening.wire import (
     start,
     stored_files,
     untrusted_config,
+    wait_until,
 )
 from tests.integration.server import RunningServer
 
@@ -171,3 +172,30 @@ def test_a_client_that_never_reads_its_replies_is_not_read_either(
     assert other.cmd("NOOP").code == 250
     other.close()
     wire.close()
+
+
+def test_a_session_cannot_write_the_log_without_bound(server: RunningServer) -> None:
+    # 1,000 EHLOs and 1,000 RCPTs past max_recipients: no error that ends the
+    # session, each was a log line of its own (~200 octets for ~30 of input).
+    wire = Wire(server)
+    ehlos = 1000
+    wire.send(f"EHLO {HELO}\r\n".encode() * ehlos)
+    assert {wire.reply().code for _ in range(ehlos)} == {250}
+    assert wire.cmd("MAIL FROM:<a@client.mailgate.org>").code == 250
+    over = 1000
+    wire.send(b"".join(b"RCPT TO:<alice+%d@%s>\r\n" % (i, HOSTNAME.encode())
+                       for i in range(100 + over)))
+    assert [wire.reply().code for _ in range(100 + over)] == [250] * 100 + [452] * over
+    assert wire.cmd("DATA").code == 354
+    done = wire.cmd(b"Subject: still logged\r\n\r\nhi\r\n.")
+    assert done.code == 250
+    sid = done.lines[0].split(b"queued as ")[1].split(b".")[0].decode()
+    wire.close()
+    assert wait_until(lambda: f"sid={sid} event=close" in server.log(), 15)
+    lines = [line for line in server.log().splitlines() if f"sid={sid} " in line]
+    assert sum("event=log_limited" in line for line in lines) == 1
+    # what became of the message is never held back
+    assert sum("event=delivery" in line for line in lines) == 100
+    # 500 about commands, then log_limited, connect, message, close
+    assert len(lines) == 100 + 504, len(lines)
+    assert any("event=message" in line and "code=250" in line for line in lines)

@@ -10,6 +10,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -647,3 +648,30 @@ def test_mailers_inherit_no_descriptor_and_files_get_a_daemons_umask(tmp_path: P
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_a_connection_reset_before_it_was_accepted_is_no_session_of_0_0_0_0(
+    tmp_path: Path,
+) -> None:
+    # Its address can no longer be read; it was a session for 0.0.0.0 (through the
+    # policy and the limits), on a PROXY listener "not an address of proxy_from".
+    srv, port = start_behind_proxy(tmp_path, "")
+    try:
+        srv.proc.send_signal(signal.SIGSTOP)  # so that the resets come before accept()
+        try:
+            for _ in range(3):
+                sock = socket.create_connection((srv.host, port), timeout=10)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+        finally:
+            srv.proc.send_signal(signal.SIGCONT)
+        assert wait_for(lambda: srv.log().count("event=connect") >= 3)
+        with socket.create_connection((srv.host, port), timeout=10) as sock:  # still serving
+            sock.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 4000 25\r\n")
+            assert read_until(sock, b"\r\n").startswith(b"220 ")
+        log = srv.log()
+        assert log.count("outcome=reset") == 3
+        assert "ip=0.0.0.0" not in log and "proxy_from" not in log
+        assert "ip=192.0.2.9" in log
+    finally:
+        srv.stop()
