@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _load(path: str | None):  # type: ignore[no-untyped-def]
+def _load(path: str | None, absent_ok: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
     from mailgate.config.errors import ConfigError
     from mailgate.config.loader import load_config
 
     try:
-        return load_config(path)
+        return load_config(path, absent_ok)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return None
@@ -123,19 +123,29 @@ def _fatal(log_format: str, message: str, status: int) -> int:
 
 
 def _passwd(args: argparse.Namespace) -> int:
+    from mailgate.app import run_as
     from mailgate.auth.passwd import passwd_command
+    from mailgate.config.errors import ConfigError
 
     users_file = args.users_file
-    if not users_file and args.config:
-        config = _load(args.config)
+    server_gid = None
+    if args.config:
+        config = _load(args.config, ("auth.users_file",))  # (which this may create)
         if config is None:
             return 2
-        users_file = config.auth.users_file
+        users_file = users_file or config.auth.users_file
+        try:
+            ids = run_as(config)
+        except ConfigError as exc:
+            print(f"mailgate passwd: {exc}", file=sys.stderr)
+            return 2
+        server_gid = ids[1] if ids else None
     if not users_file:
         print("mailgate passwd: give --users-file FILE or --config FILE with auth.users_file",
               file=sys.stderr)
         return 2
-    return passwd_command(users_file, args.user, cram=args.cram, stdin_password=args.stdin)
+    return passwd_command(users_file, args.user, cram=args.cram, stdin_password=args.stdin,
+                          server_gid=server_gid)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ def passwd_command(
     cram: bool = False,
     stdin_password: bool = False,
     hasher: PasswordHasher | None = None,
+    server_gid: int | None = None,
 ) -> int:
     """Set ``user``'s password; 0 on success, 1 with a message on stderr otherwise.
 
@@ -35,7 +36,10 @@ def passwd_command(
     as one line from standard input.  Only ``--cram`` stores the CRAM-MD5 key states,
     which are password-equivalent for CRAM-MD5.  ``hasher`` picks argon2 parameters
     (tests use cheap ones).  The file is rewritten atomically with mode 0600, or 0640
-    if it was group-readable, under a lock that serializes concurrent runs.
+    if it was group-readable, under a lock that serializes concurrent runs.  A file
+    made new by root gets ``server_gid`` (the group of the server's user, when the
+    config names one) and 0640, so that the server can read it after dropping its
+    privileges; without one it stays root's alone, and a note says so.
     """
     try:
         problem = check_user_name(user)
@@ -52,7 +56,10 @@ def passwd_command(
         with _locked(users_file):
             lines = _existing_lines(users_file)
             changed = _replace_user(lines, user, record.to_line())
-            _write_atomically(users_file, "".join(f"{line}\n" for line in lines))
+            new_group = server_gid if os.geteuid() == 0 else None
+            created = _write_atomically(
+                users_file, "".join(f"{line}\n" for line in lines), new_group
+            )
     except _Refused as e:
         print(f"mailgate passwd: {e}", file=sys.stderr)
         return 1
@@ -60,6 +67,11 @@ def passwd_command(
         print("mailgate passwd: no password given", file=sys.stderr)
         return 1
     print(f"{'password changed for' if changed else 'added user'} {user}", file=sys.stderr)
+    if created and os.geteuid() == 0 and server_gid is None:
+        print(f"mailgate passwd: note: {users_file} is new, root's and mode 0600: a server "
+              "that drops its privileges cannot read it.  Give --config (the server's group "
+              f"then reads it), or: chown root:GROUP {users_file} && chmod 0640 {users_file}",
+              file=sys.stderr)
     return 0
 
 
@@ -120,7 +132,8 @@ def _replace_user(lines: list[str], user: str, new: str) -> bool:
     return False
 
 
-def _write_atomically(path: str, text: str) -> None:
+def _write_atomically(path: str, text: str, new_group: int | None) -> bool:
+    """Replace ``path`` with ``text``; whether the file is new."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         old = os.stat(path)
@@ -139,6 +152,9 @@ def _write_atomically(path: str, text: str) -> None:
                 with contextlib.suppress(PermissionError):
                     os.fchown(f.fileno(), old.st_uid, old.st_gid)
                 os.fchmod(f.fileno(), 0o600 | (old.st_mode & stat.S_IRGRP))
+            elif new_group is not None:  # root:<server's group> 0640, as deployment.md
+                os.fchown(f.fileno(), -1, new_group)
+                os.fchmod(f.fileno(), 0o640)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -156,3 +172,4 @@ def _write_atomically(path: str, text: str) -> None:
     except OSError as e:  # the file is in place; whether the rename is on disk, unknown
         raise _Refused(f"{path}: written, but {directory} could not be synced: "
                        f"{e.strerror or e}") from None
+    return old is None

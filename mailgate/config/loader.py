@@ -35,7 +35,7 @@ import sys
 import tomllib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from mailgate.config.errors import ConfigError
@@ -66,14 +66,16 @@ _INT_MAX = 2**63 - 1
 T = typing.TypeVar("T")  # marks a value that produced an error, so its parents are not built
 
 
-def load_config(path: str | None) -> Config:
+def load_config(path: str | None, absent_ok: Collection[str] = ()) -> Config:
     """Read and validate the configuration at ``path`` (None: the embedded defaults).
 
-    Raises :class:`ConfigError` listing every problem found; nothing else escapes.
+    ``absent_ok``: keys (e.g. "auth.users_file") whose file may not exist yet: for
+    the command that makes it.  Raises :class:`ConfigError` listing every problem
+    found; nothing else escapes.
     """
     if path is None:
         return from_data(_to_raw(Config()), DEFAULTS_NAME)
-    return from_data(_read_toml(path), path)
+    return from_data(_read_toml(path), path, absent_ok=absent_ok)
 
 
 @dataclasses.dataclass
@@ -202,9 +204,11 @@ def _toml_message(message: str) -> str:
     return f"{where}: {text[:1].lower()}{text[1:]}"
 
 
-def from_data(raw: dict[str, Any], filename: str, schema: type[T] = Config) -> T:
+def from_data(
+    raw: dict[str, Any], filename: str, schema: type[T] = Config, absent_ok: Collection[str] = ()
+) -> T:
     """Build ``schema`` (a config dataclass) from parsed TOML; errors name ``filename``."""
-    converter = _Converter(filename)
+    converter = _Converter(filename, absent_ok)
     config = converter.section(schema, raw, "")
     if converter.errors:
         errors = converter.errors
@@ -285,9 +289,10 @@ def _described(tp: Any) -> str:
 class _Converter:
     """Turns parsed TOML into dataclasses, collecting ``file: key: problem`` lines."""
 
-    def __init__(self, filename: str) -> None:
+    def __init__(self, filename: str, absent_ok: Collection[str] = ()) -> None:
         self.filename = filename
         self.errors: list[str] = []
+        self.absent_ok = frozenset(absent_ok)
 
     def error(self, key: str, message: str) -> None:
         where = f"{key}: " if key else ""
@@ -481,6 +486,10 @@ class _Converter:
         shown = json.dumps(path, ensure_ascii=False)
         try:
             info = os.stat(path)
+        except FileNotFoundError as exc:
+            if key not in self.absent_ok:
+                self.error(key, f"cannot use {shown}: {exc.strerror or exc}")
+            return
         except OSError as exc:
             self.error(key, f"cannot use {shown}: {exc.strerror or exc}")
             return

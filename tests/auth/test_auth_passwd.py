@@ -228,3 +228,35 @@ def test_runs_at_the_same_time_lose_no_user(tmp_path: Path) -> None:
     names = {line.split(":", 1)[0] for line in path.read_text().splitlines()}
     assert names == {f"user{n}" for n in range(6)}
 
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the new file's group is set only as root")
+def test_a_new_file_made_by_root_is_readable_by_the_servers_group(tmp_path: Path) -> None:
+    # Made root:root 0600, the users file locked out the server once it dropped its
+    # privileges to server.user.  With --config the server's group reads it.
+    import grp
+
+    group = grp.getgrnam("nogroup")
+    path = tmp_path / "users"
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'[server]\nuser = "nobody"\ngroup = "nogroup"\n\n'
+                      f'[auth]\nusers_file = "{path}"\n')
+
+    def passwd(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "mailgate.cli", "passwd", "alice", "--stdin", *args],
+            input="pw\n", capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert "note:" not in passwd("--config", str(config))
+    info = path.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, group.gr_gid, 0o640)
+    assert "note:" not in passwd("--config", str(config))  # an existing file: kept as it is
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+    other = tmp_path / "users2"
+    note = passwd("--users-file", str(other))  # no config: no group to give it
+    assert stat.S_IMODE(other.stat().st_mode) == 0o600
+    assert "cannot read it" in note and f"chown root:GROUP {other}" in note
