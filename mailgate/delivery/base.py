@@ -31,11 +31,17 @@ class RecipientResult:
     "delivered" into a mailbox or to a program, "relayed" to an MTA without DSN,
     "expanded" to several addresses, or "" when the next MTA was given the DSN
     parameters and reports itself.
+
+    ``remote_mta`` and ``remote_reply``: where a downstream (LMTP, smarthost) gave
+    the verdict, its name and its own reply, for a report's Remote-MTA and
+    Diagnostic-Code fields (RFC 3464 2.3.5, 2.3.6); empty when the reply is ours.
     """
 
     recipient: Recipient
     reply: Reply
     action: str = "delivered"
+    remote_mta: str = ""
+    remote_reply: str = ""
 
     @property
     def ok(self) -> bool:

@@ -159,8 +159,13 @@ def build_dsn(
             f"Final-Recipient: {'rfc822' if final.isascii() else 'utf-8'}; {final}",
             f"Action: {r.action if success else 'failed'}",
             f"Status: {r.reply.enhanced or _default_status(r.reply.code)}",
-            f"Diagnostic-Code: smtp; {_diagnostic(r)}",
         ]
+        if r.remote_mta:  # RFC 3464 2.3.5: MUST for a failure an MTA we relayed to reported
+            fields.append(f"Remote-MTA: dns; {_safe(r.remote_mta)}")
+        # RFC 3464 2.3.6: the reply as the reporting MTA received it, the downstream's
+        # own where it gave one (our reply, which quotes it, is in the text part)
+        diagnostic = _safe(r.remote_reply)[:900] if r.remote_reply else _diagnostic(r)
+        fields.append(f"Diagnostic-Code: smtp; {diagnostic}")
         blocks.append("\r\n".join(fields))
     status = "\r\n\r\n".join(blocks) + "\r\n"
     # RFC 3464 2.1: message/delivery-status is 7-bit; a UTF-8 address, ORCPT or

@@ -42,6 +42,7 @@ from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
 from mailgate.delivery.smtp_client import (
     ClientError,
     Connection,
+    Outcomes,
     Response,
     content_refusal,
     downstream_said,
@@ -88,13 +89,13 @@ class LMTPDestination:
         """One result per recipient; never raises."""
         if not recipients:
             return []
-        final: dict[int, Reply] = {}
+        outcomes = Outcomes()
         conn: Connection | None = None
         reports_itself = False  # took NOTIFY with the RCPT: its own DSNs, not ours
         try:
             conn = await self._connect()
             reports_itself = conn.supports("DSN")
-            await self._transfer(conn, envelope, spool, recipients, final)
+            await self._transfer(conn, envelope, spool, recipients, outcomes)
             await conn.quit()
         except ClientError as e:
             log.warning("%s: LMTP to %s: %s", trace.session_id, self._config.address, e)
@@ -103,11 +104,9 @@ class LMTPDestination:
         finally:
             if conn is not None:
                 conn.abort()
-        fallback = reply("delivery.downstream_temp")
         action = "" if reports_itself else "delivered"
-        return [
-            RecipientResult(r, final.get(i, fallback), action) for i, r in enumerate(recipients)
-        ]
+        peer = conn.peer if conn is not None else ""
+        return outcomes.results(recipients, reply("delivery.downstream_temp"), action, peer)
 
     async def _connect(self) -> Connection:
         conn = await Connection.open(self._config.address, self._config.timeout)
@@ -123,36 +122,39 @@ class LMTPDestination:
         envelope: Envelope,
         spool: SpoolReader,
         recipients: list[Recipient],
-        final: dict[int, Reply],
+        outcomes: Outcomes,
     ) -> None:
-        """Runs the transaction, filling ``final`` as replies come in."""
+        """Runs the transaction, filling ``outcomes`` as replies come in."""
+        everyone = range(len(recipients))
         refusal = await content_refusal(conn, envelope, spool.path)
         if refusal is not None:
-            final.update(dict.fromkeys(range(len(recipients)), refusal))
+            outcomes.set(everyone, refusal)
             return
         mail, rcpts = await conn.transaction(
             *transaction_commands(conn, envelope, spool.size, recipients)
         )
         if not mail.ok:
-            for i in range(len(recipients)):
-                final[i] = _whole_message_failure(mail)
+            outcomes.set(everyone, _whole_message_failure(mail), mail)
             return
         accepted = []
         for i, (recipient, resp) in enumerate(zip(recipients, rcpts, strict=True)):
             if resp.ok:
                 accepted.append(i)
             else:
-                final[i] = recipient_failure(recipient, resp)
-        if not accepted or hold_back_if_deferred(final, accepted):
+                outcomes.set((i,), recipient_failure(recipient, resp), resp)
+        if not accepted or hold_back_if_deferred(outcomes, accepted):
             return
         refused = await conn.send_message(envelope, spool)
         if refused is not None:
-            final.update(dict.fromkeys(accepted, _whole_message_failure(refused)))
+            outcomes.set(accepted, _whole_message_failure(refused), refused)
             return
         # RFC 2033 4.2: one reply per accepted RCPT, in RCPT order (after BDAT LAST too).
         for i in accepted:
             resp = await conn.read_response(final=True)
-            final[i] = reply("ok") if resp.ok else recipient_failure(recipients[i], resp)
+            if resp.ok:
+                outcomes.set((i,), reply("ok"))
+            else:
+                outcomes.set((i,), recipient_failure(recipients[i], resp), resp)
 
     async def verify_recipient(self, address: Address) -> bool | Reply | None:
         """Would the LMTP server accept mail for ``address``?

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mailgate.delivery.base import Destination, RecipientResult, SpoolReader, TraceInfo
 from mailgate.protocol.envelope import Address, Envelope, Recipient
@@ -334,7 +334,7 @@ class Router:
                     # Two RCPTs for one mailbox: the downstream was handed the other's
                     # NOTIFY, so a success this one asked for is ours to report.
                     action = "relayed"
-                results.append(RecipientResult(rcpt, answer.reply, action))
+                results.append(replace(answer, recipient=rcpt, action=action))
             else:
                 results += _expanded_results(rcpt, [done[k] for k in r])
         return results
@@ -410,7 +410,7 @@ def _expanded_results(rcpt: Recipient, answers: list[RecipientResult]) -> list[R
     address = str(rcpt.address)
     orcpt = rcpt.orcpt or f"{'rfc822' if address.isascii() else 'utf-8'};{address}"
     failed = [
-        RecipientResult(Recipient(a.recipient.address, rcpt.notify, orcpt), a.reply)
+        replace(a, recipient=Recipient(a.recipient.address, rcpt.notify, orcpt))
         for a in answers
         if not a.ok
     ]

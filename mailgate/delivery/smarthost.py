@@ -33,6 +33,7 @@ from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
 from mailgate.delivery.smtp_client import (
     ClientError,
     Connection,
+    Outcomes,
     Response,
     content_refusal,
     downstream_said,
@@ -75,7 +76,7 @@ class SmarthostDestination:
         """One result per recipient; never raises."""
         if not recipients:
             return []
-        final: dict[int, Reply] = {}
+        outcomes = Outcomes()
         conn: Connection | None = None
         reports_itself = False  # took NOTIFY with the RCPT: its own DSNs, not ours
         try:
@@ -83,7 +84,7 @@ class SmarthostDestination:
             await self._hello(conn)
             reports_itself = conn.supports("DSN")
             await self._authenticate(conn)
-            await self._transfer(conn, envelope, spool, recipients, final)
+            await self._transfer(conn, envelope, spool, recipients, outcomes)
             await conn.quit()
         except ClientError as e:
             log.warning("%s: smarthost %s: %s", trace.session_id, self._address, e)
@@ -92,11 +93,9 @@ class SmarthostDestination:
         finally:
             if conn is not None:
                 conn.abort()
-        fallback = reply("delivery.smarthost_temp")
         action = "" if reports_itself else "relayed"
-        return [
-            RecipientResult(r, final.get(i, fallback), action) for i, r in enumerate(recipients)
-        ]
+        peer = (conn.peer if conn is not None else "") or self._config.host
+        return outcomes.results(recipients, reply("delivery.smarthost_temp"), action, peer)
 
     async def _hello(self, conn: Connection) -> None:
         """EHLO, and STARTTLS with a second EHLO as the configuration asks."""
@@ -140,35 +139,38 @@ class SmarthostDestination:
         envelope: Envelope,
         spool: SpoolReader,
         recipients: list[Recipient],
-        final: dict[int, Reply],
+        outcomes: Outcomes,
     ) -> None:
-        """Runs the transaction, filling ``final`` as replies come in."""
+        """Runs the transaction, filling ``outcomes`` as replies come in."""
+        everyone = range(len(recipients))
         refusal = None if conn.supports("SMTPUTF8") else utf8_refusal(envelope, recipients, spool)
         refusal = refusal or await content_refusal(conn, envelope, spool.path)
         if refusal is not None:
-            final.update(dict.fromkeys(range(len(recipients)), refusal))
+            outcomes.set(everyone, refusal)
             return
         mail, rcpts = await conn.transaction(
             *transaction_commands(conn, envelope, spool.size, recipients)
         )
         if not mail.ok:
-            final.update(dict.fromkeys(range(len(recipients)), _whole_message_failure(mail)))
+            outcomes.set(everyone, _whole_message_failure(mail), mail)
             return
         accepted = []
         for i, (recipient, resp) in enumerate(zip(recipients, rcpts, strict=True)):
             if resp.ok:
                 accepted.append(i)
             else:
-                final[i] = recipient_failure(recipient, resp)
-        if not accepted or hold_back_if_deferred(final, accepted):
+                outcomes.set((i,), recipient_failure(recipient, resp), resp)
+        if not accepted or hold_back_if_deferred(outcomes, accepted):
             return
         refused = await conn.send_message(envelope, spool)
         if refused is not None:
-            final.update(dict.fromkeys(accepted, _whole_message_failure(refused)))
+            outcomes.set(accepted, _whole_message_failure(refused), refused)
             return
         resp = await conn.read_response(final=True)
-        outcome = reply("ok") if resp.ok else _whole_message_failure(resp)
-        final.update(dict.fromkeys(accepted, outcome))
+        if resp.ok:
+            outcomes.set(accepted, reply("ok"))
+        else:
+            outcomes.set(accepted, _whole_message_failure(resp), resp)
 
 
 def _read_password(path: str) -> str:

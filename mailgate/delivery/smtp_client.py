@@ -13,9 +13,10 @@ import contextlib
 import os
 import re
 import ssl
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
-from mailgate.delivery.base import SpoolReader
+from mailgate.delivery.base import RecipientResult, SpoolReader
 from mailgate.delivery.binary import file_holds_8bit, file_holds_binary
 from mailgate.delivery.dotstuff import CanonicalLines, DotStuffer, spool_chunks
 from mailgate.protocol.envelope import Address, Envelope, Recipient
@@ -27,6 +28,10 @@ LINE_LIMIT = 4096  # a reply line; RFC 5321 says 512, leave room for sloppy serv
 MAX_REPLY_LINES = 200  # a longer multi-line reply is a broken or hostile server
 
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*?)\r?\n\Z", re.S)
+# a domain or an address literal, as a greeting's first word should be
+_MTA_NAME = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[(?:IPv6:)?[0-9A-Fa-f:.]{2,60}\]"
+)
 
 
 class ClientError(Exception):
@@ -51,6 +56,38 @@ class Response:
     def summary(self) -> str:
         """The first line as received, for a preface line or a log."""
         return f"{self.code} {self.lines[0] if self.lines else ''}".rstrip()
+
+    def whole(self) -> str:
+        """Every line, joined by spaces (a report's Diagnostic-Code)."""
+        return f"{self.code} {' '.join(self.lines)}".rstrip()
+
+
+@dataclass(slots=True)
+class Outcomes:
+    """What became of each recipient (by index) of one hand-off: our reply, and the
+    downstream's own where it gave the verdict (see RecipientResult)."""
+
+    final: dict[int, Reply] = field(default_factory=dict)
+    said: dict[int, Response] = field(default_factory=dict)
+
+    def set(self, indexes: Iterable[int], answer: Reply, resp: Response | None = None) -> None:
+        for i in indexes:
+            self.final[i] = answer
+            if resp is not None:
+                self.said[i] = resp
+
+    def results(
+        self, recipients: list[Recipient], fallback: Reply, action: str, peer: str
+    ) -> list[RecipientResult]:
+        results = []
+        for i, rcpt in enumerate(recipients):
+            resp = self.said.get(i)
+            results.append(
+                RecipientResult(rcpt, self.final.get(i, fallback), action)
+                if resp is None
+                else RecipientResult(rcpt, self.final[i], action, peer, resp.whole())
+            )
+        return results
 
 
 def path(address: Address | None) -> str:
@@ -79,13 +116,13 @@ def utf8_addr_xtext(value: str) -> str:
 FINAL_REPLY_TIMEOUT = 300.0
 
 
-def hold_back_if_deferred(final: dict[int, Reply], accepted: list[int]) -> bool:
+def hold_back_if_deferred(outcomes: Outcomes, accepted: list[int]) -> bool:
     """Whether to send no data because a recipient was refused for now at RCPT: the
     client is then answered 4xx for the whole message and sends it again, so the
     accepted recipients would get it twice; they are held back with it instead."""
-    if not any(r.code < 500 for r in final.values()):
+    if not any(r.code < 500 for r in outcomes.final.values()):
         return False
-    final.update(dict.fromkeys(accepted, reply("delivery.held_back")))
+    outcomes.set(accepted, reply("delivery.held_back"))
     return True
 
 
@@ -100,6 +137,7 @@ class Connection:
         self.timeout = timeout
         self.extensions: dict[str, str] = {}  # EHLO keyword (upper case) -> parameters
         self.tls = False
+        self.peer = ""  # the name the server gives in its greeting, if it looks like one
 
     @classmethod
     async def open(cls, address: str, timeout: float) -> Connection:
@@ -120,6 +158,11 @@ class Connection:
         if greeting.code != 220:
             conn.abort()
             raise ClientError(f"greeting from {address}: {greeting.summary()}")
+        # RFC 5321 4.3.1: the greeting starts with the server's domain or address
+        # literal; a report names it as the Remote-MTA (RFC 3464 "dns" type)
+        name = greeting.lines[0].split(" ", 1)[0] if greeting.lines else ""
+        if _MTA_NAME.fullmatch(name):
+            conn.peer = name
         return conn
 
     def supports(self, keyword: str) -> bool:

@@ -44,6 +44,8 @@ def _greets(port: int) -> bool:
 class Dovecot:
     """One dovecot master process serving LMTP only."""
 
+    greeting_name = "lmtp.mailgate.test"  # the name its LMTP greeting gives
+
     def __init__(self) -> None:
         binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
         if not os.path.exists(binary):
@@ -95,6 +97,7 @@ state_dir = {d}/state
 log_path = {d}/dovecot.log
 protocols = lmtp
 listen = 127.0.0.1
+hostname = {self.greeting_name}
 ssl = no
 first_valid_uid = 1
 mail_location = maildir:~/Maildir

@@ -84,7 +84,11 @@ def test_refused_recipient_is_reported_to_the_sender(dovecot: Dovecot, tmp_path:
     assert per_rcpt["Final-Recipient"] == "rfc822; nosuchuser@example.test"
     assert per_rcpt["Original-Recipient"] == "rfc822;Nosuchuser@example.test"
     assert per_rcpt["Action"] == "failed" and per_rcpt["Status"] == "5.1.1"
+    # RFC 3464 2.3.5-6: the MTA that refused, and its reply as it gave it
+    assert per_rcpt["Remote-MTA"] == f"dns; {dovecot.greeting_name}"
+    assert per_rcpt["Diagnostic-Code"].startswith("smtp; 550 5.1.1 ")
     assert "User doesn't exist" in per_rcpt["Diagnostic-Code"]
+    assert "downstream said" not in per_rcpt["Diagnostic-Code"]
     assert original.get_content_type() == "text/rfc822-headers"
     assert b"Subject: quarterly report" in original.get_payload(decode=True)
 
