@@ -77,16 +77,35 @@ class PolicyConfig:
 
 def _check_redis_url(url: str) -> None:
     """What redis-py would refuse only when it connects (at start, after check-config
-    said OK): the scheme, a host or socket path, and a port in range."""
+    said OK), by its own URL parser, and a database that is no number (which it
+    quietly takes as 0).  Messages never show the URL's password."""
+    from redis.connection import parse_url
+
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError("greylist.redis_url: must start with redis://, rediss:// or unix://")
+    shown = repr(_without_password(url))
     try:
+        parse_url(url)
         parts.port  # noqa: B018 (urllib checks the port when it is read)
     except ValueError as exc:
-        raise ValueError(f"greylist.redis_url: {url!r}: {exc}") from None
+        raise ValueError(f"greylist.redis_url: {shown}: {exc}") from None
     if not (parts.path if parts.scheme == "unix" else parts.hostname):
-        raise ValueError(f"greylist.redis_url: {url!r}: no host (or socket path)")
+        raise ValueError(f"greylist.redis_url: {shown}: no host (or socket path)")
+    database = parts.path.lstrip("/") if parts.scheme != "unix" else "0"
+    if database and not (database.isascii() and database.isdigit()):
+        raise ValueError(f"greylist.redis_url: {shown}: the database must be a number, "
+                         "as in redis://127.0.0.1:6379/0")
+
+
+def _without_password(url: str) -> str:
+    """``url`` with its password, if any, as "***" (error messages end up in logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def parse_nameserver(text: str) -> tuple[str, int]:

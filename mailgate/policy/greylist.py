@@ -54,6 +54,9 @@ Outcome = Literal["new", "early", "passed", "whitelisted"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+OUTAGE_RETRY = 10.0  # seconds between tries of a store that failed
+
+
 def _plain(ip: IPAddress) -> IPAddress:
     """An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``) as the IPv4 address it is."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -100,6 +103,9 @@ class Greylist(Step):
             ipaddress.ip_network(net) for net in config.whitelist  # checked: host bits clear
         )
         self._store_failing = False  # so an outage is logged once, not per message
+        # After a failure the store is left alone until then (self._now): each check
+        # would otherwise wait out its timeout first, a delay per RCPT of every session.
+        self._retry_at = 0.0
 
     async def check(self, ip: IPAddress, sender: str, recipient: str) -> Outcome:
         """Look up one triplet, record this attempt, and say what it is now.
@@ -143,6 +149,9 @@ class Greylist(Step):
     async def _decide(self, client: Client, sender: str, recipients: list[str]) -> Verdict:
         if self._skips(client):
             return _verdict("skipped")
+        # (the check on the far side holds if the clock was set back meanwhile)
+        if self._store_failing and 0 < self._retry_at - self._now() <= OUTAGE_RETRY:
+            return _verdict("error")  # failing open at once during an outage
         outcomes: list[Outcome] = []
         failed = False
         # One at a time: a DATA with 100 recipients should not open 100 Redis
@@ -171,9 +180,12 @@ class Greylist(Step):
             # A bug rather than an outage: show it every time, but still fail open,
             # because a policy step must never raise into the session.
             log.error("greylist check failed", exc_info=err)
-        elif not self._store_failing:
-            self._store_failing = True
-            log.warning("greylist store failed, accepting without greylisting: %s", err)
+        else:
+            self._retry_at = self._now() + OUTAGE_RETRY
+            if not self._store_failing:
+                self._store_failing = True
+                log.warning("greylist store failed, accepting without greylisting "
+                            "(tried again every %g s): %s", OUTAGE_RETRY, err)
 
     def _note_recovery(self) -> None:
         if self._store_failing:

@@ -82,6 +82,11 @@ def _to_int(key: str, value: str) -> int:
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL)"
 
 
+# Seconds a call waits for SQLite's write lock.  Writers hold it for milliseconds;
+# longer is someone's sqlite3 session or a backup, and the caller fails open.
+SQLITE_BUSY_TIMEOUT = 1.0
+
+
 class SQLiteStore:
     """A store in one SQLite file, in WAL mode, served by a single worker thread.
 
@@ -111,7 +116,7 @@ class SQLiteStore:
         if missing:
             raise OSError(errno.ENOENT, missing)
         # Autocommit mode: each statement is its own transaction unless we BEGIN.
-        conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL is durable across a crash of mailgate in WAL mode; only a power
@@ -128,8 +133,18 @@ class SQLiteStore:
         if conn is None:
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
+        queued = time.monotonic()
+
+        def run_if_not_stale(conn: sqlite3.Connection) -> T:
+            # Calls wait their turn for the one thread: behind a call that waited out
+            # the lock, a queue of them would each wait again (8 sessions: the last
+            # answered after 40 s).  One that waited its turn too long gives up.
+            if time.monotonic() - queued > SQLITE_BUSY_TIMEOUT:
+                raise sqlite3.OperationalError("database is locked (gave up waiting)")
+            return work(conn)
+
         try:
-            return await loop.run_in_executor(self._executor, work, conn)
+            return await loop.run_in_executor(self._executor, run_if_not_stale, conn)
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite: {exc}") from exc
         except RuntimeError as exc:  # the executor was shut down by close()

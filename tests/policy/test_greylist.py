@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import sqlite3
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,14 @@ from redis_fixture import RedisServer, free_port, redis_server  # noqa: F401  (f
 
 from mailgate.config.policy import GreylistConfig
 from mailgate.policy.base import Client, Verdict
-from mailgate.policy.greylist import Greylist, build_greylist, client_network, triplet_key
-from mailgate.policy.store import RedisStore, SQLiteStore, Store
+from mailgate.policy.greylist import (
+    OUTAGE_RETRY,
+    Greylist,
+    build_greylist,
+    client_network,
+    triplet_key,
+)
+from mailgate.policy.store import SQLITE_BUSY_TIMEOUT, RedisStore, SQLiteStore, Store
 from mailgate.protocol.envelope import NULL_ADDRESS, Address, Envelope, Recipient
 
 MIN_DELAY = 300.0
@@ -362,8 +370,10 @@ def test_redis_going_down_fails_open_and_coming_back_works(tmp_path: Path) -> No
             server.stop()
             assert_accepted(await at_rcpt(g, client(), envelope()), "error")
             # A new Redis (without the old state) on the same port: the step uses it
-            # again without a restart of mailgate.
+            # again without a restart of mailgate, once the outage's pause is over.
             server = RedisServer(tmp_path, port=server.port)
+            assert_accepted(await at_rcpt(g, client(), envelope()), "error")  # not asked
+            clock.t += OUTAGE_RETRY
             assert_deferred(await at_rcpt(g, client(), envelope()), "new")
             await g.close()
 
@@ -400,3 +410,32 @@ def test_config_defaults_follow_rfc_6647_practice() -> None:
     assert (cfg.stage, cfg.backend) == ("rcpt", "sqlite")
     assert cfg.min_delay == 300
     assert cfg.min_delay < cfg.pending_expiry < cfg.pass_expiry
+
+
+def test_a_locked_sqlite_file_fails_open_in_bounded_time(tmp_path: Path) -> None:
+    # Someone's sqlite3 session (or a backup) holds the write lock: each check waited
+    # 5 s, one after another, so eight sessions' RCPTs were answered after 5 to 40 s.
+    path = tmp_path / "greylist.sqlite"
+    g = build_greylist(config(backend="sqlite", sqlite_path=str(path)))
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+
+    async def scenario() -> tuple[list[Verdict], float, Verdict, float]:
+        started = time.monotonic()
+        at_once = await asyncio.gather(
+            *(at_rcpt(g, client(f"192.0.2.{n}"), envelope()) for n in range(8)))
+        waited = time.monotonic() - started
+        started = time.monotonic()
+        later = await at_rcpt(g, client(), envelope())  # during the outage: not asked
+        return at_once, waited, later, time.monotonic() - started
+
+    try:
+        at_once, waited, later, then = asyncio.run(scenario())
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    for verdict in [*at_once, later]:
+        assert_accepted(verdict, "error")
+    # one wait for the lock (SQLITE_BUSY_TIMEOUT), not one per queued check
+    assert waited < 8 * SQLITE_BUSY_TIMEOUT / 2, waited
+    assert then < SQLITE_BUSY_TIMEOUT / 2, then
