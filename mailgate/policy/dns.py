@@ -63,8 +63,12 @@ class Resolver:
                 raise ValueError(
                     f"policy.dns_servers: empty and no system resolver configuration ({exc})"
                 ) from None
-        resolver.timeout = timeout
+        # The lifetime bounds the lookup; within it each try of a nameserver gets a
+        # share, so that a dead first server, or one lost datagram, leaves time for
+        # the next server or a resend (as resolv.conf's timeout and attempts do).
+        # One try with the whole budget never reached a second server.
         resolver.lifetime = timeout
+        resolver.timeout = min(resolver.timeout, timeout / 2)
         # Answers kept for their TTL: the same senders' domains and the same clients'
         # names come back connection after connection, and /etc/resolv.conf may name
         # a resolver far away.  Bounded; a reload starts with an empty one.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from conftest import LoopbackDNS
 from policy_helpers import run
@@ -85,3 +87,16 @@ def test_answers_are_kept_for_their_ttl(dns_server: LoopbackDNS) -> None:
     # another resolver (a reload builds one) asks again
     run(dns_server.resolver().lookup("deep.sub.sender.lab", "A"))
     assert len(dns_server.asked("deep.sub.sender.lab")) == before + 2
+
+
+def test_a_dead_first_nameserver_leaves_time_for_the_next(dns_server: LoopbackDNS) -> None:
+    # One try with the whole budget never reached the second server: every lookup
+    # failed (a listed client got through the DNSBL, mail of existing domains 451).
+    dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
+    dead.bind(("127.0.0.1", 0))
+    try:
+        resolver = Resolver([f"127.0.0.1:{dead.getsockname()[1]}", dns_server.address], 2.0)
+        answer = run(resolver.lookup("a.sender.lab", "A"))
+    finally:
+        dead.close()
+    assert answer.status is Status.FOUND
