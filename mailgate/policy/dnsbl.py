@@ -5,10 +5,15 @@ waits for MAIL, like upas's IP rules, so the log line carries the sender the lis
 client tried, and an ``allow sender`` rule or AUTH can still let it through.
 
 An A record in 127.0.0.0/8 means "listed" (RFC 5782 section 2.1), except 127.255.255.x,
-which lists such as Spamhaus use for errors ("query refused"), never for listings.
-Anything outside 127/8 is a resolver lying about NXDOMAIN and is ignored.  The TXT
-record, when there is one, gives the reason.  A lookup that fails leaves the client
-unlisted (and tagged ``dnsbl_error``): a broken list must not stop all mail.
+which lists such as Spamhaus use for errors ("query refused"), and 127.0.0.0 and
+127.0.0.1, which no list uses for a listing (RFC 5782 5: 127.0.0.1 is what a list
+must never contain; some answer it for a refused query).  Anything outside 127/8 is a
+resolver lying about NXDOMAIN.  Those answers, like a lookup that fails, leave the
+client unlisted and tagged ``dnsbl_error`` with a warning: a broken list must not stop
+all mail, and must not quietly do nothing either.  The TXT record, when there is one,
+gives the reason.  The connect line of the session log names a listing
+(``dnsbl=zone``) or a failed zone, also for a client an allow rule or AUTH then lets
+through.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ log = logging.getLogger("mailgate.policy.dnsbl")
 
 _LISTED: Final = ipaddress.IPv4Network("127.0.0.0/8")
 _ERROR_CODES: Final = ipaddress.IPv4Network("127.255.255.0/24")
+_NO_LISTING: Final = frozenset(map(ipaddress.IPv4Address, ("127.0.0.0", "127.0.0.1")))
 _TAGS: Final = ("dnsbl", "dnsbl_reason", "dnsbl_error")
 
 
@@ -62,7 +68,10 @@ class DnsblStep(Step):
                 client.tags["dnsbl"] = zone
                 client.tags["dnsbl_reason"] = reason
                 break
-        return ACCEPT
+        # (tags of the verdict reach the session's connect line)
+        noted = tuple((key, client.tags[key]) for key in ("dnsbl", "dnsbl_error")
+                      if key in client.tags)
+        return Verdict(tags=noted) if noted else ACCEPT
 
     async def mail(self, client: Client, envelope: Envelope) -> Verdict:
         zone = client.tags.get("dnsbl")
@@ -85,13 +94,20 @@ class DnsblStep(Step):
             return zone, Status.TEMPFAIL, ""
         records: tuple[Any, ...] = answer.records
         addresses = [ipaddress.ip_address(r.address) for r in records]
-        if not any(a in _LISTED and a not in _ERROR_CODES for a in addresses):
-            if addresses:
-                log.info("dnsbl zone=%s answered %s for %s: not a listing", zone, addresses, ip)
-            return zone, Status.NXDOMAIN, ""
+        if not any(_is_listing(a) for a in addresses):
+            if not addresses:
+                return zone, Status.NXDOMAIN, ""
+            shown = ",".join(map(str, addresses))
+            log.warning("dnsbl zone=%s answered %s for %s: an error code, not a listing "
+                        "(is the zone refusing our queries?)", zone, shown, ip)
+            return zone, Status.TEMPFAIL, ""
         txt = await self._resolver.lookup(name, "TXT")
         reason = "; ".join(_text(r) for r in txt.records) if txt.status is Status.FOUND else ""
         return zone, Status.FOUND, reason or "listed"
+
+
+def _is_listing(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return address in _LISTED and address not in _ERROR_CODES and address not in _NO_LISTING
 
 
 def _text(record: Any) -> str:

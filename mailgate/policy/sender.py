@@ -77,5 +77,8 @@ class SenderDomainStep(Step):
 
 
 def _is_null_mx(answer: Answer) -> bool:
+    """RFC 7505's "MX 0 .", or MX records that all name the root whatever their
+    preference ("MX 10 ."): no host takes mail there, so a bounce could never
+    arrive (Postfix refuses such a domain as a malformed MX)."""
     records: tuple[Any, ...] = answer.records
-    return len(records) == 1 and records[0].preference == 0 and records[0].exchange.to_text() == "."
+    return bool(records) and all(r.exchange.to_text() == "." for r in records)

@@ -29,6 +29,7 @@ aaaa.sender.lab.        60 IN AAAA 2001:db8::1
 nullmx.sender.lab.      60 IN MX   0 .
 nullmx.sender.lab.      60 IN A    192.0.2.2
 twomx.sender.lab.       60 IN MX   0 .
+rootmx.sender.lab.      60 IN MX   10 .
 twomx.sender.lab.       60 IN MX   10 mail.sender.lab.
 txtonly.sender.lab.     60 IN TXT  "v=spf1 -all"
 deep.sub.sender.lab.    60 IN A    192.0.2.3
@@ -41,6 +42,8 @@ deep.sub.sender.lab.    60 IN A    192.0.2.3
 12.2.0.192.second.lab.  60 IN A    127.0.0.3
 12.2.0.192.second.lab.  60 IN TXT  "only on the second list"
 *.errcode.lab.          60 IN A    127.255.255.254
+*.refused.lab.          60 IN A    127.0.0.1
+*.zero.lab.             60 IN A    127.0.0.0
 *.hijack.lab.           60 IN A    198.51.100.1
 25.2.0.192.in-addr.arpa. 60 IN PTR mail.sender.lab.
 26.2.0.192.in-addr.arpa. 60 IN PTR a.sender.lab.
@@ -95,8 +98,14 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
         exact = [r for r in self.records if str(r.rname).lower() == qname]
         if exact:
             return exact
-        wildcard = "*." + qname.split(".", 1)[1] if "." in qname.rstrip(".") else ""
-        return [r for r in self.records if str(r.rname).lower() == wildcard]
+        # a wildcard answers for names any number of labels below it (RFC 4592)
+        labels = qname.rstrip(".").split(".")
+        for i in range(1, len(labels)):
+            wildcard = "*." + ".".join(labels[i:]) + "."
+            found = [r for r in self.records if str(r.rname).lower() == wildcard]
+            if found:
+                return found
+        return []
 
 
 class LoopbackDNS:

@@ -68,11 +68,25 @@ def test_first_zone_in_configuration_order_decides(dns_server: LoopbackDNS) -> N
     assert verdict.reply is not None and "only on the second list" in verdict.reply.text
 
 
-@pytest.mark.parametrize("zone", ["errcode.lab", "hijack.lab"])
+@pytest.mark.parametrize("zone", ["errcode.lab", "hijack.lab", "refused.lab", "zero.lab"])
 def test_error_codes_and_non_loopback_answers_are_not_listings(
-    dns_server: LoopbackDNS, zone: str
+    dns_server: LoopbackDNS, zone: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert session(DnsblStep(dns_server.resolver(), [zone]), client("192.0.2.10")).accepted
+    # 127.0.0.1 and 127.0.0.0 are no listing either (RFC 5782 5); each of these is
+    # a list that does nothing, which an operator must hear of
+    who = client("192.0.2.10")
+    step = DnsblStep(dns_server.resolver(), [zone])
+    assert run(step.connect(who)).tags == (("dnsbl_error", zone),)  # on the connect line
+    assert session(step, who).accepted
+    assert who.tags["dnsbl_error"] == zone
+    assert any("an error code, not a listing" in r.message for r in caplog.records)
+
+
+def test_a_listing_is_noted_on_the_connect_line(dns_server: LoopbackDNS) -> None:
+    # also for a client that an allow rule or AUTH lets through at MAIL
+    step = DnsblStep(dns_server.resolver(), ["bl.lab"])
+    assert run(step.connect(client("192.0.2.10"))).tags == (("dnsbl", "bl.lab"),)
+    assert run(step.connect(client("192.0.2.99"))).tags == ()
 
 
 @pytest.mark.parametrize("zone", ["broken.lab", "slow.lab"])

@@ -50,6 +50,9 @@ def test_domain_without_mail_records_is_missing(step: SenderDomainStep) -> None:
 def test_null_mx_is_550_5_7_27(step: SenderDomainStep) -> None:
     reply = refusal(step, "bob@nullmx.sender.lab")
     assert reply == "550 5.7.27 Sender domain nullmx.sender.lab does not accept mail (null MX)"
+    # "MX 10 ." names no host either: bounces could never arrive
+    reply = refusal(step, "bob@rootmx.sender.lab")
+    assert reply == "550 5.7.27 Sender domain rootmx.sender.lab does not accept mail (null MX)"
 
 
 @pytest.mark.parametrize("domain", ["x.servfail.sender.lab", "x.silent.sender.lab"])
