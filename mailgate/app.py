@@ -62,6 +62,16 @@ def default_hostname() -> str:
     return name or "localhost"
 
 
+def _load_named(path: str | None, overrides: Overrides) -> Config:
+    """A reload's config, with the machine's name where the file gives none (as at
+    start: one taken out of the file must not stay until a restart).  Run in a
+    thread: that name may take a DNS lookup (getfqdn), which must not stop every
+    session meanwhile."""
+    config = load_overridden(path, overrides)
+    config.server.hostname = config.server.hostname or default_hostname()
+    return config
+
+
 @dataclass
 class Overrides:
     """Command-line settings that win over the config file."""
@@ -381,15 +391,12 @@ class MailServer:
         work; sessions in progress keep going.  A broken config changes nothing."""
         try:
             # read and checked in a thread: the sessions go on meanwhile
-            config = await asyncio.to_thread(load_overridden, self.config_path, self.overrides)
+            config = await asyncio.to_thread(_load_named, self.config_path, self.overrides)
             # Under a supervisor it tells these once for all workers.
             restart_needed = [] if self.supervised else restart_only_changes(
                 self.ctx.config, config
             )
             keep_restart_only(self.ctx.config, config)  # sockets, spool... as set up
-            # (a file without hostname means the machine's name, as at start: one
-            # taken out of the file must not stay until a restart)
-            config.server.hostname = config.server.hostname or default_hostname()
             # The AUTH failure counts go on: a reload must not reset a guesser's budget.
             old = self.ctx.authenticator
             failures = old.failures if old else self._auth_failures
