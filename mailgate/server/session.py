@@ -268,6 +268,8 @@ class Session(asyncio.Protocol):
             self.log = SessionLog(self.sid, ip=ip_text(self.client.ip), listener=listener.name)
             self.log.event("connect", port=self.client.port, tls=self.client.tls)
             server.metrics.connection_opened(listener.name)
+            if listener.implicit_tls:  # counted and logged as a STARTTLS handshake is
+                self._log_tls()
             if server.authenticator is not None:
                 # a changed users file can change the mechanisms this EHLO offers
                 await server.authenticator.refresh()
@@ -645,9 +647,14 @@ class Session(asyncio.Protocol):
         self._note_tls(new_transport)
         assert self.client is not None
         self.client.auth_user = None
-        self.log_event("tls", outcome="ok", version=self.client.tls_version,
-                       cipher=self.client.tls_cipher)
-        self.server.metrics.tls("ok", self.client.tls_version or "")
+        self._log_tls()
+
+    def _log_tls(self) -> None:
+        """A handshake done (STARTTLS, or port 465's before the session began)."""
+        client = self.client
+        assert client is not None
+        self.log_event("tls", outcome="ok", version=client.tls_version, cipher=client.tls_cipher)
+        self.server.metrics.tls("ok", client.tls_version or "")
 
     def _note_tls(self, transport: asyncio.BaseTransport) -> None:
         client = self.client

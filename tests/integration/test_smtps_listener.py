@@ -153,3 +153,16 @@ def test_shutdown_drops_handshakes_under_way(srv: tuple[RunningServer, int, int]
         server.signal(signal.SIGTERM)
         assert server.proc.wait(10) == 0
         assert time.monotonic() - started < 5
+
+
+def test_a_port_465_handshake_is_logged_as_a_starttls_one_is(
+    srv: tuple[RunningServer, int, int], ca: trustme.CA
+) -> None:
+    # (its version and cipher were on no line, and the handshake counter, which the
+    # docs say counts port 465's, counted only STARTTLS)
+    server, plain, _ = srv
+    with smtplib.SMTP_SSL("127.0.0.1", plain, context=_context(ca), timeout=10) as smtp:
+        assert smtp.noop()[0] == 250
+    assert wait_for(lambda: _events(server, "close"))
+    [tls] = _events(server, "tls")
+    assert "outcome=ok" in tls and "version=TLSv1." in tls and "cipher=" in tls
