@@ -54,7 +54,13 @@ DEFAULTS_NAME = "<defaults>"  # the "file" named in errors about the embedded de
 MAX_KEY_PARTS = 32
 MAX_DOTTED_PARTS = 10_000
 _KEY_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
-_KEY_CHAIN = re.compile(rf"{_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART})+")
+# Dotted chains outside strings and comments: a value's "example.org" or 127.0.0.1
+# is no key (6,000 aliases of addresses were refused as too many dotted parts).  The
+# chain is tried first, as one may start with a quoted part ("a".b).
+_KEY_CHAIN = re.compile(
+    rf"(?P<chain>{_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART})+)"
+    r'''|"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|'[^'\n]*'|#[^\n]*'''
+)
 _KEY_PARTS = re.compile(_KEY_PART)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_POSITION = re.compile(
@@ -151,11 +157,19 @@ def split_host_port(value: str) -> tuple[str, int]:
 
 def _read_toml(path: str) -> dict[str, Any]:
     try:
-        info = os.stat(path)
-        if not stat.S_ISREG(info.st_mode):
-            raise ConfigError([f"{path}: not a regular file"])
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
+        # Non-blocking: a FIFO, or a procfs file such as /proc/kmsg that passes for a
+        # regular one, must not hang check-config, the start or a reload.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError([f"{path}: not a regular file"])
+            data = b""
+            while len(data) <= MAX_CONFIG_BYTES and (chunk := os.read(fd, 1 << 20)):
+                data += chunk
+        finally:
+            os.close(fd)
+    except BlockingIOError:  # (non-blocking, and nothing to read now: no plain file)
+        raise ConfigError([f"{path}: cannot read: not a plain file"]) from None
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     if len(data) > MAX_CONFIG_BYTES:
@@ -178,7 +192,9 @@ def _check_dotted_keys(path: str, text: str) -> None:
     """ConfigError for a dotted key or a file too costly for tomllib (see above)."""
     total = 0
     for chain in _KEY_CHAIN.finditer(text):  # one pass: each match consumes its text
-        found = chain.group()
+        found = chain.group("chain")
+        if found is None:
+            continue  # a string or a comment
         dots = found.count(".")
         if dots < MAX_KEY_PARTS and total + dots <= MAX_DOTTED_PARTS:
             total += dots  # (dots in quoted parts too: an upper bound, cheap)

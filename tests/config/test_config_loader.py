@@ -546,6 +546,23 @@ def test_dotted_keys_of_a_real_config_pass(tmp_path: Path) -> None:
     assert "dotted" not in " ".join(errors_of(tmp_path, text))
 
 
+def test_dots_in_values_and_comments_are_no_dotted_keys(tmp_path: Path) -> None:
+    # 6,000 aliases of addresses (and networks) were refused as "more than 10000
+    # dotted key parts": every example.org in a string counted
+    aliases = "".join(f'"list{i}@example.org" = ["u{i}@example.org"]  # a.b.c\n'
+                      for i in range(6000))
+    networks = ", ".join(['"127.0.0.0/8"'] * 3000)
+    text = (f"[policy]\ntrusted_networks = [{networks}]\n"
+            f'[delivery]\nlocal_domains = ["example.org"]\n[delivery.aliases]\n{aliases}')
+    config = load_config(write(tmp_path, text))
+    assert len(config.delivery.aliases) == 6000
+    # still counted where a key can be, in a string's company
+    hidden = "[server]\n" + "".join(f'k{i}' + ".a" * 30 + ' = "x.y"\n' for i in range(400))
+    assert errors_of(tmp_path, hidden) == [
+        "mailgate.toml: line 335: more than 10000 dotted key parts in the file"
+    ]
+
+
 def test_check_config_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert check_config_command("/nonexistent/mailgate.toml") == 1
     assert capsys.readouterr().err == (
@@ -741,3 +758,17 @@ def test_settings_that_could_take_no_mail_are_refused(
     # check-config said OK to these; serve then failed, or every message got a 451
     [line] = errors_of(tmp_path, text)
     assert line.startswith(f"mailgate.toml: {error}"), line
+
+
+def test_a_fifo_or_a_blocking_proc_file_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_config(str(fifo))  # (no writer: opening it blocked before)
+    if not os.access("/proc/kmsg", os.R_OK):
+        pytest.skip("/proc/kmsg is not readable here (root only)")
+    # procfs says "regular file, size 0", and a read waits for the next kernel message
+    kmsg = tmp_path / "kmsg.toml"
+    kmsg.symlink_to("/proc/kmsg")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(kmsg))
