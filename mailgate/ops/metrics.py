@@ -226,6 +226,10 @@ def serve_shared_directory(sock: socket.socket, path: str) -> None:
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # A connection that sends no request is dropped after this many seconds: each
+    # holds a thread (400 idle connections held 400 threads for ever).
+    timeout = 30
+
     def log_message(self, format: str, *args: object) -> None:
         pass  # a scrape is no news; errors show up in the scraper
 
@@ -267,7 +271,7 @@ class _BoundServer(ThreadingMixIn, WSGIServer):
         # socketserver prints a traceback to stderr, lines no log reader expects: a
         # scraper that hung up is nothing to report, anything else one log line.
         exc = sys.exc_info()[1]
-        if not isinstance(exc, ConnectionError):
+        if not isinstance(exc, ConnectionError | TimeoutError):
             log_event("metrics_error", level="error", error=repr(exc)[:300])
 
 

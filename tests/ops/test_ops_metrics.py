@@ -234,3 +234,18 @@ def test_a_scraper_that_resets_its_connection_leaves_no_traceback(
     time.sleep(0.3)
     scrape(metrics)  # still serving
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_connection_that_sends_nothing_is_let_go(
+    metrics: Metrics, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # each connection holds a thread: idle ones held theirs for ever
+    from mailgate.ops import metrics as module
+
+    assert module._QuietHandler.timeout is not None  # (socketserver's default: none)
+    monkeypatch.setattr(module._QuietHandler, "timeout", 0.3)  # shortened for the test
+    assert metrics.bound_address is not None
+    with socket.create_connection(metrics.bound_address[:2], timeout=5) as sock:
+        assert sock.recv(1024) == b""  # closed by the server, not by us
+    scrape(metrics)  # still serving
+    assert "Traceback" not in capfd.readouterr().err
