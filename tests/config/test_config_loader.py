@@ -490,6 +490,16 @@ def test_check_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
          "greylist.redis_url: 'redis://127.0.0.1:99999/0': Port out of range 0-65535"),
         ('[greylist]\nredis_url = "redis://"',
          "greylist.redis_url: 'redis://': no host (or socket path)"),
+        # redis-py's own parser refused these only at start; /abc was quietly db 0
+        ('[greylist]\nredis_url = "redis://127.0.0.1:6379/0?db=x"',
+         "greylist.redis_url: 'redis://127.0.0.1:6379/0?db=x': Invalid value for 'db' in "
+         "connection URL."),
+        ('[greylist]\nredis_url = "redis://127.0.0.1/abc"',
+         "greylist.redis_url: 'redis://127.0.0.1/abc': the database must be a number, as in "
+         "redis://127.0.0.1:6379/0"),
+        # errors end up in logs: never the password
+        ('[greylist]\nredis_url = "redis://:Sup3rSecret@127.0.0.1:700000/0"',
+         "greylist.redis_url: 'redis://:***@127.0.0.1:700000/0': Port out of range 0-65535"),
         # a typo for one host would whitelist a whole network
         ('[greylist]\nwhitelist = ["127.0.0.8/8"]',
          "greylist.whitelist: '127.0.0.8/8': 127.0.0.8/8 has host bits set"),
