@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import sqlite3
 import time
@@ -32,8 +33,28 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+log = logging.getLogger("mailgate.policy.greylist")
+
 Clock = Callable[[], float]
 T = TypeVar("T")
+
+
+def database_problem(path: str) -> str | None:
+    """Why an existing SQLite file at ``path`` is no usable database, else None (read
+    only: check-config changes nothing)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.OperationalError:
+        return None  # locked, or not ours to read: the server's own open will say
+    except sqlite3.Error as exc:
+        return f"{path}: {exc}: greylisting stays off until the file is moved away"
+    return None
 
 
 def missing_directory(path: str) -> str | None:
@@ -96,7 +117,9 @@ class SQLiteStore:
     (``BEGIN IMMEDIATE``), which keeps ``incr`` atomic across them.
 
     The constructor opens (and creates) the file and raises :class:`StoreError` when it
-    cannot, so a bad path shows at start-up rather than on the first message.
+    cannot (no such directory, no permission), so a bad path shows at start-up rather
+    than on the first message.  A file that is no database is logged, and every call
+    then raises :class:`StoreError`: greylisting fails open until it is moved away.
     """
 
     def __init__(self, path: str, now: Clock = time.time, prune_interval: float = 3600.0) -> None:
@@ -105,11 +128,20 @@ class SQLiteStore:
         self._last_prune = now()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._conn: sqlite3.Connection | None = None
+        self._broken = ""  # why every call fails: a file that is no database
         try:
             self._executor.submit(self._open, path).result()
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.OperationalError, OSError) as exc:
             self._executor.shutdown(wait=False)
             raise StoreError(f"cannot open {path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            # A file there, but no database (corrupt, or something else's): the path
+            # is right and the bookkeeping lost, which must not stop the server (or
+            # every reload) as a wrong path does; greylisting fails open meanwhile.
+            self._broken = (
+                f"{path}: {exc} (move it away: a new one is made at the next start or reload)"
+            )
+            log.warning("greylist store %s", self._broken)
 
     def _open(self, path: str) -> None:
         missing = missing_directory(path)
@@ -131,7 +163,7 @@ class SQLiteStore:
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._conn
         if conn is None:
-            raise StoreError("store is closed")
+            raise StoreError(self._broken or "store is closed")
         loop = asyncio.get_running_loop()
         queued = time.monotonic()
 

@@ -105,6 +105,12 @@ def test_check_config_tries_what_the_file_names(tmp_path: Path) -> None:
     ok = _cli("check-config", str(config))
     assert ok.returncode == 0, ok.stderr
     assert list(grey.iterdir()) == []
+    # a file there that is no database: the server starts and fails open, so a warning
+    (grey / "greylist.sqlite").write_bytes(b"garbage " * 100)
+    warned = _cli("check-config", str(config))
+    assert warned.returncode == 0, warned.stderr
+    assert (f"{config}: warning: greylist.sqlite_path: {grey}/greylist.sqlite: file is not a "
+            "database: greylisting stays off") in warned.stderr
 
 
 def test_settings_an_administrator_should_know_of_are_warnings(tmp_path: Path) -> None:

@@ -205,8 +205,25 @@ def test_sqlite_bad_path_is_a_store_error(tmp_path: Path) -> None:
     assert isinstance(info.value, OSError)
 
 
-def test_sqlite_unusable_file_is_a_store_error(tmp_path: Path) -> None:
+def test_sqlite_file_that_is_no_database_fails_each_call_not_the_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A corrupt file stopped the start and refused every reload (aliases and all),
+    # for bookkeeping whose loss only means some mail is greylisted again.
     (tmp_path / "kv.sqlite").write_bytes(b"not a database, " * 100)
+    store = SQLiteStore(str(tmp_path / "kv.sqlite"))
+    assert any("file is not a database" in r.message for r in caplog.records)
+
+    async def scenario() -> None:
+        with pytest.raises(StoreError, match="move it away"):
+            await store.get("k")
+        await store.close()
+
+    run(scenario())
+
+
+def test_sqlite_file_the_server_cannot_open_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "kv.sqlite").mkdir()  # a directory where the file should be
     with pytest.raises(StoreError, match="cannot open"):
         SQLiteStore(str(tmp_path / "kv.sqlite"))
 
