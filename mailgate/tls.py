@@ -11,15 +11,13 @@ started with, and a broken file leaves the old set in place.
 
 from __future__ import annotations
 
-import logging
 import ssl
 from dataclasses import dataclass
 
 from asn1crypto import pem, x509
 
 from mailgate.config.auth import TLSConfig
-
-log = logging.getLogger("mailgate.tls")
+from mailgate.ops.logging import log_event
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -87,7 +85,8 @@ class TLSContexts:
             self._config = previous
             raise
         self._loaded = loaded
-        log.info("TLS certificates reloaded: %d", len(config.pairs))
+        # (the reload's own line says it happened; this one is per worker)
+        log_event("tls_certificates", level="debug", outcome="reloaded", pairs=len(config.pairs))
 
     def _load(self) -> _Loaded:
         contexts: list[ssl.SSLContext] = []

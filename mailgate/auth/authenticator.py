@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 from mailgate.auth.credentials import Credentials
@@ -17,9 +16,8 @@ from mailgate.auth.mechanisms import (
 from mailgate.auth.senders import SenderMap
 from mailgate.auth.throttle import Clock, Failures, Throttle
 from mailgate.auth.users import ARGON2, CRAM, SCRAM, UserRecord, file_signature, load_users
+from mailgate.ops.logging import log_event
 from mailgate.protocol.replies import Reply, reply
-
-log = logging.getLogger("mailgate.auth")
 
 # Which stored form each mechanism needs.
 NEEDS = {"PLAIN": ARGON2, "LOGIN": ARGON2, "SCRAM-SHA-256": SCRAM, "CRAM-MD5": CRAM}
@@ -121,7 +119,7 @@ class Authenticator:
         """Re-read the users file; ValueError "file:line: problem" keeps the old table."""
         signature, users = await asyncio.to_thread(self._read)
         self._install(users, signature)
-        log.info("users file %s loaded: %d users", self._users_file, len(users))
+        log_event("users_file", outcome="loaded", path=self._users_file, users=len(users))
 
     def _read(self) -> tuple[tuple[int, int, int] | None, dict[str, UserRecord]]:
         # The signature first: a change racing with the read is seen by the next check.
@@ -144,4 +142,5 @@ class Authenticator:
         except ValueError as e:
             # Keep serving the old table; say so once per change of the file.
             self._signature = signature
-            log.error("users file not reloaded, keeping the old one: %s", e)
+            log_event("users_file", level="error", outcome="refused", path=self._users_file,
+                      error=f"{e}; the old one stays in use")

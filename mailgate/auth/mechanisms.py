@@ -23,7 +23,7 @@ from scramp import ScramMechanism
 from scramp.utils import ScramException, ServerError
 
 from mailgate.auth.credentials import Credentials
-from mailgate.protocol.replies import Reply, clean, reply
+from mailgate.protocol.replies import Reply, reply
 
 log = logging.getLogger("mailgate.auth")
 
@@ -95,19 +95,14 @@ class SaslExchange(ABC):
         return outcome
 
     def _record(self, outcome: Success | Failure) -> None:
-        who = clean(self.user) if self.user is not None else "-"
+        # (the session's own event=auth line says what became of it, with its sid)
         if isinstance(outcome, Success):
             self._recorder.success(self._client_ip, outcome.user)
-            log.info("auth %s ok user=%s ip=%s", self.name, who, self._client_ip)
             return
         if outcome.reply.name in _COUNTED:
             self._recorder.failure(self.user)
         else:
             self._recorder.not_counted(self._client_ip)
-        log.info(
-            "auth %s failed user=%s ip=%s reply=%s",
-            self.name, who, self._client_ip, outcome.reply.name,
-        )  # fmt: skip
 
     @abstractmethod
     async def _step(self, response: bytes | None) -> Outcome: ...

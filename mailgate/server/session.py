@@ -710,7 +710,10 @@ class Session(asyncio.Protocol):
             if self._auth_failed and auth is not None:
                 auth.forgive_fallback(str(client.ip), outcome.user, self._auth_failed)
             return
-        self.log_event("auth", mechanism=mech, outcome="failed", code=outcome.reply.code)
+        # the name tried is part of the story (one user guessed from many addresses)
+        tried = {"user": exchange.user} if exchange.user is not None else {}
+        self.log_event("auth", mechanism=mech, outcome="failed", code=outcome.reply.code,
+                       reason=outcome.reply.name or "", **tried)
         self.server.metrics.auth(mech, "failed")
         if outcome.reply.name == "auth.failed" and exchange.user:
             self._auth_failed = [*(self._auth_failed or ()), (exchange.user, mech)]

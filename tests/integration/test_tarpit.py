@@ -97,7 +97,13 @@ def test_auth_failures_are_throttled_then_cut_off(tmp_path: Path) -> None:
             assert codes[2][0] == 454 and codes[2][1].startswith(b"4.7.0")
             code, text = smtp.docmd("AUTH", f"PLAIN {WRONG}")
             assert (code, text[:5]) == (421, b"4.7.0")
-        assert "wrong password" not in srv.log() and WRONG not in srv.log()
+        log = srv.log()
+        assert "wrong password" not in log and WRONG not in log
+        # the session's line names the user tried and why it failed (one line, with
+        # its sid: the auth module's own free-text line is gone)
+        failed = [line for line in log.splitlines() if "event=auth " in line]
+        assert "user=alice" in failed[0] and "reason=auth.failed" in failed[0]
+        assert "sid=" in failed[0] and "logger=mailgate.auth" not in log
     finally:
         srv.stop()
 
