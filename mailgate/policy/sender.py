@@ -56,24 +56,46 @@ class SenderDomainStep(Step):
         return Verdict(reply(name, domain=domain), tags=tags)
 
     async def classify(self, domain: str) -> Domain:
-        """What DNS says of ``domain`` as a mail domain."""
-        mx, a, aaaa = await asyncio.gather(
-            self._resolver.lookup(domain, "MX"),
-            self._resolver.lookup(domain, "A"),
-            self._resolver.lookup(domain, "AAAA"),
-        )
-        answers = (mx, a, aaaa)
-        if mx.status is Status.FOUND and _is_null_mx(mx):
-            return Domain.NULL_MX
-        if any(answer.status is Status.FOUND for answer in answers):
-            return Domain.EXISTS
-        # NXDOMAIN is authoritative even when another query failed; INVALID names
-        # (empty labels, over-long names) cannot exist at all.
-        if any(answer.status in (Status.NXDOMAIN, Status.INVALID) for answer in answers):
-            return Domain.MISSING
-        if any(answer.status is Status.TEMPFAIL for answer in answers):
-            return Domain.TEMPFAIL
-        return Domain.MISSING  # the name exists but holds no mail records at all
+        """What DNS says of ``domain`` as a mail domain.
+
+        The three lookups go out together, and the answer is given as soon as it is
+        known: an MX, or an NXDOMAIN (which is for the name, whatever the type),
+        does not wait for the other lookups to time out on a slow server.
+        """
+        lookups = {
+            rdtype: asyncio.ensure_future(self._resolver.lookup(domain, rdtype))
+            for rdtype in ("MX", "A", "AAAA")
+        }
+        try:
+            pending = set(lookups.values())
+            while pending:
+                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                mx = lookups["MX"]
+                if mx.done() and mx.result().status is Status.FOUND:
+                    return Domain.NULL_MX if _is_null_mx(mx.result()) else Domain.EXISTS
+                if any(t.done() and t.result().status in (Status.NXDOMAIN, Status.INVALID)
+                       for t in lookups.values()):
+                    return Domain.MISSING
+        finally:
+            for task in lookups.values():
+                task.cancel()
+        return _classify(*(task.result() for task in lookups.values()))
+
+
+def _classify(mx: Answer, a: Answer, aaaa: Answer) -> Domain:
+    """The domain as its three answers say, all in."""
+    answers = (mx, a, aaaa)
+    if mx.status is Status.FOUND and _is_null_mx(mx):
+        return Domain.NULL_MX
+    if any(answer.status is Status.FOUND for answer in answers):
+        return Domain.EXISTS
+    # NXDOMAIN is authoritative even when another query failed; INVALID names
+    # (empty labels, over-long names) cannot exist at all.
+    if any(answer.status in (Status.NXDOMAIN, Status.INVALID) for answer in answers):
+        return Domain.MISSING
+    if any(answer.status is Status.TEMPFAIL for answer in answers):
+        return Domain.TEMPFAIL
+    return Domain.MISSING  # the name exists but holds no mail records at all
 
 
 def _is_null_mx(answer: Answer) -> bool:
