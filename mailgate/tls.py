@@ -148,10 +148,37 @@ def _load_pair(context: ssl.SSLContext, cert: str, key: str) -> None:
         ) from None
     except FileNotFoundError as e:
         raise ValueError(f"{e.filename}: file not found") from None
+    except ssl.SSLError as e:  # (an OSError too: first)
+        problem = _pem_problem(cert, key) or _SSL_REASONS.get(e.reason or "", str(e))
+        raise ValueError(f"{cert} / {key}: {problem}") from None
     except OSError as e:
         raise ValueError(f"{cert} / {key}: {e.strerror or e}") from None
-    except ssl.SSLError as e:
-        raise ValueError(f"{cert} / {key}: {e.reason or e}") from None
+
+
+_SSL_REASONS = {"KEY_VALUES_MISMATCH": "key values mismatch: the private key is not the "
+                "certificate's"}
+
+
+def _pem_problem(cert: str, key: str) -> str:
+    """What OpenSSL's "PEM lib" means here, if it is one of the usual mistakes."""
+    for path, wanted, what in ((cert, ("CERTIFICATE",), "certificate"),
+                               (key, ("PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"),
+                                "private key")):
+        try:
+            with open(path, "rb") as f:
+                data = f.read(1 << 20)
+        except OSError:
+            continue
+        if not pem.detect(data):
+            return f"{path} holds no whole PEM block (-----BEGIN ... -----END ...): " \
+                   f"expected a {what}"
+        try:
+            kinds = {kind for kind, _, _ in pem.unarmor(data, multiple=True)}
+        except ValueError as e:
+            return f"{path}: broken PEM ({e})"
+        if not kinds.intersection(wanted):
+            return f"{path} holds no {what} (found: {', '.join(sorted(kinds))})"
+    return ""
 
 
 def _choose(loaded: _Loaded, ssl_object: ssl.SSLObject, server_name: str | None) -> None:

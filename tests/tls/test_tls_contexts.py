@@ -225,11 +225,23 @@ def test_broken_cert_on_reload_keeps_the_old_contexts(certs: Certs, tmp_path: Pa
 
 @pytest.mark.parametrize(
     ("which", "problem"),
-    [("key", "file not found"), ("mismatch", "KEY_VALUES_MISMATCH")],
+    [("key", "file not found"),
+     ("mismatch", "key values mismatch: the private key is not the certificate's"),
+     # OpenSSL says only "[SSL] PEM lib (_ssl.c:3905)" for these
+     ("garbage", "holds no whole PEM block"),
+     ("swapped", "holds no certificate \\(found: .*PRIVATE KEY\\)")],
 )
-def test_broken_pairs_at_start(certs: Certs, which: str, problem: str) -> None:
-    cert = certs.files["mail"][0]
-    key = "/nonexistent/key.pem" if which == "key" else certs.files["net"][1]
+def test_broken_pairs_at_start(certs: Certs, which: str, problem: str, tmp_path: Path) -> None:
+    cert, key = certs.files["mail"]
+    if which == "key":
+        key = "/nonexistent/key.pem"
+    elif which == "mismatch":
+        key = certs.files["net"][1]
+    elif which == "garbage":
+        cert = str(tmp_path / "garbage.pem")
+        Path(cert).write_text("this is no certificate\n")
+    else:
+        cert, key = key, cert
     with pytest.raises(ValueError, match=problem):
         TLSContexts(TLSConfig(cert=cert, key=key))
 
