@@ -57,6 +57,7 @@ RESTART_PAUSE = 1.0  # at least this long between two starts of the same worker
 MAX_RETRY_DELAY = 30.0  # a worker that cannot start is tried again this often, at most
 KILL_AFTER = 15.0  # after the shutdown grace, stragglers are killed
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+METRICS_DIR_PREFIX = "mailgate-metrics-"  # + the supervisor's pid: see _serve_metrics
 
 
 def worker_count(config: Config) -> int:
@@ -167,7 +168,10 @@ class Supervisor:
         listen = self.config.metrics.listen
         if not listen:
             return
-        self.metrics_dir = tempfile.mkdtemp(prefix="mailgate-metrics-")
+        _remove_dead_metrics_dirs()
+        # (the supervisor's pid in the name: one SIGKILLed cannot remove its own, and
+        # the next start knows which are left by a dead one)
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
         user = self.config.server.user
         if user and os.geteuid() == 0:  # the workers write here after the drop
             shutil.chown(self.metrics_dir, user)
@@ -461,3 +465,26 @@ def _worker(supervisor: Supervisor, index: int, ready_fd: int) -> int:
         return 1
     finally:
         flush_logs()
+
+
+def _remove_dead_metrics_dirs() -> None:
+    """Remove the metrics directories that supervisors killed outright (SIGKILL, a
+    crash) left behind: ours, named with a process id that no longer runs."""
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(METRICS_DIR_PREFIX):
+            continue
+        pid_text = name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
+        path = os.path.join(base, name)
+        try:
+            if not pid_text.isdigit() or os.lstat(path).st_uid != os.geteuid():
+                continue
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # alive but not ours to signal, or gone meanwhile
