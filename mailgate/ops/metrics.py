@@ -48,6 +48,10 @@ MECHANISMS: Final = (
     "EXTERNAL",
 )
 OTHER: Final = "other"  # the label of any value outside its fixed set
+# policy/greylist.py's outcomes (the tag it logs)
+GREYLIST_OUTCOMES: Final = frozenset(
+    ("new", "early", "passed", "whitelisted", "skipped", "error")
+)
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _REPLY_CLASSES: Final = ("2xx", "3xx", "4xx", "5xx")
 FLUSH_DELAY: Final = 1.0  # seconds an update may wait to be applied with others
@@ -101,6 +105,10 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # (error: the store failed and mail passed ungreylisted: worth an alert)
+        self._greylist = Counter(
+            "mailgate_greylist", "Greylisting decisions by outcome", ["outcome"], registry=r
+        )
 
     @classmethod
     def from_config(cls, config: MetricsConfig) -> Metrics:
@@ -152,6 +160,9 @@ class Metrics:
 
     def rejection(self, reason: str) -> None:
         self._add(self._rejections, (reason,), 1)
+
+    def greylist(self, outcome: str) -> None:
+        self._add(self._greylist, (outcome if outcome in GREYLIST_OUTCOMES else OTHER,), 1)
 
     def replies(self, by_class: tuple[int, int, int, int]) -> None:
         """Replies sent: how many 2xx, 3xx, 4xx and 5xx ones."""
@@ -314,6 +325,9 @@ class NullMetrics(Metrics):
         pass
 
     def rejection(self, reason: str) -> None:
+        pass
+
+    def greylist(self, outcome: str) -> None:
         pass
 
     def replies(self, by_class: tuple[int, int, int, int]) -> None:

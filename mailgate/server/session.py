@@ -752,6 +752,10 @@ class Session(asyncio.Protocol):
     async def _answer(self, verdict: Verdict) -> None:
         conn = self.conn
         assert conn is not None
+        if verdict.tags:
+            for key, value in verdict.tags:
+                if key == "greylist":
+                    self.server.metrics.greylist(value)
         if verdict.reply is None:
             conn.accept()
             return

@@ -8,13 +8,20 @@ from __future__ import annotations
 import smtplib
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from dnslib.server import DNSLogger, DNSServer
 
-from tests.integration.server import RunningServer, start_behind_proxy, start_server
+from tests.integration.server import (
+    RunningServer,
+    free_port,
+    start_behind_proxy,
+    start_server,
+    wait_for,
+)
 from tests.policy.conftest import BASE_ZONES, ZoneResolver
 
 UNTRUSTED = "[policy]\ntrusted_networks = []\n"
@@ -84,11 +91,15 @@ def test_helo_hangup_mode(tmp_path: Path, dns_address: str) -> None:
 
 
 def test_greylisting_over_the_wire(tmp_path: Path, dns_address: str) -> None:
+    mport = free_port()
     srv = _start(tmp_path, dns_address, f"""
         [greylist]
         enabled = true
         min_delay = 0
         sqlite_path = "{tmp_path}/grey.sqlite"
+
+        [metrics]
+        listen = "127.0.0.1:{mport}"
     """)
     try:
         for expected in (451, 250):
@@ -99,6 +110,14 @@ def test_greylisting_over_the_wire(tmp_path: Path, dns_address: str) -> None:
                 assert code == expected, text
                 if code == 451:
                     assert text.startswith(b"4.7.1")
+
+        def counted() -> bytes:
+            url = f"http://127.0.0.1:{mport}/metrics"
+            return urllib.request.urlopen(url, timeout=10).read()
+
+        # the decisions are counted (an "error" rate would show a store outage)
+        assert wait_for(lambda: b'mailgate_greylist_total{outcome="passed"} 1.0' in counted())
+        assert b'mailgate_greylist_total{outcome="new"} 1.0' in counted()
     finally:
         srv.stop()
 

@@ -74,7 +74,13 @@ def test_latency_tls_auth_and_rejections(metrics: Metrics) -> None:
     metrics.auth("SCRAM-SHA-256", "failed")
     metrics.rejection("dnsbl")
     metrics.rejection("dnsbl")
+    metrics.greylist("new")
+    metrics.greylist("error")
+    metrics.greylist("made-up")
     samples = scrape(metrics)
+    assert samples["mailgate_greylist_total", (("outcome", "new"),)] == 1
+    assert samples["mailgate_greylist_total", (("outcome", "error"),)] == 1
+    assert samples["mailgate_greylist_total", (("outcome", "other"),)] == 1
     bucket = "mailgate_delivery_latency_seconds_bucket"
     assert samples[bucket, (("le", "0.1"),)] == 1
     assert samples[bucket, (("le", "10.0"),)] == 2
