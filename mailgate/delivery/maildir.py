@@ -170,6 +170,14 @@ class MaildirDestination:
                 log.warning("maildir: cannot clean %s: %s", path, exc)
         return removed
 
+    def address_problem(self, address: Address) -> str | None:
+        """Why no maildir can be named after ``address``, or None (asked at RCPT)."""
+        try:
+            self.mailbox(address)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
     def mailbox(self, address: Address) -> str:
         """The maildir of ``address``; ValueError if its names are unsafe as paths."""
         user = mailbox_component(address.local)

@@ -39,7 +39,7 @@ from mailgate.delivery.spool import (
     reply_for_os_error,
 )
 from mailgate.delivery.trace import return_path_header
-from mailgate.protocol.envelope import Envelope, Recipient
+from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.replies import Reply, reply
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,14 @@ class MboxDestination:
 
     def __init__(self, config: MboxConfig) -> None:
         self.config = config
+
+    def address_problem(self, address: Address) -> str | None:
+        """Why no mbox can be named after ``address``, or None (asked at RCPT)."""
+        try:
+            self.mbox_path(Recipient(address))
+        except ValueError as exc:
+            return str(exc)
+        return None
 
     def mbox_path(self, recipient: Recipient) -> str:
         """The mbox file of ``recipient``; ValueError if its names are unsafe as paths."""

@@ -68,6 +68,11 @@ class Target:
         return (self.destination, self.address.local, domain_key(self.address.domain))
 
 
+# refusals that hold as long as the routing table does (not configuration errors,
+# which are logged each time they are met)
+_KEPT_REFUSALS = frozenset(("rcpt.unknown", "rcpt.no_route", "rcpt.bad_mailbox"))
+
+
 class _Refusal(Exception):
     def __init__(self, answer: Reply) -> None:
         super().__init__(answer.text)
@@ -192,7 +197,7 @@ class Router:
             return known
         found = self._resolve(Address(local, domain, quoted))
         # A refusal for a configuration error is logged each time, so it is not kept.
-        if not isinstance(found, Reply) or found.name in ("rcpt.unknown", "rcpt.no_route"):
+        if not isinstance(found, Reply) or found.name in _KEPT_REFUSALS:
             if len(self._routes) >= ROUTE_CACHE_SIZE:
                 del self._routes[next(iter(self._routes))]  # the oldest
             self._routes[key] = found
@@ -204,7 +209,7 @@ class Router:
         )
         if domain is None:
             if self.table.relay:
-                return (Target(self.table.relay, address),)
+                return self._storable(address, (Target(self.table.relay, address),))
             return reply("rcpt.no_route", address=address)
         try:
             user = self.canonical_user(address.local, domain)
@@ -216,7 +221,21 @@ class Router:
         detail = address.local[len(user):]
         if detail:
             targets = [self._with_detail(t, user, domain, detail) for t in targets]
-        return tuple({t.key: t for t in targets}.values())
+        return self._storable(address, tuple({t.key: t for t in targets}.values()))
+
+    def _storable(
+        self, address: Address, targets: tuple[Target, ...]
+    ) -> tuple[Target, ...] | Reply:
+        """``targets``, or a refusal when a mailbox we would write (a Maildir, an mbox)
+        cannot be named after one of them ("..", a "/"): refused at RCPT (553), not
+        answered 250 there and 451 after the data, for ever."""
+        for target in targets:
+            check = getattr(self.destinations.get(target.destination), "address_problem", None)
+            if check is not None and check(target.address):
+                log.warning("no mailbox can be named after <%s> (%s)", target.address,
+                            target.destination)
+                return reply("rcpt.bad_mailbox", address=address)
+        return targets
 
     def _with_detail(self, target: Target, user: str, domain: str, detail: str) -> Target:
         """The recipient itself handed on (LMTP, a smarthost, a mailer) keeps its

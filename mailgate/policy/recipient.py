@@ -60,8 +60,15 @@ class RecipientStep(Step):
                 # Accepted now, it could only fail after the data (and take the local
                 # recipients of the same message down with it): say so here.
                 return self._refuse("rcpt.no_route", "no_route", address)
+            # (the relay's destination may be a mailbox we write, which not every
+            # address can name: the same reason, said now rather than after the data)
+            why = self._why_not(address.local, address.domain) if self._why_not else None
+            if why is not None:
+                return Verdict(why, tags=(("check", self.name), ("reason", "bad_mailbox")))
             return ACCEPT
         why = self._refusal(address.local, domain)
+        if why is not None and why.name == "rcpt.bad_mailbox":
+            return Verdict(why, tags=(("check", self.name), ("reason", "bad_mailbox")))
         if why is not None and why.name != "rcpt.unknown":
             # our configuration's fault (logged by the router): the sender retries
             return Verdict(why, tags=(("check", self.name), ("reason", "route_error")))

@@ -184,6 +184,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "rcpt.relay_denied":      Template(550, "5.7.1", "Relaying denied"),
     "rcpt.no_route":          Template(550, "5.4.4", "No route to <{address}>: this server relays to no other domain"),
     "rcpt.loopback_disabled": Template(550, "5.7.1", "Loopback address form user@[] not accepted"),
+    "rcpt.bad_mailbox":       Template(553, "5.1.3", "<{address}>: mailbox name not allowed here"),
     # --- policy: access lists, DNSBL, greylisting (upas filter states) -------
     "access.denied":          Template(550, "5.7.1", "We don't accept mail from {sender}.\nContact postmaster@{host} for more information."),
     "access.client_denied":   Template(550, "5.7.1", "Access denied for {ip}.\nContact postmaster@{host} for more information."),

@@ -193,6 +193,23 @@ def test_remote_recipients_need_a_relay(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "mbox" / "elsewhere.test").iterdir()) == ["Ext", "Y"]
 
 
+def test_a_relayed_address_no_mailbox_can_be_named_after_is_refused_at_rcpt(
+    tmp_path: Path,
+) -> None:
+    # Relayed into a mailbox we write (here an mbox per domain and user), ".." or a
+    # "/" in the local part was 250 at RCPT and 451 after the data, for ever.
+    relayed = router(tmp_path, relay="archive")
+    trusted = Client(ip=ipaddress.ip_address("127.0.0.1"), trusted=True)
+    step = RecipientStep(relayed, HOST, allow_loopback_literal=False)
+    for local in ("..", "a/b"):
+        rcpt = Recipient(Address(local, "elsewhere.test", quoted=True))
+        verdict = asyncio.run(step.rcpt(trusted, Envelope(), rcpt))
+        assert verdict.reply is not None
+        assert (verdict.reply.code, verdict.reply.enhanced) == (553, "5.1.3")
+    ok = asyncio.run(step.rcpt(trusted, Envelope(), Recipient(Address("y", "elsewhere.test"))))
+    assert ok.reply is None
+
+
 def test_local_domains_default_to_hostname_and_localhost(tmp_path: Path) -> None:
     r = router(tmp_path, local_domains=[])
     assert r.is_local_domain("MX.example.org") and r.is_local_domain("localhost")
