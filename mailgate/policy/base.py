@@ -36,6 +36,10 @@ class Client:
     tls_cipher: str | None = None
     auth_user: str | None = None
     trusted: bool = False  # set by the policy at connect (trusted networks)
+    # False when a PROXY header gave no client address (a balancer's health check, a
+    # Unix-socket frontend): the balancer's own address stands in for the client, and
+    # is never trusted for it (as 127.0.0.1 would be: relaying for anyone)
+    address_known: bool = True
     filter_state: str = "ACCEPT"  # upas filter state of the current transaction
     tags: dict[str, str] = field(default_factory=dict)  # extra key=value pairs for the log
 

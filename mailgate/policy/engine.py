@@ -41,7 +41,7 @@ class PolicyEngine:
 
     async def connect(self, client: Client) -> Verdict:
         try:
-            client.trusted = client.trusted or client.ip in self._trusted
+            client.trusted = client.trusted or (client.address_known and client.ip in self._trusted)
         except Exception:  # an address object of some unexpected kind: not trusted
             log.exception("policy: cannot classify client address %r", client.ip)
         client.filter_state = "TRUSTED" if client.trusted else "ACCEPT"

@@ -100,7 +100,7 @@ class Session(asyncio.Protocol):
 
     def __init__(
         self, server: ServerContext, listener: ListenerContext,
-        origin: tuple[IPAddress, int] | None = None,
+        origin: tuple[IPAddress, int, bool] | None = None,
     ) -> None:
         """``origin``: the client of a connection its listener has already admitted
         (and read a PROXY header of): see server/tls_accept.py."""
@@ -159,7 +159,10 @@ class Session(asyncio.Protocol):
             SessionLog(self.sid, listener=self.listener.name).event("connect", outcome="reset")
             transport.abort()
             return
-        ip, port = peer if self._origin else client_address(peer)
+        if self._origin is not None:
+            ip, port, known = self._origin
+        else:
+            (ip, port), known = client_address(peer), True
         sock = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
         self.client = Client(
             ip=ip,
@@ -167,6 +170,7 @@ class Session(asyncio.Protocol):
             local_ip=_ip(sock[0]),
             session_id=self.sid,
             listener=self.listener.config.role,
+            address_known=known,
         )
         if self.listener.implicit_tls:
             self._note_tls(transport)
@@ -266,7 +270,9 @@ class Session(asyncio.Protocol):
             ):
                 return
             self.log = SessionLog(self.sid, ip=ip_text(self.client.ip), listener=listener.name)
-            self.log.event("connect", port=self.client.port, tls=self.client.tls)
+            # (a PROXY header without the client's address: the balancer's stands in)
+            unknown = {} if self.client.address_known else {"proxy": "no_client_address"}
+            self.log.event("connect", port=self.client.port, tls=self.client.tls, **unknown)
             server.metrics.connection_opened(listener.name)
             if listener.implicit_tls:  # counted and logged as a STARTTLS handshake is
                 self._log_tls()
@@ -840,7 +846,9 @@ class Session(asyncio.Protocol):
             await self._input_waiter(asyncio.get_running_loop().time() + remaining)
             self._waiter = None
         self._proxy_buf = self._proxy_buf[header.consumed :]
-        if not header.local:
+        if header.local:
+            client.address_known = False  # (the balancer's own: never trusted)
+        else:
             client.ip = _ip(str(header.source_ip))
             client.port = header.source_port
         return True

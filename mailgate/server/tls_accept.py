@@ -115,10 +115,12 @@ class TlsAcceptor:
         session: Session | None = None
         try:
             if self.listener.config.proxy_protocol:
-                origin = await self._read_proxy(conn, ip)
+                origin = await self._read_proxy(conn, ip, port)
                 if origin is None:
                     return
-                ip, port = origin
+                ip, port, known = origin
+            else:
+                known = True
             refusal = server.admit_address(ip)
             if refusal is not None:
                 SessionLog(new_session_id(), ip=ip_text(ip), listener=self.listener.name).event(
@@ -130,7 +132,7 @@ class TlsAcceptor:
             ctx = self._ssl_context()
             if ctx is None:  # (start() refuses an smtps listener without [tls])
                 return
-            session = Session(server, self.listener, origin=(ip, port))
+            session = Session(server, self.listener, origin=(ip, port, known))
             handed = True
             try:
                 await asyncio.get_running_loop().connect_accepted_socket(
@@ -151,10 +153,11 @@ class TlsAcceptor:
                 conn.close()
 
     async def _read_proxy(
-        self, conn: socket.socket, peer_ip: IPAddress
-    ) -> tuple[IPAddress, int] | None:
-        """The client a PROXY header names (the balancer itself for LOCAL), or None
-        when the connection was refused (logged, as the plain listeners log it)."""
+        self, conn: socket.socket, peer_ip: IPAddress, peer_port: int
+    ) -> tuple[IPAddress, int, bool] | None:
+        """The client a PROXY header names, and whether it names one (the balancer
+        itself stands in for LOCAL and UNKNOWN), or None when the connection was
+        refused (logged, as the plain listeners log it)."""
         server = self.server
 
         def refuse(reason: str, answer: bool = False) -> None:
@@ -202,8 +205,8 @@ class TlsAcceptor:
             refuse(f"connection failed: {exc.strerror or exc}")
             return None
         if header.local:
-            return peer_ip, 0
-        return client_address((header.source_ip, header.source_port))
+            return peer_ip, peer_port, False
+        return (*client_address((header.source_ip, header.source_port)), True)
 
 
 def _take(conn: socket.socket, header: ProxyHeader) -> None:

@@ -681,3 +681,23 @@ def test_a_connection_reset_before_it_was_accepted_is_no_session_of_0_0_0_0(
         assert "ip=192.0.2.9" in log
     finally:
         srv.stop()
+
+
+def test_a_proxy_header_without_the_clients_address_is_never_trusted(
+    tmp_path: Path,
+) -> None:
+    # PROXY UNKNOWN / v2 LOCAL: the balancer's own address (127.0.0.1 here, trusted
+    # by default) stood in for the client, which could relay for anyone.
+    srv, port = start_behind_proxy(tmp_path, "")
+    v2_local = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00]) + (0).to_bytes(2, "big")
+    try:
+        for header in (b"PROXY UNKNOWN\r\n", v2_local):
+            with socket.create_connection((srv.host, port), timeout=10) as sock:
+                sock.sendall(header + b"EHLO client.mailgate.org\r\n"
+                             b"MAIL FROM:<>\r\n"
+                             b"RCPT TO:<victim@elsewhere.example>\r\nQUIT\r\n")
+                got = read_until(sock, b"221 ")
+            assert b"550 5.7.1 Relaying denied" in got, got
+        assert srv.log().count("proxy=no_client_address") == 2
+    finally:
+        srv.stop()
