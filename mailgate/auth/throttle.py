@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,6 +117,10 @@ class SharedFailureCounter:
         view = memoryview(self._map)
         self._stamps = view[: cells * 8].cast("d")  # when the row last counted a failure
         self._counts = view[cells * 8 :].cast("i")
+        # The hashes are keyed with a secret drawn here (before the fork: the workers
+        # share it).  Unkeyed, a guesser could compute a user name sharing both slots
+        # of a victim's address or name, and throttle it with failures of its own.
+        self._key = os.urandom(16)
 
     def use_row(self, row: int) -> None:
         """In a freshly forked worker: count this process's failures in ``row``."""
@@ -125,13 +130,13 @@ class SharedFailureCounter:
 
     def get(self, key: str) -> int:
         now = self._clock()
-        return min(self._live(slot, now) for slot in _failure_slots(key, self.SLOTS))
+        return min(self._live(slot, now) for slot in _failure_slots(key, self.SLOTS, self._key))
 
     def add(self, key: str) -> int:
         now = self._clock()
         base = self._row * 2 * self.SLOTS
         stamps, counts = self._stamps, self._counts
-        for slot in _failure_slots(key, self.SLOTS):
+        for slot in _failure_slots(key, self.SLOTS, self._key):
             cell = base + slot
             if stamps[cell] + self.window <= now:
                 counts[cell] = 0  # this row's earlier failures there are forgotten
@@ -142,12 +147,12 @@ class SharedFailureCounter:
     def sub(self, key: str) -> None:
         base = self._row * 2 * self.SLOTS
         counts = self._counts
-        for slot in _failure_slots(key, self.SLOTS):
+        for slot in _failure_slots(key, self.SLOTS, self._key):
             if counts[base + slot] > 0:  # (0: the row's count there has expired since)
                 counts[base + slot] -= 1
 
     def reset(self, key: str) -> None:
-        for slot in _failure_slots(key, self.SLOTS):
+        for slot in _failure_slots(key, self.SLOTS, self._key):
             for row in range(self._workers):
                 self._counts[row * 2 * self.SLOTS + slot] = 0
 
@@ -161,10 +166,12 @@ class SharedFailureCounter:
         return total
 
 
-def _failure_slots(key: str, slots: int) -> tuple[int, int]:
+def _failure_slots(key: str, slots: int, secret: bytes) -> tuple[int, int]:
     # A hash that is the same in every process (str hashes are salted per interpreter;
-    # forked workers share the salt, but nothing should depend on that).
-    digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    # forked workers share the salt, but nothing should depend on that), keyed.
+    digest = int.from_bytes(
+        hashlib.blake2b(key.encode(), digest_size=8, key=secret).digest(), "big"
+    )
     return digest % slots, slots + (digest >> 32) % slots
 
 

@@ -6,7 +6,10 @@ workers are forked.  Each worker writes only its own row (no lock, no lost updat
 a check adds up the rows.  The per-address counts are a count-min sketch: an address
 is counted in two slots chosen by two different hashes, and its count is the smaller
 of the two.  Another address sharing both slots can only make the count higher, so a
-collision may refuse a connection early, never admit one over the limit.
+collision may refuse a connection early, never admit one over the limit.  The hashes
+are keyed with a secret drawn at start: with fixed ones an IPv6 client, which picks
+its own interface identifier, could compute an address sharing both slots of any
+victim (a big provider's MTA, a company's NAT address) and hold it at its limit.
 
 Admission takes the slot first and checks afterwards: two workers admitting the last
 free place at the same instant both see the other and both refuse, rather than both
@@ -18,23 +21,15 @@ from __future__ import annotations
 
 import ipaddress
 import mmap
+import os
+from hashlib import blake2b
 from typing import Final
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 SLOTS: Final = 1 << 14  # per hash and worker; 2 x 16384 x 4 bytes = 128 KiB a worker
 _ROW: Final = 1 + 2 * SLOTS  # the worker's total, then the two hash tables
-_MIX1: Final = 0x9E3779B97F4A7C15  # odd 64-bit multipliers (Fibonacci / splitmix)
-_MIX2: Final = 0xBF58476D1CE4E5B9
-_MASK64: Final = (1 << 64) - 1
-
-
-def _slots(ip: IPAddress) -> tuple[int, int]:
-    value = int(ip)
-    folded = (value ^ (value >> 64)) & _MASK64  # IPv6: mix the prefix into the host part
-    first = ((folded * _MIX1) & _MASK64) >> 50  # the top 14 bits
-    second = ((folded * _MIX2) & _MASK64) >> 50
-    return 1 + first, 1 + SLOTS + second
+_SLOT_MASK: Final = SLOTS - 1
 
 
 class ConnectionCounts:
@@ -45,9 +40,16 @@ class ConnectionCounts:
             raise ValueError("workers: at least 1")
         self.workers = workers
         self.row = 0
-        # MAP_SHARED anonymous memory survives fork() shared, not copied.
+        # MAP_SHARED anonymous memory survives fork() shared, not copied; so does the
+        # key, drawn here, before the workers are forked.
         self._map = mmap.mmap(-1, workers * _ROW * 4, flags=mmap.MAP_SHARED)
         self._cells = memoryview(self._map).cast("i")
+        self._key = os.urandom(16)
+
+    def _slots(self, ip: IPAddress) -> tuple[int, int]:
+        """The address's two slots, from one keyed hash (see the module)."""
+        h = int.from_bytes(blake2b(ip.packed, digest_size=8, key=self._key).digest(), "big")
+        return 1 + (h & _SLOT_MASK), 1 + SLOTS + ((h >> 32) & _SLOT_MASK)
 
     def use_row(self, row: int) -> None:
         """In a freshly forked worker: count this process's connections in ``row``."""
@@ -66,13 +68,13 @@ class ConnectionCounts:
 
     def from_address(self, ip: IPAddress) -> int:
         """Connections open from ``ip`` (possibly more, never fewer: see the module)."""
-        first, second = _slots(ip)
+        first, second = self._slots(ip)
         return min(self._sum(first), self._sum(second))
 
     def try_add(self, ip: IPAddress, max_total: int, max_per_ip: int) -> str | None:
         """Count a new connection from ``ip``; None, or which limit refuses it
         ("total" or "address"), in which case nothing stays counted."""
-        first, second = _slots(ip)
+        first, second = self._slots(ip)
         base = self.row * _ROW
         cells = self._cells
         cells[base] += 1
@@ -89,7 +91,7 @@ class ConnectionCounts:
 
     def remove(self, ip: IPAddress) -> None:
         """A connection counted by :meth:`try_add` in this process has closed."""
-        first, second = _slots(ip)
+        first, second = self._slots(ip)
         self._take(self.row * _ROW, first, second)
 
     def _take(self, base: int, first: int, second: int) -> None:

@@ -73,3 +73,22 @@ def test_never_counts_fewer_than_are_open(steps: list[tuple[object, bool]]) -> N
     assert counts.total() == sum(open_now.values())
     for ip, n in open_now.items():
         assert counts.from_address(ip) >= n  # type: ignore[arg-type]
+
+
+def _fixed_hash_twin(victim: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
+    """An address the old fixed hashes put in both of ``victim``'s slots: they hashed
+    low64 ^ high64, which an IPv6 client choosing its interface id can make anything."""
+    prefix = 0x20010DB8AAAABBBB
+    return ipaddress.IPv6Address((prefix << 64) | (int(victim) ^ prefix))
+
+
+def test_a_chosen_ipv6_address_cannot_hold_another_clients_limit() -> None:
+    counts = ConnectionCounts()
+    victim = ipaddress.IPv4Address("203.0.113.60")
+    twin = _fixed_hash_twin(victim)
+    for _ in range(3):
+        assert counts.try_add(twin, max_total=100, max_per_ip=3) is None
+    assert counts.try_add(twin, max_total=100, max_per_ip=3) == "address"
+    assert counts.try_add(victim, max_total=100, max_per_ip=3) is None
+    # and the slots are secret: two servers (two keys) put one address apart
+    assert ConnectionCounts()._slots(victim) != ConnectionCounts()._slots(victim)
