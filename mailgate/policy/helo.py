@@ -41,6 +41,11 @@ class HeloStep(Step):
         self._literal_must_match = literal_must_match
 
     async def helo(self, client: Client, name: str) -> Verdict:
+        if client.listener != "public":
+            # Submission (587, 465): mail programs name their machine as they please
+            # (DESKTOP-ABC123, localhost), and the client must authenticate anyway
+            # (RFC 6409 4.3); these checks are for MTAs on port 25.
+            return ACCEPT
         problem = self.problem(client, name)
         if problem is None:
             return ACCEPT

@@ -487,8 +487,8 @@ class Session(asyncio.Protocol):
         if verdict.accepted:
             client.helo = event.name
             delay = self.server.config.server.helo_delay
-            if delay > 0 and not client.trusted:
-                await self._sleep(delay)  # upas -D: slow down the spam cannons
+            if delay > 0 and not client.trusted and client.listener == "public":
+                await self._sleep(delay)  # upas -D: slow down the spam cannons (port 25)
         elif verdict.reply is not None and verdict.reply.code < 500:
             verdict = Verdict(self._closing(verdict.reply), close=True, tags=verdict.tags)
         await self._answer(verdict)

@@ -87,6 +87,46 @@ def test_helo_delay_and_growing_tarpit(tmp_path: Path) -> None:
         srv.stop()
 
 
+def test_the_helo_delay_is_for_port_25_not_for_mail_programs(tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    subprocess.run(
+        [sys.executable, "-m", "mailgate.cli", "passwd", "alice", "--users-file", str(users),
+         "--stdin"],
+        input="pw\n", text=True, check=True, capture_output=True,
+    )
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+        helo_delay = 3
+
+        [[listener]]
+        address = "127.0.0.1:0"
+
+        [[listener]]
+        address = "127.0.0.1:0"
+        role = "submission"
+        allow_plaintext_auth = true
+
+        [auth]
+        users_file = "{users}"
+
+        [policy]
+        trusted_networks = []
+    """)
+    try:
+        submission = srv.extra_ports[-1]  # (the ports in the file's order)
+        with smtplib.SMTP(srv.host, submission, timeout=10) as smtp:
+            started = time.monotonic()
+            assert smtp.ehlo("DESKTOP-ABC123")[0] == 250  # (no dot: fine here)
+            assert time.monotonic() - started < 2.5
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            started = time.monotonic()
+            assert smtp.ehlo("client.mailgate.org")[0] == 250
+            assert time.monotonic() - started >= 3  # the public listener's delay
+    finally:
+        srv.stop()
+
+
 def test_auth_failures_are_throttled_then_cut_off(tmp_path: Path) -> None:
     srv = auth_server(tmp_path)
     try:

@@ -89,6 +89,17 @@ def test_refusal_is_550_5_7_1_and_the_session_goes_on() -> None:
     assert verdict.tags == (("check", "helo"), ("reason", "rfc2606"))
 
 
+@pytest.mark.parametrize("listener", ["submission", "smtps"])
+@pytest.mark.parametrize("name", ["DESKTOP-ABC123", "localhost", "vm", "mx.example.org"])
+def test_mail_programs_on_submission_listeners_name_their_machine_as_they_please(
+    listener: str, name: str
+) -> None:
+    # Outlook says DESKTOP-ABC123, msmtp localhost: refused at EHLO, the user could
+    # never reach AUTH (RFC 6409 4.3: authentication is what protects these ports)
+    assert run(step().helo(client(listener=listener), name)).reply is None
+    assert run(step().helo(client(listener="public"), name)).reply is not None
+
+
 def test_hangup_mode_answers_421_and_closes() -> None:
     verdict = run(step(refusal="hangup").helo(client(), "foo"))
     assert verdict.close is True
