@@ -24,14 +24,18 @@ HEAD_LIMIT: Final = 64 * 1024  # a header section longer than this is left alone
 _FIELD: Final = re.compile(rb"\n(message-id|date)[ \t]*:")
 
 
-def missing_fields(head: bytes, message_id: str, hostname: str) -> bytes:
+def missing_fields(head: bytes, message_id: str, hostname: str, whole: bool = False) -> bytes:
     """The ``Date:`` and ``Message-ID:`` fields the header section at the start of
     ``head`` lacks, as CRLF lines; empty when it has both, or when the section does
     not end within ``head`` (what it holds beyond is unknown, and a second
-    Message-ID would be worse than none)."""
+    Message-ID would be worse than none).  ``whole``: ``head`` is the whole message,
+    so a section without an empty line ends with it (RFC 5322 3.5: the body is
+    optional)."""
     end = header_end(head)
     if end < 0:
-        return b""
+        if not whole:
+            return b""
+        end = len(head)
     # The usual spellings first, without copying the section: this runs for every
     # message of a trusted client (~1 us against ~3 for lower() and the expression).
     if head.find(b"\nDate:", 0, end) >= 0 and (

@@ -567,8 +567,9 @@ class Session(asyncio.Protocol):
             spool.close()
             if self.listener.config.role != "public" or is_trusted(client):
                 # our own users' mail (RFC 6409 8): the fields a message must have
-                added = missing_fields(spool.read_head(HEAD_LIMIT), self.message_id,
-                                       server.hostname)
+                head = spool.read_head(HEAD_LIMIT)
+                added = missing_fields(head, self.message_id, server.hostname,
+                                       whole=len(head) >= spool.size)
                 if added:
                     spool.insert(self._trace_len, added)
         except OSError as exc:

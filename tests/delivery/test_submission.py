@@ -54,6 +54,15 @@ def test_a_header_section_that_does_not_end_in_the_head_is_left_alone() -> None:
     assert added(b"Subject: no body and no blank line\r\n") == b""
 
 
+def test_a_whole_message_without_a_body_is_all_header() -> None:
+    # RFC 5322 3.5: the body is optional, and so is the empty line before it
+    whole = b"Subject: x\r\nFrom: a@b.example\r\n"
+    fields = missing_fields(whole, "sid.1", "mx.example.org", whole=True)
+    assert [line.split(b":")[0] for line in fields.splitlines()] == [b"Date", b"Message-ID"]
+    has_both = b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <a@b>\r\n"
+    assert missing_fields(has_both, "sid.1", "mx.example.org", whole=True) == b""
+
+
 @pytest.mark.parametrize("size", [100, MEMORY_LIMIT - 50, 3 * MEMORY_LIMIT])
 def test_the_spool_takes_the_fields_after_the_trace(tmp_path: Path, size: int) -> None:
     spool = SpoolDir(str(tmp_path)).create("s")

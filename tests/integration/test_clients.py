@@ -252,7 +252,10 @@ def test_mail_of_our_own_users_gets_the_date_and_message_id_it_lacks(
         smtp.sendmail("a@client.mailgate.org", ["root@localhost"], b"Subject: bare\r\n\r\nhi\r\n")
         smtp.sendmail("a@client.mailgate.org", ["root@localhost"],
                       b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <mine@c>\r\n\r\nx\r\n")
-    bare, complete = server.messages("root")
+        # headers only, not even the empty line (RFC 5322 3.5: the body is optional)
+        smtp.sendmail("a@client.mailgate.org", ["root@localhost"], b"Subject: no body\r\n")
+    bare, complete, headers_only = server.messages("root")
+    assert headers_only.count(b"\nDate: ") == 1 and headers_only.count(b"\nMessage-ID: ") == 1
     head = bare.split(b"\n\n")[0].split(b"\n")
     assert head[0].startswith(b"Return-Path: ") and head[1].startswith(b"Received: ")
     names = [line.split(b":")[0] for line in head if not line.startswith(b"\t")]
