@@ -473,6 +473,11 @@ class _Converter:
                     ipaddress.ip_network(text, strict=False)
                 except ValueError:
                     self.error(sub, f"{_shown(text)} is not an IP address or network (CIDR)")
+                    continue
+                try:  # "10.1.2.3/8" meant one host or the whole /8: say which
+                    ipaddress.ip_network(text, strict=True)
+                except ValueError as exc:
+                    self.error(sub, f"{_shown(text)}: {exc}")
         if field.metadata.get("must_exist", _names_a_file(name)):
             for sub, text in _strings(value, key):
                 if text:

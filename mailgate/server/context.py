@@ -24,6 +24,7 @@ from mailgate.delivery.dsn import (
 from mailgate.delivery.spool import SpoolDir
 from mailgate.ops.metrics import Metrics
 from mailgate.policy.base import Mailboxes, Policy
+from mailgate.policy.networks import parse_network, unmap
 from mailgate.protocol.connection import Settings
 from mailgate.protocol.envelope import Envelope
 from mailgate.protocol.replies import Reply, reply
@@ -45,10 +46,12 @@ class Report(enum.Enum):
 
 
 def parse_networks(items: list[str]) -> list[Network]:
-    return [ipaddress.ip_network(item, strict=False) for item in items]
+    """As trusted_networks reads them (an IPv4-mapped entry is its IPv4 network)."""
+    return [parse_network(item) for item in items]
 
 
 def in_networks(ip: IPAddress, networks: list[Network]) -> bool:
+    ip = unmap(ip)  # (a dual-stack listener's IPv4 clients)
     return any(ip.version == net.version and ip in net for net in networks)
 
 

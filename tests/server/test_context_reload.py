@@ -31,3 +31,15 @@ def test_use_config_takes_the_new_networks_and_name(tmp_path: Path) -> None:
     assert ctx.proxy_allowed(balancer) and ctx.normalize_bare_lf(balancer)
     assert ctx.hostname == "mx2.mailgate.org"
     assert ctx.config.server.proxy_from == ["192.0.2.0/24"]
+
+
+def test_proxy_from_reads_addresses_as_trusted_networks_does(tmp_path: Path) -> None:
+    # An IPv4-mapped entry never matched (check-config said OK, and every header of
+    # the balancer was refused as "not an address of server.proxy_from"); nor did a
+    # dual-stack listener's mapped form of an IPv4 balancer.
+    ctx = build_context(load_config(str(_config(
+        tmp_path, 'proxy_from = ["::ffff:127.0.0.1"]\nnormalize_bare_lf_from = ["192.0.2.0/24"]\n'
+    ))))
+    assert ctx.proxy_allowed(ipaddress.ip_address("127.0.0.1"))
+    assert ctx.normalize_bare_lf(ipaddress.ip_address("::ffff:192.0.2.77"))
+    assert not ctx.proxy_allowed(ipaddress.ip_address("127.0.0.2"))
