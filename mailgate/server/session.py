@@ -376,8 +376,9 @@ class Session(asyncio.Protocol):
                 await self._input_waiter(loop.time() + settings.command_timeout)
                 self._waiter = None
                 if self._timed_out:
+                    in_data = conn.in_data  # (before the timeout ends the transaction)
                     conn.timeout()
-                    self.log_event("timeout", in_data=conn.in_data, unread_replies=True)
+                    self.log_event("timeout", in_data=in_data, unread_replies=True)
                 continue
             event = conn.next_event()
             if event is ev.NEED_DATA:
@@ -388,8 +389,9 @@ class Session(asyncio.Protocol):
                     conn.shutdown()
                     continue
                 if self._timed_out:
+                    in_data = conn.in_data  # (before the timeout ends the transaction)
                     conn.timeout()
-                    self.log_event("timeout", in_data=conn.in_data)
+                    self.log_event("timeout", in_data=in_data)
                     continue
                 if self._paused and self.transport is not None and not self._write_paused:
                     self._paused = False

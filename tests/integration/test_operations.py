@@ -701,3 +701,22 @@ def test_a_proxy_header_without_the_clients_address_is_never_trusted(
         assert srv.log().count("proxy=no_client_address") == 2
     finally:
         srv.stop()
+
+
+def test_a_timeout_in_the_data_is_logged_as_one(tmp_path: Path) -> None:
+    # (the line said in_data=false: it was read after the timeout ended the data)
+    srv = start_server(tmp_path, f'[server]\nspool_dir = "{tmp_path}/spool"\n'
+                       "data_timeout = 1\ncommand_timeout = 1\n")
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            sock.sendall(b"EHLO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                         b"RCPT TO:<root@localhost>\r\nDATA\r\n")
+            read_until(sock, b"354 ")
+            sock.sendall(b"Subject: then nothing more\r\n")
+            assert b"421 4.4.2 " in read_until(sock, b"421 ")
+        assert wait_for(lambda: "event=close" in srv.log())
+        log = srv.log()
+        assert re.search(r"event=timeout .*in_data=true", log), log
+        assert "outcome=aborted reason=timeout" in log
+    finally:
+        srv.stop()
