@@ -35,8 +35,13 @@ class HeloStep(Step):
         literal_must_match: bool = False,
     ) -> None:
         self._hostname = hostname
+        names = [n for n in (hostname, *local_names) if n]
         # compared by domain_key: our name in A-labels is our name too
-        self._ours = frozenset(domain_key(n.rstrip(".")) for n in (hostname, *local_names) if n)
+        self._ours = frozenset(domain_key(n.rstrip(".")) for n in names if not n.startswith("["))
+        # our addresses named as literals in local_names ("[192.0.2.1]")
+        self._our_addresses = frozenset(
+            unmap(address) for n in names if (address := parse_literal(n)) is not None
+        )
         self._hangup = refusal == "hangup"
         self._literal_must_match = literal_must_match
 
@@ -90,6 +95,13 @@ class HeloStep(Step):
         address = parse_literal(lower)
         if address is None:
             return "literal", "bad address literal"
+        # Our own address (the one the client connected to, or one local_names lists)
+        # claimed by a stranger is the same lie as our name.
+        ours = unmap(address) in self._our_addresses or (
+            client.local_ip is not None and unmap(address) == unmap(client.local_ip)
+        )
+        if ours and not (_is_local_client(client) and is_trusted(client)):
+            return "impersonation", "that is my address"
         if self._literal_must_match and unmap(address) != unmap(client.ip):
             return "literal_mismatch", "address literal is not your address"
         return None

@@ -500,6 +500,10 @@ def test_check_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         # errors end up in logs: never the password
         ('[greylist]\nredis_url = "redis://:Sup3rSecret@127.0.0.1:700000/0"',
          "greylist.redis_url: 'redis://:***@127.0.0.1:700000/0': Port out of range 0-65535"),
+        # a name a HELO is compared with, which a typo would never match
+        ('[policy]\nlocal_names = ["[IPv6:zz]"]',
+         "policy.local_names: '[IPv6:zz]': not an address literal such as [192.0.2.1] or "
+         "[IPv6:2001:db8::1]"),
         # taken as the whole /8 before: a whole network could send PROXY headers
         ('[server]\nproxy_from = ["10.1.2.3/8"]',
          'server.proxy_from[1]: "10.1.2.3/8": 10.1.2.3/8 has host bits set'),

@@ -170,3 +170,16 @@ def test_weird_names_never_raise_and_never_inject_lines(
         assert wire.count(b"\r\n") == 1 and wire.endswith(b"\r\n")
         assert wire[:3] in (b"550", b"421")
         assert verdict.close == hangup
+
+
+def test_a_stranger_claiming_our_address_is_refused_as_claiming_our_name() -> None:
+    # (the address it connected to, or one local_names lists as a literal)
+    helo = HeloStep(HOST, ["[198.51.100.7]", "[IPv6:2001:db8::25]"])
+    stranger = client("203.0.113.5", local_ip="192.0.2.250")
+    for claim in ("[192.0.2.250]", "[198.51.100.7]", "[IPv6:2001:db8::25]",
+                  "[IPv6:::ffff:192.0.2.250]"):
+        verdict = run(helo.helo(stranger, claim))
+        assert verdict.reply is not None and "that is my address" in verdict.reply.text, claim
+    assert run(helo.helo(stranger, "[203.0.113.5]")).reply is None  # its own: fine
+    itself = client("192.0.2.250", local_ip="192.0.2.250", trusted=True)
+    assert run(helo.helo(itself, "[192.0.2.250]")).reply is None
