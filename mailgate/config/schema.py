@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from mailgate.config.auth import AuthConfig, TLSConfig
@@ -28,18 +29,21 @@ class Config:
             raise ValueError("listener: at least one [[listener]] (with none, no mail is taken)")
         # Two listeners on one address would fail at bind: say so in check-config
         # already.  Port 0 asks the kernel for a free port, a different one each time.
-        seen: dict[str, int] = {}
+        seen: dict[tuple[object, int], int] = {}
         for n, entry in enumerate(self.listener, 1):
-            address = entry.address.lower()
-            port = address.rpartition(":")[2]
-            if port.isdigit() and int(port) == 0:
+            host, port = _host_port(entry.address)
+            problem = _bind_problem(host)
+            if problem:
+                raise ValueError(f"listener[{n}].address: {entry.address}: {problem}")
+            if port == 0:
                 continue
-            if address in seen:
-                raise ValueError(
-                    f"listener[{n}].address: {entry.address} is already the address of "
-                    f"listener[{seen[address]}]"
-                )
-            seen[address] = n
+            for (other, other_port), m in seen.items():
+                if other_port == port and _overlap(host, other):
+                    raise ValueError(
+                        f"listener[{n}].address: {entry.address} overlaps the address of "
+                        f"listener[{m}] ({self.listener[m - 1].address}): both cannot listen"
+                    )
+            seen[(host, port)] = n
         for n, entry in enumerate(self.listener, 1):
             # Settings that leave a listener unable to take any mail, refused here
             # rather than found by the first client.
@@ -65,3 +69,35 @@ class Config:
                     raise ValueError(
                         f"listener[{n}].require_tls: STARTTLS needs [tls] cert and key"
                     )
+
+
+def _host_port(address: str) -> tuple[object, int]:
+    """(an ip_address, or the host name in lower case; the port) of "HOST:PORT" (the
+    loader has checked the form)."""
+    host, _, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") else host
+    try:
+        parsed: object = ipaddress.ip_address(host)
+    except ValueError:
+        parsed = host.lower()
+    return parsed, int(port) if port.isdigit() else -1
+
+
+def _bind_problem(host: object) -> str | None:
+    """What the kernel would refuse at bind, said before: EINVAL for these."""
+    if isinstance(host, ipaddress.IPv6Address):
+        if host.ipv4_mapped is not None:
+            return f"write the IPv4 address {host.ipv4_mapped} (a mapped one cannot be bound)"
+        if host.is_link_local and not host.scope_id:
+            return "a link-local address needs its interface, as in [fe80::1%eth0]"
+    return None
+
+
+def _overlap(a: object, b: object) -> bool:
+    """Whether listening on both, on one port, fails: the same address (however
+    written), or a wildcard (0.0.0.0, ::) and an address of its family."""
+    if a == b:
+        return True
+    if isinstance(a, ipaddress.IPv4Address | ipaddress.IPv6Address) and type(a) is type(b):
+        return a.is_unspecified or b.is_unspecified  # type: ignore[attr-defined]
+    return False

@@ -310,8 +310,37 @@ def test_two_listeners_on_one_address(tmp_path: Path) -> None:
         '[[listener]]\naddress = "0.0.0.0:25"\nrole = "submission"'
     )
     assert errors_of(tmp_path, text) == [
-        "mailgate.toml: listener[3].address: 0.0.0.0:25 is already the address of listener[1]"
+        "mailgate.toml: listener[3].address: 0.0.0.0:25 overlaps the address of listener[1] "
+        "(0.0.0.0:25): both cannot listen"
     ]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "problem"),
+    [
+        # the same address written two ways, and a wildcard with an address of its family
+        ("[::1]:2525", "[0:0::1]:2525", "overlaps the address of listener[1]"),
+        ("127.0.0.1:2525", "0.0.0.0:2525", "overlaps the address of listener[1]"),
+        ("[::1]:2525", "[::]:2525", "overlaps the address of listener[1]"),
+        # what bind refuses with EINVAL
+        ("[::ffff:127.0.0.1]:2525", None, "write the IPv4 address 127.0.0.1"),
+        ("[fe80::1]:2525", None, "a link-local address needs its interface"),
+    ],
+)
+def test_listener_addresses_serve_could_not_bind(
+    tmp_path: Path, first: str, second: str | None, problem: str
+) -> None:
+    text = f'[[listener]]\naddress = "{first}"\n'
+    if second:
+        text += f'[[listener]]\naddress = "{second}"\n'
+    [error] = errors_of(tmp_path, text)
+    assert problem in error
+
+
+def test_ipv4_and_ipv6_wildcards_share_a_port(tmp_path: Path) -> None:
+    path = tmp_path / "mailgate.toml"
+    path.write_text('[[listener]]\naddress = "0.0.0.0:25"\n[[listener]]\naddress = "[::]:25"')
+    assert len(load_config(str(path)).listener) == 2
 
 
 def test_listeners_on_port_zero_get_a_free_port_each(tmp_path: Path) -> None:
