@@ -96,11 +96,13 @@ class HeloStep(Step):
         if address is None:
             return "literal", "bad address literal"
         # Our own address (the one the client connected to, or one local_names lists)
-        # claimed by a stranger is the same lie as our name.
-        ours = unmap(address) in self._our_addresses or (
-            client.local_ip is not None and unmap(address) == unmap(client.local_ip)
+        # claimed by a stranger is the same lie as our name; a client naming its own
+        # address tells the truth (this machine talking to itself, say).
+        claimed = unmap(address)
+        ours = claimed in self._our_addresses or (
+            client.local_ip is not None and claimed == unmap(client.local_ip)
         )
-        if ours and not (_is_local_client(client) and is_trusted(client)):
+        if ours and claimed != unmap(client.ip):
             return "impersonation", "that is my address"
         if self._literal_must_match and unmap(address) != unmap(client.ip):
             return "literal_mismatch", "address literal is not your address"
