@@ -197,6 +197,20 @@ def setting_warnings(config: Config) -> list[str]:
                 "STARTTLS refuses every MTA that does not offer it (RFC 3207 4: a "
                 "publicly-referenced server MUST NOT require it)"
             )
+        if listener.role != "public" and not config.auth.users_file:
+            found.append(
+                f"listener[{n}].role: {listener.role} without [auth] users_file takes mail "
+                "from anyone, as port 25 does (RFC 6409 4.3: submission is for users "
+                "who authenticate)"
+            )
+    # RFC 5321 4.5.3.2: a client waits at least 5 minutes for most replies and the
+    # server SHOULD wait as long; shorter cuts off slow but honest senders
+    server = config.server
+    for key, value, least in (("command_timeout", server.command_timeout, 300),
+                              ("data_timeout", server.data_timeout, 180)):
+        if value < least:
+            found.append(f"server.{key}: {value:g} s is below RFC 5321 4.5.3.2's "
+                         f"{least} s: slow but honest clients are cut off")
     return found
 
 

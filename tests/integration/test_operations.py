@@ -134,6 +134,24 @@ def test_settings_an_administrator_should_know_of_are_warnings(tmp_path: Path) -
     assert lines[1].startswith(f"{config}: warning: listener[1].require_tls: a public")
 
 
+def test_submission_without_users_and_short_timeouts_are_warnings(tmp_path: Path) -> None:
+    config = tmp_path / "checked.toml"
+    config.write_text(
+        f'[server]\nhostname = "mx.mailgate.test"\nspool_dir = "{tmp_path}/s"\n'
+        "command_timeout = 30\n"
+        f'[[listener]]\naddress = "127.0.0.1:2525"\nrole = "submission"\n'
+        f'[delivery]\nmaildir_root = "{tmp_path}/m"\n'
+    )
+    checked = _cli("check-config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    lines = _without_root_warning(checked.stderr).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"{config}: warning: listener[1].role: submission without "
+                               "[auth] users_file takes mail from anyone")
+    assert lines[1].startswith(f"{config}: warning: server.command_timeout: 30 s is below "
+                               "RFC 5321 4.5.3.2's 300 s")
+
+
 def _without_root_warning(stderr: str) -> str:
     """check-config's output but the warning of running as root with no server.user
     (the tests may run as root; test_root_without_a_user_is_a_warning covers it)."""
