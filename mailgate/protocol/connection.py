@@ -587,6 +587,10 @@ class Connection:
             if len(env.envid) > 100:  # RFC 3461 4.4
                 raise GrammarError("syntax.param_value", param=kw)
         elif kw == "AUTH":
+            # RFC 4954 5 defines it for a server that offers AUTH; elsewhere it is a
+            # parameter as unknown as any other (RFC 5321 4.1.1.11: 555)
+            if not self._offered_mechanisms():
+                raise GrammarError("syntax.param", param=kw)
             if value is None:
                 raise GrammarError("syntax.param_value", param=kw)
             env.auth = decode_xtext(value, kw)

@@ -140,7 +140,7 @@ def test_dsn_parameters_are_parsed_and_kept() -> None:
      "ENVID=abc+FF", "ENVID=abc+0D+0A", "AUTH=joe+00"],
 )
 def test_bad_mail_dsn_parameters(param: str) -> None:
-    s = Session()
+    s = Session(auth_mechanisms=("PLAIN",), allow_plaintext_auth=True)
     assert mail(s, param) == ["501 5.5.4"]
 
 
@@ -175,9 +175,15 @@ def test_a_raw_utf8_original_recipient_with_smtputf8() -> None:
 
 
 def test_auth_mail_parameter_is_xtext() -> None:
-    s = Session()
+    s = Session(auth_mechanisms=("PLAIN",), allow_plaintext_auth=True)
     assert mail(s, "AUTH=joe+40example.net") == ["250 2.1.0"]
     assert s.conn.envelope.auth == "joe@example.net"
+
+
+def test_the_auth_mail_parameter_needs_auth_offered() -> None:
+    # RFC 4954 5 defines it for a server that offers AUTH; elsewhere it is as
+    # unknown as any other parameter (RFC 5321 4.1.1.11)
+    assert mail(Session(), "AUTH=<>") == ["555 5.5.4"]
 
 
 def test_a_parameter_given_twice_is_named_so() -> None:
