@@ -17,6 +17,7 @@ import itertools
 import math
 import os
 import shutil
+import socket
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -205,9 +206,13 @@ class Session(asyncio.Protocol):
         self._eof = True
         self._wake()
         # Kept open for our replies to what the client sent before its FIN; closed
-        # by _cleanup once they are written.  A TLS transport cannot stay half-open
-        # (asyncio warns and closes it anyway), so it is not asked to.
-        return not (self.client is not None and self.client.tls)
+        # by _cleanup once they are written.  A TLS transport cannot stay half-open:
+        # asyncio shuts it down after the client's FIN or close_notify and drops
+        # what is written meanwhile, so nothing more can be said (_lost).
+        if self.client is not None and self.client.tls:
+            self._lost = True
+            return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -408,6 +413,12 @@ class Session(asyncio.Protocol):
             if isinstance(event, ev.BodyChunk):
                 self._write_body(event.data)
                 continue
+            if self._lost or (isinstance(event, ev.MessageEnd) and self._tls_half_closed()):
+                # Nobody left to answer (a reset; a TLS client that half-closed, which
+                # asyncio's TLS cannot answer): what is still buffered is not acted on.
+                # Above all a message is not delivered whose 250 cannot arrive: its
+                # client retries it, and the first copy would be a duplicate.
+                return
             self._busy = True
             try:
                 await self._dispatch(event)
@@ -664,6 +675,27 @@ class Session(asyncio.Protocol):
         assert client is not None
         self.log_event("tls", outcome="ok", version=client.tls_version, cipher=client.tls_cipher)
         self.server.metrics.tls("ok", client.tls_version or "")
+
+    def _tls_half_closed(self) -> bool:
+        """Whether a TLS client has shut its side (a FIN, a close_notify): asyncio's
+        TLS then drops what we write and tells us only once it has given up on the
+        connection, too late for a message whose data came with the FIN.  Its socket
+        knows at once: a peek there reads the end of the stream."""
+        client = self.client
+        transport = self.transport
+        if client is None or not client.tls or transport is None:
+            return False
+        raw = transport.get_extra_info("socket")
+        if raw is None:
+            return False
+        try:
+            # (a duplicate of the descriptor: uvloop's socket object has no recv)
+            with socket.socket(fileno=os.dup(raw.fileno())) as sock:
+                return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False  # nothing pending: the client is still there
+        except OSError:
+            return True  # reset, or gone
 
     def _note_tls(self, transport: asyncio.BaseTransport) -> None:
         client = self.client

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import shutil
@@ -20,7 +21,7 @@ import pytest
 import scramp
 import trustme
 
-from tests.integration.server import RunningServer, start_server
+from tests.integration.server import RunningServer, read_until, start_server, wait_for
 
 HOST = "mx.mailgate.test"
 PASSWORD = "correct horse battery staple"
@@ -341,3 +342,30 @@ def test_sighup_reloads_certificates_without_dropping_sessions(
     assert after[0] == after[1]
     assert open_session.noop()[0] == 250  # the session from before the reload goes on
     open_session.quit()
+
+
+def test_a_tls_client_that_half_closes_gets_no_copy_delivered_without_its_250(
+    tls_server: RunningServer, ca: trustme.CA
+) -> None:
+    # asyncio's TLS cannot answer after the client's FIN or close_notify: the
+    # message was delivered and logged 250 while the client saw no reply, so it
+    # sent it again.  Not delivered now: the client's retry is the one copy.
+    public, _, _ = _ports(tls_server)
+    with socket.create_connection(("127.0.0.1", public), timeout=10) as raw:
+        read_until(raw, b"220 ")
+        raw.sendall(b"EHLO client.mailgate.org\r\n")
+        read_until(raw, b"250 ")
+        raw.sendall(b"STARTTLS\r\n")
+        read_until(raw, b"220 ")
+        tls = _client_context(ca).wrap_socket(raw, server_hostname="mx.mailgate.test")
+        tls.sendall(b"EHLO client.mailgate.org\r\nMAIL FROM:<carol@client.mailgate.org>\r\n"
+                    b"RCPT TO:<alice@mx.mailgate.test>\r\nDATA\r\n")
+        assert b"354 " in read_until(tls, b"354 ")
+        tls.sendall(MESSAGE + b".\r\nQUIT\r\n")
+        tls.shutdown(socket.SHUT_WR)  # the TCP connection's half-close
+        with contextlib.suppress(OSError):
+            while tls.recv(4096):
+                pass
+    assert wait_for(lambda: "event=close" in tls_server.log())
+    assert tls_server.messages("alice") == []
+    assert "outcome=aborted" in tls_server.log()
