@@ -468,8 +468,10 @@ class Session(asyncio.Protocol):
         elif isinstance(event, ev.AuthResponse):
             await self._auth_step(event.data)
         elif isinstance(event, ev.AuthAborted):
+            tried = self._exchange.user if self._exchange is not None else None
             self._exchange = None
-            self.log_event("auth", outcome="aborted")
+            self.log_event("auth", mechanism=self._auth_mechanism or "?", outcome="aborted",
+                           **({"user": tried} if tried is not None else {}))
             server.metrics.auth(self._auth_mechanism or "?", "aborted")
         elif isinstance(event, ev.Verify):
             addr = event.address
@@ -528,7 +530,8 @@ class Session(asyncio.Protocol):
             and not auth.may_send_as(conn.authenticated, str(sender))
         ):
             r = reply("auth.sender_not_owned", address=str(sender), user=conn.authenticated)
-            self.log_event("mail", sender=str(sender), code=r.code, enhanced=r.enhanced)
+            self.log_event("mail", sender=str(sender), code=r.code, enhanced=r.enhanced,
+                           check="sender_owner", reason="not_owned", user=conn.authenticated)
             await self._answer(Verdict(r))
             return
         client.filter_state = "TRUSTED" if client.trusted else "ACCEPT"

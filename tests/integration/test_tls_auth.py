@@ -207,6 +207,10 @@ def test_auth_errors(tls_server: RunningServer, ca: trustme.CA) -> None:
         assert smtp.docmd("*")[:1] == (501,)
         # An empty initial response is valid SASL framing but not a PLAIN message.
         assert smtp.docmd("AUTH", "PLAIN =") == (501, b"5.5.2 Malformed authentication response")
+    # the cancelled exchange names its mechanism (it said only outcome=aborted)
+    assert wait_for(lambda: "outcome=aborted" in tls_server.log())
+    [aborted] = [x for x in tls_server.log().splitlines() if "outcome=aborted" in x]
+    assert "mechanism=LOGIN" in aborted
 
 
 def test_cram_md5_and_scram(tls_server: RunningServer, ca: trustme.CA) -> None:
@@ -244,6 +248,9 @@ def test_authenticated_relay_goes_through_smarthost(
         code, text = smtp.docmd("MAIL", "FROM:<bob@mx.mailgate.test>")
         assert (code, text[:5]) == (553, b"5.7.1")
         smtp.sendmail("alice@mx.mailgate.test", ["dave@remote.example.net"], MESSAGE)
+    # the refusal's line names the user and the check, as other refusals do
+    [refused] = [x for x in tls_server.log().splitlines() if "code=553" in x]
+    assert "user=alice" in refused and "check=sender_owner" in refused
     deadline = time.monotonic() + 5
     while not sink.messages and time.monotonic() < deadline:
         time.sleep(0.05)
