@@ -17,6 +17,7 @@ whole append and a dead one no longer does.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import glob
 import logging
@@ -273,7 +274,23 @@ def _open_mbox(path: str) -> tuple[int, bool]:
     try:
         return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
     except FileExistsError:
-        return os.open(path, flags), False
+        fd = os.open(path, flags)
+    # An existing mailbox must be one we made: in a directory local users write in,
+    # one of them could make /var/mail/bob first, readable to itself and writable to
+    # us, and read bob's mail; or a hard link to a file of ours.  (As root, files are
+    # taken as they are: per-user mailboxes belong to their users.)
+    info = os.fstat(fd)
+    euid = os.geteuid()
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or (
+        euid != 0 and info.st_uid != euid
+    ):
+        os.close(fd)
+        raise PermissionError(
+            errno.EPERM,
+            f"not written: not a file of ours (owner uid {info.st_uid}, "
+            f"{info.st_nlink} links): made by someone else?",
+        )
+    return fd, False
 
 
 def _fsync_dir(directory: str) -> None:

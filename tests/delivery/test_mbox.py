@@ -6,8 +6,10 @@ import asyncio
 import errno
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -388,3 +390,52 @@ def test_a_lock_planted_by_another_user_never_cuts_the_mailbox(tmp_path: Path) -
     os.chown(lock, 4242, 4242)
     assert dest.recover_dead_appends() == 1  # the dead lock goes...
     assert b"Subject: kept" in box.read_bytes()  # ...and the mailbox stays whole
+
+
+def test_a_hard_link_where_the_mailbox_should_be_is_not_written(tmp_path: Path) -> None:
+    # another name of some file of ours (a local user may link to files it cannot read)
+    dest = mbox(tmp_path)
+    (tmp_path / "mail").mkdir()
+    other = tmp_path / "mail" / "ours"
+    other.write_bytes(b"someone's data\n")
+    os.link(other, tmp_path / "mail" / "alice")
+    env = envelope("alice@example.org")
+    spool = spooled(tmp_path, b"Subject: s\r\n\r\nx\r\n", env)
+    assert asyncio.run(dest.deliver(env, TRACE, spool, alice()))[0].reply.code == 451
+    assert other.read_bytes() == b"someone's data\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")
+def test_a_mailbox_made_by_a_local_user_first_is_not_written() -> None:
+    # /var/mail/bob made by mallory before bob's first mail, readable to mallory and
+    # writable to us: bob's mail would have gone to mallory.  The server runs as its
+    # own user (a child that drops to nobody here); the file is someone else's.
+    tmp_path = Path(tempfile.mkdtemp())  # (pytest's own is root's alone: nobody cannot enter)
+    tmp_path.chmod(0o755)
+    (tmp_path / "mail").mkdir()
+    (tmp_path / "mail").chmod(0o1777)
+    squatted = tmp_path / "mail" / "bob"
+    squatted.write_bytes(b"")
+    squatted.chmod(0o666)  # (root's: not nobody's)
+    code = f"""
+import os, pwd, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from delivery_helpers import envelope
+from mailgate.config.delivery import MboxConfig
+from mailgate.delivery.mbox import append_message
+nobody = pwd.getpwnam("nobody")
+os.setgid(nobody.pw_gid); os.setuid(nobody.pw_uid)
+try:
+    append_message({str(squatted)!r}, envelope("bob@example.org"), b"Subject: s\\r\\n\\r\\nx\\r\\n",
+                   MboxConfig(path={str(tmp_path / "mail" / "{user}")!r}))
+except PermissionError as exc:
+    print("refused:", exc)
+"""
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60, cwd="/")
+        assert "refused: " in done.stdout and "not a file of ours" in done.stdout, (
+            done.stdout + done.stderr)
+        assert squatted.read_bytes() == b""
+    finally:
+        shutil.rmtree(tmp_path)
