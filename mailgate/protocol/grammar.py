@@ -67,7 +67,11 @@ def parse_address_literal(text: str) -> str:
     if inner == "":
         return "[]"
     if inner[:5].lower() == "ipv6:":
-        return f"[IPv6:{_ipv6(inner[5:]).compressed}]"
+        address = _ipv6(inner[5:])
+        # RFC 5952 5: an IPv4-mapped address keeps its dotted quad (3.11 writes
+        # ::ffff:7f00:1 for ::ffff:127.0.0.1)
+        mapped = address.ipv4_mapped
+        return f"[IPv6:::ffff:{mapped}]" if mapped else f"[IPv6:{address.compressed}]"
     if inner[:1].isdigit() and ":" not in inner:
         return f"[{_ipv4(inner)}]"
     if _GENERAL_TAG.match(inner):

@@ -23,6 +23,9 @@ def rcpt(path: str) -> tuple[list[str], ev.Event | None]:
         ("[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]"),
         ("[IPv6:1:2:3:4:5:6::]", "[IPv6:1:2:3:4:5:6::]"),  # "::" for two groups
         ("[IPv6:1:2:3:4::1.2.3.4]", "[IPv6:1:2:3:4::102:304]"),
+        # RFC 5952 5: an IPv4-mapped address keeps its dotted quad
+        ("[IPv6:::ffff:127.0.0.1]", "[IPv6:::ffff:127.0.0.1]"),
+        ("[IPv6:::FFFF:7f00:1]", "[IPv6:::ffff:127.0.0.1]"),
         ("[001.002.003.004]", "[1.2.3.4]"),  # Snum = 1*3DIGIT: leading zeros are decimal
     ],
 )
