@@ -16,7 +16,9 @@ reload: a SIGHUP must not hand a guesser a fresh budget.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import ipaddress
 import mmap
 import os
 import time
@@ -183,6 +185,21 @@ class ThrottleLimits:
     max_delay: float
 
 
+@functools.lru_cache(maxsize=1024)
+def _address_key(client_ip: str) -> str:
+    """The count a client address falls in: an IPv6 client by its /64, which one
+    site (one guesser) holds whole and may pick any address of."""
+    try:
+        address = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return f"ip:{client_ip}"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # (a dual-stack listener's IPv4 client)
+            return f"ip:{address.ipv4_mapped}"
+        return f"ip:{ipaddress.IPv6Network((address, 64), strict=False)}"
+    return f"ip:{address}"
+
+
 class Throttle:
     def __init__(self, limits: ThrottleLimits, counter: Failures) -> None:
         self.limits = limits
@@ -190,7 +207,7 @@ class Throttle:
 
     def attempt(self, client_ip: str) -> None:
         """An exchange starts: a failure of the address until it ends otherwise."""
-        self.counter.add(f"ip:{client_ip}")
+        self.counter.add(_address_key(client_ip))
 
     def failure(self, user: str | None) -> None:
         """The exchange failed (its address was counted at its start)."""
@@ -198,15 +215,15 @@ class Throttle:
             self.counter.add(f"user:{user}")
 
     def success(self, client_ip: str, user: str) -> None:
-        self.counter.sub(f"ip:{client_ip}")
+        self.counter.sub(_address_key(client_ip))
         self.counter.reset(f"user:{user}")
 
     def not_counted(self, client_ip: str) -> None:
         """The exchange failed for a fault of ours (454): not the client's failure."""
-        self.counter.sub(f"ip:{client_ip}")
+        self.counter.sub(_address_key(client_ip))
 
     def client_failures(self, client_ip: str) -> int:
-        return self.counter.get(f"ip:{client_ip}")
+        return self.counter.get(_address_key(client_ip))
 
     def delay(self, client_ip: str, user: str | None) -> float:
         """Seconds to wait before answering a failure: grows with the larger count."""

@@ -68,6 +68,17 @@ def test_454_then_421(make_auth: Callable[..., Authenticator]) -> None:
     assert throttle(auth, "192.0.2.200") is None  # another client is not affected
 
 
+def test_an_ipv6_client_is_counted_by_its_64(make_auth: Callable[..., Authenticator]) -> None:
+    # One site holds a whole /64 and may use any address of it: per address, a
+    # guesser spreading over it was never answered 454 or 421.
+    auth = make_auth(throttle_after=2, throttle_close_after=4)
+    for n in range(2):
+        fail(auth, ip=f"2001:db8:1:2::{n + 1}")
+    assert throttle(auth, "2001:db8:1:2:ffff::99") == "auth.throttled"
+    assert throttle(auth, "2001:db8:1:3::1") is None  # the next /64 is someone else
+    assert throttle(auth, "::ffff:192.0.2.77") is None  # IPv4 (mapped) per address
+
+
 def test_malformed_responses_count_too(make_auth: Callable[..., Authenticator]) -> None:
     auth = make_auth(throttle_after=1)
     attempt(auth, b"garbage")
