@@ -47,7 +47,12 @@ class ConnectionCounts:
         self._key = os.urandom(16)
 
     def _slots(self, ip: IPAddress) -> tuple[int, int]:
-        """The address's two slots, from one keyed hash (see the module)."""
+        """The address's two slots, from one keyed hash (see the module).  An IPv6
+        client counts by its /64: one site holds it whole and may connect from any
+        of its addresses; an IPv4-mapped one as its IPv4 address."""
+        if isinstance(ip, ipaddress.IPv6Address):
+            mapped = ip.ipv4_mapped
+            ip = mapped if mapped is not None else ipaddress.IPv6Address(int(ip) >> 64 << 64)
         h = int.from_bytes(blake2b(ip.packed, digest_size=8, key=self._key).digest(), "big")
         return 1 + (h & _SLOT_MASK), 1 + SLOTS + ((h >> 32) & _SLOT_MASK)
 

@@ -92,3 +92,16 @@ def test_a_chosen_ipv6_address_cannot_hold_another_clients_limit() -> None:
     assert counts.try_add(victim, max_total=100, max_per_ip=3) is None
     # and the slots are secret: two servers (two keys) put one address apart
     assert ConnectionCounts()._slots(victim) != ConnectionCounts()._slots(victim)
+
+
+def test_an_ipv6_client_counts_by_its_64() -> None:
+    # one site may connect from any of its 2^64 addresses
+    counts = ConnectionCounts()
+    for n in range(2):
+        assert counts.try_add(ipaddress.ip_address(f"2001:db8:1:2::{n + 1}"), 100, 2) is None
+    assert counts.try_add(ipaddress.ip_address("2001:db8:1:2:ab::7"), 100, 2) == "address"
+    assert counts.try_add(ipaddress.ip_address("2001:db8:1:3::1"), 100, 2) is None
+    # a dual-stack listener's IPv4 client is its IPv4 address
+    counts.try_add(ipaddress.ip_address("192.0.2.1"), 100, 2)
+    counts.try_add(ipaddress.ip_address("::ffff:192.0.2.1"), 100, 2)
+    assert counts.from_address(ipaddress.ip_address("192.0.2.1")) == 2
