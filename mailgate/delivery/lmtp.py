@@ -212,6 +212,11 @@ class LMTPDestination:
         try:
             if conn is None:
                 conn = await self._connect()
+            if not address.local.isascii() and not conn.supports("SMTPUTF8"):
+                # no form of it the server could take (a domain has its A-labels):
+                # RFC 6531's refusal, not "user unknown"
+                self._idle_verifiers.append(conn)
+                return reply("rcpt.utf8_unsupported")
             utf8 = conn.supports("SMTPUTF8") and not str(address).isascii()
             mail, rcpts = await conn.transaction(
                 "MAIL FROM:<> SMTPUTF8" if utf8 else "MAIL FROM:<>",

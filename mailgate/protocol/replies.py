@@ -185,6 +185,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "rcpt.no_route":          Template(550, "5.4.4", "No route to <{address}>: this server relays to no other domain"),
     "rcpt.loopback_disabled": Template(550, "5.7.1", "Loopback address form user@[] not accepted"),
     "rcpt.bad_mailbox":       Template(553, "5.1.3", "<{address}>: mailbox name not allowed here"),
+    "rcpt.utf8_unsupported":  Template(553, "5.6.7", "Non-ASCII addresses not permitted for that recipient"),
     # --- policy: access lists, DNSBL, greylisting (upas filter states) -------
     "access.denied":          Template(550, "5.7.1", "We don't accept mail from {sender}.\nContact postmaster@{host} for more information."),
     "access.client_denied":   Template(550, "5.7.1", "Access denied for {ip}.\nContact postmaster@{host} for more information."),

@@ -202,13 +202,16 @@ def test_verify_recipient_keeps_a_refusal_that_is_not_user_unknown() -> None:
 
         async def run() -> list[object]:
             answers = [await dest.verify_recipient(Address(user, DOMAIN))
-                       for user in ("alice", "nobody", "plain", "full", "later")]
+                       for user in ("alice", "nobody", "plain", "full", "later", "j\u00f6rg")]
             await dest.aclose()
             return answers
 
-        ok, unknown, plain, full, later = asyncio.run(run())
+        ok, unknown, plain, full, later, utf8 = asyncio.run(run())
     finally:
         controller.stop()
+    # a server without SMTPUTF8 can have no such mailbox: RFC 6531's 553 5.6.7, not
+    # "user unknown" (it was 550 5.1.1)
+    assert isinstance(utf8, Reply) and (utf8.code, utf8.enhanced) == (553, "5.6.7")
     assert (ok, unknown, plain) == (True, False, False)
     assert isinstance(full, Reply) and (full.code, full.enhanced) == (550, "5.2.2")
     assert "552 5.2.2 Mailbox full" in full.text
