@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 _HIGH_WATER = 1 << 20
 _REPLIES_PER_WRITE = 256  # at most ~80 KB (EHLO replies) before a write
 LINGER = 15.0  # seconds a session we end reads on (discarding) before it closes
+HALF_CLOSED_DELAY = 2.0  # the most a deliberate delay lasts after the client's FIN
 # Lines a session may log about its commands (HELO, MAIL, RCPT, refusals) before the
 # rest go at "debug": an EHLO or an RCPT past max_recipients is a line of its own
 # and not an error that ends the session, so a client could turn a few bytes of
@@ -54,8 +55,8 @@ LINGER = 15.0  # seconds a session we end reads on (discarding) before it closes
 # message and delivery lines), connect, close, TLS and errors are never held back.
 LOG_LINES_PER_SESSION = 500
 _ALWAYS_LOGGED = frozenset(
-    ("connect", "close", "delivery", "error", "pregreet", "quarantine", "spool", "timeout",
-     "tls")
+    ("auth", "connect", "close", "delivery", "error", "pregreet", "quarantine", "spool",
+     "timeout", "tls")
 )
 # A PROXY v2 header says its own length, up to 16 + 65,535 octets with its TLVs (a
 # balancer's TLS and unique-id TLVs run to hundreds); the parser bounds v1 to 107.
@@ -205,6 +206,8 @@ class Session(asyncio.Protocol):
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
+        if self._lingering:
+            return False  # our last reply is out and the client is done: close now
         # Kept open for our replies to what the client sent before its FIN; closed
         # by _cleanup once they are written.  A TLS transport cannot stay half-open:
         # asyncio shuts it down after the client's FIN or close_notify and drops
@@ -336,27 +339,33 @@ class Session(asyncio.Protocol):
         if pause <= 0 or client.trusted or self.listener.config.role != "public":
             return
         assert self._event_loop is not None
-        await self._sleep(since + pause - self._event_loop.time())
+        await self._sleep(since + pause - self._event_loop.time(), until_eof=True)
         # (an EOF ends the pause early, but what the client sent first still counts:
         # a half-close must not be a way round the pregreet refusal)
         if conn.buffered and not self._lost:
             client.tags[PREGREET] = str(conn.buffered)
             self.log_event("pregreet", octets=conn.buffered)
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float, until_eof: bool = False) -> None:
         """A deliberate delay (greeting pause, HELO delay, tarpit, AUTH failure delay)
         that a client hanging up, or a shutdown, ends early: the session's connection
-        slot is not held for a gone client.  A half-close ends it too: a closed socket
-        looks the same until we write to it, and a client that sends nothing more has
-        no further command to slow down; it gets its replies at once.  Bytes that
-        arrive wake the wait too, which then goes on."""
+        slot is not held for a gone client.  A closed socket and a half-closed one
+        look the same until a write, so after the client's FIN a delay lasts at most
+        HALF_CLOSED_DELAY more: a client that pipelines its guesses and shuts its side
+        is still slowed (not answered at once), and a gone one holds its slot only
+        that long.  ``until_eof`` (the greeting pause, where what the client sent
+        first is noted all the same) ends at the FIN.  Bytes that arrive wake the wait
+        too, which then goes on."""
         loop = self._event_loop
         assert loop is not None
         end = loop.time() + seconds
         while (
-            not (self._lost or self._eof or self._stopping or self._draining)
+            not (self._lost or (until_eof and self._eof) or self._stopping or self._draining)
             and (left := end - loop.time()) > 0
         ):
+            if self._eof and left > HALF_CLOSED_DELAY:
+                end = loop.time() + HALF_CLOSED_DELAY
+                continue
             self._deadline = math.inf  # the server's timeout sweep leaves this wait alone
             waiter = self._waiter = loop.create_future()
             with contextlib.suppress(TimeoutError):
@@ -895,7 +904,11 @@ class Session(asyncio.Protocol):
         log = self.log
         if log is None:
             return
-        if name not in _ALWAYS_LOGGED and not (name == "message" and "id" in fields):
+        # (AUTH attempts and policy refusals, "check=", are bounded by the throttle
+        # and max_errors, and are what monitoring such as fail2ban reads)
+        if name not in _ALWAYS_LOGGED and "check" not in fields and not (
+            name == "message" and "id" in fields
+        ):
             self._log_lines += 1
             if self._log_lines > LOG_LINES_PER_SESSION and level != "error":
                 if self._log_lines == LOG_LINES_PER_SESSION + 1:

@@ -738,3 +738,23 @@ def test_a_timeout_in_the_data_is_logged_as_one(tmp_path: Path) -> None:
         assert "outcome=aborted reason=timeout" in log
     finally:
         srv.stop()
+
+
+def test_a_session_we_ended_closes_as_soon_as_its_client_has(tmp_path: Path) -> None:
+    # After our closing reply we read on for up to LINGER (15 s) so that the reply is
+    # not lost in a reset; a client that closed too needs no more: its FIN ends it.
+    srv = start_server(tmp_path, f'[server]\nspool_dir = "{tmp_path}/spool"\nmax_errors = 1\n'
+                       "[policy]\ntrusted_networks = []\n")
+
+    def descriptors() -> int:
+        return len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
+
+    try:
+        before = descriptors()
+        for _ in range(10):
+            with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+                sock.sendall(b"EHLO client.mailgate.org\r\nVRFY\r\nNOOP\r\n")
+                assert b"421 " in read_until(sock, b"421 ")
+        assert wait_for(lambda: descriptors() <= before, timeout=5)
+    finally:
+        srv.stop()

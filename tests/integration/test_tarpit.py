@@ -319,3 +319,20 @@ def test_a_client_that_hangs_up_is_not_held_in_its_tarpit(tmp_path: Path) -> Non
             assert smtp.noop()[0] == 250
     finally:
         srv.stop()
+
+
+def test_a_half_close_is_no_way_round_the_tarpit(tmp_path: Path) -> None:
+    # Pipelined guesses and shutdown(SHUT_WR): every verdict came back at once.
+    srv = slowed_server(tmp_path, "tarpit_delay = 1\ntarpit_max_delay = 1")
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=20) as sock:
+            started = time.monotonic()
+            sock.sendall(b"EHLO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                         b"RCPT TO:<nobody-1@localhost>\r\nRCPT TO:<nobody-2@localhost>\r\n"
+                         b"QUIT\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            replies = _read_replies(sock, 6)
+            assert [r[:3] for r in replies] == [b"220", b"250", b"250", b"550", b"550", b"221"]
+            assert time.monotonic() - started >= 2  # the two refusals' delays
+    finally:
+        srv.stop()
