@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import pwd
 import select
 import shutil
 import signal
@@ -168,7 +169,12 @@ class Supervisor:
         listen = self.config.metrics.listen
         if not listen:
             return
-        _remove_dead_metrics_dirs()
+        user = self.config.server.user
+        owners = {os.geteuid()}
+        if user and os.geteuid() == 0:  # (ours were chowned to it: see below)
+            with contextlib.suppress(KeyError):
+                owners.add(pwd.getpwnam(user).pw_uid)
+        _remove_dead_metrics_dirs(owners)
         # (the supervisor's pid in the name: one SIGKILLed cannot remove its own, and
         # the next start knows which are left by a dead one)
         self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
@@ -467,9 +473,10 @@ def _worker(supervisor: Supervisor, index: int, ready_fd: int) -> int:
         flush_logs()
 
 
-def _remove_dead_metrics_dirs() -> None:
+def _remove_dead_metrics_dirs(owners: set[int]) -> None:
     """Remove the metrics directories that supervisors killed outright (SIGKILL, a
-    crash) left behind: ours, named with a process id that no longer runs."""
+    crash) left behind: ours (owned by one of ``owners``), named with a process id
+    that no longer runs."""
     base = tempfile.gettempdir()
     try:
         names = os.listdir(base)
@@ -481,7 +488,7 @@ def _remove_dead_metrics_dirs() -> None:
         pid_text = name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
         path = os.path.join(base, name)
         try:
-            if not pid_text.isdigit() or os.lstat(path).st_uid != os.geteuid():
+            if not pid_text.isdigit() or os.lstat(path).st_uid not in owners:
                 continue
             os.kill(int(pid_text), 0)
         except ProcessLookupError:

@@ -59,7 +59,7 @@ _KEY_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
 # chain is tried first, as one may start with a quoted part ("a".b).
 _KEY_CHAIN = re.compile(
     rf"(?P<chain>{_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART})+)"
-    r'''|"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|'[^'\n]*'|#[^\n]*'''
+    r'''|"""(?:[^\\]|\\[\s\S])*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|'[^'\n]*'|#[^\n]*'''
 )
 _KEY_PARTS = re.compile(_KEY_PART)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")

@@ -78,6 +78,7 @@ class LMTPDestination:
         # a waiting RCPT does not sit through the timeouts of the checks before it.
         self._unreachable_until = 0.0
         self._last_answer = 0.0  # (monotonic) when the server last answered a check
+        self._closed = False  # after aclose: a check still under way closes its connection
 
     async def deliver(
         self,
@@ -215,7 +216,10 @@ class LMTPDestination:
             if not address.local.isascii() and not conn.supports("SMTPUTF8"):
                 # no form of it the server could take (a domain has its A-labels):
                 # RFC 6531's refusal, not "user unknown"
-                self._idle_verifiers.append(conn)
+                if self._closed:
+                    conn.abort()
+                else:
+                    self._idle_verifiers.append(conn)
                 return reply("rcpt.utf8_unsupported")
             utf8 = conn.supports("SMTPUTF8") and not str(address).isascii()
             mail, rcpts = await conn.transaction(
@@ -223,11 +227,11 @@ class LMTPDestination:
                 [f"RCPT TO:{wire_path(address, utf8)}"],
             )
             rset = await conn.command("RSET")
-        except ClientError:
+        except BaseException:  # (a cancelled check too: its connection is in no state)
             if conn is not None:
                 conn.abort()
             raise
-        if rset.ok:
+        if rset.ok and not self._closed:
             self._idle_verifiers.append(conn)
         else:
             conn.abort()
@@ -242,7 +246,8 @@ class LMTPDestination:
         return recipient_failure(Recipient(address), answer)
 
     async def aclose(self) -> None:
-        """Close the cached verification connections (at shutdown)."""
+        """Close the cached verification connections (at shutdown or retirement)."""
+        self._closed = True
         idle, self._idle_verifiers = self._idle_verifiers, []
         for conn in idle:
             await conn.quit()

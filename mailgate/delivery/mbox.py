@@ -22,6 +22,7 @@ import fcntl
 import glob
 import logging
 import os
+import pwd
 import re
 import stat
 import time
@@ -109,6 +110,10 @@ class MboxDestination:
                 log.warning("mbox: refusing unsafe mailbox for %r", str(rcpt.address))
                 paths.append(None)
         distinct = list(dict.fromkeys(p for p in paths if p is not None))
+        # an mbox may be its user's own (a spool of per-user mailboxes, /var/mail/bob
+        # being bob's): the owner, besides the server's user, it may have
+        owners = {p: _account_uid(r.address.local) for r, p in zip(recipients, paths, strict=True)
+                  if p is not None}
         # A small message held in memory is appended from there: asking for its path
         # would write it out to the spool first, only to read it back.
         held = spool.held()
@@ -117,7 +122,7 @@ class MboxDestination:
         loop = asyncio.get_running_loop()
         pool = _append_pool()
         replies = await asyncio.gather(
-            *(loop.run_in_executor(pool, self._append, p, envelope, source, ends)
+            *(loop.run_in_executor(pool, self._append, p, envelope, source, ends, owners[p])
               for p in distinct)
         )
         outcome = dict(zip(distinct, replies, strict=True))
@@ -157,11 +162,12 @@ class MboxDestination:
         return mended
 
     def _append(
-        self, path: str, envelope: Envelope, spool: str | bytes, ends: LineEnds
+        self, path: str, envelope: Envelope, spool: str | bytes, ends: LineEnds,
+        owner: int | None,
     ) -> Reply:
         """Append one copy to ``path`` (in a worker thread); the reply for it."""
         try:
-            append_message(path, envelope, spool, self.config, ends)
+            append_message(path, envelope, spool, self.config, ends, owner)
         except MailboxBusy as exc:
             log.warning("mbox %s: %s", path, exc)
             return reply("delivery.mailbox_busy")
@@ -176,15 +182,16 @@ class MboxDestination:
 
 def append_message(
     path: str, envelope: Envelope, spool: str | bytes, config: MboxConfig,
-    ends: LineEnds = LineEnds.LF,
+    ends: LineEnds = LineEnds.LF, owner: int | None = None,
 ) -> None:
     """Append the message (the spool file's path, or the message itself when held in
     memory) to the mbox at ``path``, durably, under both locks; ``ends`` says how its
-    CRLF line ends become LF."""
+    CRLF line ends become LF.  An existing mbox must be the server's user's, or
+    ``owner``'s (the recipient's own account)."""
     deadline = time.monotonic() + config.lock_timeout
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, created = _open_mbox(path)
+    fd, created = _open_mbox(path, owner)
     try:
         if created:
             _fsync_dir(directory)  # the new file's name must survive a crash too
@@ -267,7 +274,15 @@ def _prepend(first: bytes, rest: Iterable[bytes]) -> Iterator[bytes]:
     yield from rest
 
 
-def _open_mbox(path: str) -> tuple[int, bool]:
+def _account_uid(user: str) -> int | None:
+    """The uid of the system account ``user``, if there is one."""
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except (KeyError, ValueError, UnicodeEncodeError):
+        return None
+
+
+def _open_mbox(path: str, owner: int | None = None) -> tuple[int, bool]:
     # O_NOFOLLOW: a symlink planted where a mailbox should be (in a directory local
     # users write in, as /var/mail) would have the mail appended wherever it points
     flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -275,14 +290,14 @@ def _open_mbox(path: str) -> tuple[int, bool]:
         return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), True
     except FileExistsError:
         fd = os.open(path, flags)
-    # An existing mailbox must be one we made: in a directory local users write in,
-    # one of them could make /var/mail/bob first, readable to itself and writable to
-    # us, and read bob's mail; or a hard link to a file of ours.  (As root, files are
-    # taken as they are: per-user mailboxes belong to their users.)
+    # An existing mailbox must be one we made, or its recipient's own: in a directory
+    # local users write in, one of them could make /var/mail/bob first, readable to
+    # itself and writable to us, and read bob's mail; or a hard link to a file of
+    # ours.  (As root, files are taken as they are.)
     info = os.fstat(fd)
     euid = os.geteuid()
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or (
-        euid != 0 and info.st_uid != euid
+        euid != 0 and info.st_uid not in (euid, owner)
     ):
         os.close(fd)
         raise PermissionError(

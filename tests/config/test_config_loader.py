@@ -607,6 +607,13 @@ def test_dots_in_values_and_comments_are_no_dotted_keys(tmp_path: Path) -> None:
     assert errors_of(tmp_path, hidden) == [
         "mailgate.toml: line 335: more than 10000 dotted key parts in the file"
     ]
+    # an escaped quote inside a multi-line string does not end it early (which hid
+    # every key up to the next such string)
+    keys = hidden.removeprefix("[server]\n")
+    escaped = '[server]\nx = """a \\""" b"""\n' + keys + 'y = """z"""\n'
+    assert errors_of(tmp_path, escaped) == [
+        "mailgate.toml: line 336: more than 10000 dotted key parts in the file"
+    ]
 
 
 def test_check_config_missing_file(capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import pwd
 import re
 import shutil
 import subprocess
@@ -417,6 +418,11 @@ def test_a_mailbox_made_by_a_local_user_first_is_not_written() -> None:
     squatted = tmp_path / "mail" / "bob"
     squatted.write_bytes(b"")
     squatted.chmod(0o666)  # (root's: not nobody's)
+    own = tmp_path / "mail" / "daemon"
+    own.write_bytes(b"")
+    own.chmod(0o666)
+    daemon = pwd.getpwnam("daemon")
+    os.chown(own, daemon.pw_uid, daemon.pw_gid)
     code = f"""
 import os, pwd, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -430,6 +436,11 @@ try:
                    MboxConfig(path={str(tmp_path / "mail" / "{user}")!r}))
 except PermissionError as exc:
     print("refused:", exc)
+# a mailbox of the recipient's own account (a spool of per-user mailboxes) is written
+append_message({str(own)!r}, envelope("daemon@example.org"), b"Subject: s\\r\\n\\r\\nx\\r\\n",
+               MboxConfig(path={str(tmp_path / "mail" / "{user}")!r}),
+               owner=pwd.getpwnam("daemon").pw_uid)
+print("own written")
 """
     try:
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -437,5 +448,6 @@ except PermissionError as exc:
         assert "refused: " in done.stdout and "not a file of ours" in done.stdout, (
             done.stdout + done.stderr)
         assert squatted.read_bytes() == b""
+        assert "own written" in done.stdout and b"Subject: s" in own.read_bytes()
     finally:
         shutil.rmtree(tmp_path)

@@ -16,6 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import trustme
 
 from tests.integration.server import (
@@ -515,3 +516,26 @@ def test_one_worker_per_cpu_means_the_cpus_this_process_may_use() -> None:
 def _python(script: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=30)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a directory another user's needs root")
+def test_metrics_directories_of_the_servers_user_are_removed_too(tmp_path: Path) -> None:
+    # Started as root, the supervisor chowns its directory to server.user: the next
+    # start (as root) must know those as its own.
+    import pwd
+
+    from mailgate.supervisor import _remove_dead_metrics_dirs
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = Path(tempfile.gettempdir()) / f"mailgate-metrics-{gone.pid}-chowned"
+    left.mkdir()
+    nobody = pwd.getpwnam("nobody").pw_uid
+    os.chown(left, nobody, -1)
+    try:
+        _remove_dead_metrics_dirs({os.geteuid()})
+        assert left.exists()  # not ours by that list
+        _remove_dead_metrics_dirs({os.geteuid(), nobody})
+        assert not left.exists()
+    finally:
+        shutil.rmtree(left, ignore_errors=True)
