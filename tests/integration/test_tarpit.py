@@ -19,15 +19,21 @@ from tests.integration.server import RunningServer, start_server, wait_for
 WRONG = base64.b64encode(b"\0alice\0wrong password").decode()
 
 
-def auth_server(tmp_path: Path, extra: str = "") -> RunningServer:
-    """AUTH for alice on a plaintext listener (extra_ports[0]), throttled after two
-    failures and cut off after three."""
+def _users_file(tmp_path: Path) -> Path:
+    """A users file with alice, made by `mailgate passwd`."""
     users = tmp_path / "users"
     subprocess.run(
         [sys.executable, "-m", "mailgate.cli", "passwd", "alice", "--users-file", str(users),
          "--stdin"],
         input="right password\n", text=True, check=True, capture_output=True,
     )
+    return users
+
+
+def auth_server(tmp_path: Path, extra: str = "") -> RunningServer:
+    """AUTH for alice on a plaintext listener (extra_ports[0]), throttled after two
+    failures and cut off after three."""
+    users = _users_file(tmp_path)
     return start_server(tmp_path, f"""
         [server]
         spool_dir = "{tmp_path}/spool"
@@ -88,12 +94,7 @@ def test_helo_delay_and_growing_tarpit(tmp_path: Path) -> None:
 
 
 def test_the_helo_delay_is_for_port_25_not_for_mail_programs(tmp_path: Path) -> None:
-    users = tmp_path / "users"
-    subprocess.run(
-        [sys.executable, "-m", "mailgate.cli", "passwd", "alice", "--users-file", str(users),
-         "--stdin"],
-        input="pw\n", text=True, check=True, capture_output=True,
-    )
+    users = _users_file(tmp_path)
     srv = start_server(tmp_path, f"""
         [server]
         spool_dir = "{tmp_path}/spool"
