@@ -233,6 +233,7 @@ class ServerContext:
             report = build_dsn(
                 envelope=envelope, failed=reportable, reporting_mta=self.hostname,
                 original_headers=headers, whole_message=whole, success=success,
+                arrival=session.message_arrival,
             )
             report_envelope = for_report(report_envelope, report)
             spool = self.spool.create(f"{session.message_id}.dsn")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import functools
 import ipaddress
 import itertools
@@ -784,6 +785,12 @@ class Session(asyncio.Protocol):
     def message_id(self) -> str:
         # made once per message: the delivery, its log lines and its reply all ask
         return self._message_id or f"{self.sid}.{self._messages}"
+
+    @property
+    def message_arrival(self) -> datetime.datetime:
+        """When the current message's data began to arrive (a report's Arrival-Date)."""
+        ago = time.monotonic() - self._message_started
+        return datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=ago)
 
     def _trace(self, envelope: Envelope) -> TraceInfo:
         client = self.client

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email
 import email.policy
+import email.utils
 import smtplib
 import threading
 from pathlib import Path
@@ -64,6 +66,10 @@ def test_partial_refusal_is_reported_to_the_sender(tmp_path: Path) -> None:
         assert "lists@localhost" in report.decode()
         assert "Status: 5." in report.decode()
         assert msg.get_payload()[2].get_content_type() == "text/rfc822-headers"
+        # RFC 3464 2.2.5: when the message arrived (within this test's minute)
+        [per_message, _] = msg.get_payload()[1].get_payload()
+        arrived = email.utils.parsedate_to_datetime(per_message["Arrival-Date"])
+        assert abs((datetime.datetime.now(datetime.UTC) - arrived).total_seconds()) < 60
         # the refusal's words are on the session's own delivery line, not only elsewhere
         [refused_line] = [x for x in srv.log().splitlines()
                           if "event=delivery" in x and "to=lists@localhost" in x]
