@@ -36,6 +36,7 @@ _LISTED: Final = ipaddress.IPv4Network("127.0.0.0/8")
 _ERROR_CODES: Final = ipaddress.IPv4Network("127.255.255.0/24")
 _NO_LISTING: Final = frozenset(map(ipaddress.IPv4Address, ("127.0.0.0", "127.0.0.1")))
 _TAGS: Final = ("dnsbl", "dnsbl_reason", "dnsbl_error")
+TXT_WAIT: Final = 1.0  # seconds for a listed client's TXT reason
 
 
 def query_name(ip: IPAddress, zone: str) -> str:
@@ -101,7 +102,12 @@ class DnsblStep(Step):
             log.warning("dnsbl zone=%s answered %s for %s: an error code, not a listing "
                         "(is the zone refusing our queries?)", zone, shown, ip)
             return zone, Status.TEMPFAIL, ""
-        txt = await self._resolver.lookup(name, "TXT")
+        try:
+            # the reason is a courtesy: a zone slow to give it must not hold the
+            # greeting for another lookup's timeout once the listing is known
+            txt = await asyncio.wait_for(self._resolver.lookup(name, "TXT"), TXT_WAIT)
+        except TimeoutError:
+            return zone, Status.FOUND, "listed"
         reason = "; ".join(_text(r) for r in txt.records) if txt.status is Status.FOUND else ""
         return zone, Status.FOUND, reason or "listed"
 

@@ -43,6 +43,7 @@ deep.sub.sender.lab.    60 IN A    192.0.2.3
 12.2.0.192.second.lab.  60 IN TXT  "only on the second list"
 *.errcode.lab.          60 IN A    127.255.255.254
 *.refused.lab.          60 IN A    127.0.0.1
+*.txtlate.lab.          60 IN A    127.0.0.2
 *.zero.lab.             60 IN A    127.0.0.0
 *.hijack.lab.           60 IN A    198.51.100.1
 25.2.0.192.in-addr.arpa. 60 IN PTR mail.sender.lab.
@@ -62,6 +63,7 @@ BASE_ZONES += f'{V6_LISTED} 60 IN A 127.0.0.2\n{V6_LISTED} 60 IN TXT "v6 spam so
 
 SERVFAIL_SUFFIXES = ("servfail.sender.lab.", "broken.lab.")
 SILENT_SUFFIXES = ("silent.sender.lab.", "slow.lab.")
+TXT_SILENT_SUFFIXES = ("txtlate.lab.",)  # answers A, never TXT
 
 
 class ZoneResolver(BaseResolver):  # type: ignore[misc]
@@ -77,7 +79,9 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
         qtype = QTYPE[request.q.qtype]
         with self._lock:
             self.queries.append((qname, qtype))
-        if qname.endswith(SILENT_SUFFIXES):
+        if qname.endswith(SILENT_SUFFIXES) or (
+            qtype == "TXT" and qname.endswith(TXT_SILENT_SUFFIXES)
+        ):
             raise DNSError("silent zone: dropping the query")  # the handler sends nothing
         reply = request.reply()
         if qname.endswith(SERVFAIL_SUFFIXES):

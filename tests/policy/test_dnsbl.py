@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import pytest
 from conftest import LoopbackDNS
@@ -125,3 +126,12 @@ def test_trusted_authenticated_and_allowed_clients_pass(dns_server: LoopbackDNS)
         return await step.mail(who, envelope())
 
     assert run(authenticated_later()).accepted
+
+
+def test_a_reason_slow_to_come_does_not_hold_the_listing(dns_server: LoopbackDNS) -> None:
+    # the TXT lookup waited its whole timeout after the A had said "listed"
+    step = DnsblStep(dns_server.resolver(timeout=5.0), ["txtlate.lab"])
+    started = time.monotonic()
+    verdict = session(step, client("192.0.2.10"))
+    assert time.monotonic() - started < 4  # TXT_WAIT (1 s), not the 5 s timeout
+    assert verdict.reply is not None and "listed" in verdict.reply.text
