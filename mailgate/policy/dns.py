@@ -69,6 +69,7 @@ class Resolver:
         # One try with the whole budget never reached a second server.
         resolver.lifetime = timeout
         resolver.timeout = min(resolver.timeout, timeout / 2)
+        self.timeout = timeout  # one lookup's bound, for callers that chain lookups
         # Answers kept for their TTL: the same senders' domains and the same clients'
         # names come back connection after connection, and /etc/resolv.conf may name
         # a resolver far away.  Bounded; a reload starts with an empty one.

@@ -54,8 +54,12 @@ class ReverseNameStep(Step):
         return ACCEPT
 
     async def confirmed_name(self, ip: IPAddress) -> str | None:
-        """The first PTR name of ``ip`` whose A or AAAA records include ``ip``."""
+        """The first PTR name of ``ip`` whose A or AAAA records include ``ip``, all
+        within one lookup's timeout (the PTR and then the forward lookups could take
+        two, which the EHLO reply waited for)."""
         ip = unmap(ip)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._resolver.timeout
         answer = await self._resolver.lookup(ip.reverse_pointer, "PTR")
         if answer.status is not Status.FOUND:
             return None
@@ -63,7 +67,13 @@ class ReverseNameStep(Step):
         # only host names: this goes into a header field and the log
         names = [name for name in targets if DOMAIN.fullmatch(name)][:MAX_NAMES]
         rdtype = "A" if isinstance(ip, ipaddress.IPv4Address) else "AAAA"
-        forward = await asyncio.gather(*(self._resolver.lookup(n, rdtype) for n in names))
+        try:
+            forward = await asyncio.wait_for(
+                asyncio.gather(*(self._resolver.lookup(n, rdtype) for n in names)),
+                max(deadline - loop.time(), 0.0),
+            )
+        except TimeoutError:
+            return None
         for name, found in zip(names, forward, strict=True):
             if found.status is Status.FOUND and ip in _addresses(found.records):
                 return name

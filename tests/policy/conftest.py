@@ -10,6 +10,7 @@ it through its ordinary resolver (``mailgate.policy.dns.Resolver``), never a moc
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -51,6 +52,7 @@ deep.sub.sender.lab.    60 IN A    192.0.2.3
 27.2.0.192.in-addr.arpa. 60 IN PTR odd_name.sender.lab.
 28.2.0.192.in-addr.arpa. 60 IN PTR a.sender.lab.
 28.2.0.192.in-addr.arpa. 60 IN PTR Two.Sender.Lab.
+32.2.0.192.in-addr.arpa. 60 IN PTR x.silent.sender.lab.
 29.2.0.192.in-addr.arpa. 60 IN PTR x.servfail.sender.lab.
 odd_name.sender.lab.    60 IN A    192.0.2.27
 two.sender.lab.         60 IN A    192.0.2.28
@@ -64,6 +66,7 @@ BASE_ZONES += f'{V6_LISTED} 60 IN A 127.0.0.2\n{V6_LISTED} 60 IN TXT "v6 spam so
 SERVFAIL_SUFFIXES = ("servfail.sender.lab.", "broken.lab.")
 SILENT_SUFFIXES = ("silent.sender.lab.", "slow.lab.")
 TXT_SILENT_SUFFIXES = ("txtlate.lab.",)  # answers A, never TXT
+LATE_NAMES = {"32.2.0.192.in-addr.arpa.": 0.8}  # answered after this many seconds
 
 
 class ZoneResolver(BaseResolver):  # type: ignore[misc]
@@ -83,6 +86,8 @@ class ZoneResolver(BaseResolver):  # type: ignore[misc]
             qtype == "TXT" and qname.endswith(TXT_SILENT_SUFFIXES)
         ):
             raise DNSError("silent zone: dropping the query")  # the handler sends nothing
+        if qname in LATE_NAMES:
+            time.sleep(LATE_NAMES[qname])  # (the server answers from threads of its own)
         reply = request.reply()
         if qname.endswith(SERVFAIL_SUFFIXES):
             reply.header.rcode = RCODE.SERVFAIL

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import time
 
 import pytest
 from conftest import LoopbackDNS
@@ -52,3 +53,12 @@ def test_the_lookup_starts_at_connect_and_is_awaited_at_helo(dns_server: Loopbac
 
     for ip, name in (("192.0.2.25", "mail.sender.lab"), ("192.0.2.99", None)):
         assert run(session(ip)) == (True, name, True)  # never a refusal
+
+
+def test_the_ptr_and_forward_lookups_share_one_timeout(dns_server: LoopbackDNS) -> None:
+    # a PTR that comes late and a forward lookup that never does took two timeouts
+    # (the EHLO reply waits for the name)
+    step = ReverseNameStep(dns_server.resolver(timeout=2.0))
+    started = time.monotonic()
+    assert run(step.confirmed_name(ipaddress.ip_address("192.0.2.32"))) is None
+    assert time.monotonic() - started < 2.5  # one timeout (and a little), not 2.8
