@@ -153,7 +153,7 @@ class LMTPDestination:
         for i in accepted:
             resp = await conn.read_response(final=True)
             if resp.ok:
-                outcomes.set((i,), reply("ok"))
+                outcomes.set((i,), reply("ok"), resp)  # (its words: the queue id)
             else:
                 outcomes.set((i,), recipient_failure(recipients[i], resp), resp)
 

@@ -168,7 +168,7 @@ class SmarthostDestination:
             return
         resp = await conn.read_response(final=True)
         if resp.ok:
-            outcomes.set(accepted, reply("ok"))
+            outcomes.set(accepted, reply("ok"), resp)  # (its words: the queue id)
         else:
             outcomes.set(accepted, _whole_message_failure(resp), resp)
 

@@ -957,7 +957,13 @@ class Session(asyncio.Protocol):
         elapsed: float,
     ) -> None:
         for result in results:
-            if result.ok:
+            if result.ok and result.remote_reply:  # handed on: where, and its queue id
+                self.log_event(
+                    "delivery", id=self.message_id, to=str(result.recipient.address),
+                    code=result.reply.code, enhanced=result.reply.enhanced,
+                    relay=result.remote_mta, downstream=result.remote_reply[:300],
+                )
+            elif result.ok:
                 self.log_event(
                     "delivery", id=self.message_id, to=str(result.recipient.address),
                     code=result.reply.code, enhanced=result.reply.enhanced,

@@ -257,6 +257,10 @@ def test_authenticated_relay_goes_through_smarthost(
     [(sender, rcpts, data)] = sink.messages
     assert sender == "alice@mx.mailgate.test" and rcpts == ["dave@remote.example.net"]
     assert b"with ESMTPSA" in data and b"secret body" in data
+    # the delivery line says where it went and what the next hop said (its queue id)
+    [handed] = [x for x in tls_server.log().splitlines()
+                if "event=delivery" in x and "to=dave@remote.example.net" in x]
+    assert "relay=" in handed and "downstream=\"250 " in handed, handed
 
 
 def test_unauthenticated_client_cannot_relay(tls_server: RunningServer, sink: Sink) -> None:
