@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import re
 
@@ -26,3 +27,16 @@ def domain_problem(name: str, idna: bool = False) -> str | None:
         return None
     return (f"{json.dumps(name, ensure_ascii=False)} is not a domain name "
             "(dot-separated labels of letters, digits and inner hyphens, no trailing dot)")
+
+
+def parse_literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address of "[192.0.2.1]" or "[IPv6:2001:db8::1]" (any case), else None."""
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    inner = text[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            return ipaddress.IPv6Address(inner[5:])
+        return ipaddress.IPv4Address(inner)
+    except ValueError:
+        return None

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
-from mailgate.config.names import domain_problem
+from mailgate.config.names import domain_problem, parse_literal
 
 
 @dataclass
@@ -68,9 +68,12 @@ class PolicyConfig:
                 raise ValueError(f"policy.trusted_networks: {network!r}: {exc}") from None
         for name in self.local_names:
             # a name a HELO can be compared with: a typo would never match
-            problem = _literal_problem(name) if name.startswith("[") else domain_problem(
-                name[:-1] if name.endswith(".") else name, idna=True
-            )
+            if name.startswith("["):
+                problem = None if parse_literal(name) is not None else (
+                    "not an address literal such as [192.0.2.1] or [IPv6:2001:db8::1]"
+                )
+            else:
+                problem = domain_problem(name.removesuffix("."), idna=True)
             if problem:
                 raise ValueError(f"policy.local_names: {name!r}: {problem}")
         for server in self.dns_servers:
@@ -80,19 +83,6 @@ class PolicyConfig:
             problem = domain_problem(zone[:-1] if zone.endswith(".") else zone)
             if problem:
                 raise ValueError(f"policy.dnsbl_zones: {problem}")
-
-
-def _literal_problem(text: str) -> str | None:
-    """What is wrong with an address literal, "[192.0.2.1]" or "[IPv6:2001:db8::1]"."""
-    inner = text[1:-1] if text.endswith("]") else ""
-    try:
-        if inner[:5].lower() == "ipv6:":
-            ipaddress.IPv6Address(inner[5:])
-        else:
-            ipaddress.IPv4Address(inner)
-    except ValueError:
-        return "not an address literal such as [192.0.2.1] or [IPv6:2001:db8::1]"
-    return None
 
 
 def _check_redis_url(url: str) -> None:

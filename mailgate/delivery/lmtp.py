@@ -216,10 +216,7 @@ class LMTPDestination:
             if not address.local.isascii() and not conn.supports("SMTPUTF8"):
                 # no form of it the server could take (a domain has its A-labels):
                 # RFC 6531's refusal, not "user unknown"
-                if self._closed:
-                    conn.abort()
-                else:
-                    self._idle_verifiers.append(conn)
+                self._release(conn, usable=True)
                 return reply("rcpt.utf8_unsupported")
             utf8 = conn.supports("SMTPUTF8") and not str(address).isascii()
             mail, rcpts = await conn.transaction(
@@ -231,10 +228,7 @@ class LMTPDestination:
             if conn is not None:
                 conn.abort()
             raise
-        if rset.ok and not self._closed:
-            self._idle_verifiers.append(conn)
-        else:
-            conn.abort()
+        self._release(conn, usable=rset.ok)
         if not mail.ok or not rcpts:
             return None
         answer = rcpts[0]
@@ -244,6 +238,14 @@ class LMTPDestination:
         if answer.permanent and (status.startswith("5.1.") or not status[:1].isdigit()):
             return False
         return recipient_failure(Recipient(address), answer)
+
+    def _release(self, conn: Connection, usable: bool) -> None:
+        """A check is done with ``conn``: back to the idle ones, or closed (after
+        aclose, a check still under way must not refill a retired pool)."""
+        if usable and not self._closed:
+            self._idle_verifiers.append(conn)
+        else:
+            conn.abort()
 
     async def aclose(self) -> None:
         """Close the cached verification connections (at shutdown or retirement)."""

@@ -7,10 +7,10 @@ requires 421 before closing, so a refusal is ``550 5.7.1`` with the session goin
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from typing import Final, Literal
 
+from mailgate.config.names import parse_literal
 from mailgate.policy.base import ACCEPT, Client, Step, Verdict
 from mailgate.policy.networks import is_trusted, unmap
 from mailgate.protocol.idn import domain_key
@@ -106,19 +106,6 @@ class HeloStep(Step):
             return "impersonation", "that is my address"
         if self._literal_must_match and unmap(address) != unmap(client.ip):
             return "literal_mismatch", "address literal is not your address"
-        return None
-
-
-def parse_literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address of "[192.0.2.1]" or "[IPv6:2001:db8::1]" (any case), else None."""
-    if not (text.startswith("[") and text.endswith("]")):
-        return None
-    inner = text[1:-1]
-    try:
-        if inner[:5].lower() == "ipv6:":
-            return ipaddress.IPv6Address(inner[5:])
-        return ipaddress.IPv4Address(inner)
-    except ValueError:
         return None
 
 

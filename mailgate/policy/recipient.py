@@ -8,8 +8,8 @@ a downstream mailer could honour the route, so it is never treated as local deli
 
 from __future__ import annotations
 
+from mailgate.config.names import parse_literal
 from mailgate.policy.base import ACCEPT, Client, Mailboxes, Step, Verdict
-from mailgate.policy.helo import parse_literal
 from mailgate.policy.networks import is_trusted, unmap
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.replies import Reply, reply

@@ -11,9 +11,9 @@ import asyncio
 import enum
 from typing import Any
 
+from mailgate.config.names import parse_literal
 from mailgate.policy.base import ACCEPT, Client, Step, Verdict
 from mailgate.policy.dns import Answer, Resolver, Status
-from mailgate.policy.helo import parse_literal
 from mailgate.policy.networks import is_trusted
 from mailgate.protocol.envelope import Envelope
 from mailgate.protocol.replies import reply

@@ -53,7 +53,8 @@ HALF_CLOSED_DELAY = 2.0  # the most a deliberate delay lasts after the client's 
 # rest go at "debug": an EHLO or an RCPT past max_recipients is a line of its own
 # and not an error that ends the session, so a client could turn a few bytes of
 # input into ten times as much log.  The lines of its messages (a stored one's
-# message and delivery lines), connect, close, TLS and errors are never held back.
+# message and delivery lines), connect, close, TLS, AUTH, policy refusals (check=)
+# and errors are never held back (see log_event).
 LOG_LINES_PER_SESSION = 500
 _ALWAYS_LOGGED = frozenset(
     ("auth", "connect", "close", "delivery", "error", "pregreet", "quarantine", "spool",

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,14 +192,23 @@ class _LMTPController(Controller):
         return LMTP(self.handler)
 
 
+@contextlib.contextmanager
+def _scripted_lmtp(handler: _Refusing, timeout: float) -> Iterator[LMTPDestination]:
+    """An LMTPDestination to an aiosmtpd LMTP server answering RCPTs by ``handler``
+    (no SMTPUTF8), running for the block."""
+    port = free_port()
+    controller = _LMTPController(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield LMTPDestination(LMTPConfig(f"127.0.0.1:{port}", timeout=timeout), "mx.test")
+    finally:
+        controller.stop()
+
+
 def test_verify_recipient_keeps_a_refusal_that_is_not_user_unknown() -> None:
     # Dovecot's 552 5.2.2 at RCPT (lmtp_rcpt_check_quota) reached the client as 550
     # 5.1.1 "user unknown": a mailing list unsubscribes such an address.
-    port = free_port()
-    controller = _LMTPController(_Refusing(), hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        dest = LMTPDestination(LMTPConfig(f"127.0.0.1:{port}", timeout=5), "mx.test")
+    with _scripted_lmtp(_Refusing(), timeout=5) as dest:
 
         async def run() -> list[object]:
             answers = [await dest.verify_recipient(Address(user, DOMAIN))
@@ -207,8 +217,6 @@ def test_verify_recipient_keeps_a_refusal_that_is_not_user_unknown() -> None:
             return answers
 
         ok, unknown, plain, full, later, utf8 = asyncio.run(run())
-    finally:
-        controller.stop()
     # a server without SMTPUTF8 can have no such mailbox: RFC 6531's 553 5.6.7, not
     # "user unknown" (it was 550 5.1.1)
     assert isinstance(utf8, Reply) and (utf8.code, utf8.enhanced) == (553, "5.6.7")
@@ -258,11 +266,7 @@ class _SlowForOne(_Refusing):
 
 
 def test_one_slow_lookup_does_not_defer_the_checks_of_other_recipients() -> None:
-    port = free_port()
-    controller = _LMTPController(_SlowForOne(), hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        dest = LMTPDestination(LMTPConfig(f"127.0.0.1:{port}", timeout=0.5), "mx.test")
+    with _scripted_lmtp(_SlowForOne(), timeout=0.5) as dest:
 
         async def run() -> tuple[object, list[object], object]:
             slow = asyncio.ensure_future(dest.verify_recipient(Address("slow", DOMAIN)))
@@ -276,8 +280,6 @@ def test_one_slow_lookup_does_not_defer_the_checks_of_other_recipients() -> None
             return slow_answer, others, after
 
         slow, others, after = asyncio.run(run())
-    finally:
-        controller.stop()
     assert slow is None  # its own RCPT gets 451
     assert others == [True, True]
     assert after is True
