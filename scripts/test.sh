@@ -9,7 +9,9 @@ SUDO=""
 # (through env: sudo's env_reset would drop an exported DEBIAN_FRONTEND)
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    python3-venv swaks gsasl redis-server dovecot-lmtpd openssl >/dev/null
+    python3-venv swaks libnet-ssleay-perl gsasl redis-server dovecot-lmtpd openssl >/dev/null
+# (swaks only recommends Net::SSLeay, which its --tls needs: named here, as
+# --no-install-recommends would leave it out.)
 # The Debian packages start their daemons; the tests run their own on free ports.
 $SUDO service redis-server stop >/dev/null 2>&1 || true
 $SUDO service dovecot stop >/dev/null 2>&1 || true
