@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, cast
 
 from mailgate.auth.mechanisms import Challenge, Success
 from mailgate.delivery.base import RecipientResult, TraceInfo
+from mailgate.delivery.spool import reply_for_os_error
 from mailgate.delivery.submission import HEAD_LIMIT, missing_fields
 from mailgate.delivery.trace import protocol_name, received_header
 from mailgate.ops.logging import SessionLog, debug_enabled
@@ -97,8 +98,8 @@ class Session(asyncio.Protocol):
         "_auth_failed", "_auth_mechanism", "_busy", "_deadline", "_draining", "_eof",
         "_event_loop", "_exchange", "_lingering", "_log_lines", "_lost", "_message_id",
         "_message_started", "_messages", "_origin", "_paused", "_proxy_buf", "_spool",
-        "_stopping", "_task", "_timed_out", "_trace_info", "_trace_len", "_waiter",
-        "_write_paused",
+        "_spool_failure", "_stopping", "_task", "_timed_out", "_trace_info", "_trace_len",
+        "_waiter", "_write_paused",
         "admitted", "client", "conn", "listener", "log", "server", "sid", "transport",
     )  # fmt: skip
 
@@ -136,6 +137,7 @@ class Session(asyncio.Protocol):
         self._busy = False
         self._proxy_buf = b""
         self._spool: SpoolFile | None = None
+        self._spool_failure: Reply | None = None  # why the message's spool was dropped
         self._trace_info: TraceInfo | None = None  # of the message being received
         self._trace_len = 0  # octets of the Received: field at the head of its spool
         self._exchange: SaslExchange | None = None
@@ -564,11 +566,12 @@ class Session(asyncio.Protocol):
         self._messages += 1
         self._message_id = f"{self.sid}.{self._messages}"
         self._message_started = time.monotonic()
+        self._spool_failure = None
         try:
             self._spool = self.server.spool.create(self.message_id)
         except OSError as exc:
-            self.log_event("spool", level="error", error=str(exc)[:200])
-            conn.reject(reply("delivery.storage"))
+            self._spool_failed(exc)
+            conn.reject(self._spool_failure or reply("delivery.storage"))
             return
         # The DATA reader refuses a bare CR; BDAT data is taken as it comes.
         self._spool.no_bare_cr = not envelope.chunked
@@ -589,8 +592,8 @@ class Session(asyncio.Protocol):
         spool = self._spool
         assert conn is not None and client is not None
         server = self.server
-        if spool is None:  # the spool could not be written
-            conn.reject(reply("delivery.storage"))
+        if spool is None:  # the spool could not be written (logged when it failed)
+            self._storage_failed(envelope, size)
             return
         try:
             spool.close()
@@ -602,9 +605,8 @@ class Session(asyncio.Protocol):
                 if added:
                     spool.insert(self._trace_len, added)
         except OSError as exc:
-            self._drop_spool()
-            self.log_event("spool", level="error", error=str(exc)[:200])
-            conn.reject(reply("delivery.storage"))
+            self._spool_failed(exc)
+            self._storage_failed(envelope, size)
             return
         verdict = await server.policy.message(client, envelope, spool)
         if not verdict.accepted:
@@ -849,9 +851,28 @@ class Session(asyncio.Protocol):
         try:
             spool.write(data)
         except OSError as exc:
-            # Keep reading the data (the engine does); the end of data answers 452.
-            self.log_event("spool", level="error", error=str(exc)[:200])
-            self._drop_spool()
+            # Keep reading the data (the engine does); the end of data answers 4xx.
+            self._spool_failed(exc)
+
+    def _spool_failed(self, exc: OSError) -> None:
+        """The message's spool failed (a full disk, say): logged with the message's id
+        at once, its reply kept for the end of the data."""
+        self.log_event("spool", level="error", id=self.message_id, error=str(exc)[:200])
+        self._spool_failure = reply_for_os_error(exc)
+        self._drop_spool()
+
+    def _storage_failed(self, envelope: Envelope, size: int) -> None:
+        """The end of a message whose spool failed: 452 for a full disk or quota, 451
+        for any other error, and the message line every message gets."""
+        final = self._spool_failure or reply("delivery.storage")
+        assert self.conn is not None
+        self.conn.reject(final)
+        self.log_event(
+            "message", id=self.message_id, sender=str(envelope.sender), size=size,
+            rcpts=len(envelope.recipients), code=final.code, enhanced=final.enhanced,
+            reason="spool",
+        )
+        self.server.metrics.message("tempfail", final.code, final.enhanced, size)
 
     def _drop_spool(self) -> None:
         if self._spool is not None:
