@@ -136,25 +136,29 @@ class Router:
         """Ask the downstream of each of the recipient's targets, where it can say.
 
         LMTP destinations check RCPT before the client is answered, so a downstream
-        refusal reaches the client at RCPT rather than as a bounce later.  True:
-        every downstream that can tell accepts; False: one has no such mailbox; a
-        Reply: one refuses otherwise (its words and status: a full mailbox); None:
-        one could not say now (the caller answers 4xx).
+        refusal reaches the client at RCPT rather than as a bounce later.  True: it
+        accepts; False: no such mailbox; a Reply: refused otherwise (its words and
+        status: a full mailbox); None: it could not say now (the caller answers 4xx).
+
+        An alias of several addresses answers for the alias: refused only when every
+        address is refused for good, accepted when one takes it.  A dead address among
+        the live ones is its own failure at delivery, reported by itself (one bad
+        member must not make the list "unknown" to everyone who writes to it).
         """
         targets = self._route(local, domain, False)
         if isinstance(targets, Reply):
             return False
-        answer: bool | Reply | None = True
+        verdicts: list[bool | Reply | None] = []
         for target in targets:
             check = self._verifiers.get(target.destination)
-            if check is None:
-                continue
-            verdict = await check(target.address)
-            if verdict is False or (isinstance(verdict, Reply) and verdict.code >= 500):
-                return verdict
-            if verdict is not True and answer is True:
-                answer = verdict  # (for now: a later target may refuse for good)
-        return answer
+            verdicts.append(True if check is None else await check(target.address))
+        if True in verdicts:
+            return True
+        refused = [v for v in verdicts if v is False or (isinstance(v, Reply) and v.code >= 500)]
+        if len(refused) == len(verdicts):
+            return refused[0]
+        # none accepts and one could not say: for now (a 4xx Reply, or None)
+        return next(v for v in verdicts if v not in refused)
 
     async def aclose(self) -> None:
         """Close the destinations' cached connections (the LMTP verifier)."""

@@ -28,7 +28,7 @@ from mailgate.delivery.router import ROUTE_CACHE_SIZE, Router, RoutingTable
 from mailgate.policy.base import Client
 from mailgate.policy.recipient import RecipientStep
 from mailgate.protocol.envelope import Address, Envelope, Recipient
-from mailgate.protocol.replies import reply
+from mailgate.protocol.replies import Reply, reply
 
 HOST = "mx.example.org"
 MESSAGE = b"Subject: routed\r\n\r\nhello\r\n"
@@ -365,6 +365,27 @@ def test_verify_recipient_asks_only_downstreams_that_can_tell(tmp_path: Path) ->
     assert verify("both") is True
     assert verify("x", "remote.test") is False  # no relay: refused before any downstream
     assert verifying.asked == ["alice", "bob", "carol", "alice"]
+
+
+def test_an_alias_is_refused_at_rcpt_only_when_every_address_is() -> None:
+    # One dead address on a list must not make the list "user unknown" for everyone
+    # who writes to it: it fails by itself at delivery, reported with the alias.
+    verifying = _Verifying()
+    table = RoutingTable(
+        postmaster_domain="example.org",
+        local_domains={"example.org": "example.org"},
+        default="blackhole",
+        users={"alice": "lmtp", "bob": "lmtp", "bobby": "lmtp", "carol": "lmtp"},
+        aliases={"half": ("bob", "alice"), "dead": ("bob", "bobby"), "unsure": ("bob", "carol")},
+    )
+    r = Router(table, {"blackhole": DiscardDestination(), "lmtp": verifying})
+
+    def verify(local: str) -> bool | Reply | None:
+        return asyncio.run(r.verify_recipient(local, "example.org"))
+
+    assert verify("half") is True
+    assert verify("dead") is False
+    assert verify("unsure") is None  # carol's downstream could not say: 4xx for now
 
 
 def test_a_lone_recipient_gets_its_destinations_answer(tmp_path: Path) -> None:
