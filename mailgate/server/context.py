@@ -187,12 +187,13 @@ class ServerContext:
         for now, IMPOSSIBLE when no retry can change it (the null sender, never to be
         bounced to, or a report refused for good).
         """
-        report_envelope = bounce_envelope(envelope)
-        if report_envelope is None:
-            return Report.IMPOSSIBLE  # the null sender: never bounce a bounce
+        # (asked first: a failure nobody is to hear of needs no report, whoever sent it)
         reportable = bounce_recipients(failed)
         if not reportable:
             return Report.SENT  # NOTIFY=NEVER: the sender asked not to hear of failures
+        report_envelope = bounce_envelope(envelope)
+        if report_envelope is None:
+            return Report.IMPOSSIBLE  # the null sender: never bounce a bounce
         try:
             returned, whole = await read_returned(spool_path, envelope)
         except OSError:

@@ -42,7 +42,9 @@ async def combine_results(
         return accepted
     temporary = [r for r in failed if r.reply.code < 500]
     if temporary:
-        return temporary[0].reply
+        # the cause, rather than a recipient held back because of it (delivery.held_back)
+        return next((r.reply for r in temporary if r.reply.name != "delivery.held_back"),
+                    temporary[0].reply)
     if len(failed) == len(results):
         return failed[0].reply
     # Only a report needs the spool as a file (its header is quoted in the report).

@@ -4,14 +4,16 @@ to it when some recipients have the message and others were refused for good."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from mailgate.delivery.base import RecipientResult
-from mailgate.protocol.envelope import Address, Envelope, Recipient
+from mailgate.protocol.envelope import NULL_ADDRESS, Address, Envelope, Recipient
 from mailgate.protocol.replies import reply
 from mailgate.server.context import Report
 from mailgate.server.outcome import combine_results
+from tests.server.harness import context
 
 ROOT = Recipient(Address("root", "localhost"))
 LISTS = Recipient(Address("lists", "localhost"))
@@ -81,3 +83,26 @@ def test_mixed_results_follow_the_report(report: Report, first_line: str) -> Non
             "554 5.0.0 Not delivered to the recipients above; the others have it, and no "
             "report could reach the sender"
         )
+
+
+def test_a_deferral_is_answered_with_its_cause_not_with_a_recipient_held_back() -> None:
+    # The mailbox (first) was held back because the relay (second) deferred: the
+    # client is told why the message must come again, not what that did to the other.
+    results = [RecipientResult(ROOT, reply("delivery.held_back")),
+               RecipientResult(LISTS, reply("delivery.downstream_rcpt_temp", address="x@y"))]
+    assert _combine(Report.SENT, results).startswith("451 4.4.0 Downstream deferred <x@y>")
+
+
+def test_a_null_sender_whose_failed_recipients_asked_never_gets_250(tmp_path: Path) -> None:
+    # Nothing is to be reported (NOTIFY=NEVER), so that the null sender cannot be
+    # reported to does not matter: the others have the message, and 250 says so.
+    ctx = context(tmp_path)
+    never = Recipient(Address("lists", "mailgate.org"), notify=("NEVER",))
+    bounce = Envelope(sender=NULL_ADDRESS, recipients=[ROOT, never])
+    failed = [RecipientResult(never, reply("delivery.mailer_refused"))]
+    report = asyncio.run(ctx.bounce(None, bounce, failed, "/nonexistent"))  # type: ignore[arg-type]
+    assert report is Report.SENT
+    asked = [RecipientResult(LISTS, reply("delivery.mailer_refused"))]
+    assert asyncio.run(ctx.bounce(None, bounce, asked, "/nonexistent")) is (  # type: ignore[arg-type]
+        Report.IMPOSSIBLE
+    )
