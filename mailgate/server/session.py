@@ -1012,6 +1012,8 @@ class Session(asyncio.Protocol):
                     "delivery", id=self.message_id, to=str(result.recipient.address),
                     code=result.reply.code, enhanced=result.reply.enhanced,
                     reply=" / ".join(result.reply.lines)[:300],
+                    # which next hop said so, where one did
+                    **({"relay": result.remote_mta} if result.remote_mta else {}),
                 )
         self.log_event(
             "message", id=self.message_id, sender=str(envelope.sender), size=size,

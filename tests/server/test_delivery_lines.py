@@ -1,0 +1,59 @@
+"""The delivery line of a recipient a next hop refused names that next hop, as the
+line of one it took does."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
+from mailgate.ops.logging import SessionLog
+from mailgate.protocol.envelope import Envelope
+from mailgate.protocol.replies import reply
+from tests.server.harness import MESSAGE, context, session, turn
+
+
+class _Refusing:
+    """A delivery whose next hop refuses every recipient for good."""
+
+    async def deliver(
+        self, envelope: Envelope, trace: TraceInfo, spool: SpoolReader
+    ) -> list[RecipientResult]:
+        return [
+            RecipientResult(
+                rcpt, reply("delivery.downstream_rcpt_perm", address=str(rcpt.address)),
+                remote_mta="mx.next.example", remote_reply="550 5.1.1 no such user here",
+            )
+            for rcpt in envelope.recipients
+        ]
+
+
+def test_a_refused_recipients_line_names_the_next_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines: list[tuple[str, dict[str, object]]] = []
+    real = SessionLog.event
+
+    def event(self: SessionLog, name: str, /, level: str = "info", **fields: object) -> None:
+        lines.append((name, fields))
+        real(self, name, level, **fields)
+
+    monkeypatch.setattr(SessionLog, "event", event)
+    ctx = context(tmp_path)
+    ctx.delivery = _Refusing()  # type: ignore[assignment]
+
+    async def go() -> str:
+        s, transport = await session(ctx, [])
+        await turn(s, transport, b"MAIL FROM:<a@mailgate.org>\r\n")
+        await turn(s, transport, b"RCPT TO:<bob@mailgate.org>\r\n")
+        await turn(s, transport, b"DATA\r\n")
+        answer = await turn(s, transport, MESSAGE)
+        await turn(s, transport, b"QUIT\r\n")
+        return answer
+
+    assert asyncio.run(go()).startswith("550 5.0.0 ")
+    [line] = [fields for name, fields in lines if name == "delivery"]
+    assert line["relay"] == "mx.next.example"
+    assert line["code"] == 550 and "bob@mailgate.org" in str(line["reply"])
