@@ -49,6 +49,7 @@ import signal
 from mailgate.config.delivery import PipeConfig
 from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
 from mailgate.delivery.dotstuff import CRLFToLF, spool_chunks
+from mailgate.delivery.handoff import may_send_data
 from mailgate.delivery.trace import return_path_header
 from mailgate.protocol.envelope import Envelope, Recipient
 from mailgate.protocol.replies import Reply, multiline, reply
@@ -93,6 +94,11 @@ class PipeDestination:
     ) -> list[RecipientResult]:
         """One result per recipient; never raises."""
         try:
+            # (a mailer cannot take a message back: it runs only once no other
+            # hand-off of the message deferred a recipient, delivery.handoff)
+            if not await may_send_data(deferred=False):
+                held = reply("delivery.held_back")
+                return [RecipientResult(r, held) for r in recipients]
             if not self._per_recipient:
                 return await self._run_for(envelope, trace, spool, recipients)
             results = []

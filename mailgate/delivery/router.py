@@ -15,11 +15,13 @@ All lookups are in memory: ``is_local_domain`` and ``has_recipient`` do no I/O.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from mailgate.delivery.base import Destination, RecipientResult, SpoolReader, TraceInfo
+from mailgate.delivery.handoff import Agreement
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.idn import domain_key
 from mailgate.protocol.replies import Reply, reply
@@ -380,7 +382,12 @@ class Router:
         boxes = self.table.mailbox_destinations
         first = [n for n in names if n not in boxes]
         then = [n for n in names if n in boxes]
-        results = dict(zip(first, await asyncio.gather(*map(run, first)), strict=True))
+        # Several hand-offs agree before any sends the data (delivery.handoff).
+        agreement = Agreement(len(first)) if len(first) > 1 else None
+        handed = await asyncio.gather(
+            *(agreement.run(functools.partial(run, n)) if agreement else run(n) for n in first)
+        )
+        results = dict(zip(first, handed, strict=True))
         deferred = any(r.reply.code < 500 and not r.ok for rs in results.values() for r in rs)
         if deferred:
             held = reply("delivery.held_back")

@@ -160,7 +160,7 @@ class SmarthostDestination:
                 accepted.append(i)
             else:
                 outcomes.set((i,), recipient_failure(recipient, resp), resp)
-        if not accepted or hold_back_if_deferred(outcomes, accepted):
+        if not accepted or await hold_back_if_deferred(outcomes, accepted):
             return
         refused = await conn.send_message(envelope, spool)
         if refused is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from mailgate.delivery.base import RecipientResult, SpoolReader
 from mailgate.delivery.binary import file_holds_8bit, file_holds_binary
 from mailgate.delivery.dotstuff import CanonicalLines, DotStuffer, spool_chunks
+from mailgate.delivery.handoff import may_send_data
 from mailgate.protocol.envelope import Address, Envelope, Recipient
 from mailgate.protocol.headers import header_end
 from mailgate.protocol.idn import ascii_domain
@@ -116,11 +117,13 @@ def utf8_addr_xtext(value: str) -> str:
 FINAL_REPLY_TIMEOUT = 300.0
 
 
-def hold_back_if_deferred(outcomes: Outcomes, accepted: list[int]) -> bool:
-    """Whether to send no data because a recipient was refused for now at RCPT: the
-    client is then answered 4xx for the whole message and sends it again, so the
-    accepted recipients would get it twice; they are held back with it instead."""
-    if not any(r.code < 500 for r in outcomes.final.values()):
+async def hold_back_if_deferred(outcomes: Outcomes, accepted: list[int]) -> bool:
+    """Whether to send no data because a recipient was refused for now at RCPT, here
+    or by another hand-off of the message (delivery.handoff): the client is then
+    answered 4xx for the whole message and sends it again, so the accepted recipients
+    would get it twice; they are held back with it instead."""
+    deferred = any(r.code < 500 for r in outcomes.final.values())
+    if await may_send_data(deferred):
         return False
     outcomes.set(accepted, reply("delivery.held_back"))
     return True

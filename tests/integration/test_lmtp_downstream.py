@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.delivery.dovecot_fixture import DOMAIN, Dovecot
+from tests.delivery.test_smarthost import Smarthost
+from tests.delivery.test_smarthost import start as start_smarthost
 from tests.integration.server import start_server
 
 
@@ -56,3 +58,55 @@ def test_downstream_decides_at_rcpt_and_gets_the_message(tmp_path: Path, dovecot
             assert code == 451 and text.startswith(b"4.4.0")  # cannot verify now: retry
     finally:
         srv.stop()
+
+
+def test_a_relay_deferring_at_rcpt_holds_back_the_lmtp_copy(
+    tmp_path: Path, dovecot: Dovecot
+) -> None:
+    # The client is told 4xx and sends the whole message again: a copy Dovecot had
+    # taken meanwhile would be a second one with every retry.
+    handler = Smarthost()
+    controller = start_smarthost(handler, None)
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+
+        [delivery]
+        maildir_root = "{tmp_path}/maildir"
+        local_domains = ["{DOMAIN}"]
+        relay = "next"
+
+        [delivery.domains]
+        "{DOMAIN}" = "dovecot"
+
+        [delivery.destinations.dovecot.lmtp]
+        address = "127.0.0.1:{dovecot.port}"
+
+        [delivery.destinations.next.smtp]
+        host = "127.0.0.1"
+        port = {handler.port}
+        starttls = "off"
+    """)
+
+    def send(*rcpts: str) -> tuple[int, bytes]:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.docmd("MAIL", "FROM:<sender@client.mailgate.org>")
+            for rcpt in rcpts:
+                assert smtp.docmd("RCPT", f"TO:<{rcpt}>")[0] == 250
+            return smtp.data(b"Subject: both ways\r\n\r\nto dovecot and the relay\r\n")
+
+    try:
+        for _ in range(2):  # the client's first try and its retry
+            code, text = send(f"alice@{DOMAIN}", "later@remote.mailgate.org")
+            # the cause, the relay's own deferral, not the copy held back for it
+            assert (code, text[:5]) == (451, b"4.2.2"), text
+            assert dovecot.maildir_messages("alice") == []
+        assert handler.delivered == []
+        code, _ = send(f"alice@{DOMAIN}", "carol@remote.mailgate.org")
+        assert code == 250
+        assert len(dovecot.maildir_messages("alice")) == 1
+        assert [d["to"] for d in handler.delivered] == [["carol@remote.mailgate.org"]]
+    finally:
+        srv.stop()
+        controller.stop()
