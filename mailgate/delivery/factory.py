@@ -66,11 +66,15 @@ def build_router(config: DeliveryConfig, hostname: str) -> Router:
         user, at, name = key.lower().rpartition("@")
         return f"{user}@{domain(name)}" if at else key.lower()
 
-    aliases = {"postmaster": ("root",)}  # RFC 5321 4.5.1: postmaster must exist
-    aliases |= _keyed("aliases", {k: tuple(v) for k, v in config.aliases.items()}, address)
     users = set(config.local_users)
     if config.system_users:
         users |= {entry.pw_name for entry in pwd.getpwall()}
+    # RFC 5321 4.5.1: postmaster must exist; root's unless the site has a postmaster
+    # of its own (a local user, or a route of its own: an alias would hide either)
+    own = {u.lower() for u in users} | {k.lower().rpartition("@")[0] or k.lower()
+                                        for k in config.users}
+    aliases = {} if "postmaster" in own else {"postmaster": ("root",)}
+    aliases |= _keyed("aliases", {k: tuple(v) for k, v in config.aliases.items()}, address)
     table = RoutingTable(
         postmaster_domain=spellings.get(domain_key(hostname), listed[0]),
         local_domains=spellings,

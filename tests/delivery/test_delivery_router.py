@@ -450,6 +450,20 @@ def test_a_domain_without_a_postmaster_mailbox_is_named(tmp_path: Path) -> None:
     assert aliased.postmaster_problems() == []
 
 
+def test_a_local_user_named_postmaster_gets_postmasters_mail(tmp_path: Path) -> None:
+    # The built-in postmaster -> root alias is for sites without a postmaster of their
+    # own: it hid a local user of that name (and a route of its own), which made the
+    # <Postmaster> RFC 5321 4.5.1 requires "user unknown".
+    r = router(tmp_path, local_users=["alice", "postmaster"])
+    assert r.postmaster_problems() == []
+    deliver(tmp_path, r, "postmaster@example.org", "postmaster")
+    assert (count(tmp_path, "postmaster"), count(tmp_path, "root")) == (1, 0)  # one message
+    routed = router(tmp_path, local_users=["alice"], users={"postmaster@example.org": "local"})
+    assert [t.address.local for t in routed.route(address("postmaster@example.org"))] == [
+        "postmaster"
+    ]
+
+
 def test_a_configured_name_with_the_delimiter_in_it_is_found_whole(tmp_path: Path) -> None:
     # with "-" as the delimiter, john-smith was looked up as john (550) and the
     # alias mailer-daemon as mailer; the whole local part now comes first
