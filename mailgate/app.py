@@ -135,11 +135,11 @@ def check_parts(config: Config) -> Findings:
     grey = config.greylist
     if grey.enabled and grey.backend == "sqlite":
         # imported here, as in policy/factory.py: only greylisting needs the backends
-        from mailgate.policy.store import database_problem, missing_directory
+        from mailgate.policy.store import database_problem, path_problem
 
-        missing = missing_directory(grey.sqlite_path)
-        if missing:
-            problems.append(f"greylist.sqlite_path: {missing}")
+        unusable = path_problem(grey.sqlite_path)
+        if unusable:
+            problems.append(f"greylist.sqlite_path: {unusable}")
         broken = database_problem(grey.sqlite_path)
         if broken:  # (the server starts, and fails open: a warning)
             warnings.append(f"greylist.sqlite_path: {broken}")

@@ -57,11 +57,17 @@ def database_problem(path: str) -> str | None:
     return None
 
 
-def missing_directory(path: str) -> str | None:
-    """What is wrong when the directory of the SQLite file ``path`` is missing (SQLite
-    itself says only "unable to open database file"), else None."""
+def path_problem(path: str) -> str | None:
+    """What is wrong with ``path`` as the place of an SQLite file, else None: its
+    directory is missing, or something other than a file is there (SQLite itself says
+    only "unable to open database file")."""
     directory = os.path.dirname(os.path.abspath(path))
-    return None if os.path.isdir(directory) else f"no directory {directory}"
+    if not os.path.isdir(directory):
+        return f"no directory {directory}"
+    if os.path.lexists(path) and not os.path.isfile(path):
+        kind = "a directory" if os.path.isdir(path) else "not a regular file"
+        return f"{path} is {kind}, not a database file"
+    return None
 
 
 class StoreError(OSError):
@@ -144,9 +150,9 @@ class SQLiteStore:
             log.warning("greylist store %s", self._broken)
 
     def _open(self, path: str) -> None:
-        missing = missing_directory(path)
-        if missing:
-            raise OSError(errno.ENOENT, missing)
+        problem = path_problem(path)
+        if problem:
+            raise OSError(errno.ENOENT, problem)
         # Autocommit mode: each statement is its own transaction unless we BEGIN.
         conn = sqlite3.connect(path, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT)
         try:

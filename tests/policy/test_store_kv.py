@@ -22,6 +22,7 @@ from mailgate.policy.store import (
     Store,
     StoreError,
     open_store,
+    path_problem,
 )
 
 
@@ -203,6 +204,19 @@ def test_sqlite_bad_path_is_a_store_error(tmp_path: Path) -> None:
         SQLiteStore(str(missing / "kv.sqlite"))
     # start-up and reload report an OSError as "cannot start" / "reload refused"
     assert isinstance(info.value, OSError)
+
+
+def test_sqlite_path_that_is_a_directory_is_named_so(tmp_path: Path) -> None:
+    # SQLite says only "unable to open database file"; the operator needs the why,
+    # and check-config must refuse it as the server would (it passed, and the
+    # workers then refused the reload the supervisor had taken up)
+    (tmp_path / "grey").mkdir()
+    with pytest.raises(StoreError, match=f"{tmp_path}/grey is a directory, not a database"):
+        SQLiteStore(str(tmp_path / "grey"))
+    assert path_problem(str(tmp_path / "grey")) == (
+        f"{tmp_path}/grey is a directory, not a database file"
+    )
+    assert path_problem(str(tmp_path / "kv.sqlite")) is None  # (made at the first open)
 
 
 def test_sqlite_file_that_is_no_database_fails_each_call_not_the_start(
