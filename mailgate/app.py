@@ -358,6 +358,8 @@ class MailServer:
         self.servers: list[asyncio.base_events.Server | TlsAcceptor] = []
         self._stop = asyncio.Event()
         self.supervised = False  # a worker of a supervisor (sockets bound for it)
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False  # a SIGHUP came while a reload ran
 
     async def start(
         self, sockets: list[list[socket.socket]], *, supervised: bool,
@@ -401,7 +403,23 @@ class MailServer:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    def request_reload(self) -> None:
+        """SIGHUP.  Reloads run one at a time: one asked for while another runs is done
+        once after it, reading the file then.  Run side by side, a slow one (a large
+        alias list) could finish last and put an older file back in force."""
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload_until_current())
+
+    async def _reload_until_current(self) -> None:
+        while True:
+            self._reload_again = False
+            await self.reload()
+            if not self._reload_again:
+                return
 
     async def reload(self) -> None:
         """SIGHUP: a new config, users, aliases, access lists and certificates for new

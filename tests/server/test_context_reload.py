@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import time
 from pathlib import Path
 
+import pytest
+
+from mailgate import app
 from mailgate.app import build_context
 from mailgate.config.loader import load_config
 
@@ -43,3 +48,37 @@ def test_proxy_from_reads_addresses_as_trusted_networks_does(tmp_path: Path) -> 
     assert ctx.proxy_allowed(ipaddress.ip_address("127.0.0.1"))
     assert ctx.normalize_bare_lf(ipaddress.ip_address("::ffff:192.0.2.77"))
     assert not ctx.proxy_allowed(ipaddress.ip_address("127.0.0.2"))
+
+
+def test_reloads_asked_for_close_together_end_on_the_last_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two SIGHUPs 0.2 s apart, the first file slow to load (a large alias list): run
+    # side by side, the first reload finished last and its older file won.
+    path = _config(tmp_path, 'hostname = "start.mailgate.org"\n')
+    real = app._load_named
+
+    def load(config_path: str | None, overrides: app.Overrides) -> object:
+        config = real(config_path, overrides)
+        if config.server.hostname == "slow.mailgate.org":
+            time.sleep(0.3)
+        return config
+
+    monkeypatch.setattr(app, "_load_named", load)
+
+    async def go() -> str:
+        server = app.MailServer(load_config(str(path)), str(path))
+        _config(tmp_path, 'hostname = "slow.mailgate.org"\n')
+        server.request_reload()
+        await asyncio.sleep(0.1)
+        _config(tmp_path, 'hostname = "last.mailgate.org"\n')
+        server.request_reload()
+        server.request_reload()  # (a third, while the second waits: one more reload)
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if server._reloading is not None and server._reloading.done():
+                break
+        await asyncio.sleep(0.5)  # (longer than the slow load: nothing is still running)
+        return server.ctx.hostname
+
+    assert asyncio.run(go()) == "last.mailgate.org"
