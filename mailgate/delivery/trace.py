@@ -16,6 +16,7 @@ from email.utils import format_datetime
 
 from mailgate.delivery.base import TraceInfo
 from mailgate.protocol.envelope import Envelope
+from mailgate.protocol.idn import ascii_domain
 
 _NAME = "Received:"
 FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be no longer than 78 characters
@@ -49,14 +50,19 @@ def received_header(trace: TraceInfo, envelope: Envelope, now: datetime | None =
         date = _now_date(int(time.time()))
     else:
         date = format_datetime(now if now.tzinfo is not None else now.astimezone())
+    helo, hostname = trace.helo, trace.hostname
+    if not envelope.smtputf8:
+        # Header fields are ASCII outside SMTPUTF8 (RFC 6532 is for SMTPUTF8 mail
+        # only): a name given in U-labels goes in as its A-labels.
+        helo, hostname = ascii_domain(helo), ascii_domain(hostname)
     lines = list(
         _head(
-            trace.helo,
+            helo,
             trace.reverse_name,
             trace.client_ip,
             trace.tls_version,
             trace.tls_cipher,
-            trace.hostname,
+            hostname,
             trace.protocol,
         )
     )

@@ -59,6 +59,19 @@ def test_received_with_one_recipient_has_a_for_clause() -> None:
     )
 
 
+def test_a_u_label_name_is_written_as_a_labels_outside_smtputf8() -> None:
+    # EHLO bücher.example, then mail without SMTPUTF8: its header must stay ASCII
+    # (RFC 6532 is for SMTPUTF8 mail only), and an SMTPUTF8 message whose own fields
+    # are ASCII must not seem to carry UTF-8 because of ours.
+    plain = envelope("alice@example.org")
+    header = received_header(trace(helo="bücher.example"), plain, WHEN)
+    assert header.isascii() and b"from xn--bcher-kva.example " in header
+    utf8 = envelope("alice@example.org")
+    utf8.smtputf8 = True
+    header = received_header(trace(helo="bücher.example", protocol="UTF8SMTP"), utf8, WHEN)
+    assert "from bücher.example ".encode() in header
+
+
 def test_received_with_tls_names_version_and_cipher_in_a_comment() -> None:
     info = trace(
         protocol="ESMTPS",
