@@ -1026,7 +1026,10 @@ class Session(asyncio.Protocol):
             self.server.metrics.replies(self.conn.take_replies_sent())
 
     def _cleanup(self) -> None:
-        if self._spool is not None:  # data under way: the message is not taken
+        if self._spool is not None and self.conn is not None and self.conn.quit:
+            # QUIT between BDAT chunks: the client's choice, as an RSET there is
+            self.log_event("message", id=self.message_id, outcome="abandoned")
+        elif self._spool is not None:  # data under way: the message is not taken
             reason = ("shutdown" if self._stopping else "timeout" if self._timed_out
                       else "connection lost")
             self.log_event("message", id=self.message_id, outcome="aborted", reason=reason)

@@ -1,5 +1,6 @@
-"""The delivery line of a recipient a next hop refused names that next hop, as the
-line of one it took does."""
+"""The log lines of a session's messages: a recipient a next hop refused names that
+next hop, as the line of one it took does; a message given up between BDAT chunks by
+QUIT is abandoned, as by RSET, not a lost connection."""
 
 from __future__ import annotations
 
@@ -57,3 +58,31 @@ def test_a_refused_recipients_line_names_the_next_hop(
     [line] = [fields for name, fields in lines if name == "delivery"]
     assert line["relay"] == "mx.next.example"
     assert line["code"] == 550 and "bob@mailgate.org" in str(line["reply"])
+
+
+def test_quit_between_bdat_chunks_abandons_the_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lines: list[tuple[str, dict[str, object]]] = []
+    real = SessionLog.event
+
+    def event(self: SessionLog, name: str, /, level: str = "info", **fields: object) -> None:
+        lines.append((name, fields))
+        real(self, name, level, **fields)
+
+    monkeypatch.setattr(SessionLog, "event", event)
+    ctx = context(tmp_path)
+
+    async def go() -> list[str]:
+        s, transport = await session(ctx, [])
+        await turn(s, transport, b"MAIL FROM:<a@mailgate.org>\r\n")
+        await turn(s, transport, b"RCPT TO:<bob@mailgate.org>\r\n")
+        before = len(transport.writes)
+        s.data_received(b"BDAT 3\r\nabcQUIT\r\n")
+        await asyncio.wait_for(s._task, 5)  # type: ignore[arg-type]
+        return b"".join(transport.writes[before:]).decode().splitlines()
+
+    # the chunk's 250 and the 221
+    assert [line[:3] for line in asyncio.run(go())] == ["250", "221"]
+    [message] = [fields for name, fields in lines if name == "message"]
+    assert message["outcome"] == "abandoned" and "reason" not in message
