@@ -553,6 +553,10 @@ class Connection:
             if not env.smtputf8 and not path.isascii():
                 return self._refuse("MAIL", reply("syntax.utf8_sender"))
             return self._refuse("MAIL", reply("syntax.sender"))
+        if sender.domain == "[]":
+            # upas's "this host" form is a recipient's; as a sender it names nobody
+            # anyone could answer (RFC 5321 4.1.3 has no empty address literal)
+            return self._refuse("MAIL", reply("syntax.sender"))
         env.sender = sender
         if env.declared_size is not None and env.declared_size > s.max_message_size:
             return self._refuse("MAIL", reply("size.declared", limit=s.max_message_size))

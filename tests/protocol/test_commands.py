@@ -92,9 +92,10 @@ MAIL_OK = [
     ("<joe@[192.0.2.1]>", Address("joe", "[192.0.2.1]")),
     ("<joe@[IPv6:2001:db8::1]>", Address("joe", "[IPv6:2001:db8::1]")),
     ("<joe@[IPv6:2001:0db8:0000::0001]>", Address("joe", "[IPv6:2001:db8::1]")),
-    ("<joe@[]>", Address("joe", "[]")),
     ("<x!#$%&'*+/=?^_`{|}~-y@example.net>", Address("x!#$%&'*+/=?^_`{|}~-y", "example.net")),
 ]
+# upas's loopback literal: a recipient's form only (below)
+LOOPBACK = ("<joe@[]>", Address("joe", "[]"))
 
 
 @pytest.mark.parametrize(("path", "address"), MAIL_OK)
@@ -107,7 +108,15 @@ def test_mail_paths(path: str, address: Address) -> None:
     assert s.conn.envelope.sender == address
 
 
-@pytest.mark.parametrize(("path", "address"), MAIL_OK[2:])
+def test_the_empty_literal_is_no_sender() -> None:
+    # RFC 5321 4.1.3 has no empty address literal; upas's "[]" names this host for
+    # a recipient, and as a sender nobody a reply could reach
+    s = Session()
+    s.ehlo()
+    assert codes(s.send("MAIL FROM:<joe@[]>\r\n")) == ["501 5.1.7"]
+
+
+@pytest.mark.parametrize(("path", "address"), [*MAIL_OK[2:], LOOPBACK])
 def test_rcpt_paths(path: str, address: Address) -> None:
     s = Session()
     s.transaction("<a@example.net>", path)
