@@ -44,6 +44,7 @@ from typing import Literal
 
 from mailgate.config.policy import GreylistConfig
 from mailgate.policy.base import ACCEPT, Client, IPAddress, Step, Verdict
+from mailgate.policy.networks import NetworkList
 from mailgate.policy.store import Store, StoreError, open_store
 from mailgate.protocol.envelope import Envelope, Recipient
 from mailgate.protocol.replies import reply
@@ -51,7 +52,6 @@ from mailgate.protocol.replies import reply
 log = logging.getLogger(__name__)
 
 Outcome = Literal["new", "early", "passed", "whitelisted"]
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 OUTAGE_RETRY = 10.0  # seconds between tries of a store that failed
@@ -99,9 +99,9 @@ class Greylist(Step):
         self._store = store
         self._config = config
         self._now = now
-        self._whitelist: tuple[IPNetwork, ...] = tuple(
-            ipaddress.ip_network(net) for net in config.whitelist  # checked: host bits clear
-        )
+        # read as trusted_networks are: an IPv4-mapped entry is its IPv4 network (as
+        # ip_network alone reads it, it matched no client, IPv4 or mapped)
+        self._whitelist = NetworkList.parse(config.whitelist, "greylist.whitelist")
         self._store_failing = False  # so an outage is logged once, not per message
         # After a failure the store is left alone until then (self._now): each check
         # would otherwise wait out its timeout first, a delay per RCPT of every session.
@@ -132,8 +132,7 @@ class Greylist(Step):
     def _skips(self, client: Client) -> bool:
         if client.trusted or client.auth_user:
             return True
-        ip = _plain(client.ip)
-        return any(ip in net for net in self._whitelist)
+        return client.ip in self._whitelist
 
     async def rcpt(self, client: Client, envelope: Envelope, recipient: Recipient) -> Verdict:
         if self._config.stage != "rcpt":

@@ -439,3 +439,15 @@ def test_a_locked_sqlite_file_fails_open_in_bounded_time(tmp_path: Path) -> None
     # one wait for the lock (SQLITE_BUSY_TIMEOUT), not one per queued check
     assert waited < 8 * SQLITE_BUSY_TIMEOUT / 2, waited
     assert then < SQLITE_BUSY_TIMEOUT / 2, then
+
+
+@pytest.mark.parametrize("address", ["10.1.1.1", "::ffff:10.1.1.1"])
+def test_an_ipv4_mapped_whitelist_entry_is_its_ipv4_network(address: str) -> None:
+    # "::ffff:10.0.0.0/104" is 10.0.0.0/8 (as in trusted_networks): as ip_network alone
+    # reads it, no client matched it, IPv4 or mapped
+    async def scenario() -> None:
+        clock = Clock()
+        g = Greylist(MemoryStore(now=clock), config(whitelist=["::ffff:10.0.0.0/104"]), now=clock)
+        assert_accepted(await at_rcpt(g, client(address), envelope()), "skipped")
+
+    run(scenario())
