@@ -215,6 +215,9 @@ class DeliveryConfig:
     def __post_init__(self) -> None:
         if "@" in self.recipient_delimiter:
             raise ValueError("recipient_delimiter: must not contain @")
+        if not self.maildir_root.strip():
+            # (it would store the mail in whatever directory the server started in)
+            raise ValueError("maildir_root: must not be empty")
         # A typo here would never match a recipient: the domain's mail would be refused.
         named = [(f"local_domains[{n}]", d) for n, d in enumerate(self.local_domains, 1)]
         named += [(f"domains.{d}", d) for d in self.domains]

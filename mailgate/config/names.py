@@ -25,7 +25,9 @@ def domain_problem(name: str, idna: bool = False) -> str | None:
             ascii_form = name.encode("idna").decode("ascii")
     if DOMAIN.fullmatch(ascii_form):
         return None
-    return (f"{json.dumps(name, ensure_ascii=False)} is not a domain name "
+    # (shown cut, as every value in an error: a 4 MB name made a 4 MB line)
+    shown = name if len(name) <= 60 else name[:57] + "..."
+    return (f"{json.dumps(shown, ensure_ascii=False)} is not a domain name "
             "(dot-separated labels of letters, digits and inner hyphens, no trailing dot)")
 
 

@@ -746,6 +746,18 @@ def test_local_domains_must_be_domains(tmp_path: Path, text: str, line: str) -> 
     assert error.startswith(f"mailgate.toml: {line} (")
 
 
+def test_a_very_long_name_is_shown_cut(tmp_path: Path) -> None:
+    # a 4 MB local domain made a 4 MB error line
+    [error] = errors_of(tmp_path, f'[delivery]\nlocal_domains = ["{"x y" * 100_000}"]')
+    assert len(error) < 300 and '"x yx y' in error and '..." is not a domain name' in error
+
+
+def test_an_empty_maildir_root_is_refused(tmp_path: Path) -> None:
+    # it stored mail in whatever directory the server was started in
+    [error] = errors_of(tmp_path, '[delivery]\nmaildir_root = ""')
+    assert error == "mailgate.toml: delivery.maildir_root: must not be empty"
+
+
 def test_an_internationalized_local_domain_is_a_domain(tmp_path: Path) -> None:
     # SMTPUTF8 mail (RFC 6531) may name a domain in U-labels
     path = tmp_path / "mailgate.toml"
