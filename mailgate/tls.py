@@ -119,7 +119,7 @@ class TLSContexts:
         try:
             context.set_ciphers(self._config.ciphers)
         except ssl.SSLError:
-            raise ValueError(f"ciphers: no usable cipher in {self._config.ciphers!r}") from None
+            raise ValueError(f"tls.ciphers: no usable cipher in {self._config.ciphers!r}") from None
         _load_pair(context, cert, key)
         return context
 

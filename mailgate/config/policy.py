@@ -91,7 +91,10 @@ def _check_redis_url(url: str) -> None:
     quietly takes as 0).  Messages never show the URL's password."""
     from redis.connection import parse_url
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # (e.g. "Invalid IPv6 URL": the URL is not shown, nor its password)
+        raise ValueError(f"greylist.redis_url: {exc}") from None
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError("greylist.redis_url: must start with redis://, rediss:// or unix://")
     shown = repr(_without_password(url))

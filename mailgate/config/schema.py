@@ -44,6 +44,14 @@ class Config:
                         f"listener[{m}] ({self.listener[m - 1].address}): both cannot listen"
                     )
             seen[(host, port)] = n
+        if self.metrics.listen:  # (its own socket, bound at start as the listeners are)
+            host, port = _host_port(self.metrics.listen)
+            for (other, other_port), m in seen.items():
+                if port != 0 and other_port == port and _overlap(host, other):
+                    raise ValueError(
+                        f"metrics.listen: {self.metrics.listen} overlaps the address of "
+                        f"listener[{m}] ({self.listener[m - 1].address}): both cannot listen"
+                    )
         for n, entry in enumerate(self.listener, 1):
             # Settings that leave a listener unable to take any mail, refused here
             # rather than found by the first client.
@@ -93,11 +101,19 @@ def _bind_problem(host: object) -> str | None:
     return None
 
 
+# "localhost" binds its loopback addresses (the one host name worth knowing here:
+# others would take a DNS lookup to compare, and may change meanwhile)
+_LOCALHOST = (ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"))
+
+
 def _overlap(a: object, b: object) -> bool:
     """Whether listening on both, on one port, fails: the same address (however
     written), or a wildcard (0.0.0.0, ::) and an address of its family."""
     if a == b:
         return True
+    if a == "localhost" or b == "localhost":
+        other = b if a == "localhost" else a
+        return any(_overlap(loopback, other) for loopback in _LOCALHOST)
     if isinstance(a, ipaddress.IPv4Address | ipaddress.IPv6Address) and type(a) is type(b):
         return a.is_unspecified or b.is_unspecified  # type: ignore[attr-defined]
     return False

@@ -74,6 +74,8 @@ class ServerConfig:
             raise ValueError(
                 f"greet_pause: from 0 (off) to {MAX_GREET_PAUSE:g} seconds, not {self.greet_pause}"
             )
+        if not self.spool_dir.strip():  # (the current directory: never meant)
+            raise ValueError("spool_dir: must not be empty")
         if not 0 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"workers: from 0 (one per CPU) to {MAX_WORKERS}, not {self.workers}")
         # Floors below which the server would refuse all mail or contradict itself

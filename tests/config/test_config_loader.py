@@ -322,6 +322,9 @@ def test_two_listeners_on_one_address(tmp_path: Path) -> None:
         ("[::1]:2525", "[0:0::1]:2525", "overlaps the address of listener[1]"),
         ("127.0.0.1:2525", "0.0.0.0:2525", "overlaps the address of listener[1]"),
         ("[::1]:2525", "[::]:2525", "overlaps the address of listener[1]"),
+        # localhost is its loopback addresses
+        ("localhost:2525", "127.0.0.1:2525", "overlaps the address of listener[1]"),
+        ("[::1]:2525", "localhost:2525", "overlaps the address of listener[1]"),
         # what bind refuses with EINVAL
         ("[::ffff:127.0.0.1]:2525", None, "write the IPv4 address 127.0.0.1"),
         ("[fe80::1]:2525", None, "a link-local address needs its interface"),
@@ -335,6 +338,21 @@ def test_listener_addresses_serve_could_not_bind(
         text += f'[[listener]]\naddress = "{second}"\n'
     [error] = errors_of(tmp_path, text)
     assert problem in error
+
+
+def test_the_metrics_endpoint_cannot_share_a_listeners_address(tmp_path: Path) -> None:
+    # check-config passed it, and serve failed to bind "for metrics: Address already
+    # in use", which sent the operator looking for another process
+    text = '[[listener]]\naddress = "0.0.0.0:2525"\n[metrics]\nlisten = "127.0.0.1:2525"\n'
+    assert errors_of(tmp_path, text) == [
+        "mailgate.toml: metrics.listen: 127.0.0.1:2525 overlaps the address of listener[1] "
+        "(0.0.0.0:2525): both cannot listen"
+    ]
+    path = tmp_path / "mailgate.toml"
+    path.write_text(
+        '[[listener]]\naddress = "127.0.0.1:2525"\n[metrics]\nlisten = "127.0.0.1:9125"'
+    )
+    assert load_config(str(path)).metrics.listen == "127.0.0.1:9125"
 
 
 def test_ipv4_and_ipv6_wildcards_share_a_port(tmp_path: Path) -> None:
@@ -526,6 +544,9 @@ def test_check_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         ('[greylist]\nredis_url = "redis://127.0.0.1/abc"',
          "greylist.redis_url: 'redis://127.0.0.1/abc': the database must be a number, as in "
          "redis://127.0.0.1:6379/0"),
+        # urllib's own refusal came out without the key ("greylist: Invalid IPv6 URL")
+        ('[greylist]\nredis_url = "redis://:Sup3rSecret@[::1/0"',
+         "greylist.redis_url: Invalid IPv6 URL"),
         # errors end up in logs: never the password
         ('[greylist]\nredis_url = "redis://:Sup3rSecret@127.0.0.1:700000/0"',
          "greylist.redis_url: 'redis://:***@127.0.0.1:700000/0': Port out of range 0-65535"),
@@ -752,10 +773,13 @@ def test_a_very_long_name_is_shown_cut(tmp_path: Path) -> None:
     assert len(error) < 300 and '"x yx y' in error and '..." is not a domain name' in error
 
 
-def test_an_empty_maildir_root_is_refused(tmp_path: Path) -> None:
+def test_an_empty_maildir_root_or_spool_dir_is_refused(tmp_path: Path) -> None:
     # it stored mail in whatever directory the server was started in
     [error] = errors_of(tmp_path, '[delivery]\nmaildir_root = ""')
     assert error == "mailgate.toml: delivery.maildir_root: must not be empty"
+    # check-config passed it, and serve could not start ("spool_dir : No such file")
+    [error] = errors_of(tmp_path, '[server]\nspool_dir = ""')
+    assert error == "mailgate.toml: server.spool_dir: must not be empty"
 
 
 def test_an_internationalized_local_domain_is_a_domain(tmp_path: Path) -> None:
