@@ -21,7 +21,7 @@ from mailgate.auth.factory import build_authenticator
 from mailgate.auth.throttle import Failures
 from mailgate.config.delivery import LOCAL_DESTINATION
 from mailgate.config.errors import ConfigError
-from mailgate.config.loader import Findings, load_config
+from mailgate.config.loader import Findings, load_config, split_host_port
 from mailgate.config.restart import keep_restart_only, restart_only_changes
 from mailgate.config.schema import Config
 from mailgate.config.server import ListenerConfig
@@ -81,8 +81,15 @@ class Overrides:
 
 
 def apply_overrides(config: Config, overrides: Overrides) -> Config:
+    """``config`` with the command line's settings; ValueError naming the option."""
     if overrides.listen:
-        config.listener = [ListenerConfig(address=addr) for addr in overrides.listen]
+        try:
+            for address in overrides.listen:
+                split_host_port(address)  # (the form, as the loader checks the file's)
+            config.listener = [ListenerConfig(address=addr) for addr in overrides.listen]
+            config.check_listeners()  # (overlaps, what bind refuses: as for the file's)
+        except ValueError as exc:
+            raise ValueError(f"--listen: {exc}") from None
     if overrides.hostname:
         config.server.hostname = overrides.hostname
     return config

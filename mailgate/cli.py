@@ -78,7 +78,11 @@ def _serve(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     overrides = Overrides(listen=args.listen, hostname=args.hostname)
-    apply_overrides(config, overrides)
+    try:
+        apply_overrides(config, overrides)
+    except ValueError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return 2
     _start_clean()
     try:
         return run(config, args.config, overrides)

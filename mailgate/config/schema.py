@@ -25,6 +25,11 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
+        self.check_listeners()
+
+    def check_listeners(self) -> None:
+        """What serve could not listen with; ValueError naming the listener.  Run again
+        on listeners given on the command line (``serve --listen``)."""
         if not self.listener:
             raise ValueError("listener: at least one [[listener]] (with none, no mail is taken)")
         # Two listeners on one address would fail at bind: say so in check-config

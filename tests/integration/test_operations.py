@@ -69,6 +69,26 @@ def test_a_hostname_that_is_no_domain_is_refused_on_the_command_line() -> None:
     assert "is not a domain name" in started.stderr
 
 
+@pytest.mark.parametrize(
+    ("listen", "said"),
+    [
+        (["foo"], 'mailgate: --listen: expected HOST:PORT, got "foo"'),
+        # checked as the file's listeners are, not left to bind ("Address already in
+        # use", "[Errno 22] Invalid argument")
+        (["127.0.0.1:2599", "127.0.0.1:2599"],
+         "mailgate: --listen: listener[2].address: 127.0.0.1:2599 overlaps the address of "
+         "listener[1] (127.0.0.1:2599): both cannot listen"),
+        (["[::ffff:127.0.0.1]:2599"],
+         "mailgate: --listen: listener[1].address: [::ffff:127.0.0.1]:2599: write the IPv4 "
+         "address 127.0.0.1 (a mapped one cannot be bound)"),
+    ],
+)
+def test_listen_on_the_command_line_is_checked_and_named(listen: list[str], said: str) -> None:
+    started = _cli("serve", *(arg for address in listen for arg in ("--listen", address)))
+    assert started.returncode == 2 and "Traceback" not in started.stderr
+    assert started.stderr.strip() == said
+
+
 def test_check_config_tries_what_the_file_names(tmp_path: Path) -> None:
     # What serve would refuse at start (or a reload would), check-config finds first.
     ca = trustme.CA()
