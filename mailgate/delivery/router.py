@@ -334,7 +334,14 @@ class Router:
             for t in targets:
                 key = t.key
                 plan = plans.setdefault(t.destination, {})
-                plan.setdefault(key, Recipient(t.address, notify, rcpt.orcpt))
+                known = plan.get(key)
+                if known is None:
+                    plan[key] = Recipient(t.address, notify, rcpt.orcpt)
+                elif known.notify != notify or (known.orcpt is None and rcpt.orcpt):
+                    # Two RCPTs for one mailbox, handed on once: with what either asked
+                    # for, so that a downstream that reports itself loses neither.
+                    plan[key] = Recipient(t.address, _merged_notify(known.notify, notify),
+                                          known.orcpt or rcpt.orcpt)
                 keys.append(key)
             routed.append(keys)
         names = list(plans)
@@ -353,13 +360,7 @@ class Router:
             if isinstance(r, Reply):
                 results.append(RecipientResult(rcpt, r))
             elif len(r) == 1:
-                answer = done[r[0]]
-                action = answer.action
-                if not action and answer.recipient.notify != rcpt.notify:
-                    # Two RCPTs for one mailbox: the downstream was handed the other's
-                    # NOTIFY, so a success this one asked for is ours to report.
-                    action = "relayed"
-                results.append(replace(answer, recipient=rcpt, action=action))
+                results.append(replace(done[r[0]], recipient=rcpt))
             else:
                 results += _expanded_results(rcpt, [done[k] for k in r])
         return results
@@ -417,6 +418,15 @@ class Router:
             failed = reply("delivery.local_error")
             return [RecipientResult(r, failed) for r in recipients]
         return results
+
+
+def _merged_notify(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+    """NOTIFY for a mailbox two RCPTs named: what either asked for (RFC 3461 4.1: none
+    is FAILURE,DELAY), NEVER only when both said it."""
+    if a == b:
+        return a
+    wanted = {n for notify in (a, b) for n in notify or ("FAILURE", "DELAY")}
+    return tuple(n for n in ("SUCCESS", "FAILURE", "DELAY") if n in wanted) or ("NEVER",)
 
 
 def _expanded_notify(notify: tuple[str, ...]) -> tuple[str, ...]:

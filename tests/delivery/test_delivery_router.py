@@ -542,23 +542,44 @@ def test_bare_postmaster_is_known_where_the_host_name_is_no_local_domain(tmp_pat
 class _ReportingDownstream:
     """A destination that was handed the DSN parameters (it reports successes itself)."""
 
+    def __init__(self) -> None:
+        self.handed: list[Recipient] = []
+
     async def deliver(self, env: Any, trace: Any, spool: Any, recipients: list[Any]) -> list[Any]:
+        self.handed += recipients
         return [RecipientResult(r, reply("ok"), "") for r in recipients]
 
 
-def test_a_success_asked_for_by_a_second_rcpt_of_one_mailbox_is_ours_to_report(
-    tmp_path: Path,
-) -> None:
-    # alice and alice+tag are one mailbox: the downstream gets one RCPT, with the first
-    # one's NOTIFY; the second asked for SUCCESS, which nobody would have reported
+def test_two_rcpts_of_one_mailbox_hand_on_what_either_asked_for(tmp_path: Path) -> None:
+    # alice and alice+tag are one mailbox: the downstream gets one RCPT, which carried
+    # only the first one's NOTIFY and ORCPT (the second's SUCCESS, its ORCPT and a
+    # FAILURE it asked for were lost where the downstream reports)
     r = router(tmp_path, recipient_delimiter="+")
-    r.destinations[LOCAL_DESTINATION] = _ReportingDownstream()  # type: ignore[assignment]
+    downstream = _ReportingDownstream()
+    r.destinations[LOCAL_DESTINATION] = downstream  # type: ignore[assignment]
     env = Envelope(sender=Address("s", "example.net"), recipients=[
-        Recipient(Address("alice", "example.org"), ("FAILURE",)),
-        Recipient(Address("alice+tag", "example.org"), ("SUCCESS",)),
+        Recipient(Address("alice", "example.org"), ("NEVER",)),
+        Recipient(Address("alice+tag", "example.org"), ("SUCCESS", "FAILURE"),
+                  "rfc822;alice+tag@example.org"),
     ])
     results = asyncio.run(r.deliver(env, TRACE, spooled(tmp_path, MESSAGE, env)))
-    assert [x.action for x in results] == ["", "relayed"]
+    [handed] = downstream.handed
+    assert handed.notify == ("SUCCESS", "FAILURE")
+    assert handed.orcpt == "rfc822;alice+tag@example.org"
+    assert [x.action for x in results] == ["", ""]  # (the downstream reports, not we)
+    # no NOTIFY is FAILURE,DELAY (RFC 3461 4.1); NEVER stays only when both said it
+    for first, second, merged in [
+        ((), ("SUCCESS",), ("SUCCESS", "FAILURE", "DELAY")),
+        (("NEVER",), ("NEVER",), ("NEVER",)),
+        (("NEVER",), (), ("FAILURE", "DELAY")),
+    ]:
+        downstream.handed.clear()
+        env = Envelope(sender=Address("s", "example.net"), recipients=[
+            Recipient(Address("alice", "example.org"), first),
+            Recipient(Address("alice+x", "example.org"), second),
+        ])
+        asyncio.run(r.deliver(env, TRACE, spooled(tmp_path / str(merged), MESSAGE, env)))
+        assert [h.notify for h in downstream.handed] == [merged]
 
 
 def test_mailboxes_are_not_written_when_a_hand_off_deferred(tmp_path: Path) -> None:
