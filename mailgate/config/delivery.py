@@ -44,6 +44,7 @@ Example::
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -93,9 +94,21 @@ class MboxConfig:
         if not self.path:
             raise ValueError("mbox.path: must not be empty")
         try:
-            self.path.format(user="u", domain="d")
-        except (KeyError, IndexError, ValueError) as exc:
+            fields = [
+                (name, spec, conversion)
+                for _, name, spec, conversion in string.Formatter().parse(self.path)
+                if name is not None
+            ]
+        except ValueError as exc:  # an unmatched brace
             raise ValueError(f"mbox.path: only {{user}} and {{domain}} may appear ({exc})") from exc
+        for name, spec, conversion in fields:
+            # ("{user.__class__}", "{user!r}", "{user:>99999}" are valid for format())
+            if name not in ("user", "domain") or spec or conversion:
+                shown = "{" + name + (f"!{conversion}" if conversion else "") + (
+                    f":{spec}" if spec else "") + "}"
+                raise ValueError(
+                    f"mbox.path: only {{user}} and {{domain}} may appear, not {shown[:60]}"
+                )
         if self.lock_timeout <= 0 or self.stale_lock_age <= 0:
             raise ValueError("mbox.lock_timeout, mbox.stale_lock_age: must be positive")
 

@@ -42,6 +42,13 @@ def test_a_single_alias_target_may_be_a_string() -> None:
         ('[delivery]\ndefault = "nowhere"', "delivery.default: no destination named 'nowhere'"),
         ('[delivery.destinations.x]\ntype = "pipe"', "needs its [pipe] sub-table"),
         ('[delivery.destinations.x.mbox]\npath = "/m/{uid}"', "only {user} and {domain}"),
+        # valid for str.format(), and never a mailbox name (an attribute, a repr, a
+        # 99,999,999-character padding)
+        ('[delivery.destinations.x.mbox]\npath = "/m/{user.__class__}"',
+         "only {user} and {domain} may appear, not {user.__class__}"),
+        ('[delivery.destinations.x.mbox]\npath = "/m/{user!r}"', "not {user!r}"),
+        ('[delivery.destinations.x.mbox]\npath = "/m/{user:>99999999}"', "not {user:>99999999}"),
+        ('[delivery.destinations.x.mbox]\npath = "/m/{user"', "only {user} and {domain}"),
         ('[delivery]\nmaildir_layout = "flat"', "delivery.maildir_layout"),
     ],
 )
