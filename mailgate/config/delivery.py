@@ -257,9 +257,18 @@ class DeliveryConfig:
             problem = address_problem(str(text))
             if problem:
                 raise ValueError(f"{key}: {problem}")
+        for key, targets in self.aliases.items():
+            for target in targets:
+                if target.startswith(("/", "|")):  # sendmail's file and program targets
+                    raise ValueError(
+                        f"aliases.{key}: {target!r}: file and program targets are not "
+                        "supported (route the address to an mbox or pipe destination)"
+                    )
         for n, user in enumerate(self.local_users, 1):
             if "@" in user or address_problem(user):
                 raise ValueError(f"local_users[{n}]: {user!r} is not a user name")
+            if user in (".", "..") or "/" in user:  # (its mail would be refused: 553)
+                raise ValueError(f"local_users[{n}]: {user!r} cannot name a mailbox")
         known = {LOCAL_DESTINATION, *self.destinations}
         references = [("default", self.default)]
         references += [("relay", self.relay)] if self.relay else []

@@ -49,6 +49,13 @@ def test_a_single_alias_target_may_be_a_string() -> None:
         ('[delivery.destinations.x.mbox]\npath = "/m/{user!r}"', "not {user!r}"),
         ('[delivery.destinations.x.mbox]\npath = "/m/{user:>99999999}"', "not {user:>99999999}"),
         ('[delivery.destinations.x.mbox]\npath = "/m/{user"', "only {user} and {domain}"),
+        # their mail could only ever be refused (553 5.1.3, 550 5.1.1)
+        ('[delivery]\nlocal_users = ["alice", ".."]',
+         "delivery.local_users[2]: '..' cannot name a mailbox"),
+        ('[delivery]\nlocal_users = ["a/b"]', "delivery.local_users[1]: 'a/b' cannot name"),
+        ('[delivery.aliases]\narchive = ["alice", "/var/archive/mail"]',
+         "delivery.aliases.archive: '/var/archive/mail': file and program targets are not "
+         "supported"),
         ('[delivery]\nmaildir_layout = "flat"', "delivery.maildir_layout"),
     ],
 )
