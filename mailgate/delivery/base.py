@@ -47,6 +47,14 @@ class RecipientResult:
     def ok(self) -> bool:
         return self.reply.code < 400
 
+    def for_recipient(self, recipient: Recipient) -> RecipientResult:
+        """The same outcome, told of ``recipient`` (the RCPT a routed copy stands for).
+        Not dataclasses.replace: this is on every message's way to its 250, and
+        replace() costs several times a plain construction."""
+        return RecipientResult(
+            recipient, self.reply, self.action, self.remote_mta, self.remote_reply
+        )
+
 
 class SpoolReader(Protocol):
     """The message as spooled: trace headers then the body, CRLF line ends."""

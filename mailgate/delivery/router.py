@@ -18,7 +18,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from mailgate.delivery.base import Destination, RecipientResult, SpoolReader, TraceInfo
 from mailgate.delivery.handoff import Agreement
@@ -360,7 +360,7 @@ class Router:
             if isinstance(r, Reply):
                 results.append(RecipientResult(rcpt, r))
             elif len(r) == 1:
-                results.append(replace(done[r[0]], recipient=rcpt))
+                results.append(done[r[0]].for_recipient(rcpt))
             else:
                 results += _expanded_results(rcpt, [done[k] for k in r])
         return results
@@ -450,7 +450,7 @@ def _expanded_results(rcpt: Recipient, answers: list[RecipientResult]) -> list[R
     address = str(rcpt.address)
     orcpt = rcpt.orcpt or f"{'rfc822' if address.isascii() else 'utf-8'};{address}"
     failed = [
-        replace(a, recipient=Recipient(a.recipient.address, rcpt.notify, orcpt))
+        a.for_recipient(Recipient(a.recipient.address, rcpt.notify, orcpt))
         for a in answers
         if not a.ok
     ]
