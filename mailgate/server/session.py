@@ -770,6 +770,10 @@ class Session(asyncio.Protocol):
             self.server.metrics.auth(mech, "ok")
             if self._auth_failed and auth is not None:
                 auth.forgive_fallback(str(client.ip), outcome.user, self._auth_failed)
+            # Taken back once: a second success (after STARTTLS, which forgets the
+            # first) must not take them back again, or one valid account could wipe
+            # out the address's count of its guesses at others in every session.
+            self._auth_failed = None
             return
         # the name tried is part of the story (one user guessed from many addresses)
         tried = {"user": exchange.user} if exchange.user is not None else {}

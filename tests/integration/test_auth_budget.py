@@ -180,3 +180,71 @@ def test_scram_with_the_user_as_authzid_from_gsasl(server: RunningServer) -> Non
         assert done.returncode == 0 and "221 " in done.stdout, (authzid, done.stdout)
     other = gsasl("-z", "bob")  # acting for another user: refused
     assert other.returncode != 0 and "535 5.7.8" in other.stdout + other.stderr
+
+
+def test_a_second_login_after_starttls_takes_no_failure_back_again(tmp_path: Path) -> None:
+    # The fallback failures a login takes back were taken back at each success, and
+    # STARTTLS allows a second one (RFC 3207 forgets the first): one valid account
+    # wiped the address's count of its guesses at others in every session.
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("mx.mailgate.test", "127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    users = tmp_path / "users"
+    _passwd(users, "alice", "--cram")  # someone has one: CRAM-MD5 is offered
+    _passwd(users, "carol")
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path / 'spool'}"
+        [[listener]]
+        address = "127.0.0.1:0"
+        allow_plaintext_auth = true
+        [tls]
+        cert = "{tmp_path / 'cert.pem'}"
+        key = "{tmp_path / 'key.pem'}"
+        [auth]
+        users_file = "{users}"
+        failure_delay = 0.01
+        failure_max_delay = 0.05
+        [policy]
+        trusted_networks = []
+        verify_sender_domain = false
+        [delivery]
+        maildir_root = "{tmp_path / 'maildir'}"
+        system_users = false
+        local_users = ["alice", "carol"]
+    """)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    guesses = 0  # wrong passwords for alice answered 535, not 454
+
+    def session() -> bool:
+        """The attacker's session; whether it met the throttle (454)."""
+        nonlocal guesses
+        with smtplib.SMTP(srv.host, srv.port, timeout=20) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            if smtp.docmd("AUTH", "CRAM-MD5")[0] == 454:
+                return True
+            # carol has no CRAM-MD5 secret: a fallback failure, taken back at her login
+            assert smtp.docmd(base64.b64encode(b"carol " + b"0" * 32).decode())[0] == 535
+            code = smtp.docmd("AUTH", _plain("alice", "guess"))[0]  # the real guess
+            if code == 454:
+                return True
+            assert code == 535
+            guesses += 1
+            if smtp.docmd("AUTH", _plain("carol", PASSWORD))[0] == 454:
+                return True
+            smtp.starttls(context=client_tls)
+            smtp.ehlo("client.mailgate.org")
+            return smtp.docmd("AUTH", _plain("carol", PASSWORD))[0] == 454
+
+    try:
+        throttled = any(session() for _ in range(8))
+        # the address's budget (5 failures) holds: the guesses at alice were counted
+        assert throttled and guesses <= 5, guesses
+    finally:
+        srv.stop()
