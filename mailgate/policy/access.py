@@ -24,6 +24,7 @@ later steps (DNSBL) that an allow rule matched it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -198,10 +199,14 @@ class AccessStep(Step):
         contact_domain: str,
         disposition: Literal["discard", "quarantine"] = "discard",
         quarantine_dir: str = "",
+        local_form: Callable[[Client, Address], Address | None] | None = None,
     ) -> None:
         """``contact_domain``: whose postmaster a refusal tells the sender to write to
-        (one this server takes mail for)."""
+        (one this server takes mail for).  ``local_form``: the mailbox a local
+        recipient reaches (RecipientStep.local_form), which recipient rules are
+        matched against when the address as written matches none."""
         self._contact = contact_domain
+        self._local_form = local_form
         self._blocked_tags = (("disposition", disposition),)
         if disposition == "quarantine":
             self._blocked_tags += (("quarantine_dir", quarantine_dir),)
@@ -247,7 +252,7 @@ class AccessStep(Step):
         # upas's refused-recipient list did.
         if is_trusted(client):
             return ACCEPT
-        rule = self._rules.match_address("recipient", recipient.address)
+        rule = self._recipient_rule(client, recipient.address)
         if rule is None or rule.action == "allow":
             return ACCEPT
         if rule.action == "block":  # a spam trap: the whole message is BLOCKED
@@ -263,12 +268,23 @@ class AccessStep(Step):
         if client.filter_state != "BLOCKED":
             return ACCEPT
         if envelope.recipients and all(
-            _allowed(self._rules.match_address("recipient", r.address)) for r in envelope.recipients
+            _allowed(self._recipient_rule(client, r.address)) for r in envelope.recipients
         ):
             client.filter_state = "ACCEPT"  # every recipient opted out of filtering
             return ACCEPT
         tags = (("check", self.name), ("reason", "block"), *self._blocked_tags)
         return Verdict(reply("access.blocked"), tags=tags)
+
+    def _recipient_rule(self, client: Client, address: Address) -> Rule | None:
+        """The rule for ``address`` as written, else for the mailbox it reaches:
+        alice+x@ and alice@[our address] are alice@ our domain, and a rule about
+        alice holds for them (a deny, a spam trap, an opt-out alike)."""
+        rule = self._rules.match_address("recipient", address)
+        if rule is None and self._local_form is not None:
+            mailbox = self._local_form(client, address)
+            if mailbox is not None and mailbox != address:
+                rule = self._rules.match_address("recipient", mailbox)
+        return rule
 
     def _mail_rules(self, client: Client, envelope: Envelope) -> list[Rule | None]:
         ip_action = client.tags.get("access_ip")

@@ -43,6 +43,7 @@ def build_policy(
     if policy.dnsbl_zones or policy.verify_sender_domain or policy.reverse_lookup:
         resolver = Resolver(policy.dns_servers, policy.dns_timeout)
     steps: list[Step] = []
+    recipients = RecipientStep(mailboxes, hostname, policy.allow_loopback_literal)
     if resolver is not None and policy.reverse_lookup:
         steps.append(ReverseNameStep(resolver))
     steps.append(HopCountStep(policy.max_received_headers))
@@ -52,7 +53,8 @@ def build_policy(
         contact = getattr(mailboxes, "postmaster_domain", "") or hostname
         steps.append(
             AccessStep(
-                policy.access_file, contact, policy.blocked_disposition, policy.quarantine_dir
+                policy.access_file, contact, policy.blocked_disposition, policy.quarantine_dir,
+                local_form=recipients.local_form,
             )
         )
     if resolver is not None and policy.dnsbl_zones:
@@ -66,7 +68,7 @@ def build_policy(
         steps.append(HeloStep(hostname, names, policy.helo_refusal, policy.helo_literal_must_match))
     if resolver is not None and policy.verify_sender_domain:
         steps.append(SenderDomainStep(resolver))
-    steps.append(RecipientStep(mailboxes, hostname, policy.allow_loopback_literal))
+    steps.append(recipients)
     if config.greylist.enabled:
         # imported here so a server without greylisting never loads its storage backends
         from mailgate.policy.greylist import build_greylist
