@@ -15,16 +15,21 @@ and A-label spellings as one):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 from mailgate.protocol.idn import domain_key
+
+_COMMENT = re.compile(r"(?:^|\s)#.*$")
 
 
 def parse_senders_file(text: str, path: str) -> dict[str, list[str]]:
     """``user: address, @domain, *`` lines; ValueError "path:line: problem"."""
     table: dict[str, list[str]] = {}
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+        # "#" starts a comment at the start of a line or after white space, as in an
+        # access list: a#b@example.org is an address
+        line = _COMMENT.sub("", raw).strip()
         if not line:
             continue
         user, colon, rest = line.partition(":")

@@ -72,6 +72,8 @@ def test_bad_entry_in_the_config_table(entry: str) -> None:
 def test_file_format_and_errors() -> None:
     table = parse_senders_file("# c\nbob: bob@x.example, @y.example  # note\nbob: *\n", "s")
     assert table == {"bob": ["bob@x.example", "@y.example", "*"]}
+    # "#" inside an address is no comment (a#b@x.example is an address)
+    assert parse_senders_file("al: a#b@x.example #c\n", "s") == {"al": ["a#b@x.example"]}
     with pytest.raises(ValueError, match=r"^s:3: expected"):
         parse_senders_file("\n\njust words\n", "s")
     with pytest.raises(ValueError, match=r"^s:1: 'nodomain@' is not"):
