@@ -29,7 +29,7 @@ from mailgate.delivery.factory import build_router
 from mailgate.delivery.maildir import MaildirDestination
 from mailgate.delivery.mbox import MboxDestination
 from mailgate.delivery.router import Router
-from mailgate.delivery.spool import SpoolDir
+from mailgate.delivery.spool import SpoolDir, unwritable
 from mailgate.ops.logging import flush_logs, log_event, setup_logging
 from mailgate.ops.metrics import Metrics, bind_metrics
 from mailgate.policy.factory import build_policy
@@ -145,6 +145,11 @@ def check_parts(config: Config) -> Findings:
         from mailgate.policy.store import database_problem, path_problem
 
         unusable = path_problem(grey.sqlite_path)
+        # SQLite in WAL mode makes its -wal and -shm files beside the database: the
+        # server's user must be able to write in that directory, made or not
+        directory = os.path.dirname(os.path.abspath(grey.sqlite_path))
+        if not unusable and unwritable(directory, as_ids) is not None:
+            unusable = f"{directory} is not a directory this user can write in"
         if unusable:
             problems.append(f"greylist.sqlite_path: {unusable}")
         broken = database_problem(grey.sqlite_path)

@@ -133,6 +133,27 @@ def test_check_config_tries_what_the_file_names(tmp_path: Path) -> None:
             "database: greylisting stays off") in warned.stderr
 
 
+def test_a_greylist_directory_the_servers_user_cannot_write_in_is_refused(
+    tmp_path: Path,
+) -> None:
+    # check-config (as the supervisor checks a reload) said OK; every worker then
+    # refused the reload ("unable to open database file"), and a worker started
+    # after it could not start at all
+    grey = tmp_path / "grey"
+    grey.mkdir(mode=0o555)
+    config = tmp_path / "checked.toml"
+    config.write_text(
+        f'[server]\nhostname = "mx.mailgate.test"\nspool_dir = "{tmp_path}/s"\n'
+        'user = "nobody"\n'
+        f'[greylist]\nenabled = true\nsqlite_path = "{grey}/greylist.sqlite"\n'
+        f'[delivery]\nmaildir_root = "{tmp_path}/m"\n'
+    )
+    checked = _cli("check-config", str(config))
+    assert checked.returncode == 1 and "Traceback" not in checked.stderr
+    assert (f"{config}: greylist.sqlite_path: {grey} is not a directory this user can "
+            "write in") in checked.stderr.splitlines()
+
+
 def test_settings_an_administrator_should_know_of_are_warnings(tmp_path: Path) -> None:
     # a host name that is no FQDN (the greeting said "220 vm"), and a public listener
     # that requires STARTTLS (RFC 3207 4 forbids it for a publicly-referenced server)
