@@ -370,6 +370,9 @@ class MailServer:
         self.servers: list[asyncio.base_events.Server | TlsAcceptor] = []
         self._stop = asyncio.Event()
         self.supervised = False  # a worker of a supervisor (sockets bound for it)
+        # A worker's lines about itself (reload, shutdown) say which one: with three,
+        # three alike lines could not be told apart.
+        self.who: dict[str, object] = {}
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False  # a SIGHUP came while a reload ran
 
@@ -449,7 +452,8 @@ class MailServer:
             failures = old.failures if old else self._auth_failures
             fresh = build_context(config, auth_failures=failures)
         except Exception as exc:  # (whatever it is, the running server must stay up)
-            log_event("reload", level="error", outcome="refused", error=str(exc)[:500] or repr(exc))
+            log_event("reload", level="error", outcome="refused",
+                      error=str(exc)[:500] or repr(exc), **self.who)
             return
         ctx = self.ctx
         retired = (ctx.policy, ctx.delivery)
@@ -468,9 +472,10 @@ class MailServer:
             # In place, so that implicit-TLS listeners follow the new certificates.
             ctx.tls.reload(fresh.config.tls)
         except (ValueError, OSError) as exc:
-            log_event("reload", level="error", outcome="tls_refused", error=str(exc)[:500])
+            log_event("reload", level="error", outcome="tls_refused", error=str(exc)[:500],
+                      **self.who)
         self.listeners_settings_refresh()
-        log_reloaded(restart_needed)
+        log_reloaded(restart_needed, **self.who)
         if not self.supervised:  # with workers, the supervisor says it once
             warn_of_delivery(ctx.delivery, ctx.config)
 
@@ -495,7 +500,7 @@ class MailServer:
         messages under way up to the grace period; then 421 the rest."""
         for server in self.servers:
             server.close()
-        log_event("shutdown", sessions=len(self.ctx.sessions))
+        log_event("shutdown", sessions=len(self.ctx.sessions), **self.who)
         for session in list(self.ctx.sessions):
             session.request_drain()
         grace = self.ctx.config.server.shutdown_grace
@@ -515,13 +520,13 @@ class MailServer:
         self.ctx.metrics.flush()  # the last second's updates, before the process ends
 
 
-def log_reloaded(restart_needed: list[str]) -> None:
+def log_reloaded(restart_needed: list[str], **who: object) -> None:
     """The reload's log line; a warning naming the changed keys that wait for a restart."""
     if restart_needed:
         log_event("reload", level="warning", outcome="ok",
-                  restart_needed=",".join(restart_needed))
+                  restart_needed=",".join(restart_needed), **who)
     else:
-        log_event("reload", outcome="ok")
+        log_event("reload", outcome="ok", **who)
 
 
 async def _close_parts(*parts: object) -> None:
@@ -603,6 +608,7 @@ async def serve_worker(
     server = MailServer(
         config, config_path, shared.connections, shared.auth_failures, overrides
     )
+    server.who = {"worker": index}
     await server.start(sockets, supervised=True)
     server.install_signals()
     os.write(ready_fd, b"R")

@@ -123,6 +123,9 @@ def test_sighup_reaches_every_worker(tmp_path: Path) -> None:
         srv.config_path.write_text(srv.config_path.read_text().replace("\n[broken\n", ""))
         srv.signal(signal.SIGHUP)
         assert wait_for(lambda: srv.log().count("event=reload outcome=ok") == 2)
+        # each says which worker it is (two alike lines could not be told apart)
+        ok = [x for x in srv.log().splitlines() if "event=reload outcome=ok" in x]
+        assert sorted(x.split("worker=")[1].split()[0] for x in ok) == ["0", "1"]
         _send(srv, 1)
     finally:
         srv.stop()
