@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from mailgate.supervisor import WorkerShared
 
 RETIRE_AFTER = 600.0  # seconds a replaced policy/router stays open after a reload
+# seconds sessions still busy after the shutdown grace get to reach a safe point (421)
+# before they are answered 421 as they are and the process ends
+SHUTDOWN_WAIT = 10.0
 
 
 def default_hostname() -> str:
@@ -510,9 +513,12 @@ class MailServer:
             await asyncio.sleep(0.05)
         for session in list(self.ctx.sessions):
             session.request_shutdown()
-        deadline = loop.time() + 10
+        deadline = loop.time() + SHUTDOWN_WAIT
         while self.ctx.sessions and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        ending = [task for s in list(self.ctx.sessions) if (task := s.abandon()) is not None]
+        if ending:  # (cancelled: a mailer is killed, the lines of their ends logged)
+            await asyncio.wait(ending, timeout=5)
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)

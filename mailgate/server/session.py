@@ -242,6 +242,20 @@ class Session(asyncio.Protocol):
         if not self._busy:
             self._wake()
 
+    def abandon(self) -> asyncio.Task[None] | None:
+        """The shutdown's last step, for a session still busy past its grace and the
+        wait after it (a delivery that does not end): the process ends with its
+        message untaken, and the client hears 421 rather than a bare close (RFC 5321
+        3.8), whatever was pending.  Returns the session's task, cancelled: its end
+        kills what it waited for (a mailer) and logs the message aborted."""
+        conn = self.conn
+        if conn is not None and not conn.closed:
+            conn.shutdown()
+            self._flush()
+        if self._task is not None:
+            self._task.cancel()
+        return self._task
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():

@@ -449,6 +449,41 @@ def test_sigterm_drains_then_421_and_exit_0(tmp_path: Path) -> None:
         socket.create_connection((srv.host, srv.port), timeout=2)
 
 
+def test_a_delivery_that_outlasts_the_shutdown_is_answered_421(tmp_path: Path) -> None:
+    # A mailer that does not end: after the grace and the wait after it the process
+    # ends, and the client got a bare close; now it hears 421 (RFC 5321 3.8) and
+    # tries again later (nothing was taken: no 250).
+    srv = start_server(tmp_path, f"""
+        [server]
+        shutdown_grace = 0
+        spool_dir = "{tmp_path}/s"
+        [delivery]
+        maildir_root = "{tmp_path}/m"
+        default = "slow"
+        [delivery.destinations.slow.pipe]
+        command = ["/bin/sleep", "60"]
+    """)
+    with socket.create_connection((srv.host, srv.port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        sock.sendall(b"HELO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                     b"RCPT TO:<root@localhost>\r\nDATA\r\n")
+        assert [reader.readline()[:3] for _ in range(4)] == [b"250", b"250", b"250", b"354"]
+        sock.sendall(b"Subject: slow\r\n\r\nbody\r\n.\r\n")
+        assert wait_for(lambda: "/bin/sleep" in _children(srv.proc.pid))
+        srv.signal(signal.SIGTERM)
+        assert reader.readline().startswith(b"421 4.3.2 mx.mailgate.test shutting down")
+    assert srv.proc.wait(15) == 0
+    assert "outcome=aborted reason=shutdown" in srv.log()
+
+
+def _children(pid: int) -> str:
+    """The command lines of ``pid``'s children."""
+    out = subprocess.run(["ps", "--ppid", str(pid), "-o", "args="], capture_output=True,
+                         text=True, check=False)
+    return out.stdout
+
+
 def test_sighup_reloads_and_keeps_old_config_when_broken(tmp_path: Path) -> None:
     srv = start_server(tmp_path, f'[server]\nspool_dir = "{tmp_path}/s"\n')
     try:
