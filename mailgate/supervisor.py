@@ -218,8 +218,7 @@ class Supervisor:
             self._metrics_sock = None
 
     def _metrics_exited(self, status: int) -> None:
-        log_event("metrics_exited", level="error", pid=self._metrics_pid,
-                  status=os.waitstatus_to_exitcode(status))
+        log_event("metrics_exited", level="error", pid=self._metrics_pid, **_how(status))
         self._metrics_pid = 0
         pause = self._metrics_started + RESTART_PAUSE - time.monotonic()
         if pause > 0:
@@ -356,12 +355,9 @@ class Supervisor:
             index = self.pids.pop(pid, None)
             if index is None:
                 continue
-            code = os.waitstatus_to_exitcode(status)
             if self.metrics_dir:
                 forget_worker(pid, self.metrics_dir)
-            # killed by a signal: its name (status=-9 said little to an operator)
-            how = {"signal": _signal_name(-code)} if code < 0 else {"status": code}
-            log_event("worker_exited", level="error", worker=index, pid=pid, **how)
+            log_event("worker_exited", level="error", worker=index, pid=pid, **_how(status))
             # Its connections died with it; its AUTH failure counts stay for the next.
             self.shared.connections.clear_row(index)
             from mailgate.app import clean_leftovers, recover_mboxes
@@ -418,6 +414,13 @@ class Supervisor:
                 return False
             time.sleep(0.05)
         return True
+
+
+def _how(status: int) -> dict[str, object]:
+    """How a child ended, for its log line: its exit status, or the signal that killed
+    it, by name (status=-9 said little to an operator)."""
+    code = os.waitstatus_to_exitcode(status)
+    return {"signal": _signal_name(-code)} if code < 0 else {"status": code}
 
 
 def _signal_name(number: int) -> str:

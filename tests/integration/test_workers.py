@@ -337,7 +337,7 @@ def test_a_dead_metrics_process_is_replaced(tmp_path: Path) -> None:
         _send(srv, 1)
         os.kill(_metrics_pids(srv)[0], signal.SIGKILL)
         assert wait_for(lambda: len(_metrics_pids(srv)) == 2)
-        assert "event=metrics_exited" in srv.log()
+        assert "event=metrics_exited" in srv.log() and "signal=SIGKILL" in srv.log()
         accepted = re.compile(rb'mailgate_messages_total\{[^}]*outcome="accepted"[^}]*\} 1\.0')
 
         def served() -> bool:
