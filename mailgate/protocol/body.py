@@ -101,18 +101,10 @@ class DotReader:
 
 
 class ChunkReader:
-    """Reads exactly ``remaining`` octets of one BDAT chunk."""
+    """One BDAT chunk being read: how many of its octets are still to come (the
+    engine takes them from its buffer, see Connection._read_chunk)."""
 
     __slots__ = ("remaining",)
 
     def __init__(self, size: int) -> None:
         self.remaining = size
-
-    def feed(self, data: bytes) -> tuple[bytes, bytes]:
-        """Split ``data`` into (this chunk's bytes, what follows the chunk)."""
-        if len(data) <= self.remaining:
-            self.remaining -= len(data)
-            return data, b""
-        take = self.remaining
-        self.remaining = 0
-        return data[:take], data[take:]

@@ -36,6 +36,9 @@ from mailgate.protocol.replies import Reply, reply
 MAX_COMMAND_LINE = 512  # RFC 5321 4.5.3.1.4, CRLF included
 MAX_MAIL_RCPT_LINE = 2048  # room for SIZE, BODY, SMTPUTF8, RET, ENVID, AUTH=, NOTIFY, ORCPT
 MAX_AUTH_LINE = 12288  # RFC 4954 4: AUTH lines and SASL responses
+# replies queued before next_event asks the driver to send them (SEND_FIRST): ~80 KB of
+# EHLO replies at most, and under the transport's 64 KiB high-water mark for most
+MAX_QUEUED_REPLIES = 256
 _SASL_PLAINTEXT = frozenset({"PLAIN", "LOGIN"})
 # Mechanisms in which the server speaks first: an initial response to them is 501
 # 5.7.0 (RFC 4954 4).  PLAIN, LOGIN (its user name) and SCRAM may start with one.
@@ -183,11 +186,6 @@ class Connection:
         self._sent_2xx = self._sent_3xx = self._sent_4xx = self._sent_5xx = 0
         return counts
 
-    @property
-    def replies_waiting(self) -> int:
-        """Replies made since the last :meth:`data_to_send`."""
-        return len(self._out)
-
     def data_to_send(self) -> bytes:
         out = self._out
         # Usually one reply: hand its bytes over as they are, without a join.
@@ -201,6 +199,12 @@ class Connection:
                 return self._events.pop(0)
             if self._pending is not None:
                 return ev.PAUSED
+            if len(self._out) >= MAX_QUEUED_REPLIES:
+                # A run the engine answers alone must not turn a megabyte of input into
+                # twenty of replies before anything is sent (HELP is 6 octets, its reply
+                # over 100): the driver sends them, and a client that does not read
+                # them is paused like any other.
+                return ev.SEND_FIRST
             state = self.state
             if state is _COMMAND:
                 line = self._take_line(None)
@@ -882,10 +886,16 @@ class Connection:
     def _read_chunk(self) -> bool:
         chunk = self._chunk
         assert chunk is not None
-        if chunk.remaining and not self._buf:
+        buf = self._buf
+        if chunk.remaining and not buf:
             return False
-        data, rest = chunk.feed(bytes(self._buf))
-        self._buf[:] = rest
+        # Only this chunk's octets are copied out, and the buffer loses them from its
+        # front (cheap for a bytearray): copying the whole input for each chunk made a
+        # pipelined megabyte of "BDAT 0" cost seconds of CPU (quadratic).
+        take = min(chunk.remaining, len(buf))
+        data = bytes(buf[:take])
+        del buf[:take]
+        chunk.remaining -= take
         if not self._chunk_sink:
             self._account(data)
         if chunk.remaining:

@@ -144,3 +144,6 @@ class _Sentinel:
 
 NEED_DATA = _Sentinel("NEED_DATA")  # feed more bytes with receive_data()
 PAUSED = _Sentinel("PAUSED")  # a decision is pending
+# Replies the engine gave alone piled up (a pipelined run of HELP, NOOP or BDAT chunks):
+# send them (data_to_send) before asking for the next event.
+SEND_FIRST = _Sentinel("SEND_FIRST")

@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 # Stop reading from a client whose unprocessed input passes this (it is pipelining
 # while we wait on a slow policy or delivery); resume once the engine caught up.
 _HIGH_WATER = 1 << 20
-_REPLIES_PER_WRITE = 256  # at most ~80 KB (EHLO replies) before a write
 LINGER = 15.0  # seconds a session we end reads on (discarding) before it closes
 HALF_CLOSED_DELAY = 2.0  # the most a deliberate delay lasts after the client's FIN
 # Lines a session may log about its commands (HELO, MAIL, RCPT, refusals) before the
@@ -437,6 +436,13 @@ class Session(asyncio.Protocol):
                 self._waiter = None
                 continue
             acted = True
+            if event is ev.SEND_FIRST:
+                # A long run the engine answered alone, or pipelined decisions: its
+                # replies leave now (a client that does not read them pauses us at
+                # the transport's high-water mark), and other sessions get a turn.
+                self._flush()
+                await asyncio.sleep(0)
+                continue
             if isinstance(event, ev.BodyChunk):
                 self._write_body(event.data)
                 continue
@@ -451,10 +457,6 @@ class Session(asyncio.Protocol):
                 await self._dispatch(event)
             finally:
                 self._busy = False
-            if conn.replies_waiting >= _REPLIES_PER_WRITE:
-                # A long pipelined run is answered as it goes, so that the transport's
-                # high-water mark (pause_writing) sees its replies before its end.
-                self._flush()
 
     async def _dispatch(self, event: object) -> None:
         conn = self.conn

@@ -92,20 +92,27 @@ class Session:
         if isinstance(data, str):
             data = data.encode()
         self.conn.receive_data(data)
-        self.pump()
+        sent = self.pump()
         out = self.conn.data_to_send()
         if out:
             self.writes.append(out)
-        return out
+        return b"".join(sent) + out
 
     def send(self, data: bytes | str) -> list[str]:
         return lines(self.feed(data))
 
-    def pump(self) -> None:
+    def pump(self) -> list[bytes]:
+        """Run the engine until it needs data; the writes it asked for on the way
+        (SEND_FIRST), as a driver sends them."""
+        sent: list[bytes] = []
         while True:
             event = self.conn.next_event()
             if event is ev.NEED_DATA:
-                return
+                return sent
+            if event is ev.SEND_FIRST:
+                sent.append(self.conn.data_to_send())
+                self.writes.append(sent[-1])
+                continue
             assert event is not ev.PAUSED, "the decider left a decision open"
             assert isinstance(event, ev.Event)
             self.events.append(event)

@@ -3,10 +3,10 @@ after a decision or a TLS change is acted on early."""
 
 from __future__ import annotations
 
-from protocol_helpers import Session, codes, scripted
+from protocol_helpers import Session, codes, lines, scripted
 
 from mailgate.protocol import events as ev
-from mailgate.protocol.connection import Connection, Settings
+from mailgate.protocol.connection import MAX_QUEUED_REPLIES, Connection, Settings
 from mailgate.protocol.replies import reply
 
 GROUP = (
@@ -132,3 +132,35 @@ def test_pipelined_message_then_next_transaction() -> None:
     out = s.send("body\r\n.\r\nMAIL FROM:<z@example.net>\r\nRCPT TO:<y@example.org>\r\n")
     assert codes(out) == ["250 2.0.0", "250 2.1.0", "250 2.1.5"]
     assert len(s.of(ev.MessageEnd)) == 1
+
+
+def test_a_long_run_answered_by_the_engine_alone_is_sent_as_it_goes() -> None:
+    # HELP is 6 octets and its reply over 100: a megabyte of it became twenty of
+    # replies before anything was sent, whether or not the client read them.
+    conn = Connection(Settings("mx.example.org"))
+    conn.greet()
+    conn.receive_data(b"EHLO client.example.net\r\n")
+    assert isinstance(conn.next_event(), ev.Helo)
+    conn.accept()
+    assert conn.next_event() is ev.NEED_DATA
+    conn.data_to_send()
+    conn.receive_data(b"HELP\r\n" * 1000)
+    replies: list[str] = []
+    while (event := conn.next_event()) is ev.SEND_FIRST:
+        batch = codes(lines(conn.data_to_send()))
+        assert len(batch) == MAX_QUEUED_REPLIES  # never more queued at once
+        replies += batch
+    assert event is ev.NEED_DATA
+    replies += codes(lines(conn.data_to_send()))
+    assert replies == ["214 2.0.0"] * 1000
+
+
+def test_a_pipelined_run_of_bdat_chunks_is_read_whole_and_answered_in_order() -> None:
+    # Each chunk copied the whole buffered input (quadratic: a megabyte of "BDAT 0"
+    # took seconds); what a long run must still give is every chunk's reply and data.
+    s = Session()
+    s.transaction()
+    out = s.send(b"BDAT 3\r\nabc" * 2000 + b"BDAT 0 LAST\r\n")
+    assert codes(out) == ["250 2.0.0"] * 2001
+    assert s.body() == b"abc" * 2000
+    assert len(s.writes) > 2001 // MAX_QUEUED_REPLIES  # sent as it went

@@ -1,0 +1,52 @@
+"""A client that pipelines commands the engine answers alone (HELP, NOOP, BDAT chunks)
+and never reads the replies is paused at the transport's high-water mark, as one
+sending decisions is: its replies are not piled up in memory."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from tests.server.harness import Transport, context, session
+
+HIGH_WATER = 64 * 1024  # asyncio's default for a transport's write buffer
+
+
+class _Unread(Transport):
+    """A transport whose peer reads nothing: past the high-water mark it pauses the
+    protocol, as asyncio's do; and reading can be paused."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.buffered = 0
+        self.protocol: object = None
+        self.reading = True
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        before, self.buffered = self.buffered, self.buffered + len(data)
+        if before <= HIGH_WATER < self.buffered:
+            self.protocol.pause_writing()  # type: ignore[attr-defined]
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+
+def test_a_help_flood_that_is_not_read_stops_at_the_high_water_mark(tmp_path: Path) -> None:
+    ctx = context(tmp_path)
+
+    async def go() -> tuple[int, int, bool]:
+        transport = _Unread()
+        s, _ = await session(ctx, [])
+        # (the harness's own transport took the greeting and EHLO; this one the flood)
+        transport.protocol = s
+        s.transport = transport  # type: ignore[assignment]
+        s.data_received(b"HELP\r\n" * 200_000)  # 1.2 MB, ~22 MB of replies
+        await asyncio.sleep(0.3)
+        return transport.buffered, s.conn.buffered if s.conn else 0, transport.reading
+
+    written, unread_input, reading = asyncio.run(go())
+    # one batch past the mark at most (256 HELP replies of ~110 octets), and the rest
+    # of the input is left unread, the session paused
+    assert written <= 2 * HIGH_WATER
+    assert unread_input > 1_000_000 and not reading
