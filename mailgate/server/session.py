@@ -223,6 +223,8 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._wake()
+        if self._lingering:
+            self.server.release(self)
 
     # -- control from the server ------------------------------------------------------
 
@@ -1059,7 +1061,6 @@ class Session(asyncio.Protocol):
         self._count_replies()
         server = self.server
         server.sessions.discard(self)
-        server.release(self)
         if self.log is not None:
             self.log_event("close", messages=self._messages,
                            errors=self.conn.errors if self.conn else 0)
@@ -1069,6 +1070,11 @@ class Session(asyncio.Protocol):
             transport.abort()  # close() would wait for a reader that never reads
         elif transport is not None and not transport.is_closing():
             self._close_transport(transport)
+        if not self._lingering:
+            server.release(self)
+        # (else once the connection is closed: a session lingering for its client's
+        # FIN holds a descriptor, and counts in the connection limits while it does,
+        # or a client could hold thousands past max_connections for LINGER seconds)
 
     def _close_transport(self, transport: asyncio.Transport) -> None:
         """Close after our last reply.  Where the client may still be sending (we end

@@ -484,6 +484,28 @@ def _children(pid: int) -> str:
     return out.stdout
 
 
+def test_a_session_lingering_for_its_clients_fin_counts_in_the_limits(tmp_path: Path) -> None:
+    # After our closing reply we read on for up to 15 s (LINGER); such sessions held
+    # their descriptors without counting in max_connections, and an audit ran a
+    # server out of descriptors with them (every later client closed ungreeted).
+    srv = start_server(tmp_path, f'[server]\nspool_dir = "{tmp_path}/spool"\nmax_errors = 1\n'
+                       "max_connections_per_ip = 1\n[policy]\ntrusted_networks = []\n")
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as ended:
+            ended.sendall(b"EHLO client.mailgate.org\r\nVRFY\r\nNOOP\r\n")
+            assert b"421 " in read_until(ended, b"421 ")
+            # not closed: the session lingers, and still holds the address's place
+            with socket.create_connection((srv.host, srv.port), timeout=10) as second:
+                assert read_until(second, b"\r\n").startswith(b"421 4.7.0")
+        # once the client has closed, the place is free at once (not after 15 s)
+        def greeted() -> bool:
+            with socket.create_connection((srv.host, srv.port), timeout=10) as third:
+                return read_until(third, b"\r\n").startswith(b"220 ")
+        assert wait_for(greeted, timeout=5)
+    finally:
+        srv.stop()
+
+
 def test_sighup_reloads_and_keeps_old_config_when_broken(tmp_path: Path) -> None:
     srv = start_server(tmp_path, f'[server]\nspool_dir = "{tmp_path}/s"\n')
     try:
