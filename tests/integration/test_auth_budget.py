@@ -27,14 +27,18 @@ def _passwd(users: Path, user: str, *flags: str) -> None:
     )
 
 
-def _auth_server(tmp_path: Path, users: Path, failure_delay: float) -> RunningServer:
-    """An untrusted client's server with AUTH (PLAIN without TLS too) for ``users``."""
+def _auth_server(
+    tmp_path: Path, users: Path, failure_delay: float, tls: str = ""
+) -> RunningServer:
+    """An untrusted client's server with AUTH (PLAIN without TLS too) for ``users``;
+    ``tls``: a [tls] table, for STARTTLS."""
     return start_server(tmp_path, f"""
         [server]
         spool_dir = "{tmp_path / 'spool'}"
         [[listener]]
         address = "127.0.0.1:0"
         allow_plaintext_auth = true
+        {tls}
         [auth]
         users_file = "{users}"
         failure_delay = {failure_delay}
@@ -197,27 +201,9 @@ def test_a_second_login_after_starttls_takes_no_failure_back_again(tmp_path: Pat
     users = tmp_path / "users"
     _passwd(users, "alice", "--cram")  # someone has one: CRAM-MD5 is offered
     _passwd(users, "carol")
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path / 'spool'}"
-        [[listener]]
-        address = "127.0.0.1:0"
-        allow_plaintext_auth = true
-        [tls]
-        cert = "{tmp_path / 'cert.pem'}"
-        key = "{tmp_path / 'key.pem'}"
-        [auth]
-        users_file = "{users}"
-        failure_delay = 0.01
-        failure_max_delay = 0.05
-        [policy]
-        trusted_networks = []
-        verify_sender_domain = false
-        [delivery]
-        maildir_root = "{tmp_path / 'maildir'}"
-        system_users = false
-        local_users = ["alice", "carol"]
-    """)
+    srv = _auth_server(tmp_path, users, failure_delay=0.01, tls=(
+        f'[tls]\ncert = "{tmp_path / "cert.pem"}"\nkey = "{tmp_path / "key.pem"}"'
+    ))
     client_tls = ssl.create_default_context()
     ca.configure_trust(client_tls)
     guesses = 0  # wrong passwords for alice answered 535, not 454

@@ -11,7 +11,7 @@ import pytest
 from tests.delivery.dovecot_fixture import DOMAIN, Dovecot
 from tests.delivery.test_smarthost import Smarthost
 from tests.delivery.test_smarthost import start as start_smarthost
-from tests.integration.server import start_server
+from tests.integration.server import RunningServer, start_server
 
 
 @pytest.fixture
@@ -23,22 +23,29 @@ def dovecot() -> Iterator[Dovecot]:
         server.remove()
 
 
-def test_downstream_decides_at_rcpt_and_gets_the_message(tmp_path: Path, dovecot: Dovecot) -> None:
-    srv = start_server(tmp_path, f"""
+def _front(tmp_path: Path, dovecot: Dovecot, delivery: str, more: str = "") -> RunningServer:
+    """mailgate with DOMAIN's mail on the Dovecot's LMTP; ``delivery``: more lines of
+    [delivery], ``more``: more tables."""
+    return start_server(tmp_path, f"""
         [server]
         spool_dir = "{tmp_path}/spool"
 
         [delivery]
         maildir_root = "{tmp_path}/maildir"
         local_domains = ["{DOMAIN}"]
-        catch_all = {{ "{DOMAIN}" = "anyone" }}
+        {delivery}
 
         [delivery.domains]
         "{DOMAIN}" = "dovecot"
 
         [delivery.destinations.dovecot.lmtp]
         address = "127.0.0.1:{dovecot.port}"
+        {more}
     """)
+
+
+def test_downstream_decides_at_rcpt_and_gets_the_message(tmp_path: Path, dovecot: Dovecot) -> None:
+    srv = _front(tmp_path, dovecot, f'catch_all = {{ "{DOMAIN}" = "anyone" }}')
     try:
         with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
             smtp.ehlo("client.mailgate.org")
@@ -67,26 +74,10 @@ def test_a_relay_deferring_at_rcpt_holds_back_the_lmtp_copy(
     # taken meanwhile would be a second one with every retry.
     handler = Smarthost()
     controller = start_smarthost(handler, None)
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path}/spool"
-
-        [delivery]
-        maildir_root = "{tmp_path}/maildir"
-        local_domains = ["{DOMAIN}"]
-        relay = "next"
-
-        [delivery.domains]
-        "{DOMAIN}" = "dovecot"
-
-        [delivery.destinations.dovecot.lmtp]
-        address = "127.0.0.1:{dovecot.port}"
-
-        [delivery.destinations.next.smtp]
-        host = "127.0.0.1"
-        port = {handler.port}
-        starttls = "off"
-    """)
+    srv = _front(tmp_path, dovecot, 'relay = "next"', (
+        "[delivery.destinations.next.smtp]\n"
+        f'host = "127.0.0.1"\nport = {handler.port}\nstarttls = "off"'
+    ))
 
     def send(*rcpts: str) -> tuple[int, bytes]:
         with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:

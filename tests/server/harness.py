@@ -29,15 +29,18 @@ def context(tmp_path: Path, server: str = "") -> ServerContext:
 
 
 class Transport:
-    """Records each write, in ``writes`` and in the shared ``seen`` sequence."""
+    """Records each write, in ``writes`` and in the shared ``seen`` sequence; the
+    client is ``peer`` (127.0.0.1, trusted by default, unless told otherwise)."""
 
-    def __init__(self, seen: list[tuple[str, str]]) -> None:
+    def __init__(self, seen: list[tuple[str, str]], peer: str = "127.0.0.1") -> None:
         self.seen = seen
         self.writes: list[bytes] = []
         self.closing = False
+        self.peer = peer
 
     def get_extra_info(self, name: str, default: object = None) -> object:
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 25)}.get(name)
+        local = "127.0.0.1" if self.peer == "127.0.0.1" else "192.0.2.1"
+        return {"peername": (self.peer, 40000), "sockname": (local, 25)}.get(name)
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)

@@ -7,12 +7,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
-
 from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
-from mailgate.ops.logging import SessionLog
 from mailgate.protocol.envelope import Envelope
 from mailgate.protocol.replies import reply
+from tests.server.conftest import Logged
 from tests.server.harness import MESSAGE, context, session, turn
 
 
@@ -31,17 +29,7 @@ class _Refusing:
         ]
 
 
-def test_a_refused_recipients_line_names_the_next_hop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    lines: list[tuple[str, dict[str, object]]] = []
-    real = SessionLog.event
-
-    def event(self: SessionLog, name: str, /, level: str = "info", **fields: object) -> None:
-        lines.append((name, fields))
-        real(self, name, level, **fields)
-
-    monkeypatch.setattr(SessionLog, "event", event)
+def test_a_refused_recipients_line_names_the_next_hop(tmp_path: Path, logged: Logged) -> None:
     ctx = context(tmp_path)
     ctx.delivery = _Refusing()  # type: ignore[assignment]
 
@@ -55,22 +43,12 @@ def test_a_refused_recipients_line_names_the_next_hop(
         return answer
 
     assert asyncio.run(go()).startswith("550 5.0.0 ")
-    [line] = [fields for name, fields in lines if name == "delivery"]
+    [line] = [fields for name, fields in logged if name == "delivery"]
     assert line["relay"] == "mx.next.example"
     assert line["code"] == 550 and "bob@mailgate.org" in str(line["reply"])
 
 
-def test_quit_between_bdat_chunks_abandons_the_message(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    lines: list[tuple[str, dict[str, object]]] = []
-    real = SessionLog.event
-
-    def event(self: SessionLog, name: str, /, level: str = "info", **fields: object) -> None:
-        lines.append((name, fields))
-        real(self, name, level, **fields)
-
-    monkeypatch.setattr(SessionLog, "event", event)
+def test_quit_between_bdat_chunks_abandons_the_message(tmp_path: Path, logged: Logged) -> None:
     ctx = context(tmp_path)
 
     async def go() -> list[str]:
@@ -84,5 +62,5 @@ def test_quit_between_bdat_chunks_abandons_the_message(
 
     # the chunk's 250 and the 221
     assert [line[:3] for line in asyncio.run(go())] == ["250", "221"]
-    [message] = [fields for name, fields in lines if name == "message"]
+    [message] = [fields for name, fields in logged if name == "message"]
     assert message["outcome"] == "abandoned" and "reason" not in message

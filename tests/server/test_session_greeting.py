@@ -14,6 +14,7 @@ from mailgate.policy.base import Client, Step, Verdict
 from mailgate.policy.engine import PolicyEngine
 from mailgate.policy.networks import NetworkList
 from mailgate.server.session import Session
+from tests.server.harness import Transport
 
 
 class _Broken(Step):
@@ -35,33 +36,6 @@ class _Broken(Step):
         return await super().helo(client, name)
 
 
-class _Transport:
-    def __init__(self) -> None:
-        self.written = b""
-        self.closing = False
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return {"peername": ("192.0.2.7", 40000), "sockname": ("192.0.2.1", 25)}.get(name)
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("stage", ["connect", "helo"])
 def test_a_temporary_refusal_there_is_421_and_the_end(tmp_path: Path, stage: str) -> None:
     path = tmp_path / "mailgate.toml"
@@ -72,13 +46,13 @@ def test_a_temporary_refusal_there_is_421_and_the_end(tmp_path: Path, stage: str
 
     async def go() -> bytes:
         session = Session(ctx, build_listeners(ctx)[0])
-        transport = _Transport()
+        transport = Transport([], peer="192.0.2.7")
         session.connection_made(transport)  # type: ignore[arg-type]
         await asyncio.sleep(0.05)
         session.data_received(b"EHLO client.mailgate.org\r\n")
         await asyncio.wait_for(session._task, 5)  # type: ignore[arg-type]
         assert transport.closing
-        return transport.written
+        return b"".join(transport.writes)
 
     written = asyncio.run(go())
     assert written.splitlines()[-1] == b"421 4.3.0 mx.mailgate.org Local error, closing connection"

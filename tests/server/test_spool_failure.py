@@ -10,23 +10,9 @@ from pathlib import Path
 import pytest
 
 from mailgate.delivery.spool import SpoolFile
-from mailgate.ops.logging import SessionLog
 from tests.server.harness import MESSAGE, context, session, turn
 
 BODY = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n"
-
-
-@pytest.fixture
-def logged(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, object]]]:
-    lines: list[tuple[str, dict[str, object]]] = []
-    real = SessionLog.event
-
-    def event(self: SessionLog, name: str, /, level: str = "info", **fields: object) -> None:
-        lines.append((name, fields))
-        real(self, name, level, **fields)
-
-    monkeypatch.setattr(SessionLog, "event", event)
-    return lines
 
 
 def _failing_body(monkeypatch: pytest.MonkeyPatch, err: int) -> None:
