@@ -602,7 +602,7 @@ class Session(asyncio.Protocol):
         self._trace_info = self._trace(envelope)
         received = received_header(self._trace_info, envelope)
         self._trace_len = len(received)
-        self._write_body(received)  # (an error: logged, and the end of the data has 452)
+        self._write_body(received)  # (an error: logged, and the end of the data has 4xx)
 
     async def _on_message_end(self, envelope: Envelope, size: int) -> None:
         conn = self.conn
