@@ -48,6 +48,9 @@ if TYPE_CHECKING:
 # while we wait on a slow policy or delivery); resume once the engine caught up.
 _HIGH_WATER = 1 << 20
 LINGER = 15.0  # seconds a session we end reads on (discarding) before it closes
+# Octets of data a read must have brought since the last restart of data_timeout to
+# restart it again: 1 KiB in 3 minutes is 6 octets a second, slower than any link.
+DATA_PROGRESS = 1024
 HALF_CLOSED_DELAY = 2.0  # the most a deliberate delay lasts after the client's FIN
 # Lines a session may log about its commands (HELO, MAIL, RCPT, refusals) before the
 # rest go at "debug": an EHLO or an RCPT past max_recipients is a line of its own
@@ -96,7 +99,8 @@ class Session(asyncio.Protocol):
     __slots__ = (
         "_auth_failed", "_auth_mechanism", "_busy", "_deadline", "_draining", "_eof",
         "_event_loop", "_exchange", "_lingering", "_log_lines", "_lost", "_message_id",
-        "_message_started", "_messages", "_origin", "_paused", "_proxy_buf", "_spool",
+        "_message_started", "_messages", "_origin", "_paused", "_proxy_buf", "_received",
+        "_spool",
         "_spool_failure", "_stopping", "_task", "_timed_out", "_trace_info", "_trace_len",
         "_waiter", "_write_paused",
         "admitted", "client", "conn", "listener", "log", "server", "sid", "transport",
@@ -120,6 +124,7 @@ class Session(asyncio.Protocol):
         self._origin = origin
         self.admitted = origin is not None  # counted in the server's connection limits
         self._paused = False
+        self._received = 0  # octets read from the client (data_timeout's progress)
         # The transport's output is above its high-water mark: a client that sends
         # commands without reading the replies; no more are read or answered until
         # it has read them (else its replies would pile up in memory without bound).
@@ -186,6 +191,7 @@ class Session(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return  # what a client sends after our last reply is dropped
+        self._received += len(data)
         conn = self.conn
         if conn is None:
             self._proxy_buf += data
@@ -399,9 +405,13 @@ class Session(asyncio.Protocol):
         assert loop is not None
         # command_timeout runs per command, not per read: a client trickling a byte at a
         # time (slowloris) must still finish each command line in time.  It restarts when
-        # the engine acted (an event or a reply); in the data each read restarts it
-        # (RFC 5321 4.5.3.2.5 times a data block, and the size limit bounds the data).
+        # the engine acted (an event or a reply).  In the data, data_timeout restarts at
+        # each read (RFC 5321 4.5.3.2.5 times a data block) that brought DATA_PROGRESS
+        # octets since it last did: a byte sent just before each timeout held a session
+        # (and its place in the connection limits) for ever.
         deadline = 0.0
+        data_deadline = 0.0  # 0: not in the data (yet)
+        data_mark = 0  # self._received at data_deadline's last restart
         acted = True
         while True:
             if self._write_paused and not (conn.closed or self._lost):
@@ -432,12 +442,17 @@ class Session(asyncio.Protocol):
                 if acted:
                     deadline = loop.time() + settings.command_timeout
                     acted = False
-                await self._input_waiter(
-                    loop.time() + settings.data_timeout if conn.in_data else deadline
-                )
+                if not conn.in_data:
+                    data_deadline = 0.0
+                elif not data_deadline or self._received - data_mark >= DATA_PROGRESS:
+                    data_deadline = loop.time() + settings.data_timeout
+                    data_mark = self._received
+                await self._input_waiter(data_deadline or deadline)
                 self._waiter = None
                 continue
             acted = True
+            if event is not ev.SEND_FIRST and not isinstance(event, ev.BodyChunk):
+                data_deadline = 0.0  # (a message's start or end: its data times anew)
             if event is ev.SEND_FIRST:
                 # A long run the engine answered alone, or pipelined decisions: its
                 # replies leave now (a client that does not read them pauses us at

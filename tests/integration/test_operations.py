@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -837,6 +838,39 @@ def test_a_timeout_in_the_data_is_logged_as_one(tmp_path: Path) -> None:
         log = srv.log()
         assert re.search(r"event=timeout .*in_data=true", log), log
         assert "outcome=aborted reason=timeout" in log
+    finally:
+        srv.stop()
+
+
+def test_data_trickled_a_byte_at_a_time_still_times_out(tmp_path: Path) -> None:
+    # Each read restarted data_timeout: a byte sent just before each timeout held the
+    # session for ever (an audit's ran 64 s with data_timeout = 10).  A read restarts
+    # it only when it brought a KiB since the last restart; a slow client that does
+    # is not cut off.
+    srv = start_server(tmp_path, f'[server]\nspool_dir = "{tmp_path}/spool"\n'
+                       "data_timeout = 2\n")
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=20) as sock:
+            sock.sendall(b"EHLO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                         b"RCPT TO:<root@localhost>\r\nDATA\r\n")
+            read_until(sock, b"354 ")
+            started = time.monotonic()
+            sock.settimeout(0.5)
+            got = b""
+            while b"421 " not in got and time.monotonic() - started < 15:
+                with contextlib.suppress(TimeoutError):
+                    sock.sendall(b"x")
+                    got += sock.recv(1024)
+            assert got.startswith(b"421 4.4.2 "), got  # (never, before: 15 s of bytes)
+        with socket.create_connection((srv.host, srv.port), timeout=20) as sock:
+            sock.sendall(b"EHLO client.mailgate.org\r\nMAIL FROM:<a@client.mailgate.org>\r\n"
+                         b"RCPT TO:<root@localhost>\r\nDATA\r\n")
+            read_until(sock, b"354 ")
+            for _ in range(4):  # 6 s in all: a KiB a second keeps going
+                sock.sendall(b"z" * 1100 + b"\r\n")
+                time.sleep(1.5)
+            sock.sendall(b".\r\n")
+            assert read_until(sock, b"\r\n").startswith(b"250 ")
     finally:
         srv.stop()
 
