@@ -401,11 +401,18 @@ class _Converter:
         arms = [a for a in get_args(tp) if a is not type(None)]
         if len(arms) == 1:  # X | None: TOML has no null, so a present key is always an X
             return self.value(arms[0], raw, key)
+        shaped: list[str] = []  # the errors of the arm raw has the shape of
         for arm in arms:
             trial = _Converter(self.filename)
             converted = trial.value(arm, raw, key)
             if not trial.errors:
                 return converted
+            container = {list: list, dict: dict}.get(get_origin(arm))
+            if container is not None and isinstance(raw, container):
+                shaped = trial.errors
+        if shaped:  # an array of the wrong items: say which (not "expected an array")
+            self.errors.extend(shaped)
+            return _INVALID
         self.error(key, f"expected {_described(tp)}, got {_shown(raw)}")
         return _INVALID
 

@@ -488,6 +488,9 @@ def test_generic_shapes_load() -> None:
         ({"maybe": "x"}, 'maybe: expected a table, got "x"'),
         ({"needs": {}}, "needs.command: required key is missing"),
         ({"either": 3}, "either: expected an array or a string, got 3"),
+        # an array of the wrong items: which item (it said "expected an array or a
+        # string, got an array")
+        ({"either": ["s", 5]}, "either[2]: expected a string, got 5"),
         ({"mode": "c"}, 'mode: expected one of "a", "b", "", got "c"'),
         # ValueError from __post_init__, in each of the forms section files use
         ({"maybe": {"path": ""}}, "maybe.path: must not be empty"),
