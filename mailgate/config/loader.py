@@ -469,6 +469,8 @@ class _Converter:
                 socket_path = text.startswith(("/", "unix:/")) and "listen" not in name
                 if not text and name == "address":  # (only *_address and listen mean off)
                     self.error(sub, "must not be empty")
+                elif text.startswith("unix:") and not socket_path and "listen" not in name:
+                    self.error(sub, f"a Unix socket's path must be absolute: {_shown(text)}")
                 elif text and not socket_path:
                     try:
                         split_host_port(text)

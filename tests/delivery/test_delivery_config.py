@@ -42,6 +42,9 @@ def test_a_single_alias_target_may_be_a_string() -> None:
         ('[delivery]\ndefault = "nowhere"', "delivery.default: no destination named 'nowhere'"),
         ('[delivery.destinations.x]\ntype = "pipe"', "needs its [pipe] sub-table"),
         ('[delivery.destinations.x.mbox]\npath = "/m/{uid}"', "only {user} and {domain}"),
+        # (it said: port must be a number from 0 to 65535, got "relative")
+        ('[delivery.destinations.x.lmtp]\naddress = "unix:relative"',
+         "delivery.destinations.x.lmtp.address: a Unix socket's path must be absolute"),
         # valid for str.format(), and never a mailbox name (an attribute, a repr, a
         # 99,999,999-character padding)
         ('[delivery.destinations.x.mbox]\npath = "/m/{user.__class__}"',
