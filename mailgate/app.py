@@ -399,13 +399,13 @@ class MailServer:
         self.ctx.spool.ensure()
         bound = []
         for listener, socks in zip(self.listeners, sockets, strict=True):
-            ssl_ctx = self.ctx.tls.listener_context() if listener.implicit_tls else None
+            ssl_ctx = self.ctx.tls.server_context() if listener.implicit_tls else None
             if listener.implicit_tls and ssl_ctx is None:
                 raise ConfigError([f"listener {listener.config.address}: role smtps needs [tls]"])
             for sock in socks:
                 if listener.implicit_tls:
                     # (admitted before the handshake: see server/tls_accept.py)
-                    acceptor = TlsAcceptor(self.ctx, listener, sock, self.ctx.tls.listener_context)
+                    acceptor = TlsAcceptor(self.ctx, listener, sock, self.ctx.tls.server_context)
                     acceptor.start()
                     self.servers.append(acceptor)
                 else:

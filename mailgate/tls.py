@@ -43,44 +43,24 @@ class TLSContexts:
         """Load every certificate now; ValueError "file: problem" when one is broken."""
         self._config = config
         self._loaded = self._load() if config.pairs else None
-        self._listener: ssl.SSLContext | None = None
 
     def server_context(self) -> ssl.SSLContext | None:
-        """The context to wrap server connections with, or None without certificates."""
+        """The context to wrap server connections with, or None without certificates.
+        Asked for at each STARTTLS and each implicit-TLS connection (server/tls_accept.py),
+        so that a reload's contexts, built whole with the new settings, apply at once.
+        (A context kept for the port 465 listener and patched in place kept its old
+        minimum version and ciphers, and a certificate of the other key type next to a
+        replaced one.)"""
         return self._loaded.default if self._loaded else None
 
-    def listener_context(self) -> ssl.SSLContext | None:
-        """A context that stays bound to an implicit-TLS listening socket (port 465).
-
-        A listening socket keeps the context it was created with, so this one follows
-        reloads in place: its default certificate is replaced and its SNI callback
-        always looks in the current table.
-        """
-        if self._loaded is None:
-            return None
-        if self._listener is None:
-            cert, key = self._config.pairs[0]
-            self._listener = self._context(cert, key)
-            self._listener.sni_callback = self._choose_current
-        return self._listener
-
-    def _choose_current(
-        self, ssl_object: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext
-    ) -> None:
-        if self._loaded is not None:
-            _choose(self._loaded, ssl_object, server_name)
-
     def reload(self, config: TLSConfig | None = None) -> None:
-        """Re-read all certificates into new contexts; on ValueError the old ones stay."""
+        """Re-read all certificates into new contexts; on ValueError the old ones stay.
+        A config without certificates drops them: STARTTLS is no longer offered."""
         config = config or self._config
-        if not config.pairs:
-            return
         previous = self._config
         self._config = config
         try:
-            loaded = self._load()
-            if self._listener is not None:
-                _load_pair(self._listener, *config.pairs[0])
+            loaded = self._load() if config.pairs else None
         except (ValueError, OSError, ssl.SSLError):
             self._config = previous
             raise

@@ -380,3 +380,45 @@ def test_a_tls_client_that_half_closes_gets_no_copy_delivered_without_its_250(
     assert wait_for(lambda: "event=close" in tls_server.log())
     assert tls_server.messages("alice") == []
     assert "outcome=aborted" in tls_server.log()
+
+
+def test_the_smtps_listener_follows_a_reload_of_the_tls_settings(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    # Port 465 kept a context patched in place: after a reload it still refused TLS
+    # 1.2 when min_version had been lowered (and kept serving a replaced certificate
+    # of the other key type), while STARTTLS followed.
+    cert, key = _pki(tmp_path, ca)
+    tls = f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path / 'spool'}"
+        [[listener]]
+        address = "127.0.0.1:0"
+        [[listener]]
+        address = "127.0.0.1:0"
+        role = "smtps"
+        {tls}min_version = "1.3"
+        [delivery]
+        maildir_root = "{tmp_path / 'maildir'}"
+    """)
+
+    def tls12_handshake() -> bool:
+        client = _client_context(ca)
+        client.maximum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            with smtplib.SMTP_SSL("127.0.0.1", srv.extra_ports[1], timeout=10,
+                                  context=client) as smtp:
+                return smtp.ehlo("client.mailgate.org")[0] == 250
+        except (ssl.SSLError, OSError):
+            return False
+
+    try:
+        assert not tls12_handshake()
+        srv.config_path.write_text(srv.config_path.read_text().replace(
+            'min_version = "1.3"', 'min_version = "1.2"'))
+        srv.signal(signal.SIGHUP)
+        assert wait_for(lambda: "event=reload outcome=ok" in srv.log())
+        assert tls12_handshake()
+    finally:
+        srv.stop()

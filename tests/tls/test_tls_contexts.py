@@ -209,6 +209,18 @@ def test_reload_makes_new_contexts(certs: Certs) -> None:
         assert handshake(context, client(certs), "x.example.net").client_names == ["*.example.net"]
 
 
+def test_reload_takes_the_new_settings_and_may_drop_the_certificates(certs: Certs) -> None:
+    # (port 465's context was one patched in place: a reload gave it the new pair
+    # but not the new minimum version or ciphers)
+    contexts = TLSContexts(two_cert_config(certs))
+    contexts.reload(two_cert_config(certs, min_version="1.3"))
+    after = contexts.server_context()
+    assert after is not None and after.minimum_version is ssl.TLSVersion.TLSv1_3
+    # [tls] taken out of the file: STARTTLS is no longer offered (it stayed on)
+    contexts.reload(TLSConfig())
+    assert contexts.server_context() is None
+
+
 def test_broken_cert_on_reload_keeps_the_old_contexts(certs: Certs, tmp_path: Path) -> None:
     cert, key = certs.files["mail"]
     copy = tmp_path / "cert.pem"
