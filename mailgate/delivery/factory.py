@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pwd
+import re
 from collections.abc import Callable, Mapping
 from typing import TypeVar
 
@@ -108,13 +109,17 @@ def _build(
     if dc.type == "discard":
         return DiscardDestination()
     if dc.type not in PLUGGED_TYPES:
-        raise DeliveryConfigError(f"destinations.{name}.type: unknown type {dc.type!r}")
+        raise DeliveryConfigError(f"delivery.destinations.{name}.type: unknown type {dc.type!r}")
     cls = _load(name, dc.type)
     kwargs = {"hostname": hostname} if "hostname" in _parameters(cls) else {}
     try:
         return cls(getattr(dc, dc.type), **kwargs)
     except (ValueError, TypeError, OSError) as exc:
-        raise DeliveryConfigError(f"destinations.{name}.{dc.type}: {exc}") from exc
+        # "command: must name a program" -> delivery.destinations.x.pipe.command: ...
+        where = f"delivery.destinations.{name}.{dc.type}"
+        said = str(exc)
+        sep = "." if re.match(r"\w+: ", said) else ": "
+        raise DeliveryConfigError(f"{where}{sep}{said}") from exc
 
 
 def _load(name: str, kind: str) -> Callable[..., Destination]:
@@ -123,7 +128,7 @@ def _load(name: str, kind: str) -> Callable[..., Destination]:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as exc:
         raise DeliveryConfigError(
-            f"destinations.{name}: type {kind!r} is not available "
+            f"delivery.destinations.{name}: type {kind!r} is not available "
             f"({module_name}.{class_name}: {exc})"
         ) from exc
 
@@ -155,14 +160,14 @@ def _keyed(section: str, rules: Mapping[str, V], normal: Callable[[str], str]) -
 def _check(table: RoutingTable, configs: dict[str, DestinationConfig]) -> None:
     """Refuse rules that can never work, naming the key."""
     if table.default not in configs:
-        raise DeliveryConfigError(f"default: no destination named {table.default!r}")
+        raise DeliveryConfigError(f"delivery.default: no destination named {table.default!r}")
     if table.relay and table.relay not in configs:
-        raise DeliveryConfigError(f"relay: no destination named {table.relay!r}")
+        raise DeliveryConfigError(f"delivery.relay: no destination named {table.relay!r}")
     def check_target(key: str, target: str) -> None:
         domain = target.rpartition("@")[2].lower() if "@" in target else ""
         if domain and domain_key(domain) not in table.local_domains and not table.relay:
             raise DeliveryConfigError(
-                f"{key}: target {target} is in a remote domain and no relay is set"
+                f"delivery.{key}: target {target} is in a remote domain and no relay is set"
             )
 
     for key, targets in table.aliases.items():
@@ -170,5 +175,5 @@ def _check(table: RoutingTable, configs: dict[str, DestinationConfig]) -> None:
             check_target(f"aliases.{key}", target)
     for domain, target in table.catch_all.items():
         if domain_key(domain) not in table.local_domains:
-            raise DeliveryConfigError(f"catch_all.{domain}: not a local domain")
+            raise DeliveryConfigError(f"delivery.catch_all.{domain}: not a local domain")
         check_target(f"catch_all.{domain}", target)

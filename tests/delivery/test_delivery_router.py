@@ -263,12 +263,14 @@ def test_nesting_too_deep_is_a_local_error(tmp_path: Path) -> None:
     ("changes", "message"),
     [
         ({"default": "nowhere"}, "default: no destination named 'nowhere'"),
+        # the factory's own errors name the key in full, as the loader's do
         ({"users": {"a": "nowhere"}}, "users.a: no destination named"),
-        ({"aliases": {"x": ["y@remote.test"]}}, "aliases.x: target y@remote.test"),
-        ({"catch_all": {"remote.test": "alice"}}, "catch_all.remote.test: not a local domain"),
+        ({"aliases": {"x": ["y@remote.test"]}}, r"^delivery\.aliases\.x: target y@remote.test"),
+        ({"catch_all": {"remote.test": "alice"}},
+         r"^delivery\.catch_all\.remote\.test: not a local domain"),
         # refused at RCPT as "user unknown" before, while an alias to it was refused here
         ({"catch_all": {"example.org": "x@remote.test"}},
-         "catch_all.example.org: target x@remote.test is in a remote domain"),
+         r"^delivery\.catch_all\.example\.org: target x@remote.test is in a remote domain"),
         ({"recipient_delimiter": "@"}, "recipient_delimiter"),
     ],
 )
@@ -284,7 +286,8 @@ def test_a_missing_destination_module_fails_the_check_clearly(
 ) -> None:
     monkeypatch.setitem(factory.PLUGGED_TYPES, "pipe", ("mailgate.delivery.no_such", "Pipe"))
     pipe = DestinationConfig(pipe=PipeConfig(command=["/bin/cat"]))
-    with pytest.raises(DeliveryConfigError, match=r"destinations\.lists: type 'pipe' is not"):
+    with pytest.raises(DeliveryConfigError,
+                       match=r"^delivery\.destinations\.lists: type 'pipe' is not"):
         router(tmp_path, destinations={"lists": pipe})
 
 
