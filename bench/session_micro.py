@@ -74,6 +74,9 @@ class _Transport:
     def close(self) -> None:
         self.closing = True
 
+    def abort(self) -> None:
+        self.closing = True
+
     def pause_reading(self) -> None:
         pass
 

@@ -1100,6 +1100,12 @@ class Session(asyncio.Protocol):
         # Not for a client refused at connect or gone quiet before HELO: it sends no
         # data to lose a reply in, and a flood of such connections must not hold a
         # descriptor each for LINGER seconds.
+        loop = self._event_loop
+        assert loop is not None
+        # close() waits for our last replies to be read, which a client that keeps its
+        # window shut never does: at LINGER, what is still unsent is dropped (the
+        # descriptor, and a lingering session's place in the limits, held for ever)
+        loop.call_later(LINGER, transport.abort)
         if (
             conn is None or conn.quit or conn.helo is None or self._lost or self._eof
             or not transport.can_write_eof()
@@ -1111,8 +1117,6 @@ class Session(asyncio.Protocol):
         if self._paused:
             self._paused = False
             transport.resume_reading()
-        assert self._event_loop is not None
-        self._event_loop.call_later(LINGER, transport.close)
 
 
 def client_address(peer: tuple[object, ...]) -> tuple[IPAddress, int]:

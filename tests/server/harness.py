@@ -52,6 +52,9 @@ class Transport:
     def close(self) -> None:
         self.closing = True
 
+    def abort(self) -> None:
+        self.closing = True
+
     def can_write_eof(self) -> bool:
         return False
 

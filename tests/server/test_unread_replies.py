@@ -7,6 +7,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
+from mailgate.app import build_listeners
+from mailgate.server import session as session_module
 from tests.server.harness import Transport, context, session
 
 HIGH_WATER = 64 * 1024  # asyncio's default for a transport's write buffer
@@ -50,3 +54,51 @@ def test_a_help_flood_that_is_not_read_stops_at_the_high_water_mark(tmp_path: Pa
     # of the input is left unread, the session paused
     assert written <= 2 * HIGH_WATER
     assert unread_input > 1_000_000 and not reading
+
+
+class _Closing(Transport):
+    """A transport whose close() never completes (the peer reads nothing, so the
+    last replies never leave); abort() ends the connection as asyncio's does."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.protocol: object = None
+        self.aborted = False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass  # (a FIN after replies that never leave)
+
+    def close(self) -> None:
+        self.closing = True  # (and nothing more: the unsent replies hold it open)
+
+    def abort(self) -> None:
+        if not self.aborted:
+            self.aborted = self.closing = True
+            self.protocol.connection_lost(None)  # type: ignore[attr-defined]
+
+
+def test_a_session_ended_while_its_client_reads_nothing_lets_go_at_linger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lingering session waited for close(), which waits for its last replies to
+    # be read: never, for a client with its window shut, so it held its descriptor
+    # and its place in the connection limits for good (an audit's, 108 s and on).
+    monkeypatch.setattr(session_module, "LINGER", 0.2)
+    ctx = context(tmp_path, "max_errors = 1")
+
+    async def go() -> tuple[bool, int]:
+        transport = _Closing()
+        s = session_module.Session(ctx, build_listeners(ctx)[0])
+        transport.protocol = s
+        s.connection_made(transport)  # type: ignore[arg-type]
+        s.data_received(b"EHLO client.mailgate.org\r\nFOO\r\nNOOP\r\n")  # 500, then 421
+        await asyncio.sleep(0.1)
+        assert s._lingering and not transport.aborted  # lingering: its place held
+        assert ctx.counts.total() == 1
+        await asyncio.sleep(0.4)
+        return transport.aborted, ctx.counts.total()
+
+    assert asyncio.run(go()) == (True, 0)
