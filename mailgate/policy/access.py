@@ -199,14 +199,14 @@ class AccessStep(Step):
         contact_domain: str,
         disposition: Literal["discard", "quarantine"] = "discard",
         quarantine_dir: str = "",
-        local_form: Callable[[Client, Address], Address | None] | None = None,
+        local_forms: Callable[[Client, Address], list[Address]] | None = None,
     ) -> None:
         """``contact_domain``: whose postmaster a refusal tells the sender to write to
-        (one this server takes mail for).  ``local_form``: the mailbox a local
-        recipient reaches (RecipientStep.local_form), which recipient rules are
-        matched against when the address as written matches none."""
+        (one this server takes mail for).  ``local_forms``: the other spellings of a
+        local recipient (RecipientStep.local_forms), which recipient rules are matched
+        against too."""
         self._contact = contact_domain
-        self._local_form = local_form
+        self._local_forms = local_forms
         self._blocked_tags = (("disposition", disposition),)
         if disposition == "quarantine":
             self._blocked_tags += (("quarantine_dir", quarantine_dir),)
@@ -276,15 +276,13 @@ class AccessStep(Step):
         return Verdict(reply("access.blocked"), tags=tags)
 
     def _recipient_rule(self, client: Client, address: Address) -> Rule | None:
-        """The rule for ``address`` as written, else for the mailbox it reaches:
-        alice+x@ and alice@[our address] are alice@ our domain, and a rule about
-        alice holds for them (a deny, a spam trap, an opt-out alike)."""
-        rule = self._rules.match_address("recipient", address)
-        if rule is None and self._local_form is not None:
-            mailbox = self._local_form(client, address)
-            if mailbox is not None and mailbox != address:
-                rule = self._rules.match_address("recipient", mailbox)
-        return rule
+        """The strongest rule for ``address`` in any of its spellings (in the order
+        of ACTIONS, as for the other kinds): alice+x@ and alice@[our address] are
+        alice@ our domain, and a rule about alice holds for them (a deny, a spam
+        trap, an opt-out alike), as one about alice+x@ holds for alice+x@[]."""
+        spellings = [address, *(self._local_forms(client, address) if self._local_forms else ())]
+        rules = [r for r in (self._rules.match_address("recipient", a) for a in spellings) if r]
+        return min(rules, key=lambda rule: ACTIONS.index(rule.action)) if rules else None
 
     def _mail_rules(self, client: Client, envelope: Envelope) -> list[Rule | None]:
         ip_action = client.tags.get("access_ip")

@@ -54,7 +54,7 @@ def build_policy(
         steps.append(
             AccessStep(
                 policy.access_file, contact, policy.blocked_disposition, policy.quarantine_dir,
-                local_form=recipients.local_form,
+                local_forms=recipients.local_forms,
             )
         )
     if resolver is not None and policy.dnsbl_zones:

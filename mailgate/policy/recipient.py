@@ -90,18 +90,19 @@ class RecipientStep(Step):
             recipient.address = Address(address.local, domain, address.quoted)
         return ACCEPT
 
-    def local_form(self, client: Client, address: Address) -> Address | None:
-        """The mailbox a local recipient reaches, as routing names it: user@[our
-        address] and user@[] in our home domain, the local part as looked up (lower
-        case, a +detail suffix dropped); None when ``address`` is not local.  What the
-        access list's recipient rules are matched against too, so that no other
-        spelling of a refused address gets through."""
+    def local_forms(self, client: Client, address: Address) -> list[Address]:
+        """The other spellings of a local recipient, as routing reads them: in our
+        home domain for user@[our address] and user@[], then with the local part as
+        looked up (lower case, a +detail suffix dropped); none when ``address`` is not
+        local.  What the access list's recipient rules are matched against too, so
+        that no other spelling of a refused address gets through."""
         domain = self._local_domain(client, address, address.domain_lower)
         if domain is None:
-            return None
+            return []
         canonical = getattr(self._mailboxes, "canonical_user", None)
         local = canonical(address.local, domain) if canonical else address.local.lower()
-        return Address(local, domain, address.quoted)
+        forms = [Address(address.local, domain, address.quoted), Address(local, domain)]
+        return [form for form in dict.fromkeys(forms) if form != address]
 
     def _refusal(self, local: str, domain: str) -> Reply | None:
         """Why the local recipient has no mailbox, or None: the router says why (one

@@ -23,6 +23,9 @@ def policy(tmp_path: Path) -> PolicyEngine:
     (tmp_path / "access").write_text(
         "deny recipient denied@mailgate.org\n"
         "block recipient trap@mailgate.org\n"
+        "deny recipient dave@mailgate.org\n"
+        "delay recipient dave*@mailgate.org\n"
+        "deny recipient bob+spam@mailgate.org\n"
     )
     path = tmp_path / "mailgate.toml"
     path.write_text(
@@ -30,7 +33,7 @@ def policy(tmp_path: Path) -> PolicyEngine:
         f'[policy]\nverify_sender_domain = false\ntrusted_networks = []\n'
         f'access_file = "{tmp_path}/access"\n'
         f'[delivery]\nmaildir_root = "{tmp_path}/m"\nlocal_domains = ["mailgate.org"]\n'
-        'system_users = false\nlocal_users = ["denied", "trap", "bob"]\n'
+        'system_users = false\nlocal_users = ["denied", "trap", "bob", "dave"]\n'
     )
     return build_context(load_config(str(path))).policy
 
@@ -51,7 +54,12 @@ def _rcpt(policy: PolicyEngine, address: str) -> tuple[Verdict, str]:
 
 @pytest.mark.parametrize(
     "address", ["denied@mailgate.org", "denied+x@mailgate.org", "Denied+x@MAILGATE.org",
-                "denied@[192.0.2.1]", "denied+y@[IPv6:::ffff:192.0.2.1]"],
+                "denied@[192.0.2.1]", "denied+y@[IPv6:::ffff:192.0.2.1]",
+                # the strongest rule of every spelling: deny over a delay that
+                # matches dave+x as written (it answered 451)
+                "dave+x@mailgate.org",
+                # a rule naming a +detail address holds for its literal spelling
+                "bob+spam@[192.0.2.1]", "BOB+Spam@[192.0.2.1]"],
 )
 def test_a_denied_recipient_is_denied_in_every_spelling(
     policy: PolicyEngine, address: str
