@@ -77,6 +77,9 @@ class _Transport:
     def abort(self) -> None:
         self.closing = True
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # (every write taken at once)
+
     def pause_reading(self) -> None:
         pass
 

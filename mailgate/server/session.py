@@ -1104,19 +1104,23 @@ class Session(asyncio.Protocol):
         assert loop is not None
         # close() waits for our last replies to be read, which a client that keeps its
         # window shut never does: at LINGER, what is still unsent is dropped (the
-        # descriptor, and a lingering session's place in the limits, held for ever)
-        loop.call_later(LINGER, transport.abort)
+        # descriptor, and a lingering session's place in the limits, held for ever).
+        # (A timer only where replies wait: one per closed connection would keep
+        # tens of thousands of transports alive on a busy server.)
         if (
             conn is None or conn.quit or conn.helo is None or self._lost or self._eof
             or not transport.can_write_eof()
         ):
             transport.close()
+            if transport.get_write_buffer_size():
+                loop.call_later(LINGER, transport.abort)
             return
         self._lingering = True
         transport.write_eof()
         if self._paused:
             self._paused = False
             transport.resume_reading()
+        loop.call_later(LINGER, transport.abort)
 
 
 def client_address(peer: tuple[object, ...]) -> tuple[IPAddress, int]:

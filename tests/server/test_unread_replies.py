@@ -79,9 +79,17 @@ class _Closing(Transport):
             self.aborted = self.closing = True
             self.protocol.connection_lost(None)  # type: ignore[attr-defined]
 
+    def get_write_buffer_size(self) -> int:
+        return 0 if self.aborted else 4096  # replies nobody reads
 
+
+@pytest.mark.parametrize(
+    ("ending", "lingers"),
+    [(b"FOO\r\nNOOP\r\n", True),  # 500, then 421: we end it, and linger for its FIN
+     (b"QUIT\r\n", False)],  # its own QUIT: closed at once, but close() waits too
+)
 def test_a_session_ended_while_its_client_reads_nothing_lets_go_at_linger(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: bytes, lingers: bool
 ) -> None:
     # The lingering session waited for close(), which waits for its last replies to
     # be read: never, for a client with its window shut, so it held its descriptor
@@ -94,10 +102,10 @@ def test_a_session_ended_while_its_client_reads_nothing_lets_go_at_linger(
         s = session_module.Session(ctx, build_listeners(ctx)[0])
         transport.protocol = s
         s.connection_made(transport)  # type: ignore[arg-type]
-        s.data_received(b"EHLO client.mailgate.org\r\nFOO\r\nNOOP\r\n")  # 500, then 421
+        s.data_received(b"EHLO client.mailgate.org\r\n" + ending)
         await asyncio.sleep(0.1)
-        assert s._lingering and not transport.aborted  # lingering: its place held
-        assert ctx.counts.total() == 1
+        assert s._lingering is lingers and not transport.aborted
+        assert ctx.counts.total() == (1 if lingers else 0)  # (lingering: its place held)
         await asyncio.sleep(0.4)
         return transport.aborted, ctx.counts.total()
 
