@@ -472,7 +472,8 @@ class MailServer:
         ctx.authenticator = fresh.authenticator
         self._follow_users()
         try:
-            # In place, so that implicit-TLS listeners follow the new certificates.
+            # New contexts; STARTTLS and implicit-TLS connections ask for the current
+            # one each time, so new handshakes use them at once.
             ctx.tls.reload(fresh.config.tls)
         except (ValueError, OSError) as exc:
             log_event("reload", level="error", outcome="tls_refused", error=str(exc)[:500],
