@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import servers
 from bigmsg import big_messages
 from idle import rss_per_connection
 from loads import LOADS, Measurement, measure, smtp_source_argv
@@ -110,7 +111,10 @@ def main() -> int:
                         help="measure bench/floor_server.py on the discard loads too")
     parser.add_argument("--workers", type=int, default=0,
                         help="mailgate's server.workers (0, the default: one per CPU)")
+    parser.add_argument("--sync-method", choices=["fsync", "syncfs"], default="fsync",
+                        help="mailgate's delivery.sync_method in durable mode")
     args = parser.parse_args()
+    servers.SYNC_METHOD = args.sync_method
     check_tools()
     limit = raise_nofile()  # the idle test holds 10,000 client sockets
     results_dir = Path(args.workdir)
@@ -119,8 +123,10 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     rounds, scale = (1, 0.1) if args.quick else (args.rounds, 1.0)
     started = time.monotonic()
-    print(f"Machine: {machine()}; descriptor limit {limit}; mailgate workers = {args.workers}\n")
-    raw: dict[str, object] = {"machine": machine(), "quick": args.quick, "workers": args.workers}
+    print(f"Machine: {machine()}; descriptor limit {limit}; mailgate workers = {args.workers}; "
+          f"sync_method = {args.sync_method}\n")
+    raw: dict[str, object] = {"machine": machine(), "quick": args.quick, "workers": args.workers,
+                              "sync_method": args.sync_method}
 
     if args.part in ("all", "loads"):
         results = run_loads(workdir, rounds, scale, args.load, args.workers, args.floor)

@@ -18,6 +18,8 @@ T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
+# delivery.sync_method for mailgate's durable runs (bench/run.py --sync-method)
+SYNC_METHOD = "fsync"
 NOFILE = 65536  # 10,000 idle connections need more descriptors than the default
 
 # smtp-source's identity in every run (mailgate refuses HELO localhost and reserved
@@ -43,6 +45,7 @@ verify_sender_domain = false         # no DNS on the bench machine (127.0.0.1 is
 
 [delivery]
 maildir_root = "{work}/maildir"
+sync_method = "{sync_method}"       # bench/run.py --sync-method; "fsync" is the default
 local_domains = ["bench.internal"]
 system_users = false
 local_users = ["user"]
@@ -118,7 +121,9 @@ def start(name: str, mode: str, workdir: Path, workers: int = 0) -> Server:
     work.mkdir(parents=True)
     default = "blackhole" if mode == "discard" else "local"
     (work / "mailgate.toml").write_text(
-        MAILGATE_CONFIG.format(work=work, port=port, default=default, workers=workers)
+        MAILGATE_CONFIG.format(
+            work=work, port=port, default=default, workers=workers, sync_method=SYNC_METHOD
+        )
     )
     proc = subprocess.Popen(
         command(name, mode, port, work),

@@ -43,6 +43,7 @@ Example::
 
 from __future__ import annotations
 
+import platform
 import re
 import string
 from dataclasses import dataclass, field
@@ -67,6 +68,21 @@ def address_problem(text: str) -> str | None:
 
 DestinationType = Literal["maildir", "mbox", "pipe", "lmtp", "smtp", "discard"]
 MaildirLayout = Literal["user", "domain/user"]
+# how concurrent deliveries' files are made durable: an fsync each, or one syncfs(2)
+# per file system and pass of the group commit (see mailgate/delivery/fsync.py)
+SyncMethod = Literal["fsync", "syncfs"]
+SYNCFS_KERNEL = (5, 8)  # the first Linux whose syncfs reports write errors
+
+
+def syncfs_problem(system: str, release: str) -> str | None:
+    """Why sync_method = "syncfs" cannot be trusted on this kernel, or None."""
+    if system != "Linux":
+        return f"syncfs is Linux's; this system is {system}"
+    numbers = re.match(r"(\d+)\.(\d+)", release)
+    if numbers is None or (int(numbers[1]), int(numbers[2])) < SYNCFS_KERNEL:
+        return (f"syncfs reports write errors only from Linux 5.8 (this kernel is "
+                f"{release}): a failed write would be answered 250; use \"fsync\"")
+    return None
 
 # The name of the built-in Maildir destination under ``maildir_root``.
 LOCAL_DESTINATION = "local"
@@ -199,6 +215,10 @@ _SUB_TABLES = ("maildir", "mbox", "pipe", "lmtp", "smtp")
 class DeliveryConfig:
     maildir_root: str = "maildir"  # the built-in "local" destination's maildirs
     maildir_layout: MaildirLayout = "user"  # root/<user>/ or root/<domain>/<user>/
+    # "fsync": each file and directory of concurrent deliveries is fsync'ed (in shared
+    # passes); "syncfs": one syncfs(2) per file system and pass instead, far cheaper
+    # under load but it also writes out other programs' data on that file system
+    sync_method: SyncMethod = "fsync"
     local_domains: list[str] = field(default_factory=list)  # empty: hostname and localhost
     # the destination for local recipients no other rule routes: "local" is the built-in
     # Maildir store under maildir_root (unless [delivery.destinations.local] redefines it)
@@ -231,6 +251,10 @@ class DeliveryConfig:
         if not self.maildir_root.strip():
             # (it would store the mail in whatever directory the server started in)
             raise ValueError("maildir_root: must not be empty")
+        if self.sync_method == "syncfs":
+            problem = syncfs_problem(platform.system(), platform.release())
+            if problem:
+                raise ValueError(f"sync_method: {problem}")
         # A typo here would never match a recipient: the domain's mail would be refused.
         named = [(f"local_domains[{n}]", d) for n, d in enumerate(self.local_domains, 1)]
         named += [(f"domains.{d}", d) for d in self.domains]

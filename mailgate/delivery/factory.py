@@ -50,7 +50,8 @@ def build_router(config: DeliveryConfig, hostname: str) -> Router:
     """The router for ``config``; raises DeliveryConfigError when it cannot work."""
     hostname = hostname.lower().rstrip(".")
     configs = {LOCAL_DESTINATION: DestinationConfig(type="maildir"), **config.destinations}
-    committer = GroupCommitter()  # one for all maildirs: their fsyncs share passes
+    # one for all maildirs: their fsyncs share passes
+    committer = GroupCommitter(config.sync_method)
     destinations = {
         name: _build(name, dc, config, hostname, committer) for name, dc in configs.items()
     }

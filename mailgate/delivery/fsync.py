@@ -16,23 +16,39 @@ thread and one wake-up of the event loop, when the last of its threads is done. 
 ``ThreadPoolExecutor`` future per thread cost a lock-laden future, a wrapping asyncio
 future and a loop wake-up each, which was a tenth of a small message's CPU in durable
 mode (bench/RESULTS.md).
+
+With ``sync_method = "syncfs"`` a pass is one syncfs(2) per file system instead of one
+fsync per file and directory: the kernel writes back everything dirty there (the
+pass's files and directory entries among it) and flushes the disk's cache once.  Under
+load that is far less work than an fsync, a thread wake-up and a GIL hand-off per
+file; the price is that unrelated dirty data on the same file system is written too.
+syncfs reports write errors only from Linux 5.8 (the config refuses it on older
+kernels), and reports each one once, to whichever syncfs comes first: a failed pass
+therefore fails every request waiting at that moment, not only its own (see _drain).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import os
 import queue
 import stat
 import threading
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mailgate.config.delivery import SyncMethod
 from mailgate.delivery.pid import this_pid
 
 PathOrFd = str | int
+
+
+class WritebackError(OSError):
+    """syncfs failed: data somewhere on the file system did not reach the disk."""
 SYNC_THREADS = 8  # a pass's fsyncs in flight at once
 
 
@@ -42,18 +58,24 @@ class CommitStats:
 
     requests: int = 0  # sync() calls
     passes: int = 0  # worker-thread hand-offs
-    file_fsyncs: int = 0
-    dir_fsyncs: int = 0
+    file_fsyncs: int = 0  # files made durable (by fsync, or by a syncfs of their own)
+    dir_fsyncs: int = 0  # directories made durable, likewise
+    filesystem_syncs: int = 0  # syncfs calls (sync_method = "syncfs")
 
 
 class GroupCommitter:
     """Batches ``sync`` requests into shared worker-thread fsync passes."""
 
-    def __init__(self) -> None:
+    def __init__(self, method: SyncMethod = "fsync") -> None:
+        self.method = method
         self.stats = CommitStats()
         self._stats_lock = threading.Lock()  # count_direct runs in worker threads
         self._pending: list[tuple[tuple[PathOrFd, ...], asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
+        # syncfs: file system (st_dev) → a descriptor kept open on it, through which
+        # every syncfs of this committer learns of the write errors since its last one
+        self._witnesses: dict[int, int] = {}
+        weakref.finalize(self, _close_all, self._witnesses)
 
     async def sync(self, items: Iterable[PathOrFd]) -> None:
         """Return once every path (file or directory) or fd (counted as a file) in ``items``
@@ -113,6 +135,14 @@ class GroupCommitter:
                     continue
                 self.stats.file_fsyncs += files
                 self.stats.dir_fsyncs += dirs
+                if any(isinstance(e, WritebackError) for e in errors.values()):
+                    # The error may be another file's, written back by this pass, and
+                    # no later syncfs reports it again: every request made by now
+                    # (each one after its writes) may have lost data.  They fail.
+                    batch += self._pending
+                    self._pending = []
+                    failed = next(iter(errors.values()))
+                    errors = {item: failed for wanted, _ in batch for item in wanted}
                 for wanted, future in batch:
                     if future.done():  # the waiter was cancelled
                         continue
@@ -127,22 +157,31 @@ class GroupCommitter:
     async def _pass(self, items: list[PathOrFd]) -> tuple[dict[PathOrFd, OSError], int, int]:
         """fsync ``items`` in up to SYNC_THREADS threads at once; as _sync_all."""
         jobs = _sync_jobs()
+        if self.method == "syncfs":
+            state = _Pass(asyncio.get_running_loop(), 1)
+            jobs.put((items, state, self._witnesses))
+            await state.future
+            self.stats.filesystem_syncs += state.syncs
+            return state.errors, state.files, state.dirs
         ways = min(SYNC_THREADS, len(items))
         state = _Pass(asyncio.get_running_loop(), ways)
         for i in range(ways):
-            jobs.put((items[i::ways], state))
+            jobs.put((items[i::ways], state, None))
         await state.future
         return state.errors, state.files, state.dirs
 
 
+# A job: the items, the pass they belong to, and the committer's witnesses when the
+# pass is a syncfs one (None: fsync each item).
+_Job = tuple[list[PathOrFd], "_Pass", dict[int, int] | None]
 # The sync threads of this process and their queue, shared by every committer: a
 # reload builds a new router and committer, and threads per committer were never
 # stopped (eight more at each SIGHUP, until a pids limit refused new ones).
-_jobs: queue.SimpleQueue[tuple[list[PathOrFd], _Pass]] = queue.SimpleQueue()
+_jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
 _threads_pid = 0  # the process whose threads serve _jobs (0: none yet)
 
 
-def _sync_jobs() -> queue.SimpleQueue[tuple[list[PathOrFd], _Pass]]:
+def _sync_jobs() -> queue.SimpleQueue[_Job]:
     """The queue of this process's sync threads, started on its first pass (threads
     do not survive a fork: a worker forked after a pass starts its own).  Called on
     the event loop's thread only."""
@@ -162,7 +201,7 @@ def _sync_jobs() -> queue.SimpleQueue[tuple[list[PathOrFd], _Pass]]:
 class _Pass:
     """One pass in flight: its threads add up their results, the last one wakes the loop."""
 
-    __slots__ = ("dirs", "errors", "files", "future", "left", "lock", "loop")
+    __slots__ = ("dirs", "errors", "files", "future", "left", "lock", "loop", "syncs")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, parts: int) -> None:
         self.loop = loop
@@ -172,13 +211,17 @@ class _Pass:
         self.errors: dict[PathOrFd, OSError] = {}
         self.files = 0
         self.dirs = 0
+        self.syncs = 0
 
-    def part_done(self, errors: dict[PathOrFd, OSError], files: int, dirs: int) -> None:
+    def part_done(
+        self, errors: dict[PathOrFd, OSError], files: int, dirs: int, syncs: int = 0
+    ) -> None:
         """Called in a sync thread with its part's results."""
         with self.lock:
             self.errors.update(errors)
             self.files += files
             self.dirs += dirs
+            self.syncs += syncs
             self.left -= 1
             last = self.left == 0
         if last:
@@ -191,15 +234,17 @@ class _Pass:
             self.future.set_result(None)
 
 
-def _serve_jobs(jobs: queue.SimpleQueue[tuple[list[PathOrFd], _Pass]]) -> None:
+def _serve_jobs(jobs: queue.SimpleQueue[_Job]) -> None:
     while True:
-        items, state = jobs.get()
+        items, state, witnesses = jobs.get()
         try:
-            result = _sync_all(items)
+            if witnesses is None:
+                state.part_done(*_sync_all(items))
+            else:
+                state.part_done(*_syncfs_all(items, witnesses))
         except Exception as exc:  # e.g. a path with a NUL: the pass must still end
             failed = OSError(errno.EIO, f"fsync failed: {exc!r}")
-            result = ({item: failed for item in items}, 0, 0)
-        state.part_done(*result)
+            state.part_done({item: failed for item in items}, 0, 0)
 
 
 def _fail(batch: list[tuple[tuple[PathOrFd, ...], asyncio.Future[None]]], why: str) -> None:
@@ -232,3 +277,62 @@ def _sync_all(items: list[PathOrFd]) -> tuple[dict[PathOrFd, OSError], int, int]
         else:
             files += 1
     return errors, files, dirs
+
+
+def _syncfs_all(
+    items: list[PathOrFd], witnesses: dict[int, int]
+) -> tuple[dict[PathOrFd, OSError], int, int, int]:
+    """Make ``items`` durable by one syncfs per file system they are on; as _sync_all,
+    and the number of syncfs calls.
+
+    The first descriptor seen on a file system is kept (a duplicate of it) as the
+    committer's witness there: syncfs reports the write errors since the last syncfs
+    through the same open file, so none falls between two passes.
+    """
+    errors: dict[PathOrFd, OSError] = {}
+    on: dict[int, list[PathOrFd]] = {}
+    files = dirs = 0
+    for item in items:
+        try:
+            fd = item if isinstance(item, int) else os.open(item, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                mode = os.fstat(fd)
+                if mode.st_dev not in witnesses:
+                    witnesses[mode.st_dev] = os.dup(fd)
+            finally:
+                if fd is not item:
+                    os.close(fd)
+        except OSError as exc:
+            errors[item] = exc
+            continue
+        except ValueError as exc:  # a path with a NUL: its request fails, not the pass
+            errors[item] = OSError(errno.EINVAL, f"fsync failed: {exc!r}")
+            continue
+        on.setdefault(mode.st_dev, []).append(item)
+        if stat.S_ISDIR(mode.st_mode):
+            dirs += 1
+        else:
+            files += 1
+    for dev, members in on.items():
+        try:
+            _syncfs(witnesses[dev])
+        except OSError as exc:
+            errors.update(dict.fromkeys(members, exc))
+    return errors, files, dirs, len(on)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2) (the GIL is released during the call, as for any ctypes call)."""
+    if _libc.syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise WritebackError(code, f"syncfs: {os.strerror(code)}")
+
+
+def _close_all(fds: dict[int, int]) -> None:
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()

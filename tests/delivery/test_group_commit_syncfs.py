@@ -1,0 +1,179 @@
+"""GroupCommitter with sync_method = "syncfs": one syncfs per file system and pass."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gc
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from delivery_helpers import TRACE, envelope, files, spooled
+
+from mailgate.config.delivery import syncfs_problem
+from mailgate.config.errors import ConfigError
+from mailgate.config.loader import load_config
+from mailgate.delivery import fsync
+from mailgate.delivery.fsync import GroupCommitter, WritebackError
+from mailgate.delivery.maildir import MaildirDestination
+from mailgate.protocol.envelope import Address, Recipient
+
+MESSAGE = b"Subject: hello\r\n\r\nbody\r\n"
+
+LINUX_58 = syncfs_problem(os.uname().sysname, os.uname().release) is None
+pytestmark = pytest.mark.skipif(not LINUX_58, reason="syncfs reports errors from Linux 5.8")
+
+
+def make_files(tmp_path: Path, count: int) -> list[str]:
+    paths = []
+    for i in range(count):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(b"x")
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass that fsyncs anything fails the test: syncfs alone must do the work."""
+
+    def refused(fd: int) -> None:
+        raise AssertionError("fsync called in syncfs mode")
+
+    monkeypatch.setattr(fsync.os, "fsync", refused)
+
+
+def test_concurrent_requests_share_one_syncfs_per_pass(tmp_path: Path, no_fsync: None) -> None:
+    committer = GroupCommitter("syncfs")
+    paths = make_files(tmp_path, 50)
+
+    async def main() -> None:
+        await asyncio.gather(*(committer.sync([p, os.path.dirname(p)]) for p in paths))
+
+    asyncio.run(main())
+    stats = committer.stats
+    assert stats.requests == 50 and stats.file_fsyncs == 50
+    assert stats.passes < 50
+    assert stats.filesystem_syncs == stats.passes  # tmp_path is one file system
+
+
+def test_a_path_that_cannot_be_opened_fails_only_its_own_request(tmp_path: Path) -> None:
+    committer = GroupCommitter("syncfs")
+    (good,) = make_files(tmp_path, 1)
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            committer.sync([good]),
+            committer.sync([str(tmp_path / "missing")]),
+            committer.sync(["bad\0path"]),
+            committer.sync([good, str(tmp_path)]),
+            return_exceptions=True,
+        )
+
+    first, missing, bad, last = asyncio.run(main())
+    assert first is None and last is None
+    assert isinstance(missing, FileNotFoundError)
+    assert isinstance(bad, OSError) and bad.errno == errno.EINVAL
+
+
+def test_a_failed_syncfs_fails_its_pass_and_every_request_waiting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # syncfs reports a write error once, whichever file it was: a request that came
+    # while the failing pass ran may be the one whose data was lost.
+    real_syncfs = fsync._syncfs
+    started = threading.Event()
+    release = threading.Event()
+    calls = [0]
+
+    def failing_once(fd: int) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            started.set()
+            release.wait(10)
+            raise WritebackError(errno.EIO, "syncfs: Input/output error")
+        real_syncfs(fd)
+
+    monkeypatch.setattr(fsync, "_syncfs", failing_once)
+    committer = GroupCommitter("syncfs")
+    first, second, third = make_files(tmp_path, 3)
+
+    async def main() -> list[object]:
+        loop = asyncio.get_running_loop()
+        in_pass = asyncio.ensure_future(committer.sync([first]))
+        await loop.run_in_executor(None, started.wait, 10)
+        waiting = asyncio.ensure_future(committer.sync([second]))  # for the next pass
+        await asyncio.sleep(0)
+        release.set()
+        outcomes = await asyncio.gather(in_pass, waiting, return_exceptions=True)
+        await committer.sync([third])  # the pass after that works again
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, OSError) and o.errno == errno.EIO for o in outcomes)
+    assert committer.idle
+
+
+def test_a_real_syncfs_error_is_raised() -> None:
+    with pytest.raises(WritebackError) as failure:
+        fsync._syncfs(-1)
+    assert failure.value.errno == errno.EBADF
+
+
+def test_the_kept_descriptors_are_closed_with_the_committer(tmp_path: Path) -> None:
+    (path,) = make_files(tmp_path, 1)
+    before = len(os.listdir("/proc/self/fd"))
+    committer = GroupCommitter("syncfs")
+    asyncio.run(committer.sync([path, str(tmp_path)]))
+    assert len(os.listdir("/proc/self/fd")) == before + 1  # the file system's witness
+    del committer
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_concurrent_maildir_deliveries_are_durable_by_syncfs(
+    tmp_path: Path, no_fsync: None
+) -> None:
+    dest = MaildirDestination(str(tmp_path / "md"), "user", "mx.example.org",
+                              GroupCommitter("syncfs"))
+    env = envelope("alice@example.org")
+    spools = [spooled(tmp_path / f"s{i}", MESSAGE + f"{i}\r\n".encode(), env) for i in range(30)]
+
+    async def main() -> list[list[object]]:
+        # the first delivery alone takes the lone path (its own fsyncs): make it wait
+        # behind a pass, so that every delivery here shares the group commit
+        hold = asyncio.ensure_future(dest.committer.sync([str(tmp_path)]))
+        alice = [Recipient(Address("alice", "example.org"))]
+        outcomes = await asyncio.gather(*(dest.deliver(env, TRACE, s, alice) for s in spools))
+        await hold
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    assert all(r.reply.code == 250 for results in outcomes for r in results)  # type: ignore[attr-defined]
+    assert len(files(tmp_path / "md" / "alice" / "new")) == 30
+    stats = dest.committer.stats
+    assert 1 <= stats.filesystem_syncs < 30
+
+
+@pytest.mark.parametrize(
+    ("system", "release", "refused"),
+    [("Linux", "6.1.0-18-amd64", False), ("Linux", "5.8.0", False),
+     ("Linux", "5.4.0-150-generic", True), ("Linux", "4.19.0", True),
+     ("Linux", "weird", True), ("Darwin", "23.1.0", True)],
+)
+def test_syncfs_is_refused_where_it_cannot_report_errors(
+    system: str, release: str, refused: bool
+) -> None:
+    assert (syncfs_problem(system, release) is not None) is refused
+
+
+def test_the_config_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "mailgate.toml"
+    config.write_text('[delivery]\nsync_method = "sometimes"\n')
+    with pytest.raises(ConfigError) as failure:
+        load_config(str(config))
+    assert "delivery.sync_method" in str(failure.value)
+    config.write_text('[delivery]\nsync_method = "syncfs"\n')
+    assert load_config(str(config)).delivery.sync_method == "syncfs"
