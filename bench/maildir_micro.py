@@ -9,6 +9,7 @@ worker threads included (getrusage), user and system apart.
 
     .venv/bin/python bench/maildir_micro.py                  # 25 at once, 200 each
     .venv/bin/python bench/maildir_micro.py -c 1 -n 2000     # one at a time
+    .venv/bin/python bench/maildir_micro.py --sync-method syncfs   # one syncfs per pass
     .venv/bin/python bench/maildir_micro.py -c 20 -n 50 --size 100   # p3's 100 KB
     PYTHONPATH=/tmp/base .venv/bin/python bench/maildir_micro.py   # another version
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import uvloop
 
+from mailgate.config.delivery import SyncMethod
 from mailgate.delivery.base import TraceInfo
 from mailgate.delivery.fsync import GroupCommitter
 from mailgate.delivery.maildir import MaildirDestination
@@ -61,9 +63,9 @@ class _HeldSpool:
         return self.data[:limit]
 
 
-async def run(root: str, concurrency: int, messages: int, kb: int) -> str:
+async def run(root: str, concurrency: int, messages: int, kb: int, method: SyncMethod) -> str:
     data = message(kb)
-    committer = GroupCommitter()
+    committer = GroupCommitter(method)
     dest = MaildirDestination(root, "user", "mx.bench.internal", committer)
     rcpt = Recipient(Address("user", "bench.internal"))
     envelope = Envelope(helo="client.bench.internal",
@@ -99,10 +101,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1, help="message size in KB (held in "
                         "memory: at most the spool's 128 KB)")
     parser.add_argument("--workdir", default="/var/tmp/mailgate-maildir-micro")
+    parser.add_argument("--sync-method", choices=["fsync", "syncfs"], default="fsync")
     args = parser.parse_args()
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     root = tempfile.mkdtemp(dir=args.workdir)
-    print(uvloop.run(run(root, args.concurrency, args.messages, args.size)))
+    print(uvloop.run(run(root, args.concurrency, args.messages, args.size, args.sync_method)))
     print(f"files kept in {root}")
 
 

@@ -75,6 +75,9 @@ class GroupCommitter:
         # syncfs: file system (st_dev) → a descriptor kept open on it, through which
         # every syncfs of this committer learns of the write errors since its last one
         self._witnesses: dict[int, int] = {}
+        # syncfs: the pending requests' descriptors → (st_dev, is a directory); a
+        # number cannot be reused while its request waits (the caller keeps it open)
+        self._fd_info: dict[int, tuple[int, bool]] = {}
         weakref.finalize(self, _close_all, self._witnesses)
 
     async def sync(self, items: Iterable[PathOrFd]) -> None:
@@ -89,6 +92,8 @@ class GroupCommitter:
             self.stats.requests += 1
         if not wanted:
             return
+        if self.method == "syncfs":
+            self._note_descriptors(wanted)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._pending.append((wanted, future))
@@ -96,6 +101,21 @@ class GroupCommitter:
             # keep a reference: the loop holds tasks only weakly
             self._task = loop.create_task(self._drain())
         await future
+
+    def _note_descriptors(self, items: tuple[PathOrFd, ...]) -> None:
+        """syncfs: the file system of each descriptor, found here on the loop.
+
+        An fstat is a microsecond here, while in the sync thread each system call is
+        a GIL hand-off with the busy loop.  Whatever file system is new gets its
+        witness now, too: a sync thread never touches a caller's descriptor, which
+        a cancelled caller may close at any moment.
+        """
+        for item in items:
+            if isinstance(item, int) and item not in self._fd_info:
+                mode = os.fstat(item)
+                if mode.st_dev not in self._witnesses:
+                    self._witnesses[mode.st_dev] = os.dup(item)
+                self._fd_info[item] = (mode.st_dev, stat.S_ISDIR(mode.st_mode))
 
     def count_direct(self, files: int) -> None:
         """Record fsyncs a caller did itself in a worker thread it already had (a
@@ -122,13 +142,14 @@ class GroupCommitter:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                known, self._fd_info = self._fd_info, {}
                 distinct = list(dict.fromkeys(item for wanted, _ in batch for item in wanted))
                 self.stats.passes += 1
                 try:
-                    errors, files, dirs = await self._pass(distinct)
+                    errors, files, dirs = await self._pass(distinct, known)
                 except asyncio.CancelledError:
                     _fail(batch + self._pending, "cancelled")
-                    self._pending = []
+                    self._pending, self._fd_info = [], {}
                     raise
                 except Exception as exc:  # e.g. no sync thread could be started
                     _fail(batch, repr(exc))
@@ -154,12 +175,15 @@ class GroupCommitter:
         finally:
             self._task = None
 
-    async def _pass(self, items: list[PathOrFd]) -> tuple[dict[PathOrFd, OSError], int, int]:
-        """fsync ``items`` in up to SYNC_THREADS threads at once; as _sync_all."""
+    async def _pass(
+        self, items: list[PathOrFd], known: dict[int, tuple[int, bool]]
+    ) -> tuple[dict[PathOrFd, OSError], int, int]:
+        """fsync ``items`` in up to SYNC_THREADS threads at once (as _sync_all), or
+        syncfs their file systems in one thread (``known``: see _note_descriptors)."""
         jobs = _sync_jobs()
         if self.method == "syncfs":
             state = _Pass(asyncio.get_running_loop(), 1)
-            jobs.put((items, state, self._witnesses))
+            jobs.put((items, state, (self._witnesses, known)))
             await state.future
             self.stats.filesystem_syncs += state.syncs
             return state.errors, state.files, state.dirs
@@ -171,9 +195,11 @@ class GroupCommitter:
         return state.errors, state.files, state.dirs
 
 
-# A job: the items, the pass they belong to, and the committer's witnesses when the
-# pass is a syncfs one (None: fsync each item).
-_Job = tuple[list[PathOrFd], "_Pass", dict[int, int] | None]
+# A job: the items, the pass they belong to, and for a syncfs pass the committer's
+# witnesses and what is known of the descriptors (None: fsync each item).
+_Job = tuple[
+    list[PathOrFd], "_Pass", tuple[dict[int, int], dict[int, tuple[int, bool]]] | None
+]
 # The sync threads of this process and their queue, shared by every committer: a
 # reload builds a new router and committer, and threads per committer were never
 # stopped (eight more at each SIGHUP, until a pids limit refused new ones).
@@ -236,12 +262,12 @@ class _Pass:
 
 def _serve_jobs(jobs: queue.SimpleQueue[_Job]) -> None:
     while True:
-        items, state, witnesses = jobs.get()
+        items, state, syncfs = jobs.get()
         try:
-            if witnesses is None:
+            if syncfs is None:
                 state.part_done(*_sync_all(items))
             else:
-                state.part_done(*_syncfs_all(items, witnesses))
+                state.part_done(*_syncfs_all(items, *syncfs))
         except Exception as exc:  # e.g. a path with a NUL: the pass must still end
             failed = OSError(errno.EIO, f"fsync failed: {exc!r}")
             state.part_done({item: failed for item in items}, 0, 0)
@@ -280,36 +306,33 @@ def _sync_all(items: list[PathOrFd]) -> tuple[dict[PathOrFd, OSError], int, int]
 
 
 def _syncfs_all(
-    items: list[PathOrFd], witnesses: dict[int, int]
+    items: list[PathOrFd], witnesses: dict[int, int], known: dict[int, tuple[int, bool]]
 ) -> tuple[dict[PathOrFd, OSError], int, int, int]:
     """Make ``items`` durable by one syncfs per file system they are on; as _sync_all,
     and the number of syncfs calls.
 
-    The first descriptor seen on a file system is kept (a duplicate of it) as the
-    committer's witness there: syncfs reports the write errors since the last syncfs
-    through the same open file, so none falls between two passes.
+    A descriptor kept open on each file system (a duplicate of the first one seen
+    there) is the committer's witness: syncfs reports the write errors since the
+    last syncfs through the same open file, so none falls between two passes.  The
+    descriptors' file systems are ``known``; paths are looked at here.
     """
     errors: dict[PathOrFd, OSError] = {}
     on: dict[int, list[PathOrFd]] = {}
     files = dirs = 0
     for item in items:
-        try:
-            fd = item if isinstance(item, int) else os.open(item, os.O_RDONLY | os.O_CLOEXEC)
+        if isinstance(item, int):
+            dev, is_dir = known[item]
+        else:
             try:
-                mode = os.fstat(fd)
-                if mode.st_dev not in witnesses:
-                    witnesses[mode.st_dev] = os.dup(fd)
-            finally:
-                if fd is not item:
-                    os.close(fd)
-        except OSError as exc:
-            errors[item] = exc
-            continue
-        except ValueError as exc:  # a path with a NUL: its request fails, not the pass
-            errors[item] = OSError(errno.EINVAL, f"fsync failed: {exc!r}")
-            continue
-        on.setdefault(mode.st_dev, []).append(item)
-        if stat.S_ISDIR(mode.st_mode):
+                dev, is_dir = _look_at(item, witnesses)
+            except OSError as exc:
+                errors[item] = exc
+                continue
+            except ValueError as exc:  # a path with a NUL: its request fails, not the pass
+                errors[item] = OSError(errno.EINVAL, f"fsync failed: {exc!r}")
+                continue
+        on.setdefault(dev, []).append(item)
+        if is_dir:
             dirs += 1
         else:
             files += 1
@@ -319,6 +342,19 @@ def _syncfs_all(
         except OSError as exc:
             errors.update(dict.fromkeys(members, exc))
     return errors, files, dirs, len(on)
+
+
+def _look_at(path: str, witnesses: dict[int, int]) -> tuple[int, bool]:
+    """The file system of ``path`` and whether it is a directory; a new file system
+    gets its witness."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd)
+        if mode.st_dev not in witnesses:
+            witnesses[mode.st_dev] = os.dup(fd)
+    finally:
+        os.close(fd)
+    return mode.st_dev, stat.S_ISDIR(mode.st_mode)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

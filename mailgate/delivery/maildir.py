@@ -93,7 +93,7 @@ class _Run:
 
     name: str
     staged: dict[str, str] = field(default_factory=dict)  # maildir → its file in tmp/
-    # maildir → the open descriptor of its unnamed file in tmp/ (closed by _publish)
+    # maildir → the open descriptor of its unnamed file in tmp/ (closed by _close_all)
     unnamed: dict[str, int] = field(default_factory=dict)
     synced: int = 0  # files written and fsync'ed in a worker thread (for the stats)
     dirs: set[str] = field(default_factory=set)  # directories with new entries
@@ -272,18 +272,21 @@ class MaildirDestination:
         on the disk, leave the loop, and each pass serves every message waiting.
         """
         fds = self._stage_bytes(run, boxes, header + ends.convert(held))
-        unnamed = set(run.unnamed.values())  # linked through their fd, closed by _publish
+        unnamed = set(run.unnamed.values())  # linked through their fd, closed with run
         try:
             if fds:
                 await self._sync(run, fds, [*run.staged, *run.unnamed])
             self._publish(run)
+            if run.published:
+                # A syncfs needs only to know the file system of the new entries: the
+                # files' own (a link cannot leave it, nor can a directory made here).
+                by_fs = self.committer.method == "syncfs"
+                await self._sync(run, fds if by_fs else run.dirs_to_sync(), list(run.published))
         finally:
             for fd in fds:
                 if fd not in unnamed:
                     os.close(fd)
-            _close_all(run)  # unnamed files a failure or a cancellation left unlinked
-        if run.published:
-            await self._sync(run, run.dirs_to_sync(), list(run.published))
+            _close_all(run)
 
     def _stage_bytes(self, run: _Run, boxes: list[str], data: bytes) -> list[int]:
         """Write ``data`` into the first maildir's tmp/ and link it into the others';
@@ -418,19 +421,18 @@ class MaildirDestination:
         return True
 
     def _publish(self, run: _Run) -> None:
-        """Link each staged file into new/ under a name nobody uses."""
-        for box, fd in list(run.unnamed.items()):
-            del run.unnamed[box]
+        """Link each staged file into new/ under a name nobody uses (the unnamed
+        files stay open in ``run`` until _close_all)."""
+        for box, fd in run.unnamed.items():
+            if box in run.failed:
+                continue
             try:
-                if box not in run.failed:
-                    run.published[box] = _link_unique_fd(
-                        fd, os.path.join(box, "new"), run.name, self.hostname
-                    )
+                run.published[box] = _link_unique_fd(
+                    fd, os.path.join(box, "new"), run.name, self.hostname
+                )
             except OSError as exc:
                 log.error("maildir %s: cannot move into new/: %s", box, exc)
                 run.fail([box], exc)
-            finally:
-                os.close(fd)
         for box, tmp in list(run.staged.items()):
             if box in run.failed:
                 continue

@@ -155,6 +155,18 @@ def test_concurrent_maildir_deliveries_are_durable_by_syncfs(
     assert len(files(tmp_path / "md" / "alice" / "new")) == 30
     stats = dest.committer.stats
     assert 1 <= stats.filesystem_syncs < 30
+    # the new entries' pass names their file system by the files' own descriptors:
+    # the sync thread opens no directory but the one held above
+    assert stats.dir_fsyncs == 1
+
+
+def test_a_closed_descriptor_fails_its_own_request(tmp_path: Path) -> None:
+    committer = GroupCommitter("syncfs")
+    (path,) = make_files(tmp_path, 1)
+    with pytest.raises(OSError) as failure:
+        asyncio.run(committer.sync([999_999]))  # (a number just closed would be reused)
+    assert failure.value.errno == errno.EBADF
+    asyncio.run(committer.sync([path]))  # the committer still works
 
 
 @pytest.mark.parametrize(
