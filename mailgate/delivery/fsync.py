@@ -19,9 +19,10 @@ mode (bench/RESULTS.md).
 
 With ``sync_method = "syncfs"`` a pass is one syncfs(2) per file system instead of one
 fsync per file and directory: the kernel writes back everything dirty there (the
-pass's files and directory entries among it) and flushes the disk's cache once.  Under
-load that is far less work than an fsync, a thread wake-up and a GIL hand-off per
-file; the price is that unrelated dirty data on the same file system is written too.
+pass's files and directory entries among it), and one fsync of a file kept open there
+flushes the disk's cache after all of it (see _syncfs_all).  Under load that is far
+less work than an fsync, a thread wake-up and a GIL hand-off per file; the price is
+that unrelated dirty data on the same file system is written too.
 syncfs reports write errors only from Linux 5.8 (the config refuses it on older
 kernels), and reports each one once, to whichever syncfs comes first: a failed pass
 therefore fails every request waiting at that moment, not only its own (see _drain).
@@ -339,8 +340,16 @@ def _syncfs_all(
     for dev, members in on.items():
         try:
             _syncfs(witnesses[dev])
+            # On ext2-like file systems (ext4 without a journal among them) syncfs
+            # writes the inode tables and directory blocks last, after its flush of
+            # the disk's cache: a new file's size and its entry in new/ could still be
+            # in that volatile cache.  An fsync of the witness (its data long clean)
+            # flushes it once more, after them.
+            os.fsync(witnesses[dev])
         except OSError as exc:
-            errors.update(dict.fromkeys(members, exc))
+            failed = exc if isinstance(exc, WritebackError) else WritebackError(
+                exc.errno, f"fsync after syncfs: {exc.strerror}")
+            errors.update(dict.fromkeys(members, failed))
     return errors, files, dirs, len(on)
 
 

@@ -36,16 +36,29 @@ def make_files(tmp_path: Path, count: int) -> list[str]:
 
 
 @pytest.fixture
-def no_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pass that fsyncs anything fails the test: syncfs alone must do the work."""
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The descriptors fsync'ed (syncfs must do the work: only the cache flush after
+    it is an fsync, of the file system's witness)."""
+    done: list[int] = []
+    real_fsync = os.fsync
 
-    def refused(fd: int) -> None:
-        raise AssertionError("fsync called in syncfs mode")
+    def counted(fd: int) -> None:
+        done.append(fd)
+        real_fsync(fd)
 
-    monkeypatch.setattr(fsync.os, "fsync", refused)
+    monkeypatch.setattr(fsync.os, "fsync", counted)
+    return done
 
 
-def test_concurrent_requests_share_one_syncfs_per_pass(tmp_path: Path, no_fsync: None) -> None:
+def only_witnesses(committer: GroupCommitter, done: list[int]) -> bool:
+    """Every fsync was the flush after a syncfs."""
+    witnesses = set(committer._witnesses.values())
+    return len(done) == committer.stats.filesystem_syncs and set(done) <= witnesses
+
+
+def test_concurrent_requests_share_one_syncfs_per_pass(
+    tmp_path: Path, fsynced: list[int]
+) -> None:
     committer = GroupCommitter("syncfs")
     paths = make_files(tmp_path, 50)
 
@@ -57,6 +70,7 @@ def test_concurrent_requests_share_one_syncfs_per_pass(tmp_path: Path, no_fsync:
     assert stats.requests == 50 and stats.file_fsyncs == 50
     assert stats.passes < 50
     assert stats.filesystem_syncs == stats.passes  # tmp_path is one file system
+    assert only_witnesses(committer, fsynced)
 
 
 def test_a_path_that_cannot_be_opened_fails_only_its_own_request(tmp_path: Path) -> None:
@@ -134,7 +148,7 @@ def test_the_kept_descriptors_are_closed_with_the_committer(tmp_path: Path) -> N
 
 
 def test_concurrent_maildir_deliveries_are_durable_by_syncfs(
-    tmp_path: Path, no_fsync: None
+    tmp_path: Path, fsynced: list[int]
 ) -> None:
     dest = MaildirDestination(str(tmp_path / "md"), "user", "mx.example.org",
                               GroupCommitter("syncfs"))
@@ -155,6 +169,7 @@ def test_concurrent_maildir_deliveries_are_durable_by_syncfs(
     assert len(files(tmp_path / "md" / "alice" / "new")) == 30
     stats = dest.committer.stats
     assert 1 <= stats.filesystem_syncs < 30
+    assert only_witnesses(dest.committer, fsynced)
     # the new entries' pass names their file system by the files' own descriptors:
     # the sync thread opens no directory but the one held above
     assert stats.dir_fsyncs == 1
@@ -189,3 +204,17 @@ def test_the_config_names_the_key(tmp_path: Path) -> None:
     assert "delivery.sync_method" in str(failure.value)
     config.write_text('[delivery]\nsync_method = "syncfs"\n')
     assert load_config(str(config)).delivery.sync_method == "syncfs"
+
+
+def test_a_failed_flush_after_the_syncfs_fails_the_pass_as_a_write_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fsync.os, "fsync", failing)
+    committer = GroupCommitter("syncfs")
+    (path,) = make_files(tmp_path, 1)
+    with pytest.raises(WritebackError) as failure:  # (which fails every waiting request)
+        asyncio.run(committer.sync([path]))
+    assert failure.value.errno == errno.EIO
