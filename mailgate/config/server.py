@@ -37,6 +37,9 @@ class ServerConfig:
     # permanent refusals (5xx) before "421 4.7.0 Too many errors"; temporary ones and
     # messages their destinations failed are no misbehaviour of the client's
     max_errors: int = 20
+    # NOOP, RSET, VRFY and HELP a client may send between two messages; past it each
+    # one counts towards max_errors (a client stalling with them is closed with 421)
+    junk_command_limit: int = 100
     tarpit_delay: float = 0.0  # seconds before the nth counted refusal: delay * 2**(n-1)
     tarpit_max_delay: float = 30.0
     helo_delay: float = 0.0  # seconds before the HELO/EHLO reply (upas -D)
@@ -86,6 +89,7 @@ class ServerConfig:
             ("max_recipients", self.max_recipients, MIN_RECIPIENTS,
              "(RFC 5321 4.5.3.1.8: 100 must be accepted)"),
             ("max_errors", self.max_errors, 1, ""),
+            ("junk_command_limit", self.junk_command_limit, 1, ""),
             ("max_connections", self.max_connections, 1, ""),
             ("max_connections_per_ip", self.max_connections_per_ip, 1, ""),
         )

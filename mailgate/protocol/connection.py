@@ -57,6 +57,10 @@ class Settings:
     max_message_size: int = 36_700_160
     max_recipients: int = 100
     max_errors: int = 20
+    # NOOP, RSET, VRFY and HELP a client may send between two messages before each
+    # one more counts towards max_errors (Postfix's smtpd_junk_command_limit): a
+    # client keeping a connection busy with them is stalling, not sending mail
+    junk_command_limit: int = 100
     starttls: bool = False  # a certificate is configured
     auth_mechanisms: tuple[str, ...] = ()  # configured SASL mechanisms, upper case
     allow_plaintext_auth: bool = False  # PLAIN/LOGIN without TLS
@@ -95,7 +99,7 @@ class Connection:
     # Slots: ten thousand idle sessions each hold one of these.
     __slots__ = (
         "_body_open", "_body_size", "_buf", "_chunk", "_chunk_last", "_chunk_sink",
-        "_deferred", "_discard_line", "_dot", "_events", "_out", "_pending",
+        "_deferred", "_discard_line", "_dot", "_events", "_junk", "_out", "_pending",
         "_send_later", "_sent_2xx", "_sent_3xx", "_sent_4xx", "_sent_5xx", "_too_big",
         "authenticated", "envelope", "errors", "extended", "helo", "quit", "settings",
         "state", "tls_active",
@@ -110,6 +114,7 @@ class Connection:
         self.tls_active = False
         self.authenticated: str | None = None
         self.errors = 0  # refusals so far (reject accounting)
+        self._junk = 0  # NOOP, RSET, VRFY and HELP since the last message accepted
         # Replies queued since take_replies_sent(), by class (for the metrics); plain
         # slots rather than a list, which cost an idle session 136 bytes more.
         self._sent_2xx = self._sent_3xx = self._sent_4xx = self._sent_5xx = 0
@@ -261,6 +266,7 @@ class Connection:
     def _accept_message(self, pending: ev.MessageEnd, r: Reply | None) -> None:
         self._send(r or reply("data.accepted", id="-"))
         self._reset_transaction()
+        self._junk = 0
 
     def _accept_starttls(self, pending: ev.StartTLS, r: Reply | None) -> None:
         self._send(r or reply("starttls.ready"))
@@ -691,14 +697,23 @@ class Connection:
         self._send_later = r
         self._reset_transaction(r)
 
+    def _junk_command(self) -> None:
+        """A command that moves no mail: past the limit each one counts as an error,
+        so that max_errors ends a session kept open by them (421, as for refusals)."""
+        self._junk += 1
+        if self._junk > self.settings.junk_command_limit:
+            self.errors += 1
+
     def _cmd_rset(self, arg: str) -> None:
         if arg:
             return self._refuse("RSET", reply("syntax.args", detail="RSET takes no argument"))
+        self._junk_command()
         self._reset_transaction(reply("ok"))
         self._deferred = 0
         self._send(reply("ok"))
 
     def _cmd_noop(self, arg: str) -> None:
+        self._junk_command()
         self._send(reply("noop"))
 
     def _cmd_quit(self, arg: str) -> None:
@@ -709,6 +724,7 @@ class Connection:
         self._close()
 
     def _cmd_help(self, arg: str) -> None:
+        self._junk_command()
         # what this session would take now: STARTTLS and AUTH only where they are on
         # offer (listed always, they were answered 502 on a listener without them)
         commands = "EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
@@ -719,6 +735,7 @@ class Connection:
         self._send(reply("help", commands=commands))
 
     def _cmd_vrfy(self, arg: str) -> None:
+        self._junk_command()
         if not arg.strip():
             return self._refuse("VRFY", reply("syntax.args", detail="VRFY <address>"))
         if not self.settings.vrfy:

@@ -77,6 +77,7 @@ def listener_settings(
         max_message_size=server.max_message_size,
         max_recipients=server.max_recipients,
         max_errors=server.max_errors,
+        junk_command_limit=server.junk_command_limit,
         starttls=starttls and listener.role != "smtps",
         auth_mechanisms=tuple(mechanisms),
         allow_plaintext_auth=listener.allow_plaintext_auth,

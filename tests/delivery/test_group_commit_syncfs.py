@@ -138,13 +138,17 @@ def test_a_real_syncfs_error_is_raised() -> None:
 
 def test_the_kept_descriptors_are_closed_with_the_committer(tmp_path: Path) -> None:
     (path,) = make_files(tmp_path, 1)
-    before = len(os.listdir("/proc/self/fd"))
     committer = GroupCommitter("syncfs")
     asyncio.run(committer.sync([path, str(tmp_path)]))
-    assert len(os.listdir("/proc/self/fd")) == before + 1  # the file system's witness
+    (witness,) = committer._witnesses.values()  # tmp_path is one file system
+    assert os.readlink(f"/proc/self/fd/{witness}") == path  # the first item's file
     del committer
     gc.collect()
-    assert len(os.listdir("/proc/self/fd")) == before
+    try:
+        now = os.readlink(f"/proc/self/fd/{witness}")
+    except FileNotFoundError:
+        now = None
+    assert now != path  # closed (or the number taken since by something else)
 
 
 def test_concurrent_maildir_deliveries_are_durable_by_syncfs(

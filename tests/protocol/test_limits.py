@@ -180,3 +180,30 @@ def test_bdat_chunks_after_a_deferred_one_do_not_count() -> None:
     out = s.send("BDAT 3\r\nabcBDAT 3 LAST\r\ndefRSET\r\n")
     assert codes(out) == ["451 4.7.1", "503 5.5.1", "250 2.0.0"]
     assert s.conn.errors == 0 and not s.conn.closed
+
+
+def test_junk_commands_past_their_limit_count_as_errors() -> None:
+    # A client keeping a connection open with NOOPs (or RSET, VRFY, HELP) moves no
+    # mail: past the limit each one spends the error budget, and then 421.
+    s = Session(junk_command_limit=3, max_errors=2)
+    s.ehlo()
+    out = s.send("NOOP\r\nRSET\r\nVRFY alice\r\n")
+    assert codes(out) == ["250 2.0.0", "250 2.0.0", "252 2.5.0"]
+    assert s.conn.errors == 0
+    assert codes(s.send("HELP\r\nNOOP\r\n")) == ["214 2.0.0", "250 2.0.0"]  # answered...
+    assert s.conn.errors == 2  # ...and counted
+    out = s.send("NOOP\r\n")
+    assert codes(out) == ["421 4.7.0"] and s.conn.closed
+
+
+def test_an_accepted_message_starts_the_junk_count_again() -> None:
+    s = Session(junk_command_limit=2, max_errors=1)
+    s.ehlo()
+    assert codes(s.send("NOOP\r\nNOOP\r\n")) == ["250 2.0.0"] * 2
+    s.transaction("<a@example.net>", "<b@example.org>")
+    s.send("DATA\r\n")
+    assert codes(s.send("x\r\n.\r\n")) == ["250 2.0.0"]
+    # MAIL, RCPT and DATA are no junk, and the message reset the count
+    assert codes(s.send("NOOP\r\nRSET\r\n")) == ["250 2.0.0"] * 2
+    assert s.conn.errors == 0
+    assert codes(s.send("NOOP\r\nMAIL FROM:<a@example.net>\r\n")) == ["250 2.0.0", "421 4.7.0"]

@@ -37,7 +37,8 @@ class _Unread(Transport):
 
 
 def test_a_help_flood_that_is_not_read_stops_at_the_high_water_mark(tmp_path: Path) -> None:
-    ctx = context(tmp_path)
+    # (past junk_command_limit such a flood is soon closed: here it must not be)
+    ctx = context(tmp_path, "junk_command_limit = 1000000")
 
     async def go() -> tuple[int, int, bool]:
         transport = _Unread()
@@ -110,3 +111,21 @@ def test_a_session_ended_while_its_client_reads_nothing_lets_go_at_linger(
         return transport.aborted, ctx.counts.total()
 
     assert asyncio.run(go()) == (True, 0)
+
+
+def test_a_help_flood_is_closed_once_past_the_junk_and_error_limits(tmp_path: Path) -> None:
+    ctx = context(tmp_path, "junk_command_limit = 10\nmax_errors = 5")
+
+    async def go() -> tuple[bytes, bool]:
+        transport = _Unread()
+        s, _ = await session(ctx, [])
+        transport.protocol = s
+        s.transport = transport  # type: ignore[assignment]
+        s.data_received(b"HELP\r\n" * 1000)
+        await asyncio.sleep(0.1)
+        return b"".join(transport.writes), s.conn is None or s.conn.closed
+
+    written, closed = asyncio.run(go())
+    assert written.count(b"214 2.0.0") == 15  # the limit, then the error budget
+    assert written.endswith(b"421 4.7.0 mx.mailgate.org Too many errors, closing connection\r\n")
+    assert closed
