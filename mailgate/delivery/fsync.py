@@ -25,7 +25,11 @@ less work than an fsync, a thread wake-up and a GIL hand-off per file; the price
 that unrelated dirty data on the same file system is written too.
 syncfs reports write errors only from Linux 5.8 (the config refuses it on older
 kernels), and reports each one once, to whichever syncfs comes first: a failed pass
-therefore fails every request waiting at that moment, not only its own (see _drain).
+therefore fails every request waiting at that moment and every one made later whose
+writes began before it (see ``mark``), not only its own.  Only file systems known to
+make syncfs durable get it (ext2/3/4, XFS, btrfs: FUSE's syncfs, for one, does
+nothing); on any other one, and for a file system's first path, each item is
+fsync'ed as in "fsync" mode.
 """
 
 from __future__ import annotations
@@ -74,19 +78,30 @@ class GroupCommitter:
         self._pending: list[tuple[tuple[PathOrFd, ...], asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         # syncfs: file system (st_dev) → a descriptor kept open on it, through which
-        # every syncfs of this committer learns of the write errors since its last one
+        # every syncfs of this committer learns of the write errors since its last
+        # one (NO_SYNCFS: a file system whose items are fsync'ed one by one)
         self._witnesses: dict[int, int] = {}
-        # syncfs: the pending requests' descriptors → (st_dev, is a directory); a
-        # number cannot be reused while its request waits (the caller keeps it open)
+        # syncfs: the pending requests' descriptors → (st_dev, is a directory), as
+        # they were when the request was made
         self._fd_info: dict[int, tuple[int, bool]] = {}
+        # syncfs: how many passes reported a write error, and the latest of them
+        self._write_errors = 0
+        self._last_write_error: WritebackError | None = None
         weakref.finalize(self, _close_all, self._witnesses)
 
-    async def sync(self, items: Iterable[PathOrFd]) -> None:
+    def mark(self) -> int:
+        """Taken before a delivery's writes that reach ``sync`` only after an await
+        (``since``): a write error a syncfs reported meanwhile may have been theirs."""
+        return self._write_errors
+
+    async def sync(self, items: Iterable[PathOrFd], since: int | None = None) -> None:
         """Return once every path (file or directory) or fd (counted as a file) in ``items``
         is fsync'ed.
 
         Raises the OSError of the first item of this request that failed; other
-        requests of the same pass are not affected by it.
+        requests of the same pass are not affected by it (but see the module's
+        doc for syncfs).  ``since``: a ``mark`` taken before the items' writes, when
+        an await came between those and this call.
         """
         wanted = tuple(items)
         with self._stats_lock:
@@ -94,6 +109,10 @@ class GroupCommitter:
         if not wanted:
             return
         if self.method == "syncfs":
+            if since is not None and since != self._write_errors:
+                failed = self._last_write_error
+                assert failed is not None
+                raise WritebackError(failed.errno, failed.strerror)
             self._note_descriptors(wanted)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
@@ -108,14 +127,15 @@ class GroupCommitter:
 
         An fstat is a microsecond here, while in the sync thread each system call is
         a GIL hand-off with the busy loop.  Whatever file system is new gets its
-        witness now, too: a sync thread never touches a caller's descriptor, which
-        a cancelled caller may close at any moment.
+        witness now, made from the caller's descriptor, opened before its writes: a
+        write error since then is reported through it.  (Asked each time: a number
+        noted for a request that failed or was cancelled may name another file now.)
         """
         for item in items:
-            if isinstance(item, int) and item not in self._fd_info:
+            if isinstance(item, int):
                 mode = os.fstat(item)
                 if mode.st_dev not in self._witnesses:
-                    self._witnesses[mode.st_dev] = os.dup(item)
+                    _new_witness(self._witnesses, mode.st_dev, item)
                 self._fd_info[item] = (mode.st_dev, stat.S_ISDIR(mode.st_mode))
 
     def count_direct(self, files: int) -> None:
@@ -157,13 +177,16 @@ class GroupCommitter:
                     continue
                 self.stats.file_fsyncs += files
                 self.stats.dir_fsyncs += dirs
-                if any(isinstance(e, WritebackError) for e in errors.values()):
+                written_off = [e for e in errors.values() if isinstance(e, WritebackError)]
+                if written_off:
                     # The error may be another file's, written back by this pass, and
                     # no later syncfs reports it again: every request made by now
-                    # (each one after its writes) may have lost data.  They fail.
+                    # (each one after its writes) may have lost data.  They fail, and
+                    # so does one made later for writes begun before (``mark``).
                     batch += self._pending
-                    self._pending = []
-                    failed = next(iter(errors.values()))
+                    self._pending, self._fd_info = [], {}
+                    self._write_errors += 1
+                    self._last_write_error = failed = written_off[0]
                     errors = {item: failed for wanted, _ in batch for item in wanted}
                 for wanted, future in batch:
                     if future.done():  # the waiter was cancelled
@@ -264,14 +287,13 @@ class _Pass:
 def _serve_jobs(jobs: queue.SimpleQueue[_Job]) -> None:
     while True:
         items, state, syncfs = jobs.get()
+        result: tuple[dict[PathOrFd, OSError], int, int, int]
         try:
-            if syncfs is None:
-                state.part_done(*_sync_all(items))
-            else:
-                state.part_done(*_syncfs_all(items, *syncfs))
+            result = (*_sync_all(items), 0) if syncfs is None else _syncfs_all(items, *syncfs)
         except Exception as exc:  # e.g. a path with a NUL: the pass must still end
             failed = OSError(errno.EIO, f"fsync failed: {exc!r}")
-            state.part_done({item: failed for item in items}, 0, 0)
+            result = ({item: failed for item in items}, 0, 0, 0)
+        state.part_done(*result)
 
 
 def _fail(batch: list[tuple[tuple[PathOrFd, ...], asyncio.Future[None]]], why: str) -> None:
@@ -315,23 +337,32 @@ def _syncfs_all(
     A descriptor kept open on each file system (a duplicate of the first one seen
     there) is the committer's witness: syncfs reports the write errors since the
     last syncfs through the same open file, so none falls between two passes.  The
-    descriptors' file systems are ``known``; paths are looked at here.
+    descriptors' file systems are ``known``; paths are looked at here.  Items on a
+    file system without syncfs, and paths on one seen here first (a witness opened
+    now would not hear of an error before), are fsync'ed one by one.
     """
     errors: dict[PathOrFd, OSError] = {}
     on: dict[int, list[PathOrFd]] = {}
+    each: list[PathOrFd] = []
     files = dirs = 0
     for item in items:
         if isinstance(item, int):
             dev, is_dir = known[item]
         else:
             try:
-                dev, is_dir = _look_at(item, witnesses)
+                dev, is_dir, first = _look_at(item, witnesses)
             except OSError as exc:
                 errors[item] = exc
                 continue
             except ValueError as exc:  # a path with a NUL: its request fails, not the pass
                 errors[item] = OSError(errno.EINVAL, f"fsync failed: {exc!r}")
                 continue
+            if first:
+                each.append(item)
+                continue
+        if witnesses[dev] == NO_SYNCFS:
+            each.append(item)
+            continue
         on.setdefault(dev, []).append(item)
         if is_dir:
             dirs += 1
@@ -350,20 +381,55 @@ def _syncfs_all(
             failed = exc if isinstance(exc, WritebackError) else WritebackError(
                 exc.errno, f"fsync after syncfs: {exc.strerror}")
             errors.update(dict.fromkeys(members, failed))
+    if each:
+        one_by_one, more_files, more_dirs = _sync_all(each)
+        errors.update(one_by_one)
+        files += more_files
+        dirs += more_dirs
     return errors, files, dirs, len(on)
 
 
-def _look_at(path: str, witnesses: dict[int, int]) -> tuple[int, bool]:
-    """The file system of ``path`` and whether it is a directory; a new file system
-    gets its witness."""
+def _look_at(path: str, witnesses: dict[int, int]) -> tuple[int, bool, bool]:
+    """The file system of ``path``, whether it is a directory, and whether that file
+    system is new here (it gets its witness)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd)
-        if mode.st_dev not in witnesses:
-            witnesses[mode.st_dev] = os.dup(fd)
+        first = mode.st_dev not in witnesses
+        if first:
+            _new_witness(witnesses, mode.st_dev, fd)
     finally:
         os.close(fd)
-    return mode.st_dev, stat.S_ISDIR(mode.st_mode)
+    return mode.st_dev, stat.S_ISDIR(mode.st_mode), first
+
+
+NO_SYNCFS = -1  # a witness for a file system whose syncfs is not trusted
+# f_type of the file systems whose syncfs writes and flushes everything (with the
+# fsync after it): ext2/3/4, XFS, btrfs.  FUSE's, for one, does nothing (but on
+# virtiofs), so sshfs or mergerfs would get a 250 for data only in the page cache.
+_SYNCFS_TYPES = frozenset({0xEF53, 0x58465342, 0x9123683E})
+
+
+def _new_witness(witnesses: dict[int, int], dev: int, fd: int) -> None:
+    """Keep a duplicate of ``fd`` as the witness of file system ``dev``, or NO_SYNCFS.
+
+    Either thread may get here first for a file system: setdefault keeps one (a
+    dict operation is atomic under the GIL) and a duplicate that lost is closed.
+    """
+    if _filesystem_type(fd) not in _SYNCFS_TYPES:
+        witnesses.setdefault(dev, NO_SYNCFS)
+        return
+    copy = os.dup(fd)
+    if witnesses.setdefault(dev, copy) != copy:
+        os.close(copy)
+
+
+def _filesystem_type(fd: int) -> int:
+    """fstatfs(2)'s f_type (the first field of struct statfs on Linux), or -1."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _libc.fstatfs(fd, buf) != 0:
+        return -1
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -378,6 +444,7 @@ def _syncfs(fd: int) -> None:
 
 def _close_all(fds: dict[int, int]) -> None:
     for fd in fds.values():
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        if fd != NO_SYNCFS:
+            with contextlib.suppress(OSError):
+                os.close(fd)
     fds.clear()

@@ -244,11 +244,12 @@ class MaildirDestination:
             else:
                 # A small message held in memory is written straight into the maildir.
                 source = held if held is not None else spool.path
+                mark = self.committer.mark()  # (the links are made in the thread)
                 await asyncio.to_thread(
                     self._stage_and_publish, run, boxes, header, source, ends, lone
                 )
                 if not lone:
-                    await self._sync(run, run.dirs_to_sync(), list(run.published))
+                    await self._sync(run, run.dirs_to_sync(), list(run.published), mark)
         except Exception:
             log.exception("maildir: unexpected failure")
             run.fail(boxes, OSError(errno.EIO, "unexpected failure"))
@@ -309,9 +310,11 @@ class MaildirDestination:
             run.staged[box] = tmp
         return fds
 
-    async def _sync(self, run: _Run, paths: list[str] | list[int], boxes: list[str]) -> None:
+    async def _sync(
+        self, run: _Run, paths: list[str] | list[int], boxes: list[str], since: int | None = None
+    ) -> None:
         try:
-            await self.committer.sync(paths)
+            await self.committer.sync(paths, since)
         except OSError as exc:
             log.error("maildir: fsync failed: %s", exc)
             run.fail(boxes, exc)

@@ -7,6 +7,7 @@ import errno
 import gc
 import os
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,22 @@ LINUX_58 = syncfs_problem(os.uname().sysname, os.uname().release) is None
 pytestmark = pytest.mark.skipif(not LINUX_58, reason="syncfs reports errors from Linux 5.8")
 
 
+def syncfs_here(directory: Path) -> bool:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        return fsync._filesystem_type(fd) in fsync._SYNCFS_TYPES
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def here(tmp_path: Path) -> Path:
+    """tmp_path, where it is on a file system that gets syncfs (ext4, XFS, btrfs)."""
+    if not syncfs_here(tmp_path):
+        pytest.skip("the temporary directory is on a file system without trusted syncfs")
+    return tmp_path
+
+
 def make_files(tmp_path: Path, count: int) -> list[str]:
     paths = []
     for i in range(count):
@@ -33,6 +50,24 @@ def make_files(tmp_path: Path, count: int) -> list[str]:
         path.write_bytes(b"x")
         paths.append(str(path))
     return paths
+
+
+@pytest.fixture
+def written() -> Iterator[Callable[[Path, int], list[int]]]:
+    """Open descriptors of new files, as a delivery has them: opened, then written."""
+    opened: list[int] = []
+
+    def make(directory: Path, count: int) -> list[int]:
+        fds = [os.open(directory / f"w{len(opened) + i}", os.O_WRONLY | os.O_CREAT, 0o600)
+               for i in range(count)]
+        for fd in fds:
+            os.write(fd, b"x")
+        opened.extend(fds)
+        return fds
+
+    yield make
+    for fd in opened:
+        os.close(fd)
 
 
 @pytest.fixture
@@ -57,13 +92,14 @@ def only_witnesses(committer: GroupCommitter, done: list[int]) -> bool:
 
 
 def test_concurrent_requests_share_one_syncfs_per_pass(
-    tmp_path: Path, fsynced: list[int]
+    here: Path, written: Callable[[Path, int], list[int]], fsynced: list[int]
 ) -> None:
     committer = GroupCommitter("syncfs")
-    paths = make_files(tmp_path, 50)
+    fds = written(here, 50)
 
     async def main() -> None:
-        await asyncio.gather(*(committer.sync([p, os.path.dirname(p)]) for p in paths))
+        # each "message": its file, and the directory it was linked into
+        await asyncio.gather(*(committer.sync([fd, str(here)]) for fd in fds))
 
     asyncio.run(main())
     stats = committer.stats
@@ -93,7 +129,7 @@ def test_a_path_that_cannot_be_opened_fails_only_its_own_request(tmp_path: Path)
 
 
 def test_a_failed_syncfs_fails_its_pass_and_every_request_waiting(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    here: Path, written: Callable[[Path, int], list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # syncfs reports a write error once, whichever file it was: a request that came
     # while the failing pass ran may be the one whose data was lost.
@@ -112,7 +148,7 @@ def test_a_failed_syncfs_fails_its_pass_and_every_request_waiting(
 
     monkeypatch.setattr(fsync, "_syncfs", failing_once)
     committer = GroupCommitter("syncfs")
-    first, second, third = make_files(tmp_path, 3)
+    first, second, third = written(here, 3)
 
     async def main() -> list[object]:
         loop = asyncio.get_running_loop()
@@ -136,11 +172,14 @@ def test_a_real_syncfs_error_is_raised() -> None:
     assert failure.value.errno == errno.EBADF
 
 
-def test_the_kept_descriptors_are_closed_with_the_committer(tmp_path: Path) -> None:
-    (path,) = make_files(tmp_path, 1)
+def test_the_kept_descriptors_are_closed_with_the_committer(
+    here: Path, written: Callable[[Path, int], list[int]]
+) -> None:
+    (fd,) = written(here, 1)
+    path = os.readlink(f"/proc/self/fd/{fd}")
     committer = GroupCommitter("syncfs")
-    asyncio.run(committer.sync([path, str(tmp_path)]))
-    (witness,) = committer._witnesses.values()  # tmp_path is one file system
+    asyncio.run(committer.sync([fd, str(here)]))
+    (witness,) = committer._witnesses.values()  # one file system
     assert os.readlink(f"/proc/self/fd/{witness}") == path  # the first item's file
     del committer
     gc.collect()
@@ -152,17 +191,18 @@ def test_the_kept_descriptors_are_closed_with_the_committer(tmp_path: Path) -> N
 
 
 def test_concurrent_maildir_deliveries_are_durable_by_syncfs(
-    tmp_path: Path, fsynced: list[int]
+    here: Path, written: Callable[[Path, int], list[int]], fsynced: list[int]
 ) -> None:
-    dest = MaildirDestination(str(tmp_path / "md"), "user", "mx.example.org",
+    dest = MaildirDestination(str(here / "md"), "user", "mx.example.org",
                               GroupCommitter("syncfs"))
     env = envelope("alice@example.org")
-    spools = [spooled(tmp_path / f"s{i}", MESSAGE + f"{i}\r\n".encode(), env) for i in range(30)]
+    spools = [spooled(here / f"s{i}", MESSAGE + f"{i}\r\n".encode(), env) for i in range(30)]
+    (held,) = written(here, 1)
 
     async def main() -> list[list[object]]:
         # the first delivery alone takes the lone path (its own fsyncs): make it wait
         # behind a pass, so that every delivery here shares the group commit
-        hold = asyncio.ensure_future(dest.committer.sync([str(tmp_path)]))
+        hold = asyncio.ensure_future(dest.committer.sync([held]))
         alice = [Recipient(Address("alice", "example.org"))]
         outcomes = await asyncio.gather(*(dest.deliver(env, TRACE, s, alice) for s in spools))
         await hold
@@ -170,13 +210,13 @@ def test_concurrent_maildir_deliveries_are_durable_by_syncfs(
 
     outcomes = asyncio.run(main())
     assert all(r.reply.code == 250 for results in outcomes for r in results)  # type: ignore[attr-defined]
-    assert len(files(tmp_path / "md" / "alice" / "new")) == 30
+    assert len(files(here / "md" / "alice" / "new")) == 30
     stats = dest.committer.stats
     assert 1 <= stats.filesystem_syncs < 30
     assert only_witnesses(dest.committer, fsynced)
     # the new entries' pass names their file system by the files' own descriptors:
-    # the sync thread opens no directory but the one held above
-    assert stats.dir_fsyncs == 1
+    # the sync thread opens no directory
+    assert stats.dir_fsyncs == 0
 
 
 def test_a_closed_descriptor_fails_its_own_request(tmp_path: Path) -> None:
@@ -211,14 +251,92 @@ def test_the_config_names_the_key(tmp_path: Path) -> None:
 
 
 def test_a_failed_flush_after_the_syncfs_fails_the_pass_as_a_write_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    here: Path, written: Callable[[Path, int], list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def failing(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(fsync.os, "fsync", failing)
     committer = GroupCommitter("syncfs")
-    (path,) = make_files(tmp_path, 1)
+    (fd,) = written(here, 1)
     with pytest.raises(WritebackError) as failure:  # (which fails every waiting request)
-        asyncio.run(committer.sync([path]))
+        asyncio.run(committer.sync([fd]))
     assert failure.value.errno == errno.EIO
+
+
+def _failing_once(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    real_syncfs = fsync._syncfs
+    calls = [0]
+
+    def syncfs(fd: int) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise WritebackError(code, f"syncfs: {os.strerror(code)}")
+        real_syncfs(fd)
+
+    monkeypatch.setattr(fsync, "_syncfs", syncfs)
+
+
+def test_a_request_for_writes_begun_before_a_failed_pass_fails(
+    here: Path, written: Callable[[Path, int], list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A delivery that links its file in a thread asks only afterwards: a pass that
+    # wrote the new entry out meanwhile, and failed, reported the only error.
+    _failing_once(monkeypatch, errno.EIO)
+    committer = GroupCommitter("syncfs")
+    first, late = written(here, 2)
+    mark = committer.mark()  # before the late request's writes
+    with pytest.raises(WritebackError):
+        asyncio.run(committer.sync([first]))
+    with pytest.raises(WritebackError) as failure:
+        asyncio.run(committer.sync([late], since=mark))
+    assert failure.value.errno == errno.EIO
+    asyncio.run(committer.sync([late], since=committer.mark()))  # writes begun after: fine
+
+
+def test_every_request_of_a_failed_pass_gets_the_write_error(
+    here: Path, written: Callable[[Path, int], list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # not another request's missing path: a full disk must stay 452, not 451
+    _failing_once(monkeypatch, errno.ENOSPC)
+    committer = GroupCommitter("syncfs")
+    (fd,) = written(here, 1)
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            committer.sync([str(here / "missing")]), committer.sync([fd]),
+            return_exceptions=True,
+        )
+
+    missing, message = asyncio.run(main())
+    assert isinstance(message, WritebackError) and message.errno == errno.ENOSPC
+    assert isinstance(missing, WritebackError)  # the whole pass failed
+
+
+def test_a_file_system_seen_first_by_its_path_is_fsynced_itself(
+    here: Path, fsynced: list[int]
+) -> None:
+    # A witness opened only now would not hear of a write error from before its
+    # open: the directory gets its own fsync, as in "fsync" mode; later passes syncfs.
+    committer = GroupCommitter("syncfs")
+    asyncio.run(committer.sync([str(here)]))
+    assert (committer.stats.filesystem_syncs, committer.stats.dir_fsyncs) == (0, 1)
+    asyncio.run(committer.sync([str(here)]))
+    assert (committer.stats.filesystem_syncs, committer.stats.dir_fsyncs) == (1, 2)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm (tmpfs) here")
+def test_a_file_system_without_trusted_syncfs_gets_an_fsync_per_file(
+    written: Callable[[Path, int], list[int]], fsynced: list[int]
+) -> None:
+    # FUSE's syncfs does nothing (sshfs, mergerfs...); tmpfs stands in for any file
+    # system not known to make syncfs durable
+    committer = GroupCommitter("syncfs")
+    fd = os.open("/dev/shm", os.O_TMPFILE | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, b"x")
+        asyncio.run(committer.sync([fd]))
+    finally:
+        os.close(fd)
+    assert committer.stats.filesystem_syncs == 0
+    assert fsynced == [fd] and list(committer._witnesses.values()) == [fsync.NO_SYNCFS]
