@@ -49,6 +49,7 @@ from mailgate.delivery.smtp_client import (
     hold_back_if_deferred,
     recipient_failure,
     transaction_commands,
+    utf8_address_refusal,
     wire_path,
     with_downstream_status,
 )
@@ -127,7 +128,16 @@ class LMTPDestination:
     ) -> None:
         """Runs the transaction, filling ``outcomes`` as replies come in."""
         everyone = range(len(recipients))
-        refusal = await content_refusal(conn, envelope, spool.path)
+        # A sender (or recipient) with a UTF-8 local part cannot be named to a server
+        # without SMTPUTF8: Dovecot took such a MAIL and stored the message with
+        # Return-Path: <>, as a bounce (no vacation reply, no report could reach the
+        # sender).  UTF-8 header fields do go to it: this is the message's final
+        # mailbox, which stores them as they are, and refusing them would refuse
+        # most international mail to every user of a Dovecot without SMTPUTF8.
+        refusal = None if conn.supports("SMTPUTF8") else utf8_address_refusal(
+            envelope, recipients
+        )
+        refusal = refusal or await content_refusal(conn, envelope, spool.path)
         if refusal is not None:
             outcomes.set(everyone, refusal)
             return

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from mailgate.delivery.base import TraceInfo
-from mailgate.protocol.envelope import Envelope
+from mailgate.protocol.envelope import Address, Envelope
 from mailgate.protocol.idn import ascii_domain
 
 _NAME = "Received:"
@@ -50,11 +50,11 @@ def received_header(trace: TraceInfo, envelope: Envelope, now: datetime | None =
         date = _now_date(int(time.time()))
     else:
         date = format_datetime(now if now.tzinfo is not None else now.astimezone())
-    helo, hostname = trace.helo, trace.hostname
-    if not envelope.smtputf8:
-        # Header fields are ASCII outside SMTPUTF8 (RFC 6532 is for SMTPUTF8 mail
-        # only): a name given in U-labels goes in as its A-labels.
-        helo, hostname = ascii_domain(helo), ascii_domain(hostname)
+    # Domains go in as A-labels, SMTPUTF8 or not: outside SMTPUTF8 header fields are
+    # ASCII (RFC 6532 is for SMTPUTF8 mail only), and within it a field of our own in
+    # U-labels would make an otherwise ASCII message one that a next hop without
+    # SMTPUTF8 may not be given (RFC 6531 3.2; A-labels are a Domain of 3.7.3 too).
+    helo, hostname = ascii_domain(trace.helo), ascii_domain(trace.hostname)
     lines = list(
         _head(
             helo,
@@ -68,7 +68,10 @@ def received_header(trace: TraceInfo, envelope: Envelope, now: datetime | None =
     )
     clauses = ["id " + _atom(trace.session_id or "unknown")]
     if len(envelope.recipients) == 1:
-        clauses.append(f"for <{_address(str(envelope.recipients[0].address))}>")
+        address = envelope.recipients[0].address
+        if not address.domain.isascii():
+            address = Address(address.local, ascii_domain(address.domain), address.quoted)
+        clauses.append(f"for <{_address(str(address))}>")
     clauses[-1] += ";"
     clauses.append(date)
     _fold(lines, clauses)

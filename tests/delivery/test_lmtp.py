@@ -138,6 +138,27 @@ def test_a_domain_in_u_labels_reaches_a_server_without_smtputf8(
     assert dovecot.maildir_messages("alice")[0].endswith(b"\nx\n")
 
 
+def test_a_utf8_sender_is_not_named_to_a_server_without_smtputf8(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    # Dovecot without SMTPUTF8 took MAIL FROM:<jörg@...> and stored the message with
+    # Return-Path: <>: the sender was lost.  RFC 6531 3.2: 554 5.6.7 instead.  UTF-8
+    # header fields of such a message still go to it, its final mailbox.
+    dest = LMTPDestination(LMTPConfig(dovecot.address, timeout=20), "mx.test")
+    for user, sender in (("alice", Address("jörg", "bücher.example")),
+                         ("bob", Address("joerg", "bücher.example"))):
+        env, rcpts = envelope(user)
+        env.smtputf8, env.sender = True, sender
+        message = "Subject: Grüße\r\n\r\nbody\r\n".encode()
+        (result,) = asyncio.run(dest.deliver(env, TRACE, spool(tmp_path, message), rcpts))
+        expected = (554, "5.6.7") if user == "alice" else (250, "2.0.0")
+        assert (result.reply.code, result.reply.enhanced) == expected
+    assert dovecot.maildir_messages("alice") == []
+    (stored,) = dovecot.maildir_messages("bob")
+    assert stored.startswith(b"Return-Path: <joerg@xn--bcher-kva.example>")
+    assert "Subject: Grüße".encode() in stored
+
+
 def test_bare_line_ends_of_bdat_data_cannot_smuggle_a_message(
     dovecot: Dovecot, tmp_path: Path
 ) -> None:

@@ -59,17 +59,24 @@ def test_received_with_one_recipient_has_a_for_clause() -> None:
     )
 
 
-def test_a_u_label_name_is_written_as_a_labels_outside_smtputf8() -> None:
+def test_u_label_names_are_written_as_a_labels() -> None:
     # EHLO bücher.example, then mail without SMTPUTF8: its header must stay ASCII
     # (RFC 6532 is for SMTPUTF8 mail only), and an SMTPUTF8 message whose own fields
-    # are ASCII must not seem to carry UTF-8 because of ours.
+    # are ASCII must not seem to carry UTF-8 because of ours: a next hop without
+    # SMTPUTF8 would refuse it (554 5.6.9), though it may take the message.
     plain = envelope("alice@example.org")
     header = received_header(trace(helo="bücher.example"), plain, WHEN)
     assert header.isascii() and b"from xn--bcher-kva.example " in header
-    utf8 = envelope("alice@example.org")
+    utf8 = envelope("x@bücher-relay.example")
     utf8.smtputf8 = True
     header = received_header(trace(helo="bücher.example", protocol="UTF8SMTP"), utf8, WHEN)
-    assert "from bücher.example ".encode() in header
+    assert header.isascii() and b"from xn--bcher-kva.example " in header
+    assert b"for <x@xn--bcher-relay-thb.example>;" in header
+    # a UTF-8 local part has no ASCII form: it stays (such a message needs SMTPUTF8)
+    local = envelope("jörg@example.org")
+    local.smtputf8 = True
+    header = received_header(trace(protocol="UTF8SMTP"), local, WHEN)
+    assert "for <jörg@example.org>;".encode() in header
 
 
 def test_received_with_tls_names_version_and_cipher_in_a_comment() -> None:
