@@ -135,6 +135,7 @@ class SQLiteStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._conn: sqlite3.Connection | None = None
         self._broken = ""  # why every call fails: a file that is no database
+        self._path = path
         try:
             self._executor.submit(self._open, path).result()
         except (sqlite3.OperationalError, OSError) as exc:
@@ -160,6 +161,10 @@ class SQLiteStore:
             # NORMAL is durable across a crash of mailgate in WAL mode; only a power
             # loss may drop the last few writes, which greylisting state can afford.
             conn.execute("PRAGMA synchronous=NORMAL")
+            # A value that is not UTF-8 (not written by us) reads with U+FFFD, so that
+            # it is unreadable state, replaced at the next write, rather than a
+            # "Could not decode" error taken for the whole store failing.
+            conn.text_factory = lambda raw: raw.decode("utf-8", "replace")
             conn.execute(_SCHEMA)
         except sqlite3.Error:
             conn.close()
@@ -183,6 +188,15 @@ class SQLiteStore:
 
         try:
             return await loop.run_in_executor(self._executor, run_if_not_stale, conn)
+        except sqlite3.OperationalError as exc:  # locked, busy, read-only: passes
+            raise StoreError(f"sqlite: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            # damaged while in use (malformed, not a database): it does not mend by
+            # waiting, as a lock does
+            raise StoreError(
+                f"sqlite: {self._path}: {exc} (if damaged, move it away and reload: "
+                "a new one is made)"
+            ) from exc
         except sqlite3.Error as exc:
             raise StoreError(f"sqlite: {exc}") from exc
         except RuntimeError as exc:  # the executor was shut down by close()
@@ -280,7 +294,12 @@ class RedisStore:
 
     async def get(self, key: str) -> str | None:
         with _redis_errors():
-            value = await self._redis.get(key)
+            try:
+                value = await self._redis.get(key)
+            except UnicodeDecodeError:
+                # not ours (something else wrote the key): unreadable, not an outage;
+                # the caller reads "" as no state and its next set replaces it
+                return ""
         return None if value is None else str(value)
 
     async def set(self, key: str, value: str, ttl: float | None = None) -> None:

@@ -96,6 +96,35 @@ def test_incr_of_a_non_integer_is_a_store_error(make_store: Factory) -> None:
     run(scenario())
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_a_value_that_is_not_utf8_reads_as_unreadable_not_as_an_outage(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # Written behind the store's back: greylisting read it as a store failure (Redis:
+    # a UnicodeDecodeError with a traceback at every RCPT; SQLite: fail-open for all
+    # mail for 10 s) and never replaced it.
+    if backend == "sqlite":
+        path = str(tmp_path / "kv.sqlite")
+        SQLiteStore(path)  # (the schema)
+        with sqlite3.connect(path) as db:
+            db.execute("INSERT INTO kv VALUES ('k', CAST(x'fffe' AS TEXT), NULL)")
+        make: Factory = lambda: SQLiteStore(path)  # noqa: E731
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        redis.Redis.from_url(server.url).set("k", b"\xff\xfe")
+        make = lambda: RedisStore(server.url)  # noqa: E731
+
+    async def scenario() -> None:
+        store = make()
+        value = await store.get("k")
+        assert value is not None and value.strip("\ufffd") == ""
+        await store.set("k", "v")
+        assert await store.get("k") == "v"
+        await store.close()
+
+    run(scenario())
+
+
 # --- expiry, with a stepped clock (memory and SQLite) ----------------------------------
 
 
@@ -231,6 +260,29 @@ def test_sqlite_file_that_is_no_database_fails_each_call_not_the_start(
     async def scenario() -> None:
         with pytest.raises(StoreError, match="move it away"):
             await store.get("k")
+        await store.close()
+
+    run(scenario())
+
+
+def test_sqlite_file_damaged_while_in_use_says_to_move_it_away(tmp_path: Path) -> None:
+    # "tried again every 10 s" alone read as if it would mend; a damaged file does
+    # not (an audit overwrote a page of the running server's file).
+    path = tmp_path / "kv.sqlite"
+
+    async def scenario() -> None:
+        store = SQLiteStore(str(path))
+        for n in range(200):
+            await store.set(f"k{n}", "x" * 100)
+        await store.close()  # (checkpointed into the file)
+        with open(path, "r+b") as f:
+            f.seek(4096)
+            f.write(b"\xff" * 4096)  # page 2: the header and schema still read
+        store = SQLiteStore(str(path))
+        with pytest.raises(StoreError, match="move it away and reload") as failure:
+            for n in range(200):
+                await store.get(f"k{n}")
+        assert str(path) in str(failure.value)
         await store.close()
 
     run(scenario())
