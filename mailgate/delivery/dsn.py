@@ -36,7 +36,9 @@ HEADER_LIMIT = 64 * 1024  # octets of the original header quoted in the report
 # RET=FULL returns a message up to this size whole; a larger one by its header (a
 # report the size of the message it reports on would double a mailbox's load)
 RETURN_LIMIT = 100 * 1024
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# C1 controls and U+2028/2029 too, as in Received: (delivery/trace.py): an SMTPUTF8
+# address may carry them, and many readers take NEL or LINE SEPARATOR for a line end
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 _FAILURE_SUBJECT = "Undelivered Mail Returned to Sender"
 _SUCCESS_SUBJECT = "Successful Mail Delivery Report"
 

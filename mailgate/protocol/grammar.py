@@ -45,6 +45,7 @@ _XTEXT = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})*\Z")
 # RFC 6533 3: utf-8-addr-unitext, QCHAR (printable ASCII but "+", "=" and "\"), an
 # EmbeddedUnicodeChar "\x{HEXPOINT}", or UTF-8 (utf-8-addr-xtext has no raw UTF-8)
 _UTF8_ADDR = re.compile(r"(?:[!-*,-<>-\[\]-~]|\\x\{[0-9A-F]{2,6}\}|[^\x00-\x7f])+\Z")
+_HEXPOINT = re.compile(r"\\x\{([0-9A-F]{2,6})\}")
 _GENERAL_TAG = re.compile(r"[A-Za-z0-9\-]*[A-Za-z0-9]:[!-Z^-~]+\Z")
 
 
@@ -337,5 +338,10 @@ def parse_orcpt(value: str, utf8: bool) -> str:
         # utf-8-addr-unitext (raw UTF-8 too).
         if not (_UTF8_ADDR.match(rest) and rest.isprintable()) or not (utf8 or rest.isascii()):
             raise GrammarError("syntax.param_value", param="ORCPT")
+        # HEXPOINT names a Unicode scalar value: no surrogate, nothing past U+10FFFF
+        for point in _HEXPOINT.findall(rest):
+            value = int(point, 16)
+            if value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
+                raise GrammarError("syntax.param_value", param="ORCPT")
         return f"{addr_type};{rest}"
     return f"{addr_type};{decode_xtext(rest, 'ORCPT')}"

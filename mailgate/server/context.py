@@ -255,10 +255,16 @@ class ServerContext:
         finally:
             spool.discard()
         recipients = ",".join(str(r.recipient.address) for r in reportable)
+        # a report that could not go says why, where an operator looks for it
+        refused = next((r.reply for r in results if not r.ok), None)
+        why = {} if refused is None else {
+            "level": "warning", "status": refused.enhanced or "",
+            "reply": " / ".join(refused.lines)[:300],
+        }
         session.log_event(
             "dsn", id=session.message_id, to=str(envelope.sender),
             **{"delivered" if success else "failed": recipients},
-            code=results[0].reply.code if results else 0,
+            code=(refused or results[0].reply).code if results else 0, **why,
         )
         if results and all(r.ok for r in results):
             return Report.SENT

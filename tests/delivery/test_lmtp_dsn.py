@@ -126,6 +126,18 @@ def test_utf8_headers_of_smtputf8_mail_are_global_headers_and_the_report_8bitmim
     assert envelope is not None and for_report(envelope, plain).body == "7BIT"
 
 
+def test_line_breaks_of_a_utf8_sender_do_not_reach_the_report() -> None:
+    # An SMTPUTF8 sender may hold NEL or U+2028, which many readers take for line
+    # ends: the report's To: (and text) must not carry them raw.
+    r = RecipientResult(Recipient(Address("x", DOMAIN)), reply("delivery.downstream_temp"))
+    for breaker in ("\x85", "\u2028", "\u2029"):
+        env = Envelope(sender=Address(f"j{breaker}rg", DOMAIN), smtputf8=True)
+        report = build_dsn(envelope=env, failed=[r], reporting_mta="mx.test",
+                           original_headers=b"")
+        assert breaker.encode() not in report
+        assert f"To: <j?rg@{DOMAIN}>".encode() in report
+
+
 def test_header_limit_keeps_whole_lines(tmp_path: Path) -> None:
     path = tmp_path / "m"
     path.write_bytes(b"A: 1\r\nB: 22222\r\nC: 3\r\n\r\nbody")

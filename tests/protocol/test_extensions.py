@@ -154,7 +154,9 @@ def test_bad_mail_dsn_parameters(param: str) -> None:
      "ORCPT=utf-8;j\u00f6rg@d.org",
      # RFC 6533 3: a utf-8 address has no xtext "+XX", and "\" only as \x{HEX}
      "ORCPT=utf-8;a+2Bb@d.org", "ORCPT=utf-8;a=b@d.org", "ORCPT=utf-8;a\\b@d.org",
-     "ORCPT=utf-8;a\\x{zz}@d.org"],
+     "ORCPT=utf-8;a\\x{zz}@d.org",
+     # RFC 6533 3: HEXPOINT is a Unicode scalar value
+     "ORCPT=utf-8;j\\x{D800}rg@d.org", "ORCPT=utf-8;j\\x{110000}rg@d.org"],
 )
 def test_bad_rcpt_dsn_parameters(param: str) -> None:
     s = Session()

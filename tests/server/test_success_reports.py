@@ -17,6 +17,7 @@ from mailgate.protocol.replies import reply
 
 class _Session:
     message_id = "S1.1"
+    message_arrival = None
 
     def __init__(self) -> None:
         self.logged: list[tuple[str, dict[str, object]]] = []
@@ -45,3 +46,28 @@ def test_an_unreadable_spool_is_logged_and_the_message_stays_accepted(tmp_path: 
     [(name, fields)] = session.logged
     assert name == "dsn" and fields["level"] == "error" and "Input/output" in str(fields["error"])
     assert not (tmp_path / "maildir" / "alice").exists()  # no report was half-made
+
+
+class _Spool:
+    def read_head(self, limit: int) -> bytes:
+        return b"Subject: hello\r\n\r\n"
+
+
+def test_a_report_that_cannot_be_delivered_says_why(tmp_path: Path) -> None:
+    # It logged only code=550 at info: the operator could not see that (and why)
+    # the report itself was refused.
+    config_path = tmp_path / "mailgate.toml"
+    config_path.write_text(
+        f'[server]\nhostname = "mx.mailgate.org"\nspool_dir = "{tmp_path}/spool"\n'
+        f'[delivery]\nmaildir_root = "{tmp_path}/maildir"\nsystem_users = false\n'
+        'local_users = ["alice"]\n[delivery.aliases]\npostmaster = "alice"\n'
+    )
+    ctx = build_context(load_config(str(config_path)))
+    rcpt = Recipient(Address("alice", "localhost"), ("SUCCESS",))
+    envelope = Envelope(sender=Address("nobody", "localhost"), recipients=[rcpt])
+    session = _Session()
+    results = [RecipientResult(rcpt, reply("ok"))]
+    asyncio.run(ctx.notify_success(session, envelope, results, _Spool()))  # type: ignore[arg-type]
+    [(name, fields)] = session.logged
+    assert name == "dsn" and fields["level"] == "warning" and fields["code"] == 550
+    assert fields["status"] == "5.1.1" and "nobody@localhost" in str(fields["reply"])
