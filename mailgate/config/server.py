@@ -35,10 +35,12 @@ class ServerConfig:
     max_message_size: int = 36_700_160  # octets, advertised as SIZE (RFC 1870)
     max_recipients: int = 100  # per transaction (RFC 5321 4.5.3.1.8: at least 100)
     # permanent refusals (5xx) before "421 4.7.0 Too many errors"; temporary ones and
-    # messages their destinations failed are no misbehaviour of the client's
+    # messages their destinations failed are no misbehaviour of the client's (junk
+    # commands past junk_command_limit count too)
     max_errors: int = 20
-    # NOOP, RSET, VRFY and HELP a client may send between two messages; past it each
-    # one counts towards max_errors (a client stalling with them is closed with 421)
+    # NOOP, RSET, VRFY and HELP a client may send between two transactions (MAILs
+    # accepted); past it each one counts towards max_errors (a client stalling with
+    # them is closed with 421)
     junk_command_limit: int = 100
     tarpit_delay: float = 0.0  # seconds before the nth counted refusal: delay * 2**(n-1)
     tarpit_max_delay: float = 30.0

@@ -49,7 +49,6 @@ from mailgate.delivery.smtp_client import (
     hold_back_if_deferred,
     recipient_failure,
     transaction_commands,
-    utf8_address_refusal,
     wire_path,
     with_downstream_status,
 )
@@ -128,31 +127,40 @@ class LMTPDestination:
     ) -> None:
         """Runs the transaction, filling ``outcomes`` as replies come in."""
         everyone = range(len(recipients))
-        # A sender (or recipient) with a UTF-8 local part cannot be named to a server
-        # without SMTPUTF8: Dovecot took such a MAIL and stored the message with
-        # Return-Path: <>, as a bounce (no vacation reply, no report could reach the
-        # sender).  UTF-8 header fields do go to it: this is the message's final
-        # mailbox, which stores them as they are, and refusing them would refuse
-        # most international mail to every user of a Dovecot without SMTPUTF8.
-        refusal = None if conn.supports("SMTPUTF8") else utf8_address_refusal(
-            envelope, recipients
-        )
+        # A UTF-8 local part cannot be named to a server without SMTPUTF8.  Dovecot
+        # took such a sender and stored the message with Return-Path: <>, as a bounce
+        # (no vacation reply, no report could reach the sender): the message fails.
+        # Such a recipient fails alone, as any dead address of a list does.  UTF-8
+        # header fields do go: this is the message's final mailbox, which stores them
+        # as they are (refusing them would refuse most international mail to every
+        # user of a Dovecot without SMTPUTF8).
+        utf8 = conn.supports("SMTPUTF8")
+        sender = envelope.sender
+        refusal = None
+        if not utf8 and sender is not None and not sender.local.isascii():
+            refusal = reply("delivery.utf8_sender_unsupported")
         refusal = refusal or await content_refusal(conn, envelope, spool.path)
         if refusal is not None:
             outcomes.set(everyone, refusal)
             return
+        named = [i for i in everyone if utf8 or recipients[i].address.local.isascii()]
+        unnamed = [i for i in everyone if i not in named]
+        if unnamed:
+            outcomes.set(unnamed, reply("rcpt.utf8_unsupported"))
+        if not named:
+            return
         mail, rcpts = await conn.transaction(
-            *transaction_commands(conn, envelope, spool.size, recipients)
+            *transaction_commands(conn, envelope, spool.size, [recipients[i] for i in named])
         )
         if not mail.ok:
-            outcomes.set(everyone, _whole_message_failure(mail), mail)
+            outcomes.set(named, _whole_message_failure(mail), mail)
             return
         accepted = []
-        for i, (recipient, resp) in enumerate(zip(recipients, rcpts, strict=True)):
+        for i, resp in zip(named, rcpts, strict=True):
             if resp.ok:
                 accepted.append(i)
             else:
-                outcomes.set((i,), recipient_failure(recipient, resp), resp)
+                outcomes.set((i,), recipient_failure(recipients[i], resp), resp)
         if not accepted or await hold_back_if_deferred(outcomes, accepted):
             return
         refused = await conn.send_message(envelope, spool)

@@ -420,22 +420,13 @@ def utf8_refusal(
     MTA before SMTPUTF8; 8-bit body text is 8BITMIME's business."""
     if not envelope.smtputf8:
         return None
-    refusal = utf8_address_refusal(envelope, recipients)
-    if refusal is not None:
-        return refusal
+    addresses = (envelope.sender, *(r.address for r in recipients))
+    if any(a is not None and not a.local.isascii() for a in addresses):
+        return reply("delivery.utf8_address_unsupported")
     head = spool.read_head(UTF8_HEAD_LIMIT)
     end = header_end(head)
     if not (head if end < 0 else head[:end]).isascii():
         return reply("delivery.utf8_header_unsupported")
-    return None
-
-
-def utf8_address_refusal(envelope: Envelope, recipients: list[Recipient]) -> Reply | None:
-    """For a server without SMTPUTF8: 554 5.6.7 if an address of the message has a
-    non-ASCII local part, which has no ASCII form (a domain has: A-labels)."""
-    addresses = (envelope.sender, *(r.address for r in recipients))
-    if any(a is not None and not a.local.isascii() for a in addresses):
-        return reply("delivery.utf8_address_unsupported")
     return None
 
 

@@ -57,9 +57,10 @@ class Settings:
     max_message_size: int = 36_700_160
     max_recipients: int = 100
     max_errors: int = 20
-    # NOOP, RSET, VRFY and HELP a client may send between two messages before each
-    # one more counts towards max_errors (Postfix's smtpd_junk_command_limit): a
-    # client keeping a connection busy with them is stalling, not sending mail
+    # NOOP, RSET, VRFY and HELP answered a client may send between two transactions
+    # (MAILs accepted) before each one more counts towards max_errors (Postfix's
+    # smtpd_junk_command_limit): a client keeping a connection busy with them is
+    # stalling, not sending mail
     junk_command_limit: int = 100
     starttls: bool = False  # a certificate is configured
     auth_mechanisms: tuple[str, ...] = ()  # configured SASL mechanisms, upper case
@@ -114,7 +115,7 @@ class Connection:
         self.tls_active = False
         self.authenticated: str | None = None
         self.errors = 0  # refusals so far (reject accounting)
-        self._junk = 0  # NOOP, RSET, VRFY and HELP since the last message accepted
+        self._junk = 0  # NOOP, RSET, VRFY and HELP answered since the last MAIL accepted
         # Replies queued since take_replies_sent(), by class (for the metrics); plain
         # slots rather than a list, which cost an idle session 136 bytes more.
         self._sent_2xx = self._sent_3xx = self._sent_4xx = self._sent_5xx = 0
@@ -249,6 +250,9 @@ class Connection:
 
     def _accept_mail(self, pending: ev.MailFrom, r: Reply | None) -> None:
         self._deferred = 0
+        # A transaction begun is mail being moved: the RSET that ends one a greylisting
+        # server answered 450 is no stalling (nor are the NOOPs of a queue run).
+        self._junk = 0
         self.envelope = pending.envelope
         sender = pending.envelope.sender
         self._send(r or reply("mail.ok", address=str(sender) if sender else ""))
@@ -266,7 +270,6 @@ class Connection:
     def _accept_message(self, pending: ev.MessageEnd, r: Reply | None) -> None:
         self._send(r or reply("data.accepted", id="-"))
         self._reset_transaction()
-        self._junk = 0
 
     def _accept_starttls(self, pending: ev.StartTLS, r: Reply | None) -> None:
         self._send(r or reply("starttls.ready"))
@@ -274,6 +277,7 @@ class Connection:
         self.state = _TLS
 
     def _accept_verify(self, pending: ev.Verify, r: Reply | None) -> None:
+        self._junk_command()  # (a refused one counts as a refusal, once)
         self._send(r or reply("vrfy.ok", address=str(pending.address)))
 
     # By exact type, not an isinstance chain: accept() runs for every command.  The
@@ -735,10 +739,10 @@ class Connection:
         self._send(reply("help", commands=commands))
 
     def _cmd_vrfy(self, arg: str) -> None:
-        self._junk_command()
         if not arg.strip():
             return self._refuse("VRFY", reply("syntax.args", detail="VRFY <address>"))
         if not self.settings.vrfy:
+            self._junk_command()
             self._send(reply("vrfy.cannot"))
             return
         text = arg.strip()

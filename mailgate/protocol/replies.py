@@ -224,6 +224,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     "delivery.8bit_unsupported": Template(554, "5.6.3", "Not passed on: the message holds 8-bit data, and the next hop does not offer 8BITMIME"),
     # RFC 6531 3.2: a message that needs SMTPUTF8 must not go to a server without it
     "delivery.utf8_address_unsupported": Template(554, "5.6.7", "Not relayed: a non-ASCII address needs SMTPUTF8, which the smarthost does not offer"),
+    "delivery.utf8_sender_unsupported": Template(554, "5.6.7", "Not delivered: the sender's non-ASCII address needs SMTPUTF8, which the mailbox server does not offer"),
     "delivery.utf8_header_unsupported": Template(554, "5.6.9", "Not relayed: UTF-8 header fields need SMTPUTF8, which the smarthost does not offer"),
     "delivery.mailer_unsafe_recipient": Template(550, "5.1.3", "<{address}> cannot be passed to the mail processor"),
     "delivery.mailer_unsafe_sender": Template(550, "5.1.7", "Sender <{address}> cannot be passed to the mail processor"),

@@ -153,10 +153,24 @@ def test_a_utf8_sender_is_not_named_to_a_server_without_smtputf8(
         (result,) = asyncio.run(dest.deliver(env, TRACE, spool(tmp_path, message), rcpts))
         expected = (554, "5.6.7") if user == "alice" else (250, "2.0.0")
         assert (result.reply.code, result.reply.enhanced) == expected
+        assert "smarthost" not in str(result.reply)  # (no smarthost here)
     assert dovecot.maildir_messages("alice") == []
     (stored,) = dovecot.maildir_messages("bob")
     assert stored.startswith(b"Return-Path: <joerg@xn--bcher-kva.example>")
     assert "Subject: Grüße".encode() in stored
+
+
+def test_a_utf8_recipient_fails_alone_at_a_server_without_smtputf8(
+    dovecot: Dovecot, tmp_path: Path
+) -> None:
+    # An alias with a member jörg: the others still get the message.
+    dest = LMTPDestination(LMTPConfig(dovecot.address, timeout=20), "mx.test")
+    env, rcpts = envelope("alice", "jörg")
+    env.smtputf8 = True
+    results = asyncio.run(dest.deliver(env, TRACE, spool(tmp_path, b"x\r\n"), rcpts))
+    assert [(r.reply.code, r.reply.enhanced) for r in results] == [
+        (250, "2.0.0"), (553, "5.6.7")]
+    assert len(dovecot.maildir_messages("alice")) == 1
 
 
 def test_bare_line_ends_of_bdat_data_cannot_smuggle_a_message(

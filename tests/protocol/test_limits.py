@@ -196,14 +196,38 @@ def test_junk_commands_past_their_limit_count_as_errors() -> None:
     assert codes(out) == ["421 4.7.0"] and s.conn.closed
 
 
-def test_an_accepted_message_starts_the_junk_count_again() -> None:
+def test_a_transaction_begun_starts_the_junk_count_again() -> None:
     s = Session(junk_command_limit=2, max_errors=1)
     s.ehlo()
     assert codes(s.send("NOOP\r\nNOOP\r\n")) == ["250 2.0.0"] * 2
-    s.transaction("<a@example.net>", "<b@example.org>")
+    s.transaction("<a@example.net>", "<b@example.org>")  # MAIL accepted: real work
     s.send("DATA\r\n")
     assert codes(s.send("x\r\n.\r\n")) == ["250 2.0.0"]
-    # MAIL, RCPT and DATA are no junk, and the message reset the count
     assert codes(s.send("NOOP\r\nRSET\r\n")) == ["250 2.0.0"] * 2
     assert s.conn.errors == 0
     assert codes(s.send("NOOP\r\nMAIL FROM:<a@example.net>\r\n")) == ["250 2.0.0", "421 4.7.0"]
+
+
+def test_a_greylisted_queue_run_is_not_cut_off_by_its_resets() -> None:
+    # An MTA delivering its queue to a greylisting server: MAIL, RCPT answered 450,
+    # RSET, for each message; those RSETs are no stalling.
+    s = Session(junk_command_limit=3, max_errors=2,
+                decide=scripted(RcptTo=reply("greylist.deferred")))
+    s.ehlo()
+    for _ in range(10):
+        out = s.send("MAIL FROM:<a@example.net>\r\nRCPT TO:<b@example.org>\r\nRSET\r\n")
+        assert codes(out) == ["250 2.1.0", "451 4.7.1", "250 2.0.0"]
+    assert s.conn.errors == 0 and not s.conn.closed
+
+
+def test_a_refused_vrfy_counts_once() -> None:
+    # as a refusal, not also as junk (nor a refused RSET x)
+    s = Session(junk_command_limit=1, max_errors=10)
+    s.ehlo()
+    assert codes(s.send("NOOP\r\n")) == ["250 2.0.0"]  # the limit reached
+    assert codes(s.send("VRFY\r\n")) == ["501 5.5.2"]
+    assert s.conn.errors == 1
+    assert codes(s.send("RSET x\r\n")) == ["501 5.5.2"]
+    assert s.conn.errors == 2
+    assert codes(s.send("VRFY alice\r\n")) == ["252 2.5.0"]  # answered: junk past it
+    assert s.conn.errors == 3
