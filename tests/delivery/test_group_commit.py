@@ -222,3 +222,60 @@ def test_committers_share_the_process_sync_threads(tmp_path: Path) -> None:
     for _ in range(5):
         asyncio.run(GroupCommitter().sync([path, str(tmp_path)]))
     assert sync_threads() == fsync.SYNC_THREADS
+
+
+def test_the_requests_of_a_pass_just_done_go_in_the_next_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Maildir delivery asks for its new entry as soon as its file's pass wakes it.
+    # Messages of a second wave arrive while the first wave's pass runs: the pass
+    # after it must take the first wave's entries along with the second wave's
+    # files (one pass for each wave and one for the last entries: three); started
+    # at once, it took only the files, and each wave's entries waited a pass more.
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.3)  # (a margin for a loaded machine's sleep below)
+        real_fsync(fd)
+
+    monkeypatch.setattr(fsync.os, "fsync", slow_fsync)
+    committer = GroupCommitter()
+    (tmp_path / "b").mkdir()
+    first, second = make_files(tmp_path, 2), make_files(tmp_path / "b", 2)
+
+    async def message(path: str) -> None:
+        await committer.sync([path])  # its file
+        await committer.sync([os.path.dirname(path)])  # then its entry
+
+    async def main() -> None:
+        wave = [asyncio.ensure_future(message(p)) for p in first]
+        await asyncio.sleep(0.05)  # the first wave's pass runs
+        await asyncio.gather(*wave, *(message(p) for p in second))
+
+    asyncio.run(main())
+    assert committer.stats.passes == 3
+
+
+def test_a_committer_cancelled_between_passes_fails_what_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _slow_fsyncs(monkeypatch)
+    committer = GroupCommitter()
+    first, second = make_files(tmp_path, 2)
+
+    async def main() -> object:
+        in_pass = asyncio.ensure_future(committer.sync([first]))
+        await asyncio.sleep(0)
+        (_, first_done), = committer._pending
+        await asyncio.sleep(0.05)  # its pass is under way
+        waiting = asyncio.ensure_future(committer.sync([second]))
+        drain = committer._task
+        assert drain is not None
+        # cancelled as the pass ends, while the committer lets the woken run
+        first_done.add_done_callback(lambda _: drain.cancel())
+        await in_pass
+        return (await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 10))[0]
+
+    failed = asyncio.run(main())
+    assert isinstance(failed, OSError) and "cancelled" in str(failed)
+    assert committer.idle
