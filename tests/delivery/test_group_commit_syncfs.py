@@ -325,7 +325,8 @@ def test_a_file_system_seen_first_by_its_path_is_fsynced_itself(
     assert (committer.stats.filesystem_syncs, committer.stats.dir_fsyncs) == (1, 2)
 
 
-@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="no /dev/shm (tmpfs) here")
+@pytest.mark.skipif(not os.path.isdir("/dev/shm") or syncfs_here(Path("/dev/shm")),
+                    reason="no /dev/shm on a file system without trusted syncfs (tmpfs)")
 def test_a_file_system_without_trusted_syncfs_gets_an_fsync_per_file(
     written: Callable[[Path, int], list[int]], fsynced: list[int]
 ) -> None:
