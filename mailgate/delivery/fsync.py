@@ -50,11 +50,11 @@ from mailgate.config.delivery import SyncMethod
 from mailgate.delivery.pid import this_pid
 
 PathOrFd = str | int
+SYNC_THREADS = 8  # a pass's fsyncs in flight at once
 
 
 class WritebackError(OSError):
     """syncfs failed: data somewhere on the file system did not reach the disk."""
-SYNC_THREADS = 8  # a pass's fsyncs in flight at once
 
 
 @dataclass
@@ -121,6 +121,16 @@ class GroupCommitter:
             # keep a reference: the loop holds tasks only weakly
             self._task = loop.create_task(self._drain())
         await future
+
+    def covers_file_systems(self, fds: list[int]) -> bool:
+        """Whether a request naming ``fds`` makes every change on their file systems
+        durable (syncfs mode, each of them one that gets syncfs, as seen by an
+        earlier request): then it also covers new directory entries there."""
+        if self.method != "syncfs":
+            return False
+        return all(
+            self._witnesses.get(os.fstat(fd).st_dev, NO_SYNCFS) != NO_SYNCFS for fd in fds
+        )
 
     def _note_descriptors(self, items: tuple[PathOrFd, ...]) -> None:
         """syncfs: the file system of each descriptor, found here on the loop.

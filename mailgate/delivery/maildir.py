@@ -281,7 +281,9 @@ class MaildirDestination:
             if run.published:
                 # A syncfs needs only to know the file system of the new entries: the
                 # files' own (a link cannot leave it, nor can a directory made here).
-                by_fs = self.committer.method == "syncfs"
+                # Elsewhere each directory is fsync'ed (an fsync of a file is not one
+                # of its directory).
+                by_fs = self.committer.covers_file_systems(fds)
                 await self._sync(run, fds if by_fs else run.dirs_to_sync(), list(run.published))
         finally:
             for fd in fds:

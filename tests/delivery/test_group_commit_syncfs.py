@@ -6,6 +6,8 @@ import asyncio
 import errno
 import gc
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -341,3 +343,41 @@ def test_a_file_system_without_trusted_syncfs_gets_an_fsync_per_file(
         os.close(fd)
     assert committer.stats.filesystem_syncs == 0
     assert fsynced == [fd] and list(committer._witnesses.values()) == [fsync.NO_SYNCFS]
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm") or syncfs_here(Path("/dev/shm")),
+                    reason="no /dev/shm on a file system without trusted syncfs (tmpfs)")
+def test_maildir_entries_on_a_file_system_without_syncfs_get_their_directory_fsynced(
+    tmp_path: Path,
+) -> None:
+    # The new entries' request named the files' descriptors, which on such a file
+    # system were fsync'ed one by one: the files again, never new/ itself.
+    root = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        dest = MaildirDestination(str(root), "user", "mx.example.org",
+                                  GroupCommitter("syncfs"))
+        env = envelope("alice@example.org")
+        spools = [spooled(tmp_path / f"s{i}", MESSAGE + f"{i}\r\n".encode(), env)
+                  for i in range(10)]
+
+        async def main() -> int:
+            alice = [Recipient(Address("alice", "example.org"))]
+            await dest.deliver(env, TRACE, spools[0], alice)  # alone: makes the maildir
+            alone = dest.committer.stats.dir_fsyncs
+            # the others wait behind a pass, so that none takes the lone path
+            held = os.open(root, os.O_TMPFILE | os.O_WRONLY, 0o600)
+            try:
+                hold = asyncio.ensure_future(dest.committer.sync([held]))
+                await asyncio.gather(*(dest.deliver(env, TRACE, s, alice) for s in spools[1:]))
+                await hold
+            finally:
+                os.close(held)
+            return alone
+
+        alone = asyncio.run(main())
+        assert len(files(root / "alice" / "new")) == 10
+        stats = dest.committer.stats
+        assert stats.filesystem_syncs == 0
+        assert stats.dir_fsyncs > alone  # new/ among the shared passes' items
+    finally:
+        shutil.rmtree(root)
