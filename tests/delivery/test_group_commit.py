@@ -160,11 +160,11 @@ def test_sync_threads_are_started_again_in_a_forked_child(tmp_path: Path) -> Non
     assert os.waitstatus_to_exitcode(status) == 0
 
 
-def _slow_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
+def _slow_fsyncs(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.2) -> None:
     real_fsync = os.fsync
 
     def slow_fsync(fd: int) -> None:
-        time.sleep(0.2)
+        time.sleep(seconds)
         real_fsync(fd)
 
     monkeypatch.setattr(fsync.os, "fsync", slow_fsync)
@@ -232,13 +232,7 @@ def test_the_requests_of_a_pass_just_done_go_in_the_next_pass(
     # after it must take the first wave's entries along with the second wave's
     # files (one pass for each wave and one for the last entries: three); started
     # at once, it took only the files, and each wave's entries waited a pass more.
-    real_fsync = os.fsync
-
-    def slow_fsync(fd: int) -> None:
-        time.sleep(0.3)  # (a margin for a loaded machine's sleep below)
-        real_fsync(fd)
-
-    monkeypatch.setattr(fsync.os, "fsync", slow_fsync)
+    _slow_fsyncs(monkeypatch, 0.3)  # (a margin for a loaded machine's sleep below)
     committer = GroupCommitter()
     (tmp_path / "b").mkdir()
     first, second = make_files(tmp_path, 2), make_files(tmp_path / "b", 2)

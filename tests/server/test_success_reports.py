@@ -31,20 +31,30 @@ class _UnreadableSpool:
         raise OSError(errno.EIO, "Input/output error")
 
 
-def test_an_unreadable_spool_is_logged_and_the_message_stays_accepted(tmp_path: Path) -> None:
+def _report_success(
+    tmp_path: Path, delivery: str, rcpt: str, sender: str, spool: object
+) -> dict[str, object]:
+    """A NOTIFY=SUCCESS report of ``rcpt``'s delivery to ``sender``; its one log line."""
     config_path = tmp_path / "mailgate.toml"
     config_path.write_text(
         f'[server]\nhostname = "mx.mailgate.org"\nspool_dir = "{tmp_path}/spool"\n'
-        f'[delivery]\nmaildir_root = "{tmp_path}/maildir"\nlocal_users = ["alice"]\n'
+        f'[delivery]\nmaildir_root = "{tmp_path}/maildir"\n{delivery}'
     )
     ctx = build_context(load_config(str(config_path)))
-    rcpt = Recipient(Address("root", "localhost"), ("SUCCESS",))
-    envelope = Envelope(sender=Address("alice", "localhost"), recipients=[rcpt])
+    recipient = Recipient(Address(rcpt, "localhost"), ("SUCCESS",))
+    envelope = Envelope(sender=Address(sender, "localhost"), recipients=[recipient])
     session = _Session()
-    results = [RecipientResult(rcpt, reply("ok"))]
-    asyncio.run(ctx.notify_success(session, envelope, results, _UnreadableSpool()))  # type: ignore[arg-type]
+    results = [RecipientResult(recipient, reply("ok"))]
+    asyncio.run(ctx.notify_success(session, envelope, results, spool))  # type: ignore[arg-type]
     [(name, fields)] = session.logged
-    assert name == "dsn" and fields["level"] == "error" and "Input/output" in str(fields["error"])
+    assert name == "dsn"
+    return fields
+
+
+def test_an_unreadable_spool_is_logged_and_the_message_stays_accepted(tmp_path: Path) -> None:
+    fields = _report_success(tmp_path, 'local_users = ["alice"]\n', "root", "alice",
+                             _UnreadableSpool())
+    assert fields["level"] == "error" and "Input/output" in str(fields["error"])
     assert not (tmp_path / "maildir" / "alice").exists()  # no report was half-made
 
 
@@ -56,18 +66,9 @@ class _Spool:
 def test_a_report_that_cannot_be_delivered_says_why(tmp_path: Path) -> None:
     # It logged only code=550 at info: the operator could not see that (and why)
     # the report itself was refused.
-    config_path = tmp_path / "mailgate.toml"
-    config_path.write_text(
-        f'[server]\nhostname = "mx.mailgate.org"\nspool_dir = "{tmp_path}/spool"\n'
-        f'[delivery]\nmaildir_root = "{tmp_path}/maildir"\nsystem_users = false\n'
-        'local_users = ["alice"]\n[delivery.aliases]\npostmaster = "alice"\n'
+    fields = _report_success(
+        tmp_path, 'system_users = false\nlocal_users = ["alice"]\n'
+        '[delivery.aliases]\npostmaster = "alice"\n', "alice", "nobody", _Spool(),
     )
-    ctx = build_context(load_config(str(config_path)))
-    rcpt = Recipient(Address("alice", "localhost"), ("SUCCESS",))
-    envelope = Envelope(sender=Address("nobody", "localhost"), recipients=[rcpt])
-    session = _Session()
-    results = [RecipientResult(rcpt, reply("ok"))]
-    asyncio.run(ctx.notify_success(session, envelope, results, _Spool()))  # type: ignore[arg-type]
-    [(name, fields)] = session.logged
-    assert name == "dsn" and fields["level"] == "warning" and fields["code"] == 550
+    assert fields["level"] == "warning" and fields["code"] == 550
     assert fields["status"] == "5.1.1" and "nobody@localhost" in str(fields["reply"])
