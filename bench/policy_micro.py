@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from servers import HELO, MAILGATE_CONFIG  # noqa: E402  (bench/ is this script's path)
+from servers import HELO, mailgate_config  # noqa: E402  (bench/ is this script's path)
 
 from mailgate.config.loader import load_config  # noqa: E402
 from mailgate.delivery.base import TraceInfo  # noqa: E402
@@ -43,7 +43,7 @@ BODY = b"Subject: bench\r\n\r\n" + b"x" * 1000 + b"\r\n"
 async def run(work: str, default: str, messages: int, rounds: int) -> list[float]:
     path = Path(work) / "mailgate.toml"
     # the bench's own mailgate configuration, one process, no listener used
-    path.write_text(MAILGATE_CONFIG.format(work=work, port=0, default=default, workers=1))
+    path.write_text(mailgate_config(work, 0, default, 1))
     (Path(work) / "spool").mkdir()
     config = load_config(str(path))
     hostname = config.server.hostname

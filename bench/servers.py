@@ -56,6 +56,14 @@ type = "discard"
 """
 
 
+def mailgate_config(work: object, port: int, default: str, workers: int) -> str:
+    """The bench's mailgate.toml: ``default`` is the destination ("blackhole" or
+    "local"), the durable mode's sync method the one bench/run.py was given."""
+    return MAILGATE_CONFIG.format(
+        work=work, port=port, default=default, workers=workers, sync_method=SYNC_METHOD
+    )
+
+
 def raise_nofile() -> int:
     """Raise this process's descriptor limit to NOFILE, or to the hard limit if lower
     (without CAP_SYS_RESOURCE the hard limit cannot grow); return the new limit."""
@@ -120,11 +128,7 @@ def start(name: str, mode: str, workdir: Path, workers: int = 0) -> Server:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     default = "blackhole" if mode == "discard" else "local"
-    (work / "mailgate.toml").write_text(
-        MAILGATE_CONFIG.format(
-            work=work, port=port, default=default, workers=workers, sync_method=SYNC_METHOD
-        )
-    )
+    (work / "mailgate.toml").write_text(mailgate_config(work, port, default, workers))
     proc = subprocess.Popen(
         command(name, mode, port, work),
         stdout=subprocess.DEVNULL,

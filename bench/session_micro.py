@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from engine_micro import DATA, HELO, MAIL, RCPT, _body  # noqa: E402
-from servers import MAILGATE_CONFIG  # noqa: E402
+from servers import mailgate_config  # noqa: E402
 
 from mailgate.app import build_context, build_listeners  # noqa: E402
 from mailgate.config.loader import load_config  # noqa: E402
@@ -99,7 +99,7 @@ async def run(
     work: str, default: str, messages: int, rounds: int, walls: list[float], per_connection: bool
 ) -> list[float]:
     path = Path(work) / "mailgate.toml"
-    path.write_text(MAILGATE_CONFIG.format(work=work, port=0, default=default, workers=1))
+    path.write_text(mailgate_config(work, 0, default, 1))
     (Path(work) / "spool").mkdir()
     config = load_config(str(path))
     with open("/dev/null", "w") as devnull:
