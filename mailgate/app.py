@@ -39,6 +39,7 @@ from mailgate.server.context import (
     listener_settings,
     with_normalize,
 )
+from mailgate.server.descriptors import limit_problem, raise_limit
 from mailgate.server.limits import ConnectionCounts
 from mailgate.server.listen import bind_listener
 from mailgate.server.session import Session
@@ -226,6 +227,9 @@ def setting_warnings(config: Config) -> list[str]:
         if value < least:
             found.append(f"server.{key}: {value:g} s is below RFC 5321 4.5.3.2's "
                          f"{least} s: slow but honest clients are cut off")
+    descriptors = limit_problem(server.max_connections)
+    if descriptors:
+        found.append(descriptors)
     return found
 
 
@@ -366,6 +370,8 @@ class MailServer:
     ) -> None:
         self.config_path = config_path
         self.overrides = overrides or Overrides()
+        # (a worker inherits the supervisor's raised limit; a reload may need more)
+        raise_limit(config.server.max_connections)
         self.ctx = build_context(config, counts, auth_failures)
         self._auth_failures = auth_failures  # the workers' shared counts, if any
         self.listeners = build_listeners(self.ctx)
@@ -458,6 +464,7 @@ class MailServer:
             log_event("reload", level="error", outcome="refused",
                       error=str(exc)[:500] or repr(exc), **self.who)
             return
+        raise_limit(fresh.config.server.max_connections)
         ctx = self.ctx
         retired = (ctx.policy, ctx.delivery)
         ctx.use_config(fresh.config, fresh.hostname)
@@ -640,6 +647,8 @@ def run(config: Config, config_path: str | None, overrides: Overrides | None = N
     """Serve ``config`` (read from ``config_path``, then ``overrides`` applied)."""
     from mailgate.supervisor import Supervisor, worker_count
 
+    # before anything is opened, and before the workers are forked: they inherit it
+    raise_limit(config.server.max_connections)
     if worker_count(config) > 1:
         return Supervisor(config, config_path, overrides).run()
     return _run_loop(serve(config, config_path, overrides))

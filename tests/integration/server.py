@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -60,8 +61,10 @@ def start_server(
     workdir: Path, config: str = "", *, hostname: str | None = "mx.mailgate.test",
     listeners: int = 1,
     extra_args: list[str] | None = None,
+    nofile: tuple[int, int] | None = None,
 ) -> RunningServer:
-    """Write ``config`` (TOML, may be empty) and start ``mailgate serve`` on free ports."""
+    """Write ``config`` (TOML, may be empty) and start ``mailgate serve`` on free ports;
+    ``nofile``: the (soft, hard) descriptor limit it starts with."""
     workdir.mkdir(parents=True, exist_ok=True)
     maildir = workdir / "maildir"
     body = textwrap.dedent(config)
@@ -82,6 +85,7 @@ def start_server(
     proc = subprocess.Popen(
         args, cwd=workdir, stdout=subprocess.PIPE, stderr=stderr_path.open("w"),
         text=True, env=env,
+        preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)) if nofile else None,
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + 20
