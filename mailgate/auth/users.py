@@ -132,10 +132,16 @@ def parse_line(line: str) -> UserRecord:
     if not fields:
         raise ValueError(f"user {name} has no credentials")
     values: dict[str, str] = {}
-    for item in fields:
+    for number, item in enumerate(fields, 1):
         form, eq, value = item.partition("=")
         if form not in FORMS or not eq:
-            raise ValueError(f"unknown credential form {form[:20]!r}; known: {', '.join(FORMS)}")
+            # Not quoted, not even its start: what an administrator writes there by
+            # mistake is most often the password itself ("user:secret", "{PLAIN}secret"),
+            # and this text reaches the log and the journal.
+            raise ValueError(
+                f"unknown credential form in field {number} after the user name (not shown: "
+                f"it may be a password); known: {', '.join(FORMS)}, as mailgate passwd writes them"
+            )
         if form in values:
             raise ValueError(f"{form} given twice")
         values[form] = value

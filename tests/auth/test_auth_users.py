@@ -70,6 +70,20 @@ def test_error_never_quotes_a_stored_value() -> None:
     assert secret not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("line", "field"),
+    # what an administrator used to other servers writes: the password itself
+    [("erin:MyS3cretPassw0rd", 1), ("erin:{PLAIN}MyS3cretPassw0rd", 1),
+     ("erin:MyS3cret=Passw0rd", 1), (GOOD.replace("alice", "erin") + ":MyS3cretPassw0rd", 4)],
+)
+def test_a_password_where_a_credential_belongs_is_not_shown(line: str, field: int) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_users(line + "\n", "users")
+    message = str(info.value)
+    assert f"unknown credential form in field {field} after the user name" in message, message
+    assert "MyS3cret" not in message and "Passw0rd" not in message
+
+
 @pytest.mark.parametrize("mode", [0o604, 0o620, 0o602, 0o666])
 def test_load_refuses_open_modes(tmp_path: Path, mode: int) -> None:
     path = tmp_path / "users"
