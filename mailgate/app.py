@@ -138,7 +138,8 @@ def check_parts(config: Config) -> Findings:
         no_greylist = replace(config, greylist=replace(config.greylist, enabled=False))
         policy = attempt(lambda: build_policy(no_greylist, router, hostname))
         asyncio.run(_close_parts(policy, router))
-        warnings = maildir_problems(router, as_ids) + router.postmaster_problems()
+        warnings = (maildir_problems(router, as_ids) + router.postmaster_problems()
+                    + router.alias_problems())
     warnings += setting_warnings(config)
     spool = SpoolDir(config.server.spool_dir).problem(as_ids)
     if spool:
@@ -179,13 +180,15 @@ def maildir_problems(router: Router, as_ids: tuple[int, int] | None = None) -> l
 
 def warn_of_delivery(router: object, config: Config) -> None:
     """At start-up and after a reload, as the server's user: the maildir_problems,
-    postmaster_problems and setting_warnings, logged (check-config prints the same as
-    warnings)."""
+    postmaster_problems, alias_problems and setting_warnings, logged (check-config
+    prints the same as warnings)."""
     if isinstance(router, Router):
         for problem in maildir_problems(router):
             log_event("maildir", level="warning", problem=problem)
         for problem in router.postmaster_problems():
             log_event("postmaster", level="warning", problem=problem)
+        for problem in router.alias_problems():
+            log_event("alias", level="warning", problem=problem)
     for problem in setting_warnings(config):
         log_event("config", level="warning", problem=problem)
 

@@ -76,7 +76,9 @@ def build_router(config: DeliveryConfig, hostname: str) -> Router:
     own = {u.lower() for u in users} | {k.lower().rpartition("@")[0] or k.lower()
                                         for k in config.users}
     aliases = {} if "postmaster" in own else {"postmaster": ("root",)}
-    aliases |= _keyed("aliases", {k: tuple(v) for k, v in config.aliases.items()}, address)
+    configured = _keyed("aliases", {k: tuple(v) for k, v in config.aliases.items()}, address)
+    builtin = frozenset(aliases) - frozenset(configured)
+    aliases |= configured
     table = RoutingTable(
         postmaster_domain=spellings.get(domain_key(hostname), listed[0]),
         local_domains=spellings,
@@ -85,6 +87,7 @@ def build_router(config: DeliveryConfig, hostname: str) -> Router:
         relay=config.relay,
         delimiter=config.recipient_delimiter,
         aliases=aliases,
+        builtin_aliases=builtin,
         users=_keyed("users", config.users, address),
         domains=_keyed("domains", config.domains, domain),
         catch_all=_keyed("catch_all", config.catch_all, domain),

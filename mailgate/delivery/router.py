@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class RoutingTable:
     relay: str = ""  # the destination of remote recipients; empty: refused
     delimiter: str = "+"  # characters that start an ignored +detail suffix
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # user or user@domain
+    builtin_aliases: frozenset[str] = frozenset()  # of aliases: not configured (postmaster)
     users: Mapping[str, str] = field(default_factory=dict)  # user or user@domain → destination
     domains: Mapping[str, str] = field(default_factory=dict)  # domain → destination
     catch_all: Mapping[str, str] = field(default_factory=dict)  # domain → address
@@ -73,6 +75,12 @@ class Target:
 # refusals that hold as long as the routing table does (not configuration errors,
 # which are logged each time they are met)
 _KEPT_REFUSALS = frozenset(("rcpt.unknown", "rcpt.no_route", "rcpt.bad_mailbox"))
+
+
+def _key(name: str) -> str:
+    """A table key as TOML writes it in a dotted key: quoted unless it is a bare key."""
+    return name if name and all((c.isalnum() and c.isascii()) or c in "-_" for c in name) else (
+        json.dumps(name, ensure_ascii=False))
 
 
 class _Refusal(Exception):
@@ -127,12 +135,51 @@ class Router:
         """The local domains whose postmaster has no mailbox (RFC 5321 4.5.1: every
         domain we take mail for MUST have one), e.g. the built-in postmaster → root
         where root is no local user (system_users = false)."""
-        return [
-            f"postmaster@{domain} cannot be delivered (RFC 5321 4.5.1 requires it): "
-            f"add an alias, e.g. [delivery.aliases] postmaster = \"you\""
-            for domain in dict.fromkeys(self.table.local_domains.values())
-            if not self.has_recipient("postmaster", domain)
-        ]
+        aliases = self.table.aliases
+        found = []
+        for domain in dict.fromkeys(self.table.local_domains.values()):
+            if self.has_recipient("postmaster", domain):
+                continue
+            key = next((k for k in (f"postmaster@{domain}", "postmaster")
+                        if k in aliases and k not in self.table.builtin_aliases), None)
+            hint = (f"no address of delivery.aliases.{_key(key)} is a mailbox here" if key
+                    else 'add an alias, e.g. [delivery.aliases] postmaster = "you"')
+            found.append(f"postmaster@{domain} cannot be delivered (RFC 5321 4.5.1 "
+                         f"requires it): {hint}")
+        return found
+
+    def alias_problems(self) -> list[str]:
+        """Alias addresses and catch-all targets that lead to no mailbox (a local
+        user misspelt, or gone): an alias delivers to its other addresses only, a
+        catch-all takes nothing.  Warnings at start-up, reload and check-config."""
+        table = self.table
+        everywhere = list(dict.fromkeys(table.local_domains.values()))
+        found = []
+        for key, members in table.aliases.items():
+            if key in table.builtin_aliases:  # (postmaster_problems says what to do)
+                continue
+            user, _, domain = key.partition("@")
+            # an unqualified alias holds in every local domain, its addresses too
+            for member in members:
+                dead = [d for d in ([domain] if domain else everywhere)
+                        if self._leads_nowhere(member, d, f"{user}@{d}")]
+                if dead:
+                    where = "" if domain or len(dead) == len(everywhere) else (
+                        f" in {', '.join(dead)}")
+                    found.append(f"delivery.aliases.{_key(key)}: {member} is no mailbox "
+                                 f"here{where}: mail to the alias skips it")
+        for domain, target in table.catch_all.items():
+            if self._leads_nowhere(target, domain, f"*@{domain}"):
+                found.append(f"delivery.catch_all.{_key(domain)}: {target} is no mailbox "
+                             "here: the catch-all takes nothing")
+        return found
+
+    def _leads_nowhere(self, member: str, domain: str, owner: str) -> bool:
+        try:
+            self._member(member, domain, frozenset({owner}), 1)
+        except _Refusal:
+            return True
+        return False
 
     async def verify_recipient(self, local: str, domain: str) -> bool | Reply | None:
         """Ask the downstream of each of the recipient's targets, where it can say.
@@ -266,7 +313,20 @@ class Router:
         members = aliases.get(full) or aliases.get(user)
         if members and full not in chain:
             inner = chain | {full}
-            return [t for m in members for t in self._member(m, domain, inner, depth + 1)]
+            # One address that leads nowhere (no such mailbox: a typo, a user gone)
+            # must not refuse the list to everyone who writes to it, postmaster
+            # included: the others get the mail.  The administrator is told at
+            # start-up, at each reload and by check-config (alias_problems).
+            found: list[Target] = []
+            refused: list[_Refusal] = []
+            for member in members:
+                try:
+                    found += self._member(member, domain, inner, depth + 1)
+                except _Refusal as refusal:
+                    refused.append(refusal)
+            if not found:  # every address is dead: the alias is as they are
+                raise refused[0]
+            return found
         return self._mailbox(user, domain, quoted, chain, depth)
 
     def _member(self, target: str, domain: str, chain: frozenset[str], depth: int) -> list[Target]:

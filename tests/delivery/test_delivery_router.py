@@ -454,6 +454,51 @@ def test_a_domain_without_a_postmaster_mailbox_is_named(tmp_path: Path) -> None:
     assert aliased.postmaster_problems() == []
 
 
+def test_an_alias_with_a_dead_address_delivers_to_the_others(tmp_path: Path) -> None:
+    # A typo or a user gone must not make a list "user unknown" to everyone who
+    # writes to it, nor postmaster (RFC 5321 4.5.1) where the site aliased it
+    r = router(tmp_path, aliases={"sales": ["alice", "ghost"], "postmaster": ["bob", "ghost"],
+                                  "dead": ["ghost", "nobody@example.net"]})
+    assert deliver(tmp_path, r, "sales@example.org", "postmaster@example.org") == [
+        "250 2.0.0 OK"] * 2
+    assert (count(tmp_path, "alice"), count(tmp_path, "bob")) == (1, 1)
+    assert r.has_recipient("postmaster", "") and r.has_recipient("sales", "example.net")
+    # every address dead: refused as before, naming the address the client gave
+    assert str(r.route(address("dead@example.org"))).startswith("550 5.1.1 <dead@example.org>")
+    assert r.postmaster_problems() == []
+
+
+def test_aliases_and_catch_alls_that_lead_nowhere_are_named(tmp_path: Path) -> None:
+    aliases = {"sales": ["alice", "ghost"], "team@example.net": ["bob"],
+               "postmaster": ["ghost"], "info": ["alice@example.net", "x@example.org"]}
+    r = router(tmp_path, local_users=["alice"], aliases=aliases,
+               catch_all={"example.org": "nobody"})
+    assert r.alias_problems() == [
+        "delivery.aliases.postmaster: ghost is no mailbox here: mail to the alias skips it",
+        "delivery.aliases.sales: ghost is no mailbox here: mail to the alias skips it",
+        'delivery.aliases."team@example.net": bob is no mailbox here: mail to the alias skips it',
+        # x@example.org goes to the catch-all, which has no mailbox either
+        "delivery.aliases.info: x@example.org is no mailbox here: mail to the alias skips it",
+        'delivery.catch_all."example.org": nobody is no mailbox here: the catch-all takes '
+        "nothing",
+    ]
+    # an unqualified alias holds in each local domain: ghost is alice's in example.net
+    caught = router(tmp_path, local_users=["alice"], aliases={"sales": ["alice", "ghost"]},
+                    catch_all={"example.net": "alice"})
+    assert caught.alias_problems() == [
+        "delivery.aliases.sales: ghost is no mailbox here in example.org: mail to the alias "
+        "skips it"
+    ]
+    # the site's own postmaster alias is named, not "add an alias"
+    assert r.postmaster_problems() == [
+        f"postmaster@{domain} cannot be delivered (RFC 5321 4.5.1 requires it): no address "
+        "of delivery.aliases.postmaster is a mailbox here"
+        for domain in ("example.org", "example.net")
+    ]
+    # the built-in postmaster -> root is no alias of the site's: only the hint to add one
+    assert router(tmp_path, local_users=["alice"]).alias_problems() == []
+
+
 def test_a_local_user_named_postmaster_gets_postmasters_mail(tmp_path: Path) -> None:
     # The built-in postmaster -> root alias is for sites without a postmaster of their
     # own: it hid a local user of that name (and a route of its own), which made the

@@ -284,6 +284,34 @@ def test_a_domain_without_a_postmaster_is_a_warning_and_refused_at_rcpt(tmp_path
         srv.stop()
 
 
+def test_an_alias_address_that_is_no_mailbox_is_a_warning_and_skipped(tmp_path: Path) -> None:
+    text = (f'[server]\nhostname = "mx.mailgate.test"\nspool_dir = "{tmp_path}/s"\n'
+            f'[delivery]\nmaildir_root = "{tmp_path}/m"\n'
+            'local_domains = ["mailgate.lab"]\nsystem_users = false\n'
+            'local_users = ["alice", "admin"]\n'
+            '[delivery.aliases]\nsales = ["alice", "ghost"]\npostmaster = ["admin", "ghost"]\n')
+    config = tmp_path / "checked.toml"
+    config.write_text(text)
+    checked = _cli("check-config", str(config))
+    assert checked.returncode == 0
+    assert _without_machine_warnings(checked.stderr) == "".join(
+        f"{config}: warning: delivery.aliases.{alias}: ghost is no mailbox here: mail to the "
+        "alias skips it\n" for alias in ("postmaster", "sales"))
+    srv = start_server(tmp_path / "run", text)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            message = b"Subject: list\r\n\r\nhello\r\n"
+            assert smtp.sendmail("a@client.mailgate.org", ["sales@mailgate.lab", "Postmaster"],
+                                 message) == {}
+        stored = [len(list((tmp_path / "m" / user / "new").iterdir()))
+                  for user in ("alice", "admin")]
+        assert stored == [1, 1]
+        assert srv.log().count("level=warning event=alias problem=") == 2
+    finally:
+        srv.stop()
+
+
 def test_a_start_that_fails_says_so_in_json_where_the_log_is_json(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     config = tmp_path / "json.toml"
