@@ -480,6 +480,8 @@ class MailServer:
             RETIRE_AFTER, lambda: asyncio.ensure_future(_close_parts(*retired))
         )
         ctx.authenticator = fresh.authenticator
+        if ctx.authenticator is not None:  # (read anew: say so, as a re-read before AUTH does)
+            ctx.authenticator.log_loaded(**self.who)
         self._follow_users()
         try:
             # New contexts; STARTTLS and implicit-TLS connections ask for the current

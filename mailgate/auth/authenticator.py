@@ -55,6 +55,7 @@ class Authenticator:
         self, users: dict[str, UserRecord], signature: tuple[int, int, int] | None
     ) -> None:
         self._credentials = Credentials(users)
+        self._users = len(users)
         self._signature = signature
         self._checked_at = self._clock()
         # Only what some user can actually use: advertising a mechanism nobody can
@@ -119,7 +120,12 @@ class Authenticator:
         """Re-read the users file; ValueError "file:line: problem" keeps the old table."""
         signature, users = await asyncio.to_thread(self._read)
         self._install(users, signature)
-        log_event("users_file", outcome="loaded", path=self._users_file, users=len(users))
+        self.log_loaded()
+
+    def log_loaded(self, **who: object) -> None:
+        """The line that says which users file is in force, and with how many users."""
+        log_event("users_file", outcome="loaded", path=self._users_file, users=self._users,
+                  **who)
 
     def _read(self) -> tuple[tuple[int, int, int] | None, dict[str, UserRecord]]:
         # The signature first: a change racing with the read is seen by the next check.

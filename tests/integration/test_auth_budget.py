@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import shutil
+import signal
 import smtplib
 import socket
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.server import RunningServer, read_until, start_server
+from tests.integration.server import RunningServer, read_until, start_server, wait_for
 
 PASSWORD = "correct horse battery staple"
 
@@ -143,6 +144,35 @@ def test_mechanisms_follow_the_users_file_without_a_reload(tmp_path: Path) -> No
         with smtplib.SMTP(srv.host, srv.port, timeout=20) as smtp:
             smtp.ehlo("client.mailgate.org")
             assert "CRAM-MD5" not in smtp.esmtp_features["auth"].split()
+    finally:
+        srv.stop()
+
+
+def test_a_reload_says_which_users_file_it_loaded(tmp_path: Path) -> None:
+    # After fixing a refused users file, SIGHUP is how an administrator puts it in
+    # force: the log must confirm it (docs/authentication.md), not only "reload ok".
+    users = tmp_path / "users"
+    users.write_text("")
+    users.chmod(0o600)
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path / 'spool'}"
+        [[listener]]
+        address = "127.0.0.1:0"
+        role = "submission"
+        allow_plaintext_auth = true
+        [auth]
+        users_file = "{users}"
+        reload_interval = 0
+        [delivery]
+        maildir_root = "{tmp_path / 'maildir'}"
+    """)
+    try:
+        _passwd(users, "alice")
+        _passwd(users, "bob")
+        srv.signal(signal.SIGHUP)
+        assert wait_for(lambda: "event=reload outcome=ok" in srv.log())
+        assert f"event=users_file outcome=loaded path={users} users=2" in srv.log()
     finally:
         srv.stop()
 
