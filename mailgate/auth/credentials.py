@@ -9,8 +9,10 @@ with hmac.compare_digest internally; CRAM-MD5 here).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import secrets
+from collections import Counter
 
 from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -56,6 +58,23 @@ def make_record(
 
 
 _ATTRIBUTES = {ARGON2: "argon2", SCRAM: "scram", CRAM: "cram"}  # form -> UserRecord field
+SCRAM_SALT_SIZE = 32  # bytes: what scramp makes for mailgate passwd
+
+
+def _fake_salt_key(users: dict[str, UserRecord]) -> bytes:
+    """The key of unknown names' fake SCRAM salts: the same in every worker and after
+    a reload of the same users file (a random key per process gave one name a
+    different salt on each worker, which no real user shows), unknown outside (made
+    from the stored secrets); it changes when the file does, as a real salt does when
+    its password is changed."""
+    digest = hashlib.sha256(b"mailgate fake SCRAM salt\n")
+    for name in sorted(users):
+        digest.update(users[name].to_line().encode() + b"\n")
+    return digest.digest()
+
+
+def _most_common(values: list[int], default: int) -> int:
+    return Counter(values).most_common(1)[0][0] if values else default
 
 
 class Credentials:
@@ -63,11 +82,14 @@ class Credentials:
 
     def __init__(self, users: dict[str, UserRecord]) -> None:
         self.users = users
-        self._dummy_secret = secrets.token_bytes(32)  # keys fake SCRAM salts per process
+        self._dummy_secret = _fake_salt_key(users)
         self._dummy_cram = secrets.token_bytes(STATE_SIZE)
         self._dummy_hash_value: str | None = None  # made on first use, in a worker thread
-        first = next((u.scram for u in users.values() if u.scram), None)
-        self._dummy_iterations = first.iterations if first else SCRAM_MIN_ITERATIONS
+        # A fake salt and count shaped as the real ones (mailgate passwd: 32 bytes,
+        # 10,000): one server-first message must not tell a real name from a made-up one
+        scram = [u.scram for u in users.values() if u.scram]
+        self._dummy_salt_size = _most_common([len(k.salt) for k in scram], SCRAM_SALT_SIZE)
+        self._dummy_iterations = _most_common([k.iterations for k in scram], SCRAM_MIN_ITERATIONS)
 
     def has_form(self, form: str) -> bool:
         """Whether any user has the stored form ``form`` (users.ARGON2, SCRAM or CRAM)."""
@@ -129,5 +151,6 @@ class Credentials:
             k = record.scram
             return k.salt, k.stored_key, k.server_key, k.iterations
         # The same salt for the same name on every try, as a real user would show.
-        salt = hmac.new(self._dummy_secret, user.encode(), "sha256").digest()[:16]
+        salt = hmac.new(self._dummy_secret, user.encode(), "sha512").digest()[
+            : self._dummy_salt_size]
         return salt, secrets.token_bytes(32), secrets.token_bytes(32), self._dummy_iterations

@@ -6,7 +6,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
@@ -199,14 +199,33 @@ def test_scram_bad(auth: Authenticator, user: str, password: str) -> None:
     assert failed(final, "auth.failed")
 
 
+def _server_first(auth: Authenticator, user: str) -> dict[str, str]:
+    client = ScramClient(["SCRAM-SHA-256"], user, "x")
+    first = run(auth.start("SCRAM-SHA-256", IP).step(client.get_client_first().encode()))
+    assert isinstance(first, Challenge)
+    return dict(p.split("=", 1) for p in first.data.decode().split(","))
+
+
 def test_scram_unknown_user_gets_a_stable_salt(auth: Authenticator) -> None:
     def salt_for(user: str) -> str:
-        client = ScramClient(["SCRAM-SHA-256"], user, "x")
-        first = run(auth.start("SCRAM-SHA-256", IP).step(client.get_client_first().encode()))
-        assert isinstance(first, Challenge)
-        return dict(p.split("=", 1) for p in first.data.decode().split(","))["s"]
+        return _server_first(auth, user)["s"]
 
     assert salt_for("nobody") == salt_for("nobody") != salt_for("somebody")
+
+
+def test_scram_unknown_user_looks_like_a_real_one_in_every_worker(
+    make_auth: Callable[..., Authenticator],
+) -> None:
+    # Each worker (and each reload) builds its own Authenticator from the same file:
+    # a made-up name must get the same salt from all of them, and a salt of the
+    # length, and a count, a real entry has (a 16-byte fake beside 32-byte real
+    # salts, or a salt that changed from one connection to the next, told them apart).
+    one, other = make_auth(), make_auth()
+    real = _server_first(one, "alice")
+    fake = _server_first(one, "nobody")
+    assert fake["s"] == _server_first(other, "nobody")["s"]
+    assert len(base64.b64decode(fake["s"])) == len(base64.b64decode(real["s"])) == 32
+    assert fake["i"] == real["i"]
 
 
 def test_scram_refuses_channel_binding(auth: Authenticator) -> None:
