@@ -514,11 +514,7 @@ class Session(asyncio.Protocol):
         elif isinstance(event, ev.AuthResponse):
             await self._auth_step(event.data)
         elif isinstance(event, ev.AuthAborted):
-            tried = self._exchange.user if self._exchange is not None else None
-            self._exchange = None
-            self.log_event("auth", mechanism=self._auth_mechanism or "?", outcome="aborted",
-                           **({"user": tried} if tried is not None else {}))
-            server.metrics.auth(self._auth_mechanism or "?", "aborted")
+            self._log_auth_aborted()
         elif isinstance(event, ev.Verify):
             addr = event.address
             # RFC 5321 3.5.1: a 250 names the mailbox, domain and all (a bare user name
@@ -823,6 +819,17 @@ class Session(asyncio.Protocol):
                 await self._sleep(delay)
         conn.auth_failure(outcome.reply)
 
+    def _log_auth_aborted(self, reason: str | None = None) -> None:
+        """An exchange that ended without an answer to check: the client's "*" or a
+        malformed response (``reason`` None), or the session's end."""
+        tried = self._exchange.user if self._exchange is not None else None
+        self._exchange = None
+        mechanism = self._auth_mechanism or "?"
+        self.log_event("auth", mechanism=mechanism, outcome="aborted",
+                       **({"user": tried} if tried is not None else {}),
+                       **({"reason": reason} if reason else {}))
+        self.server.metrics.auth(mechanism, "aborted")
+
     # -- helpers ------------------------------------------------------------------------
 
     @property
@@ -1071,6 +1078,12 @@ class Session(asyncio.Protocol):
                       else "connection lost")
             self.log_event("message", id=self.message_id, outcome="aborted", reason=reason)
         self._drop_spool()
+        if self._exchange is not None:
+            # An AUTH cut off at a challenge: it counted towards the address's
+            # failures when it began, so it has its line, as each AUTH has.
+            reason = ("shutdown" if self._stopping else "timeout" if self._timed_out
+                      else "connection lost")
+            self._log_auth_aborted(reason)
         if self.client is not None and self.client.name_lookup is not None:
             self.client.name_lookup.cancel()  # a client gone before HELO
         self._count_replies()

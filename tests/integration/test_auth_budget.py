@@ -177,6 +177,45 @@ def test_a_reload_says_which_users_file_it_loaded(tmp_path: Path) -> None:
         srv.stop()
 
 
+@pytest.mark.parametrize("ending", ["timeout", "connection lost"])
+def test_an_exchange_cut_off_at_a_challenge_has_its_line(tmp_path: Path, ending: str) -> None:
+    # It counted towards the address's failures when it began: without a line, the
+    # throttle's 454 came sooner than the failures an operator could see.
+    users = tmp_path / "users"
+    users.write_text("")
+    users.chmod(0o600)
+    _passwd(users, "alice")
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path / 'spool'}"
+        command_timeout = 1
+        [[listener]]
+        address = "127.0.0.1:0"
+        role = "submission"
+        allow_plaintext_auth = true
+        [auth]
+        users_file = "{users}"
+        [delivery]
+        maildir_root = "{tmp_path / 'maildir'}"
+    """)
+    try:
+        with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
+            read_until(sock, b"220 ")
+            sock.sendall(b"EHLO client.mailgate.org\r\n")
+            read_until(sock, b"250 ")
+            sock.sendall(b"AUTH LOGIN\r\n" + base64.b64encode(b"alice") + b"\r\n")
+            read_until(sock, b"334 UGFzc3dvcmQ6")  # "Password:": the user name was taken
+            if ending == "timeout":
+                assert b"421 4.4.2" in read_until(sock, b"421 ")
+        assert wait_for(lambda: "event=close" in srv.log())
+        [line] = [x for x in srv.log().splitlines() if "event=auth" in x]
+        assert f'outcome=aborted user=alice reason="{ending}"' in line or (
+            f"outcome=aborted user=alice reason={ending}" in line), line
+        assert "mechanism=LOGIN" in line
+    finally:
+        srv.stop()
+
+
 def test_a_client_falling_back_from_cram_md5_is_not_locked_out(tmp_path: Path) -> None:
     # Python's smtplib (and aiosmtplib) try CRAM-MD5 first and fall back to PLAIN:
     # for a user without a CRAM-MD5 secret each login was one counted failure, and
