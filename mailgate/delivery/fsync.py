@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import ctypes
 import errno
 import os
@@ -118,8 +119,9 @@ class GroupCommitter:
         future: asyncio.Future[None] = loop.create_future()
         self._pending.append((wanted, future))
         if self._task is None:
-            # keep a reference: the loop holds tasks only weakly
-            self._task = loop.create_task(self._drain())
+            # keep a reference: the loop holds tasks only weakly.  A context of its
+            # own: it serves every session, not the one whose request started it.
+            self._task = loop.create_task(self._drain(), context=contextvars.Context())
         await future
 
     def covers_file_systems(self, fds: list[int]) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import json
 import logging
@@ -50,6 +51,19 @@ _KEY_JUNK = re.compile(r"[^A-Za-z0-9_.-]")
 _ESCAPES: Final = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _FACILITIES: Final = logging.handlers.SysLogHandler.facility_names
 _T = TypeVar("_T")
+# The session whose task runs: the standard logging module's records (a downstream's
+# warning, another library's) carry its sid too, as its own lines do.  A task started
+# by a session inherits it, so one that serves others (the group commit) must start
+# in a context of its own.
+_session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "mailgate_session", default=None
+)
+
+
+def enter_session(session_id: str) -> None:
+    """From now on, in the running task and the tasks and threads it starts, records
+    of the standard logging module are lines of session ``session_id``."""
+    _session.set(session_id)
 
 
 class SessionLog:
@@ -323,8 +337,9 @@ def _render(
     return _json_line(head) if as_json else _logfmt_line(head)
 
 
-def _foreign(record: logging.LogRecord) -> tuple[None, str, dict[str, object]]:
-    """Another library's record as an ``event=log`` line."""
+def _foreign(record: logging.LogRecord) -> tuple[str | None, str, dict[str, object]]:
+    """Another library's record as an ``event=log`` line, with the sid of the session
+    it was logged for."""
     try:
         message = record.getMessage()
     except Exception:  # a bad %-format in someone's log call must not lose the line
@@ -334,7 +349,7 @@ def _foreign(record: logging.LogRecord) -> tuple[None, str, dict[str, object]]:
         exc = record.exc_info[1]
         fields["error"] = f"{type(exc).__name__}: {exc}"
         fields["traceback"] = "".join(traceback.format_exception(exc))  # escaped: one line
-    return None, "log", fields
+    return _session.get(), "log", fields
 
 
 @functools.lru_cache(maxsize=4)

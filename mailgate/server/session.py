@@ -27,7 +27,7 @@ from mailgate.delivery.base import RecipientResult, TraceInfo
 from mailgate.delivery.spool import reply_for_os_error
 from mailgate.delivery.submission import HEAD_LIMIT, missing_fields
 from mailgate.delivery.trace import protocol_name, received_header
-from mailgate.ops.logging import SessionLog, debug_enabled
+from mailgate.ops.logging import SessionLog, debug_enabled, enter_session
 from mailgate.policy.base import Client, Verdict
 from mailgate.policy.networks import is_trusted
 from mailgate.policy.pregreet import TAG as PREGREET
@@ -303,6 +303,7 @@ class Session(asyncio.Protocol):
             ):
                 return
             self.log = SessionLog(self.sid, ip=ip_text(self.client.ip), listener=listener.name)
+            enter_session(self.sid)
             # (a PROXY header without the client's address: the balancer's stands in)
             unknown = {} if self.client.address_known else {"proxy": "no_client_address"}
             self.log.event("connect", port=self.client.port, tls=self.client.tls, **unknown)

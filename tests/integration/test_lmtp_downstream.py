@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import smtplib
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,3 +102,35 @@ def test_a_relay_deferring_at_rcpt_holds_back_the_lmtp_copy(
     finally:
         srv.stop()
         controller.stop()
+
+
+def test_a_downstreams_warning_names_the_session(tmp_path: Path) -> None:
+    # deployment.md: every line of a session carries its sid, so that grep sid=...
+    # gives it whole; a downstream's warning logged through the logging module had none
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+
+        [delivery]
+        maildir_root = "{tmp_path}/maildir"
+        local_domains = ["{DOMAIN}"]
+
+        [delivery.domains]
+        "{DOMAIN}" = "dovecot"
+
+        [delivery.destinations.dovecot.lmtp]
+        address = "unix:{tmp_path}/nobody-listens"
+    """)
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=15) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            smtp.docmd("MAIL", "FROM:<a@client.mailgate.org>")
+            assert smtp.docmd("RCPT", f"TO:<alice@{DOMAIN}>")[0] == 451
+        log = srv.log()
+        [sid] = re.findall(r"sid=(\S+) event=connect", log)
+        [warning] = [line for line in log.splitlines() if "by LMTP: cannot connect" in line]
+        assert f" sid={sid} event=log logger=mailgate.delivery.lmtp " in warning, warning
+        # lines of no session still have none
+        assert all("sid=" not in line for line in log.splitlines() if "event=started" in line)
+    finally:
+        srv.stop()
