@@ -21,7 +21,7 @@ from mailgate.auth.factory import build_authenticator
 from mailgate.auth.throttle import Failures
 from mailgate.config.delivery import LOCAL_DESTINATION
 from mailgate.config.errors import ConfigError
-from mailgate.config.loader import Findings, load_config, split_host_port
+from mailgate.config.loader import Findings, load_config, naming_file, split_host_port
 from mailgate.config.restart import keep_restart_only, restart_only_changes
 from mailgate.config.schema import Config
 from mailgate.config.server import ListenerConfig
@@ -465,7 +465,8 @@ class MailServer:
             fresh = build_context(config, auth_failures=failures)
         except Exception as exc:  # (whatever it is, the running server must stay up)
             log_event("reload", level="error", outcome="refused",
-                      error=str(exc)[:500] or repr(exc), **self.who)
+                      error=naming_file(self.config_path, str(exc))[:500] or repr(exc),
+                      **self.who)
             return
         raise_limit(fresh.config.server.max_connections)
         ctx = self.ctx

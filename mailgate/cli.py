@@ -67,6 +67,7 @@ def _load(path: str | None, absent_ok: tuple[str, ...] = ()):  # type: ignore[no
 def _serve(args: argparse.Namespace) -> int:
     from mailgate.app import Overrides, apply_overrides, run
     from mailgate.config.errors import ConfigError
+    from mailgate.config.loader import naming_file
     from mailgate.config.names import domain_problem
     from mailgate.delivery.factory import DeliveryConfigError
 
@@ -87,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return run(config, args.config, overrides)
     except (ConfigError, DeliveryConfigError, ValueError) as exc:
-        return _fatal(config.logging.format, str(exc), 2)
+        return _fatal(config.logging.format, naming_file(args.config, str(exc)), 2)
     except OSError as exc:
         return _fatal(config.logging.format, f"cannot start: {exc}", 1)
     except KeyboardInterrupt:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from mailgate.auth.throttle import SharedFailureCounter
 from mailgate.config.errors import ConfigError
+from mailgate.config.loader import naming_file
 from mailgate.config.restart import keep_restart_only, restart_only_changes
 from mailgate.config.schema import Config
 from mailgate.config.server import MAX_WORKERS
@@ -318,7 +319,8 @@ class Supervisor:
             if problems:
                 raise ConfigError(problems)
         except Exception as exc:  # (whatever it is, the running server must stay up)
-            log_event("reload", level="error", outcome="refused", error=str(exc)[:500] or repr(exc))
+            log_event("reload", level="error", outcome="refused",
+                      error=naming_file(self.config_path, str(exc))[:500] or repr(exc))
             return
         # Told here once, not by every worker (the workers' reload does not say it).
         restart_needed = restart_only_changes(self.config, fresh)
@@ -463,7 +465,8 @@ def _worker(supervisor: Supervisor, index: int, ready_fd: int) -> int:
         )
     # Logged, not printed: logging is set up (JSON or syslog must get them too).
     except (ConfigError, ValueError) as exc:  # DeliveryConfigError is a ValueError
-        log_event("worker_error", level="error", worker=index, error=str(exc)[:500])
+        log_event("worker_error", level="error", worker=index,
+                  error=naming_file(supervisor.config_path, str(exc))[:500])
         return 2
     except OSError as exc:
         log_event("worker_error", level="error", worker=index,

@@ -109,16 +109,24 @@ def check_config_command(
         return 1
     found = check_parts(config) if check_parts else Findings()
     for line in found.problems:
-        # FILE: KEY: problem, as the loader's own; a line naming its file already (a
-        # ConfigError's, or the users file's or access list's /path:LINE:) stays
-        named = line.startswith((f"{path}: ", "/"))
-        print(line if named else f"{path}: {line}", file=sys.stderr)
+        print(naming_file(path, line), file=sys.stderr)
     for line in found.warnings:
         print(f"{path}: warning: {line}", file=sys.stderr)
     if found.problems:
         return 1
     print(f"{path}: OK")
     return 0
+
+
+def naming_file(path: str | None, text: str) -> str:
+    """``text`` (one problem a line) as FILE: KEY: problem, as the loader's own lines
+    are; a line naming its file already (a ConfigError's, or the users file's or
+    access list's /path:LINE:) stays as it is, as does all with no file (``path``
+    None: the built-in defaults)."""
+    if path is None:
+        return text
+    return "\n".join(line if line.startswith((f"{path}: ", "/")) else f"{path}: {line}"
+                     for line in text.split("\n"))
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -261,7 +269,9 @@ def config_fields(cls: type) -> list[dataclasses.Field[Any]]:
     return [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
 
 
-def _join(parent: str, name: str) -> str:
+def dotted_key(parent: str, name: str) -> str:
+    """Key ``name`` of table ``parent`` as TOML writes it: quoted unless it is a bare
+    key (``delivery.aliases."sales@example.org"``), so an error names it as written."""
     part = name if _BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
     return f"{parent}.{part}" if parent else part
 
@@ -323,7 +333,7 @@ class _Converter:
         kwargs: dict[str, object] = {}
         failed = False
         for name, value in raw.items():
-            sub = _join(key, name)
+            sub = dotted_key(key, name)
             field = fields.get(name)
             if field is None:
                 close = difflib.get_close_matches(name, list(fields), n=1)
@@ -342,7 +352,7 @@ class _Converter:
         for name, field in fields.items():
             required = field.default is dataclasses.MISSING
             if required and field.default_factory is dataclasses.MISSING and name not in raw:
-                self.error(_join(key, name), "required key is missing")
+                self.error(dotted_key(key, name), "required key is missing")
                 failed = True
         if failed:
             return _INVALID  # no __post_init__ on half a section: its errors would be noise
@@ -426,7 +436,7 @@ class _Converter:
         if not isinstance(raw, dict):
             self.error(key, f"expected a table, got {_shown(raw)}")
             return _INVALID
-        return {k: self.value(item, v, _join(key, k)) for k, v in raw.items()}
+        return {k: self.value(item, v, dotted_key(key, k)) for k, v in raw.items()}
 
     def scalar(self, tp: Any, raw: object, key: str) -> object:
         if tp is bool:
@@ -546,7 +556,7 @@ def _table_strings(value: object, key: str) -> list[tuple[str, str, str]]:
         if isinstance(table, dict):
             for name, text in table.items():
                 if isinstance(text, str):
-                    found.append((_join(f"{key}[{i}]", name), name, text))
+                    found.append((dotted_key(f"{key}[{i}]", name), name, text))
     return found
 
 

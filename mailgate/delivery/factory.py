@@ -20,6 +20,7 @@ from mailgate.config.delivery import (
     DeliveryConfig,
     DestinationConfig,
 )
+from mailgate.config.loader import dotted_key
 from mailgate.delivery.base import Destination
 from mailgate.delivery.discard import DiscardDestination
 from mailgate.delivery.fsync import GroupCommitter
@@ -76,7 +77,9 @@ def build_router(config: DeliveryConfig, hostname: str) -> Router:
     own = {u.lower() for u in users} | {k.lower().rpartition("@")[0] or k.lower()
                                         for k in config.users}
     aliases = {} if "postmaster" in own else {"postmaster": ("root",)}
-    configured = _keyed("aliases", {k: tuple(v) for k, v in config.aliases.items()}, address)
+    configured = _keyed(
+        "delivery.aliases", {k: tuple(v) for k, v in config.aliases.items()}, address
+    )
     builtin = frozenset(aliases) - frozenset(configured)
     aliases |= configured
     table = RoutingTable(
@@ -88,9 +91,9 @@ def build_router(config: DeliveryConfig, hostname: str) -> Router:
         delimiter=config.recipient_delimiter,
         aliases=aliases,
         builtin_aliases=builtin,
-        users=_keyed("users", config.users, address),
-        domains=_keyed("domains", config.domains, domain),
-        catch_all=_keyed("catch_all", config.catch_all, domain),
+        users=_keyed("delivery.users", config.users, address),
+        domains=_keyed("delivery.domains", config.domains, domain),
+        catch_all=_keyed("delivery.catch_all", config.catch_all, domain),
         mailbox_destinations=frozenset(n for n, dc in configs.items() if dc.type in MAILBOX_TYPES),
     )
     _check(table, configs)
@@ -154,7 +157,8 @@ def _keyed(section: str, rules: Mapping[str, V], normal: Callable[[str], str]) -
         normalized = normal(key)
         if normalized in keyed and keyed[normalized] != value:
             raise DeliveryConfigError(
-                f"{section}.{key}: the same as {section}.{first[normalized]}, with another value"
+                f"{dotted_key(section, key)}: the same as "
+                f"{dotted_key(section, first[normalized])}, with another value"
             )
         keyed[normalized] = value
         first.setdefault(normalized, key)
@@ -171,13 +175,14 @@ def _check(table: RoutingTable, configs: dict[str, DestinationConfig]) -> None:
         domain = target.rpartition("@")[2].lower() if "@" in target else ""
         if domain and domain_key(domain) not in table.local_domains and not table.relay:
             raise DeliveryConfigError(
-                f"delivery.{key}: target {target} is in a remote domain and no relay is set"
+                f"{key}: target {target} is in a remote domain and no relay is set"
             )
 
     for key, targets in table.aliases.items():
         for target in targets:
-            check_target(f"aliases.{key}", target)
+            check_target(dotted_key("delivery.aliases", key), target)
     for domain, target in table.catch_all.items():
         if domain_key(domain) not in table.local_domains:
-            raise DeliveryConfigError(f"delivery.catch_all.{domain}: not a local domain")
-        check_target(f"catch_all.{domain}", target)
+            raise DeliveryConfigError(
+                f"{dotted_key('delivery.catch_all', domain)}: not a local domain")
+        check_target(dotted_key("delivery.catch_all", domain), target)

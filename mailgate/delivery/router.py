@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
+from mailgate.config.loader import dotted_key
 from mailgate.delivery.base import Destination, RecipientResult, SpoolReader, TraceInfo
 from mailgate.delivery.handoff import Agreement
 from mailgate.protocol.envelope import Address, Envelope, Recipient
@@ -75,12 +75,6 @@ class Target:
 # refusals that hold as long as the routing table does (not configuration errors,
 # which are logged each time they are met)
 _KEPT_REFUSALS = frozenset(("rcpt.unknown", "rcpt.no_route", "rcpt.bad_mailbox"))
-
-
-def _key(name: str) -> str:
-    """A table key as TOML writes it in a dotted key: quoted unless it is a bare key."""
-    return name if name and all((c.isalnum() and c.isascii()) or c in "-_" for c in name) else (
-        json.dumps(name, ensure_ascii=False))
 
 
 class _Refusal(Exception):
@@ -142,7 +136,7 @@ class Router:
                 continue
             key = next((k for k in (f"postmaster@{domain}", "postmaster")
                         if k in aliases and k not in self.table.builtin_aliases), None)
-            hint = (f"no address of delivery.aliases.{_key(key)} is a mailbox here" if key
+            hint = (f"no address of {dotted_key('delivery.aliases', key)} is a mailbox here" if key
                     else 'add an alias, e.g. [delivery.aliases] postmaster = "you"')
             found.append(f"postmaster@{domain} cannot be delivered (RFC 5321 4.5.1 "
                          f"requires it): {hint}")
@@ -166,11 +160,11 @@ class Router:
                 if dead:
                     where = "" if domain or len(dead) == len(everywhere) else (
                         f" in {', '.join(dead)}")
-                    found.append(f"delivery.aliases.{_key(key)}: {member} is no mailbox "
+                    found.append(f"{dotted_key('delivery.aliases', key)}: {member} is no mailbox "
                                  f"here{where}: mail to the alias skips it")
         for domain, target in table.catch_all.items():
             if self._leads_nowhere(target, domain, f"*@{domain}"):
-                found.append(f"delivery.catch_all.{_key(domain)}: {target} is no mailbox "
+                found.append(f"{dotted_key('delivery.catch_all', domain)}: {target} is no mailbox "
                              "here: the catch-all takes nothing")
         return found
 

@@ -169,13 +169,15 @@ def test_a_domain_is_not_another_by_idna2003_mapping(tmp_path: Path) -> None:
 
 
 def test_one_domain_configured_twice_with_different_routes_is_refused(tmp_path: Path) -> None:
-    same = re.escape("domains.xn--bcher-kva.example: the same as domains.bücher.example")
+    same = re.escape('delivery.domains."xn--bcher-kva.example": the same as '
+                     'delivery.domains."bücher.example"')
     with pytest.raises(DeliveryConfigError, match=same):
         router(
             tmp_path,
             domains={"bücher.example": "archive", "xn--bcher-kva.example": LOCAL_DESTINATION},
         )
-    with pytest.raises(DeliveryConfigError, match=re.escape("users.Bob: the same as users.bob")):
+    twice = re.escape("delivery.users.Bob: the same as delivery.users.bob")
+    with pytest.raises(DeliveryConfigError, match=twice):
         router(tmp_path, users={"bob": "archive", "Bob": LOCAL_DESTINATION})
 
 
@@ -267,10 +269,10 @@ def test_nesting_too_deep_is_a_local_error(tmp_path: Path) -> None:
         ({"users": {"a": "nowhere"}}, "users.a: no destination named"),
         ({"aliases": {"x": ["y@remote.test"]}}, r"^delivery\.aliases\.x: target y@remote.test"),
         ({"catch_all": {"remote.test": "alice"}},
-         r"^delivery\.catch_all\.remote\.test: not a local domain"),
+         r'^delivery\.catch_all\."remote\.test": not a local domain'),
         # refused at RCPT as "user unknown" before, while an alias to it was refused here
         ({"catch_all": {"example.org": "x@remote.test"}},
-         r"^delivery\.catch_all\.example\.org: target x@remote.test is in a remote domain"),
+         r'^delivery\.catch_all\."example\.org": target x@remote.test is in a remote domain'),
         ({"recipient_delimiter": "@"}, "recipient_delimiter"),
     ],
 )
