@@ -784,7 +784,9 @@ class Connection:
         s = self.settings
         if not s.auth_mechanisms:
             return self._refuse("AUTH", reply("not_implemented"))
-        if self.helo is None or not self.extended:
+        if self.helo is None:  # (no greeting yet: "not HELO" would be a riddle)
+            return self._refuse("AUTH", reply("seq.auth_before_ehlo"))
+        if not self.extended:
             return self._refuse("AUTH", reply("seq.need_ehlo"))
         if self.authenticated:
             return self._refuse("AUTH", reply("auth.already"))

@@ -131,6 +131,7 @@ CATALOGUE: Final[dict[str, Template]] = {
     # --- sequence ------------------------------------------------------------
     "seq.need_helo":          Template(503, "5.5.1", "Start by saying HELO, please"),
     "seq.need_ehlo":          Template(503, "5.5.1", "AUTH needs EHLO, not HELO"),
+    "seq.auth_before_ehlo":   Template(503, "5.5.1", "Say EHLO first: AUTH is an ESMTP extension"),
     "seq.need_mail":          Template(503, "5.5.1", "Need MAIL before RCPT"),
     "seq.nested_mail":        Template(503, "5.5.1", "Sender already specified"),
     "seq.need_rcpt":          Template(503, "5.5.1", "No valid recipients"),

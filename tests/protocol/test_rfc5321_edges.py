@@ -101,3 +101,8 @@ def test_auth_after_helo_says_it_needs_ehlo() -> None:
     s = Session(auth_mechanisms=("PLAIN",), allow_plaintext_auth=True)
     s.send("HELO client.example.net\r\n")
     assert s.send("AUTH PLAIN\r\n") == ["503 5.5.1 AUTH needs EHLO, not HELO"]
+
+
+def test_auth_before_any_greeting_asks_for_one() -> None:
+    s = Session(auth_mechanisms=("PLAIN",), allow_plaintext_auth=True)
+    assert s.send("AUTH PLAIN\r\n") == ["503 5.5.1 Say EHLO first: AUTH is an ESMTP extension"]
