@@ -33,6 +33,7 @@ FORMS: Final = (ARGON2, SCRAM, CRAM)
 SCRAM_MIN_ITERATIONS: Final = 4096  # RFC 7677 section 4; also scramp's floor
 SCRAM_MAX_ITERATIONS: Final = 10_000_000  # scramp's DoS guard
 SCRAM_MIN_SALT: Final = 12  # bytes; scramp refuses shorter salts
+MAX_REPORTED: Final = 20  # bad lines named in one error; the rest are counted
 SHA256_SIZE: Final = 32
 
 
@@ -160,18 +161,25 @@ def is_content(line: str) -> bool:
 
 
 def parse_users(text: str, path: str) -> dict[str, UserRecord]:
-    """The users in ``text``; ValueError "path:line: problem" on the first bad line."""
+    """The users in ``text``; ValueError with a "path:line: problem" line for each bad
+    line (up to MAX_REPORTED), so that check-config shows them all at once."""
     users: dict[str, UserRecord] = {}
+    problems: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not is_content(line):
             continue
         try:
             record = parse_line(line.strip())
         except ValueError as e:
-            raise ValueError(f"{path}:{number}: {e}") from None
+            problems.append(f"{path}:{number}: {e}")
+            continue
         if record.name in users:
-            raise ValueError(f"{path}:{number}: user {record.name} is listed twice")
+            problems.append(f"{path}:{number}: user {record.name} is listed twice")
         users[record.name] = record
+    if problems:
+        more = len(problems) - MAX_REPORTED
+        shown = problems[:MAX_REPORTED] + ([f"{path}: {more} more"] if more > 0 else [])
+        raise ValueError("\n".join(shown))
     return users
 
 

@@ -63,6 +63,25 @@ def test_parse_errors_name_file_and_line(line: str, problem: str) -> None:
     assert problem in message
 
 
+def test_every_bad_line_is_named_at_once() -> None:
+    # one check-config run shows them all, not one per run
+    bad = ["bob", "carol:argon2", "b\x01b:argon2=x"]
+    with pytest.raises(ValueError) as info:
+        parse_users("\n".join([GOOD, *bad, GOOD]) + "\n", "/etc/mailgate/users")
+    assert str(info.value).splitlines() == [
+        "/etc/mailgate/users:2: user bob has no credentials",
+        "/etc/mailgate/users:3: unknown credential form in field 1 after the user name (not "
+        "shown: it may be a password); known: argon2, scram-sha-256, cram-md5, as mailgate "
+        "passwd writes them",
+        "/etc/mailgate/users:4: user name contains a colon, white space or a control character",
+        "/etc/mailgate/users:5: user alice is listed twice",
+    ]
+    with pytest.raises(ValueError) as many:
+        parse_users("\n".join(f"u{n}" for n in range(25)), "users")
+    lines = str(many.value).splitlines()
+    assert len(lines) == 21 and lines[-1] == "users: 5 more"
+
+
 def test_error_never_quotes_a_stored_value() -> None:
     secret = "a" * 62 + "zz"
     with pytest.raises(ValueError) as info:
