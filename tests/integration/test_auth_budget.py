@@ -104,27 +104,41 @@ def test_commands_pipelined_behind_auth_plain_are_answered(server: RunningServer
     assert [line[:3] for line in got.decode().splitlines()] == ["235", "250", "250", "221"]
 
 
-def test_mechanisms_follow_the_users_file_without_a_reload(tmp_path: Path) -> None:
+def _submission(
+    tmp_path: Path, server: str = "", auth: str = "", more: str = "",
+    names: tuple[str, ...] = (),
+) -> tuple[RunningServer, Path]:
+    """A server with one submission listener (plaintext AUTH allowed) and a users file
+    of mode 0600 with ``names`` (PASSWORD each); ``server``, ``auth``: more lines of
+    those sections, ``more``: more sections.  The server and its users file."""
     users = tmp_path / "users"
-    users.write_text("")  # nobody yet: submission must still require AUTH
+    users.write_text("")
     users.chmod(0o600)
+    for name in names:
+        _passwd(users, name)
     srv = start_server(tmp_path, f"""
         [server]
         spool_dir = "{tmp_path / 'spool'}"
+        {server}
         [[listener]]
         address = "127.0.0.1:0"
         role = "submission"
         allow_plaintext_auth = true
         [auth]
         users_file = "{users}"
-        reload_interval = 0.2
-        [policy]
-        verify_sender_domain = false
+        {auth}
         [delivery]
         maildir_root = "{tmp_path / 'maildir'}"
-        system_users = false
-        local_users = ["alice"]
+        {more}
     """)
+    return srv, users
+
+
+def test_mechanisms_follow_the_users_file_without_a_reload(tmp_path: Path) -> None:
+    # nobody in the users file yet: submission must still require AUTH
+    srv, users = _submission(tmp_path, auth="reload_interval = 0.2",
+                             more='system_users = false\nlocal_users = ["alice"]\n'
+                                  "[policy]\nverify_sender_domain = false")
     try:
         with smtplib.SMTP(srv.host, srv.port, timeout=20) as smtp:
             smtp.ehlo("client.mailgate.org")
@@ -151,22 +165,7 @@ def test_mechanisms_follow_the_users_file_without_a_reload(tmp_path: Path) -> No
 def test_a_reload_says_which_users_file_it_loaded(tmp_path: Path) -> None:
     # After fixing a refused users file, SIGHUP is how an administrator puts it in
     # force: the log must confirm it (docs/authentication.md), not only "reload ok".
-    users = tmp_path / "users"
-    users.write_text("")
-    users.chmod(0o600)
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path / 'spool'}"
-        [[listener]]
-        address = "127.0.0.1:0"
-        role = "submission"
-        allow_plaintext_auth = true
-        [auth]
-        users_file = "{users}"
-        reload_interval = 0
-        [delivery]
-        maildir_root = "{tmp_path / 'maildir'}"
-    """)
+    srv, users = _submission(tmp_path, auth="reload_interval = 0")
     try:
         _passwd(users, "alice")
         _passwd(users, "bob")
@@ -181,23 +180,7 @@ def test_a_reload_says_which_users_file_it_loaded(tmp_path: Path) -> None:
 def test_an_exchange_cut_off_at_a_challenge_has_its_line(tmp_path: Path, ending: str) -> None:
     # It counted towards the address's failures when it began: without a line, the
     # throttle's 454 came sooner than the failures an operator could see.
-    users = tmp_path / "users"
-    users.write_text("")
-    users.chmod(0o600)
-    _passwd(users, "alice")
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path / 'spool'}"
-        command_timeout = 1
-        [[listener]]
-        address = "127.0.0.1:0"
-        role = "submission"
-        allow_plaintext_auth = true
-        [auth]
-        users_file = "{users}"
-        [delivery]
-        maildir_root = "{tmp_path / 'maildir'}"
-    """)
+    srv, _ = _submission(tmp_path, server="command_timeout = 1", names=("alice",))
     try:
         with socket.create_connection((srv.host, srv.port), timeout=10) as sock:
             read_until(sock, b"220 ")

@@ -24,9 +24,9 @@ def dovecot() -> Iterator[Dovecot]:
         server.remove()
 
 
-def _front(tmp_path: Path, dovecot: Dovecot, delivery: str, more: str = "") -> RunningServer:
-    """mailgate with DOMAIN's mail on the Dovecot's LMTP; ``delivery``: more lines of
-    [delivery], ``more``: more tables."""
+def _front(tmp_path: Path, lmtp: str, delivery: str = "", more: str = "") -> RunningServer:
+    """mailgate with DOMAIN's mail on the LMTP server at ``lmtp``; ``delivery``: more
+    lines of [delivery], ``more``: more tables."""
     return start_server(tmp_path, f"""
         [server]
         spool_dir = "{tmp_path}/spool"
@@ -40,13 +40,14 @@ def _front(tmp_path: Path, dovecot: Dovecot, delivery: str, more: str = "") -> R
         "{DOMAIN}" = "dovecot"
 
         [delivery.destinations.dovecot.lmtp]
-        address = "127.0.0.1:{dovecot.port}"
+        address = "{lmtp}"
         {more}
     """)
 
 
 def test_downstream_decides_at_rcpt_and_gets_the_message(tmp_path: Path, dovecot: Dovecot) -> None:
-    srv = _front(tmp_path, dovecot, f'catch_all = {{ "{DOMAIN}" = "anyone" }}')
+    srv = _front(tmp_path, f"127.0.0.1:{dovecot.port}",
+                 f'catch_all = {{ "{DOMAIN}" = "anyone" }}')
     try:
         with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
             smtp.ehlo("client.mailgate.org")
@@ -75,7 +76,7 @@ def test_a_relay_deferring_at_rcpt_holds_back_the_lmtp_copy(
     # taken meanwhile would be a second one with every retry.
     handler = Smarthost()
     controller = start_smarthost(handler, None)
-    srv = _front(tmp_path, dovecot, 'relay = "next"', (
+    srv = _front(tmp_path, f"127.0.0.1:{dovecot.port}", 'relay = "next"', (
         "[delivery.destinations.next.smtp]\n"
         f'host = "127.0.0.1"\nport = {handler.port}\nstarttls = "off"'
     ))
@@ -107,20 +108,7 @@ def test_a_relay_deferring_at_rcpt_holds_back_the_lmtp_copy(
 def test_a_downstreams_warning_names_the_session(tmp_path: Path) -> None:
     # deployment.md: every line of a session carries its sid, so that grep sid=...
     # gives it whole; a downstream's warning logged through the logging module had none
-    srv = start_server(tmp_path, f"""
-        [server]
-        spool_dir = "{tmp_path}/spool"
-
-        [delivery]
-        maildir_root = "{tmp_path}/maildir"
-        local_domains = ["{DOMAIN}"]
-
-        [delivery.domains]
-        "{DOMAIN}" = "dovecot"
-
-        [delivery.destinations.dovecot.lmtp]
-        address = "unix:{tmp_path}/nobody-listens"
-    """)
+    srv = _front(tmp_path, f"unix:{tmp_path}/nobody-listens")
     try:
         with smtplib.SMTP(srv.host, srv.port, timeout=15) as smtp:
             smtp.ehlo("client.mailgate.org")
