@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import ctypes
 import errno
 import os
@@ -49,6 +48,7 @@ from dataclasses import dataclass
 
 from mailgate.config.delivery import SyncMethod
 from mailgate.delivery.pid import this_pid
+from mailgate.ops.logging import outside_sessions
 
 PathOrFd = str | int
 SYNC_THREADS = 8  # a pass's fsyncs in flight at once
@@ -121,7 +121,7 @@ class GroupCommitter:
         if self._task is None:
             # keep a reference: the loop holds tasks only weakly.  A context of its
             # own: it serves every session, not the one whose request started it.
-            self._task = loop.create_task(self._drain(), context=contextvars.Context())
+            self._task = loop.create_task(self._drain(), context=outside_sessions())
         await future
 
     def covers_file_systems(self, fds: list[int]) -> bool:

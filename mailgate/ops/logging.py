@@ -60,6 +60,13 @@ _session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+def outside_sessions() -> contextvars.Context:
+    """A context of no session, for a callback or task that serves the whole server
+    though a session's code starts it (a flush, the timeout sweep): its lines must not
+    carry that session's sid."""
+    return contextvars.Context()
+
+
 def enter_session(session_id: str) -> None:
     """From now on, in the running task and the tasks and threads it starts, records
     of the standard logging module are lines of session ``session_id``."""
@@ -180,9 +187,9 @@ class _DirectWriter:
             self.flush()
             return
         if urgent:
-            loop.call_soon(self.flush)
+            loop.call_soon(self.flush, context=outside_sessions())
         else:
-            loop.call_later(FLUSH_DELAY, self.flush)
+            loop.call_later(FLUSH_DELAY, self.flush, context=outside_sessions())
 
     def flush(self) -> None:
         pending, self.pending = self.pending, []

@@ -12,6 +12,7 @@ server gets a :class:`NullMetrics`, whose methods do nothing at all.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import socket
@@ -34,7 +35,7 @@ from prometheus_client import (
 
 from mailgate.config.loader import split_host_port
 from mailgate.config.ops import DEFAULT_LATENCY_BUCKETS, MetricsConfig
-from mailgate.ops.logging import log_event
+from mailgate.ops.logging import log_event, outside_sessions
 
 OUTCOMES: Final = ("accepted", "refused", "tempfail")
 TLS_VERSIONS: Final = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
@@ -55,6 +56,7 @@ GREYLIST_OUTCOMES: Final = frozenset(
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _REPLY_CLASSES: Final = ("2xx", "3xx", "4xx", "5xx")
 FLUSH_DELAY: Final = 1.0  # seconds an update may wait to be applied with others
+MAX_OBSERVED: Final = 100_000  # latencies kept while they cannot be applied
 
 
 class Metrics:
@@ -64,6 +66,7 @@ class Metrics:
         self._pending: dict[tuple[Counter | Gauge, tuple[str, ...]], float] = {}
         self._observed: list[float] = []  # delivery latencies not yet applied
         self._scheduled = False  # a flush is due
+        self._failing = False  # the last flush could not apply everything
         self.registry = CollectorRegistry()
         self.bound_address: tuple[str, int] | None = None  # where start() listens
         self._server: WSGIServer | None = None
@@ -171,14 +174,36 @@ class Metrics:
                 self._add(self._replies, (label,), count)
 
     def flush(self) -> None:
-        """Apply the updates gathered since the last flush (at shutdown too)."""
+        """Apply the updates gathered since the last flush (at shutdown too).
+
+        What cannot be applied now stays for the next flush: with workers, a series'
+        first update opens a file, which fails while the process is out of
+        descriptors, and a batch dropped then lost its connections' +1s while their
+        -1s came later (a negative count of open connections, for good)."""
         self._scheduled = False
         pending, self._pending = self._pending, {}
         observed, self._observed = self._observed, []
-        for (metric, labels), amount in pending.items():
-            (metric.labels(*labels) if labels else metric).inc(amount)
-        for seconds in observed:
-            self._latency.observe(seconds)
+        try:
+            for key in list(pending):
+                metric, labels = key
+                (metric.labels(*labels) if labels else metric).inc(pending[key])
+                del pending[key]
+            while observed:
+                self._latency.observe(observed[-1])
+                observed.pop()
+        except OSError as exc:
+            for key, amount in pending.items():
+                self._pending[key] = self._pending.get(key, 0) + amount
+            self._observed[:0] = observed[-MAX_OBSERVED:]
+            if not self._failing:  # (once a streak: this runs every FLUSH_DELAY)
+                log_event("metrics", level="error", outcome="deferred",
+                          error=f"cannot update the metrics: {exc}"[:300])
+            self._failing = True
+            with contextlib.suppress(RuntimeError):  # (no loop: the next flush retries)
+                asyncio.get_running_loop()
+                self._schedule()
+            return
+        self._failing = False
 
     # Updates are gathered and applied together at most FLUSH_DELAY later: each one
     # is a locked write (into a memory-mapped file, with workers), and one per event
@@ -198,7 +223,8 @@ class Metrics:
             self.flush()
             return
         self._scheduled = True
-        loop.call_later(FLUSH_DELAY, self.flush)
+        # (a session's update schedules it, but it serves all: no session's context)
+        loop.call_later(FLUSH_DELAY, self.flush, context=outside_sessions())
 
 
 def write_to_shared_directory(path: str) -> None:

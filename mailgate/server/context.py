@@ -22,6 +22,7 @@ from mailgate.delivery.dsn import (
     success_recipients,
 )
 from mailgate.delivery.spool import SpoolDir
+from mailgate.ops.logging import outside_sessions
 from mailgate.ops.metrics import Metrics
 from mailgate.policy.base import Mailboxes, Policy
 from mailgate.policy.networks import parse_network, unmap
@@ -167,7 +168,8 @@ class ServerContext:
             settings = self.config.server
             interval = min(1.0, settings.command_timeout / 10, settings.data_timeout / 10)
             loop = asyncio.get_running_loop()
-            self._sweep = loop.call_later(max(interval, 0.01), self._sweep_deadlines)
+            self._sweep = loop.call_later(max(interval, 0.01), self._sweep_deadlines,
+                                          context=outside_sessions())
 
     def _sweep_deadlines(self) -> None:
         self._sweep = None

@@ -2,10 +2,10 @@
 
 Linux starts a service with a soft limit of 1,024 descriptors (systemd's default too),
 and ``max_connections`` is 1,000 by default: past the soft limit a server fails in
-ways that do not say why.  uvloop's listeners drop accept()'s EMFILE without a word, so
-new clients wait in the backlog until they give up, and a session already in gets 451
-for a spool file it cannot open.  The soft limit may be raised by the process itself
-up to the hard one, as nginx's worker_rlimit_nofile does: so at start and at each
+ways that do not say why.  uvloop's listeners, out of descriptors, accept and close
+new clients at once, without a greeting or a log line, and a session already in gets
+451 for a spool file it cannot open.  The soft limit may be raised by the process
+itself up to the hard one, as nginx's worker_rlimit_nofile does: so at start and at each
 reload the server raises it to what ``max_connections`` may need (never lowering
 it), and where the hard limit, which only root can raise, is below that, start-up and
 ``check-config`` warn.
@@ -54,7 +54,7 @@ def limit_problem(max_connections: int) -> str | None:
     return (
         f"server.max_connections: {max_connections} connections may need up to "
         f"{needed} open files, and this process may have at most {hard} (its hard "
-        "RLIMIT_NOFILE); past it new connections wait unanswered and messages get 451: "
+        "RLIMIT_NOFILE); past it new connections are closed unanswered and messages get 451: "
         "raise the limit (LimitNOFILE= in a systemd unit, ulimit -Hn in a script) or "
         f"lower max_connections to {max(1, (hard - RESERVED) // PER_CONNECTION)}"
     )

@@ -24,11 +24,14 @@ from mailgate.ops.logging import (
     FLUSH_DELAY,
     MAX_VALUE,
     SessionLog,
+    enter_session,
     flush_logs,
     log_event,
     logfmt_value,
     setup_logging,
 )
+from mailgate.ops.metrics import FLUSH_DELAY as METRICS_FLUSH_DELAY
+from mailgate.ops.metrics import Metrics
 
 TS = r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
@@ -231,6 +234,35 @@ def test_other_libraries_records_are_one_line_too(stream: io.StringIO) -> None:
     assert pairs["msg"] == '"Task t1 failed"'
     assert pairs["error"] == '"ValueError: bad\\nthing"'
     assert pairs["traceback"].startswith('"Traceback (most recent call last):\\n')
+
+
+def test_records_logged_for_a_session_carry_its_sid_and_server_work_none(
+    stream: io.StringIO,
+) -> None:
+    # A downstream's warning while working for a session is one of its lines; a flush
+    # or a sweep a session's code happened to schedule serves the whole server.
+    metrics = Metrics()
+
+    def flush() -> None:
+        logging.getLogger("prometheus").warning("in the flush")
+
+    metrics.flush = flush  # type: ignore[method-assign]
+
+    async def session() -> None:
+        enter_session("6b0859de5c5127ae")
+        logging.getLogger("mailgate.delivery.lmtp").warning("cannot connect")
+        await asyncio.to_thread(logging.getLogger("worker").warning, "in a thread")
+        metrics.rejection("x")  # schedules the flush from the session's task
+
+    async def main() -> None:
+        await asyncio.create_task(session())
+        logging.getLogger("server").warning("outside")
+        await asyncio.sleep(METRICS_FLUSH_DELAY + 0.2)
+
+    asyncio.run(main())
+    sids = {logfmt_pairs(line)["msg"]: logfmt_pairs(line).get("sid") for line in lines(stream)}
+    assert sids == {'"cannot connect"': "6b0859de5c5127ae", '"in a thread"': "6b0859de5c5127ae",
+                    "outside": None, '"in the flush"': None}
 
 
 def test_a_broken_stream_loses_the_line_without_a_traceback(

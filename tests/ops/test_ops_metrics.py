@@ -138,6 +138,39 @@ def test_a_flush_applies_what_is_still_waiting(metrics: Metrics) -> None:
     assert metrics.registry.get_sample_value("mailgate_rejections_total", {"reason": "dnsbl"}) == 1
 
 
+def test_updates_that_cannot_be_applied_wait_for_the_next_flush(
+    metrics: Metrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With workers a series' first update opens a file: out of descriptors, the batch
+    # was dropped, its connections' +1s lost and their -1s applied later (an open
+    # connections gauge below zero for good).
+    gauge = metrics._open
+    real = gauge.labels
+    failures = iter([OSError(24, "Too many open files")])
+
+    def labels(*values: str) -> object:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real(*values)
+
+    monkeypatch.setattr(gauge, "labels", labels)
+
+    async def main() -> None:
+        metrics.connection_opened("l")
+        metrics.delivery_latency(0.05)
+        metrics.flush()  # fails on the gauge: everything stays
+        metrics.connection_closed("l")
+        metrics.connection_opened("l")
+        metrics.flush()
+
+    asyncio.run(main())
+    samples = scrape(metrics)
+    assert samples["mailgate_connections_open", (("listener", "l"),)] == 1
+    assert samples["mailgate_connections_total", (("listener", "l"),)] == 2
+    assert samples["mailgate_delivery_latency_seconds_count", ()] == 1
+
+
 def test_two_instances_do_not_share_counts() -> None:
     a, b = Metrics(), Metrics()
     a.rejection("x")
