@@ -21,13 +21,20 @@ from mailgate.auth.factory import build_authenticator
 from mailgate.auth.throttle import Failures
 from mailgate.config.delivery import LOCAL_DESTINATION
 from mailgate.config.errors import ConfigError
-from mailgate.config.loader import Findings, load_config, naming_file, split_host_port
+from mailgate.config.loader import (
+    Findings,
+    dotted_key,
+    load_config,
+    naming_file,
+    split_host_port,
+)
 from mailgate.config.restart import keep_restart_only, restart_only_changes
 from mailgate.config.schema import Config
 from mailgate.config.server import ListenerConfig
 from mailgate.delivery.factory import build_router
 from mailgate.delivery.maildir import MaildirDestination
 from mailgate.delivery.mbox import MboxDestination
+from mailgate.delivery.pipe import PipeDestination
 from mailgate.delivery.router import Router
 from mailgate.delivery.spool import SpoolDir, unwritable
 from mailgate.ops.logging import flush_logs, log_event, setup_logging
@@ -138,7 +145,7 @@ def check_parts(config: Config) -> Findings:
         no_greylist = replace(config, greylist=replace(config.greylist, enabled=False))
         policy = attempt(lambda: build_policy(no_greylist, router, hostname))
         asyncio.run(_close_parts(policy, router))
-        warnings = (maildir_problems(router, as_ids) + router.postmaster_problems()
+        warnings = (destination_problems(router, as_ids) + router.postmaster_problems()
                     + router.alias_problems())
     warnings += setting_warnings(config)
     spool = SpoolDir(config.server.spool_dir).problem(as_ids)
@@ -163,28 +170,36 @@ def check_parts(config: Config) -> Findings:
     return Findings(problems, warnings)
 
 
-def maildir_problems(router: Router, as_ids: tuple[int, int] | None = None) -> list[str]:
-    """Why the router's Maildir destinations could not store mail, as this process
-    (or ``as_ids``); warnings, not refusals: maildirs made beforehand may still take
-    mail."""
+def destination_problems(router: Router, as_ids: tuple[int, int] | None = None) -> list[str]:
+    """Why the router's Maildir destinations could not store mail, or its pipe
+    mailers could not be run, as this process (or ``as_ids``); warnings, not refusals:
+    maildirs made beforehand may still take mail, a mailer may be installed later."""
     found = []
     for name, destination in router.destinations.items():
-        if isinstance(destination, MaildirDestination):
+        if isinstance(destination, MaildirDestination | PipeDestination):
             problem = destination.problem(as_ids)
             if problem:
-                key = "delivery.maildir_root" if name == LOCAL_DESTINATION else (
-                    f"delivery.destinations.{name}.maildir.root")
-                found.append(f"{key}: {problem}")
+                found.append(f"{_destination_key(name, destination)}: {problem}")
     return found
 
 
+def _destination_key(name: str, destination: object) -> str:
+    if name == LOCAL_DESTINATION:
+        return "delivery.maildir_root"
+    where = dotted_key("delivery.destinations", name)
+    return f"{where}.maildir.root" if isinstance(destination, MaildirDestination) else (
+        f"{where}.pipe.command")
+
+
 def warn_of_delivery(router: object, config: Config) -> None:
-    """At start-up and after a reload, as the server's user: the maildir_problems,
+    """At start-up and after a reload, as the server's user: the destination_problems,
     postmaster_problems, alias_problems and setting_warnings, logged (check-config
     prints the same as warnings)."""
     if isinstance(router, Router):
-        for problem in maildir_problems(router):
-            log_event("maildir", level="warning", problem=problem)
+        for problem in destination_problems(router):
+            # (event=maildir for a maildir, as before; event=mailer for a pipe's)
+            log_event("mailer" if ".pipe.command:" in problem else "maildir",
+                      level="warning", problem=problem)
         for problem in router.postmaster_problems():
             log_event("postmaster", level="warning", problem=problem)
         for problem in router.alias_problems():

@@ -63,6 +63,8 @@ STDERR_GRACE = 1.0  # seconds left for the rest of its stderr once the mailer ex
 _EXIT_STATUS = {os.EX_NOUSER: "5.1.1", os.EX_NOHOST: "5.1.2", os.EX_NOPERM: "5.7.1"}
 
 _PLACEHOLDER = re.compile(r"\{(sender|recipient|id)\}")
+_PLACEHOLDERS = ("sender", "recipients", "recipient", "id")
+_ANY_PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w.-]*)\}")  # what looks like one
 
 
 class PipeDestination:
@@ -75,6 +77,16 @@ class PipeDestination:
             raise ValueError("command: must name a program")
         if any("{recipients}" in item and item != "{recipients}" for item in command):
             raise ValueError("command: {recipients} must be an item of its own")
+        for n, item in enumerate(command, 1):
+            # A misspelt one ({sendr}, {rcpt}) would be passed on as it is, and a
+            # mailer given no recipient may well exit 0: the mail lost after a 250.
+            unknown = next((m[0] for m in _ANY_PLACEHOLDER.finditer(item)
+                            if m[1] not in _PLACEHOLDERS), None)
+            if unknown is not None:
+                raise ValueError(
+                    f"command[{n}]: unknown placeholder {unknown[:40]}; known: "
+                    + ", ".join("{" + name + "}" for name in _PLACEHOLDERS)
+                )
         self._per_recipient = any("{recipient}" in item for item in command)
         if self._per_recipient and "{recipients}" in command:
             raise ValueError("command: use either {recipient} or {recipients}, not both")
@@ -84,6 +96,20 @@ class PipeDestination:
             raise ValueError(f"refused_pattern: not a regular expression ({e})") from e
         self._command = command
         self._timeout = config.timeout
+
+    def problem(self, as_ids: tuple[int, int] | None = None) -> str | None:
+        """Why the mailer could not be run (as this process, or the user and group
+        ``as_ids``): start-up, reloads and check-config warn, since every message
+        routed here would be answered 451."""
+        program = self._command[0]
+        if not os.path.isabs(program):
+            return None  # (looked up in PATH when run: not checked here)
+        if not os.path.isfile(program):
+            return f"{program} is not a file: every message routed here is answered 451"
+        if not _may_execute(program, as_ids):
+            return (f"{program} is not executable by the server's user: every message "
+                    "routed here is answered 451")
+        return None
 
     async def deliver(
         self,
@@ -302,3 +328,12 @@ async def _read_bounded(stream: asyncio.StreamReader, kept: bytearray) -> None:
     while chunk := await stream.read(64 * 1024):
         if len(kept) < STDERR_LIMIT:
             kept += chunk[: STDERR_LIMIT - len(kept)]
+
+
+def _may_execute(path: str, as_ids: tuple[int, int] | None) -> bool:
+    if as_ids is None or as_ids[0] == os.geteuid():
+        return os.access(path, os.X_OK)
+    uid, gid = as_ids  # another user's view, by the mode bits
+    st = os.stat(path)
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+    return bool((st.st_mode >> shift) & 0o1) or (uid == 0 and bool(st.st_mode & 0o111))

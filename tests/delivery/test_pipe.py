@@ -309,6 +309,34 @@ def test_bad_templates_are_refused(config: PipeConfig) -> None:
         PipeDestination(config)
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [(["/bin/true", "-f", "{sendr}", "{rcpt}"], "command[3]: unknown placeholder {sendr}"),
+     (["/bin/true", "--to={Recipient}"], "command[2]: unknown placeholder {Recipient}")],
+)
+def test_a_misspelt_placeholder_is_refused(command: list[str], said: str) -> None:
+    # passed on as it was, it gave the mailer no recipient: exit 0, 250, mail lost
+    with pytest.raises(ValueError) as info:
+        PipeDestination(PipeConfig(command=command))
+    assert str(info.value).startswith(said)
+    assert str(info.value).endswith("known: {sender}, {recipients}, {recipient}, {id}")
+    # what is no placeholder stays allowed: a JSON argument, a lone brace
+    PipeDestination(PipeConfig(command=["/bin/true", '{"to": 1}', "{", "{}", "{sender}"]))
+
+
+def test_a_mailer_that_cannot_run_is_named(tmp_path: Path) -> None:
+    def problem(program: str) -> str | None:
+        return PipeDestination(PipeConfig(command=[program])).problem()
+
+    plain = tmp_path / "plain"
+    plain.write_text("not a program")
+    assert problem("/bin/true") is None and problem("sendmail") is None  # (PATH: not checked)
+    assert problem(str(tmp_path / "nonexistent")) == (
+        f"{tmp_path}/nonexistent is not a file: every message routed here is answered 451")
+    assert problem(str(plain)) == (f"{plain} is not executable by the server's user: every "
+                                   "message routed here is answered 451")
+
+
 def test_the_mailer_gets_no_more_of_the_environment_than_it_needs(
     tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -206,6 +206,20 @@ def _without_machine_warnings(stderr: str) -> str:
                    and ": warning: server.max_connections: " not in line)
 
 
+def test_a_mailer_that_cannot_run_is_a_warning(tmp_path: Path) -> None:
+    config = tmp_path / "checked.toml"
+    config.write_text(
+        f'[server]\nhostname = "mx.mailgate.test"\nspool_dir = "{tmp_path}/s"\n'
+        f'[delivery]\nmaildir_root = "{tmp_path}/m"\nusers = {{ alice = "lists" }}\n'
+        f'[delivery.destinations.lists.pipe]\ncommand = ["{tmp_path}/no-such-mailer", '
+        '"{recipient}"]\n'
+    )
+    assert _warnings_of(config) == [
+        f"{config}: warning: delivery.destinations.lists.pipe.command: {tmp_path}/"
+        "no-such-mailer is not a file: every message routed here is answered 451"
+    ]
+
+
 def test_root_without_a_user_is_a_warning(tmp_path: Path) -> None:
     config = _config_file(tmp_path, 'group = "nogroup"')
     checked = _cli("check-config", str(config))
