@@ -525,7 +525,14 @@ class Session(asyncio.Protocol):
             )
             mailbox = Address(addr.local, domain, addr.quoted)
             if not server.mailboxes.has_recipient(addr.local, addr.domain):
-                conn.reject(reply("vrfy.unknown", address=mailbox))
+                # counted towards max_errors as any refusal is, so logged and slowed
+                # as one: a client probing for addresses must not go unseen
+                refusal = reply("vrfy.unknown", address=mailbox)
+                conn.reject(refusal)
+                self.log_event("refused", command="VRFY", code=refusal.code,
+                               enhanced=refusal.enhanced)
+                server.metrics.rejection(refusal.name or str(refusal.code))
+                await self._tarpit(refusal)
             elif str(mailbox).isascii():
                 conn.accept(reply("vrfy.ok", address=mailbox))
             else:  # (reply text is ASCII: 252 rather than a mailbox with "?" in it)

@@ -305,6 +305,23 @@ def test_a_refusal_leaves_before_its_tarpit_delay(tmp_path: Path) -> None:
         srv.stop()
 
 
+def test_a_refused_vrfy_is_logged_and_slowed_as_other_refusals(tmp_path: Path) -> None:
+    # It counts towards max_errors: a client probing for addresses with VRFY went
+    # without a log line and without the tarpit.
+    srv = slowed_server(tmp_path, "vrfy = true\ntarpit_delay = 1\ntarpit_max_delay = 1")
+    try:
+        with smtplib.SMTP(srv.host, srv.port, timeout=10) as smtp:
+            smtp.ehlo("client.mailgate.org")
+            assert smtp.verify("nobody-by-this-name")[:1] == (550,)
+            started = time.monotonic()
+            assert smtp.noop()[0] == 250
+            assert time.monotonic() - started >= 0.9  # held up by the refusal's delay
+        [line] = [x for x in srv.log().splitlines() if "event=refused" in x]
+        assert "command=VRFY code=550 enhanced=5.1.1" in line
+    finally:
+        srv.stop()
+
+
 def test_a_client_that_hangs_up_is_not_held_in_its_tarpit(tmp_path: Path) -> None:
     # The delay slept on after the client had gone, holding its connection slot (here
     # the only one its address has) for up to tarpit_max_delay.
