@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mailgate.config.names import domain_problem
+
 # Every SASL mechanism mailgate implements, in the default advertisement order
 # (strongest first: clients that pick the first one they know get the best).
 KNOWN_MECHANISMS = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN")
@@ -42,6 +44,12 @@ class AuthConfig:
             )
         if len(set(self.mechanisms)) != len(self.mechanisms):
             raise ValueError("mechanisms: a mechanism is listed twice")
+        for i, domain in enumerate(self.sender_domains, 1):
+            # (as delivery.local_domains: a typo would never match a sender; a
+            # trailing dot is allowed, as the senders lists allow it)
+            problem = domain_problem(domain.removesuffix("."), idna=True)
+            if problem:
+                raise ValueError(f"sender_domains[{i}]: {problem}")
         if self.throttle_after < 1:
             raise ValueError("throttle_after: must be at least 1")
         if self.throttle_close_after < self.throttle_after:

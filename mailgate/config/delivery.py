@@ -108,7 +108,7 @@ class MboxConfig:
 
     def __post_init__(self) -> None:
         if not self.path:
-            raise ValueError("mbox.path: must not be empty")
+            raise ValueError("path: must not be empty")
         try:
             fields = [
                 (name, spec, conversion)
@@ -116,17 +116,19 @@ class MboxConfig:
                 if name is not None
             ]
         except ValueError as exc:  # an unmatched brace
-            raise ValueError(f"mbox.path: only {{user}} and {{domain}} may appear ({exc})") from exc
+            raise ValueError(f"path: only {{user}} and {{domain}} may appear ({exc})") from exc
         for name, spec, conversion in fields:
             # ("{user.__class__}", "{user!r}", "{user:>99999}" are valid for format())
             if name not in ("user", "domain") or spec or conversion:
                 shown = "{" + name + (f"!{conversion}" if conversion else "") + (
                     f":{spec}" if spec else "") + "}"
                 raise ValueError(
-                    f"mbox.path: only {{user}} and {{domain}} may appear, not {shown[:60]}"
+                    f"path: only {{user}} and {{domain}} may appear, not {shown[:60]}"
                 )
-        if self.lock_timeout <= 0 or self.stale_lock_age <= 0:
-            raise ValueError("mbox.lock_timeout, mbox.stale_lock_age: must be positive")
+        for key, value in (("lock_timeout", self.lock_timeout),
+                           ("stale_lock_age", self.stale_lock_age)):
+            if not value > 0:
+                raise ValueError(f"{key}: must be a positive number of seconds, not {value}")
 
 
 @dataclass

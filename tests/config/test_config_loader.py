@@ -124,6 +124,27 @@ def test_wrong_types(tmp_path: Path, toml: str, message: str) -> None:
     assert errors_of(tmp_path, toml) == [f"mailgate.toml: {message}"]
 
 
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        # each named by its own key (one message named both, and "mbox" twice)
+        ("[delivery.destinations.o.mbox]\nstale_lock_age = -1",
+         "delivery.destinations.o.mbox.stale_lock_age: must be a positive number of seconds, "
+         "not -1.0"),
+        ("[delivery.destinations.o.mbox]\nlock_timeout = 0",
+         "delivery.destinations.o.mbox.lock_timeout: must be more than 0 seconds, got 0.0"),
+        ('[delivery.destinations.o.mbox]\npath = "/var/mail/{usr}"',
+         "delivery.destinations.o.mbox.path: only {user} and {domain} may appear, not {usr}"),
+        # checked as delivery.local_domains is: a typo would never match a sender
+        ('[auth]\nsender_domains = ["example.org.", "EXAMPLE..org"]',
+         'auth.sender_domains[2]: "EXAMPLE..org" is not a domain name'),
+    ],
+)
+def test_values_are_named_by_their_own_key(tmp_path: Path, toml: str, message: str) -> None:
+    [error] = errors_of(tmp_path, toml)
+    assert error.startswith(f"mailgate.toml: {message}"), error
+
+
 @pytest.mark.parametrize("workers", [-1, 65])
 def test_workers_out_of_range(tmp_path: Path, workers: int) -> None:
     assert errors_of(tmp_path, f"[server]\nworkers = {workers}\n") == [
