@@ -21,13 +21,8 @@ from mailgate.auth.factory import build_authenticator
 from mailgate.auth.throttle import Failures
 from mailgate.config.delivery import LOCAL_DESTINATION
 from mailgate.config.errors import ConfigError
-from mailgate.config.loader import (
-    Findings,
-    dotted_key,
-    load_config,
-    naming_file,
-    split_host_port,
-)
+from mailgate.config.loader import Findings, load_config, naming_file, split_host_port
+from mailgate.config.names import dotted_key
 from mailgate.config.restart import keep_restart_only, restart_only_changes
 from mailgate.config.schema import Config
 from mailgate.config.server import ListenerConfig

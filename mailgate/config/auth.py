@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,7 +41,8 @@ class AuthConfig:
         unknown = [m for m in self.mechanisms if m not in KNOWN_MECHANISMS]
         if unknown:
             raise ValueError(
-                f"mechanisms: unknown {', '.join(unknown)}; known: {', '.join(KNOWN_MECHANISMS)}"
+                f"mechanisms: unknown {', '.join(map(json.dumps, unknown))}; "
+                f"known: {', '.join(KNOWN_MECHANISMS)}"
             )
         if len(set(self.mechanisms)) != len(self.mechanisms):
             raise ValueError("mechanisms: a mechanism is listed twice")

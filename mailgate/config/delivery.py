@@ -49,7 +49,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mailgate.config.names import domain_problem
+from mailgate.config.names import domain_problem, dotted_key
 
 # a configured user name: no space, control character or address punctuation
 _USER = re.compile(r'[^\s@"<>()\[\],;:\\]+\Z')
@@ -259,7 +259,7 @@ class DeliveryConfig:
                 raise ValueError(f"sync_method: {problem}")
         # A typo here would never match a recipient: the domain's mail would be refused.
         named = [(f"local_domains[{n}]", d) for n, d in enumerate(self.local_domains, 1)]
-        named += [(f"domains.{d}", d) for d in self.domains]
+        named += [(dotted_key("domains", d), d) for d in self.domains]
         for key, domain in named:
             problem = domain_problem(domain, idna=True)
             if problem:
@@ -271,14 +271,16 @@ class DeliveryConfig:
         }
         for key, targets in self.aliases.items():
             if not key or not targets or not all(targets):
-                raise ValueError(f"aliases.{key}: needs a name and at least one target")
+                raise ValueError(f"{dotted_key('aliases', key)}: needs a name and at least one "
+                                 "target")
         # A malformed name or target never matches or never delivers: its mail would be
         # refused for good (550), where the mistake is ours.
-        named = [(f"aliases.{key}", key) for key in self.aliases]
-        named += [(f"aliases.{key}", t) for key, targets in self.aliases.items()
+        named = [(dotted_key("aliases", key), key) for key in self.aliases]
+        named += [(dotted_key("aliases", key), t) for key, targets in self.aliases.items()
                   for t in targets]
-        named += [(f"users.{key}", key) for key in self.users]
-        named += [(f"catch_all.{key}", target) for key, target in self.catch_all.items()]
+        named += [(dotted_key("users", key), key) for key in self.users]
+        named += [(dotted_key("catch_all", key), target)
+                  for key, target in self.catch_all.items()]
         for key, text in named:
             problem = address_problem(str(text))
             if problem:
@@ -287,8 +289,8 @@ class DeliveryConfig:
             for target in targets:
                 if target.startswith(("/", "|")):  # sendmail's file and program targets
                     raise ValueError(
-                        f"aliases.{key}: {target!r}: file and program targets are not "
-                        "supported (route the address to an mbox or pipe destination)"
+                        f"{dotted_key('aliases', key)}: {target!r}: file and program targets "
+                        "are not supported (route the address to an mbox or pipe destination)"
                     )
         for n, user in enumerate(self.local_users, 1):
             if "@" in user or address_problem(user):

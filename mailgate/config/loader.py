@@ -39,7 +39,7 @@ from collections.abc import Callable, Collection
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from mailgate.config.errors import ConfigError
-from mailgate.config.names import HOST
+from mailgate.config.names import HOST, dotted_key
 from mailgate.config.schema import Config
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # far above any real config; stops a hostile huge file
@@ -62,7 +62,6 @@ _KEY_CHAIN = re.compile(
     r'''|"""(?:[^\\]|\\[\s\S])*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|'[^'\n]*'|#[^\n]*'''
 )
 _KEY_PARTS = re.compile(_KEY_PART)
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_POSITION = re.compile(
     r"^(?P<msg>.*?) \((?:at line (?P<line>\d+), column (?P<col>\d+)|at end of document)\)$"
 )
@@ -267,13 +266,6 @@ def field_types(cls: type) -> dict[str, Any]:
 def config_fields(cls: type) -> list[dataclasses.Field[Any]]:
     """The fields of a config dataclass that a TOML file can set."""
     return [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
-
-
-def dotted_key(parent: str, name: str) -> str:
-    """Key ``name`` of table ``parent`` as TOML writes it: quoted unless it is a bare
-    key (``delivery.aliases."sales@example.org"``), so an error names it as written."""
-    part = name if _BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
-    return f"{parent}.{part}" if parent else part
 
 
 def _shown(value: object) -> str:

@@ -15,6 +15,16 @@ DOMAIN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*")
 HOST = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?")
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def dotted_key(parent: str, name: str) -> str:
+    """Key ``name`` of table ``parent`` as TOML writes it: quoted unless it is a bare
+    key (``delivery.aliases."sales@example.org"``), so an error names it as written."""
+    part = name if _BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
+    return f"{parent}.{part}" if parent else part
+
+
 def domain_problem(name: str, idna: bool = False) -> str | None:
     """Why ``name`` is no domain name, or None.  With ``idna``, an internationalized
     domain (SMTPUTF8 mail may name one, RFC 6531) is checked in its ASCII form."""

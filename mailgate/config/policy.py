@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
@@ -61,28 +62,33 @@ class PolicyConfig:
             raise ValueError("policy.max_received_headers: must be at least 1")
         if not self.dns_timeout > 0:
             raise ValueError("policy.dns_timeout: must be positive")
-        for network in self.trusted_networks:
+        for n, network in enumerate(self.trusted_networks, 1):
             try:
                 ipaddress.ip_network(network, strict=True)
             except ValueError as exc:
-                raise ValueError(f"policy.trusted_networks: {network!r}: {exc}") from None
-        for name in self.local_names:
+                raise ValueError(
+                    f"policy.trusted_networks[{n}]: {json.dumps(network)}: {exc}") from None
+        for n, name in enumerate(self.local_names, 1):
             # a name a HELO can be compared with: a typo would never match
             if name.startswith("["):
                 problem = None if parse_literal(name) is not None else (
-                    "not an address literal such as [192.0.2.1] or [IPv6:2001:db8::1]"
+                    f"{json.dumps(name)}: not an address literal such as [192.0.2.1] or "
+                    "[IPv6:2001:db8::1]"
                 )
             else:
                 problem = domain_problem(name.removesuffix("."), idna=True)
             if problem:
-                raise ValueError(f"policy.local_names: {name!r}: {problem}")
-        for server in self.dns_servers:
-            parse_nameserver(server)
-        for zone in self.dnsbl_zones:
+                raise ValueError(f"policy.local_names[{n}]: {problem}")
+        for n, server in enumerate(self.dns_servers, 1):
+            try:
+                parse_nameserver(server)
+            except ValueError as exc:
+                raise ValueError(f"policy.dns_servers[{n}]: {exc}") from None
+        for n, zone in enumerate(self.dnsbl_zones, 1):
             # a malformed zone would never answer "listed": a blocklist doing nothing
             problem = domain_problem(zone[:-1] if zone.endswith(".") else zone)
             if problem:
-                raise ValueError(f"policy.dnsbl_zones: {problem}")
+                raise ValueError(f"policy.dnsbl_zones[{n}]: {problem}")
 
 
 def _check_redis_url(url: str) -> None:
@@ -133,9 +139,9 @@ def parse_nameserver(text: str) -> tuple[str, int]:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"policy.dns_servers: not an ip or ip:port: {text!r}") from None
+        raise ValueError(f"not an ip or ip:port: {text!r}") from None
     if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-        raise ValueError(f"policy.dns_servers: bad port in {text!r}")
+        raise ValueError(f"bad port in {text!r}")
     return host, int(port)
 
 
@@ -177,8 +183,9 @@ class GreylistConfig:
         if not self.sqlite_path:
             raise ValueError("greylist.sqlite_path: must not be empty")
         _check_redis_url(self.redis_url)
-        for network in self.whitelist:
+        for n, network in enumerate(self.whitelist, 1):
             try:  # host bits set: a typo for one host would whitelist a whole network
                 ipaddress.ip_network(network, strict=True)
             except ValueError as exc:
-                raise ValueError(f"greylist.whitelist: {network!r}: {exc}") from None
+                raise ValueError(
+                    f"greylist.whitelist[{n}]: {json.dumps(network)}: {exc}") from None

@@ -20,7 +20,7 @@ from mailgate.config.delivery import (
     DeliveryConfig,
     DestinationConfig,
 )
-from mailgate.config.loader import dotted_key
+from mailgate.config.names import dotted_key
 from mailgate.delivery.base import Destination
 from mailgate.delivery.discard import DiscardDestination
 from mailgate.delivery.fsync import GroupCommitter

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from mailgate.config.loader import dotted_key
+from mailgate.config.names import dotted_key
 from mailgate.delivery.base import Destination, RecipientResult, SpoolReader, TraceInfo
 from mailgate.delivery.handoff import Agreement
 from mailgate.protocol.envelope import Address, Envelope, Recipient

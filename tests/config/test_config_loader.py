@@ -138,6 +138,14 @@ def test_wrong_types(tmp_path: Path, toml: str, message: str) -> None:
         # checked as delivery.local_domains is: a typo would never match a sender
         ('[auth]\nsender_domains = ["example.org.", "EXAMPLE..org"]',
          'auth.sender_domains[2]: "EXAMPLE..org" is not a domain name'),
+        # an entry of a list by its number, a value that is empty quoted
+        ('[policy]\ndns_servers = ["192.0.2.1", "x"]',
+         "policy.dns_servers[2]: not an ip or ip:port: 'x'"),
+        ('[policy]\ntrusted_networks = ["10.0.0.0/8", "10.1.2.3/8"]',
+         'policy.trusted_networks[2]: "10.1.2.3/8": 10.1.2.3/8 has host bits set'),
+        ('[auth]\nmechanisms = ["PLAIN", ""]', 'auth.mechanisms: unknown ""; known: SCRAM'),
+        ('[delivery.catch_all]\n"example.org" = ""',
+         'delivery.catch_all."example.org": \'\' is not a user name or an address'),
     ],
 )
 def test_values_are_named_by_their_own_key(tmp_path: Path, toml: str, message: str) -> None:
@@ -576,20 +584,20 @@ def test_check_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
          "greylist.redis_url: 'redis://:***@127.0.0.1:700000/0': Port out of range 0-65535"),
         # a name a HELO is compared with, which a typo would never match
         ('[policy]\nlocal_names = ["[IPv6:zz]"]',
-         "policy.local_names: '[IPv6:zz]': not an address literal such as [192.0.2.1] or "
+         'policy.local_names[1]: "[IPv6:zz]": not an address literal such as [192.0.2.1] or '
          "[IPv6:2001:db8::1]"),
         # taken as the whole /8 before: a whole network could send PROXY headers
         ('[server]\nproxy_from = ["10.1.2.3/8"]',
          'server.proxy_from[1]: "10.1.2.3/8": 10.1.2.3/8 has host bits set'),
         # a typo for one host would whitelist a whole network
         ('[greylist]\nwhitelist = ["127.0.0.8/8"]',
-         "greylist.whitelist: '127.0.0.8/8': 127.0.0.8/8 has host bits set"),
+         'greylist.whitelist[1]: "127.0.0.8/8": 127.0.0.8/8 has host bits set'),
         # a zone DNS cannot hold never says "listed": a blocklist silently doing nothing
         ('[policy]\ndnsbl_zones = ["bl..example"]',
-         'policy.dnsbl_zones: "bl..example" is not a domain name (dot-separated labels of '
+         'policy.dnsbl_zones[1]: "bl..example" is not a domain name (dot-separated labels of '
          'letters, digits and inner hyphens, no trailing dot)'),
         ('[policy]\ndnsbl_zones = ["http://bl.example/"]',
-         'policy.dnsbl_zones: "http://bl.example/" is not a domain name (dot-separated labels '
+         'policy.dnsbl_zones[1]: "http://bl.example/" is not a domain name (dot-separated labels '
          'of letters, digits and inner hyphens, no trailing dot)'),
     ],
 )
@@ -780,7 +788,7 @@ def test_every_timeout_is_more_than_zero(tmp_path: Path, section: str, key: str)
         ('[delivery]\nlocal_domains = ["example.org", "exa mple.org"]',
          'delivery.local_domains[2]: "exa mple.org" is not a domain name'),
         ('[delivery.domains]\n"lists_example.org" = "local"',
-         'delivery.domains.lists_example.org: "lists_example.org" is not a domain name'),
+         'delivery.domains."lists_example.org": "lists_example.org" is not a domain name'),
         ('[delivery]\nlocal_domains = ["bü cher.example"]',
          'delivery.local_domains[1]: "bü cher.example" is not a domain name'),
     ],
@@ -855,10 +863,10 @@ def test_listeners_that_need_a_certificate(tmp_path: Path, listener: str, line: 
          "delivery.aliases.bad: 'a b c' is not a user name or an address"),
         ('[delivery.aliases]\nbad = ["@@"]\n', "delivery.aliases.bad: '@@' is not a user"),
         ('[delivery]\nlocal_domains = ["c.example"]\n[delivery.catch_all]\n'
-         '"c.example" = "x@@"\n', "delivery.catch_all.c.example: 'x@@' is not a user"),
+         '"c.example" = "x@@"\n', "delivery.catch_all.\"c.example\": 'x@@' is not a user"),
         ('[delivery]\nlocal_users = ["a b"]\n', "delivery.local_users[1]: 'a b' is not a user"),
         ('[delivery.users]\n"x@not a domain" = "local"\n',
-         "delivery.users.x@not a domain: 'x@not a domain': "),
+         "delivery.users.\"x@not a domain\": 'x@not a domain': "),
         # a NUL in a path: a traceback (embedded null byte), or an error naming no key
         ('[server]\nspool_dir = "sp\\u0000ool"\n', "server.spool_dir: must not contain a NUL"),
         ('[policy]\naccess_file = "/etc/a\\u0000b"\n',

@@ -302,7 +302,7 @@ def test_destination_config_type_comes_from_its_sub_table() -> None:
         DestinationConfig(pipe=PipeConfig(["x"]), lmtp=LMTPConfig("h:1"))
     with pytest.raises(ValueError, match="do not match"):
         DestinationConfig(type="mbox", pipe=PipeConfig(["x"]))
-    with pytest.raises(ValueError, match=r"mbox\.path"):
+    with pytest.raises(ValueError, match=r"^path: only \{user\} and \{domain\}"):
         MboxConfig(path="/var/mail/{uid}")
 
 
