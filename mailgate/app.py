@@ -140,8 +140,8 @@ def check_parts(config: Config) -> Findings:
         no_greylist = replace(config, greylist=replace(config.greylist, enabled=False))
         policy = attempt(lambda: build_policy(no_greylist, router, hostname))
         asyncio.run(_close_parts(policy, router))
-        warnings = (destination_problems(router, as_ids) + router.postmaster_problems()
-                    + router.alias_problems())
+        warnings = ([text for _, text in destination_problems(router, as_ids)]
+                    + router.postmaster_problems() + router.alias_problems())
     warnings += setting_warnings(config)
     spool = SpoolDir(config.server.spool_dir).problem(as_ids)
     if spool:
@@ -165,25 +165,27 @@ def check_parts(config: Config) -> Findings:
     return Findings(problems, warnings)
 
 
-def destination_problems(router: Router, as_ids: tuple[int, int] | None = None) -> list[str]:
+def destination_problems(
+    router: Router, as_ids: tuple[int, int] | None = None
+) -> list[tuple[str, str]]:
     """Why the router's Maildir destinations could not store mail, or its pipe
-    mailers could not be run, as this process (or ``as_ids``); warnings, not refusals:
-    maildirs made beforehand may still take mail, a mailer may be installed later."""
+    mailers could not be run, as this process (or ``as_ids``), each with the event
+    that logs it (``maildir``, ``mailer``); warnings, not refusals: maildirs made
+    beforehand may still take mail, a mailer may be installed later."""
     found = []
     for name, destination in router.destinations.items():
         if isinstance(destination, MaildirDestination | PipeDestination):
             problem = destination.problem(as_ids)
-            if problem:
-                found.append(f"{_destination_key(name, destination)}: {problem}")
+            if not problem:
+                continue
+            where = dotted_key("delivery.destinations", name)
+            if isinstance(destination, PipeDestination):
+                found.append(("mailer", f"{where}.pipe.command: {problem}"))
+            elif name == LOCAL_DESTINATION:
+                found.append(("maildir", f"delivery.maildir_root: {problem}"))
+            else:
+                found.append(("maildir", f"{where}.maildir.root: {problem}"))
     return found
-
-
-def _destination_key(name: str, destination: object) -> str:
-    if name == LOCAL_DESTINATION:
-        return "delivery.maildir_root"
-    where = dotted_key("delivery.destinations", name)
-    return f"{where}.maildir.root" if isinstance(destination, MaildirDestination) else (
-        f"{where}.pipe.command")
 
 
 def warn_of_delivery(router: object, config: Config) -> None:
@@ -191,10 +193,8 @@ def warn_of_delivery(router: object, config: Config) -> None:
     postmaster_problems, alias_problems and setting_warnings, logged (check-config
     prints the same as warnings)."""
     if isinstance(router, Router):
-        for problem in destination_problems(router):
-            # (event=maildir for a maildir, as before; event=mailer for a pipe's)
-            log_event("mailer" if ".pipe.command:" in problem else "maildir",
-                      level="warning", problem=problem)
+        for event, problem in destination_problems(router):
+            log_event(event, level="warning", problem=problem)
         for problem in router.postmaster_problems():
             log_event("postmaster", level="warning", problem=problem)
         for problem in router.alias_problems():
