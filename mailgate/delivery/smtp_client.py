@@ -28,7 +28,8 @@ from mailgate.protocol.replies import Reply, multiline, reply
 LINE_LIMIT = 4096  # a reply line; RFC 5321 says 512, leave room for sloppy servers
 MAX_REPLY_LINES = 200  # a longer multi-line reply is a broken or hostile server
 
-_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*?)\r?\n\Z", re.S)
+# RFC 5321 4.2: Reply-code [ SP textstring ] CRLF, so a bare "250" is a last line too
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*?))?\r?\n\Z", re.S)
 # a domain or an address literal, as a greeting's first word should be
 _MTA_NAME = re.compile(
     r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[(?:IPv6:)?[0-9A-Fa-f:.]{2,60}\]"
@@ -37,6 +38,10 @@ _MTA_NAME = re.compile(
 
 class ClientError(Exception):
     """The connection failed, timed out or the server spoke no SMTP."""
+
+
+class WriteError(ClientError):
+    """What we sent could not be written (the server closed, or stopped reading)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,28 @@ class Response:
     def whole(self) -> str:
         """Every line, joined by spaces (a report's Diagnostic-Code)."""
         return f"{self.code} {' '.join(self.lines)}".rstrip()
+
+
+def parse_reply(data: bytes) -> Response | None:
+    """The first whole reply in ``data`` (lines as read_response takes them), or
+    None where there is none."""
+    lines: list[tuple[bytes, str]] = []
+    for raw in data.splitlines(keepends=True)[:MAX_REPLY_LINES]:
+        m = _REPLY_LINE.match(raw)
+        if m is None:
+            return None
+        lines.append((m[1], (m[3] or b"").decode("utf-8", "replace")))
+        if m[2] != b"-":
+            return _response(lines)
+    return None
+
+
+def _response(lines: list[tuple[bytes, str]]) -> Response:
+    """The reply of these (code, text) lines: the last line's code decides (RFC 5321
+    4.2.1: every line MUST have it), and the text is only of lines that have it, or a
+    reply and a log would quote what the server never said."""
+    code = lines[-1][0]
+    return Response(int(code), tuple(text for c, text in lines if c == code))
 
 
 @dataclass(slots=True)
@@ -115,6 +142,7 @@ def utf8_addr_xtext(value: str) -> str:
 # Seconds to wait for the reply to the end of the data: well within the 10 minutes
 # our own client waits for ours.
 FINAL_REPLY_TIMEOUT = 300.0
+EARLY_REPLY_WAIT = 1.0  # seconds for the reply of a server that stopped us mid-message
 
 
 async def hold_back_if_deferred(outcomes: Outcomes, accepted: list[int]) -> bool:
@@ -176,7 +204,7 @@ class Connection:
         may take minutes to give (RFC 5321 4.5.3.2.6 has clients wait 10): given up
         after the command timeout, the message was often queued all the same, and
         the client's retry made a second copy."""
-        lines: list[str] = []
+        lines: list[tuple[bytes, str]] = []
         try:
             async with asyncio.timeout(max(self.timeout, FINAL_REPLY_TIMEOUT) if final
                                        else self.timeout):
@@ -187,9 +215,9 @@ class Connection:
                     m = _REPLY_LINE.match(raw)
                     if m is None:
                         raise ClientError(f"bad reply line {raw[:80]!r}")
-                    lines.append(m[3].decode("utf-8", "replace"))
-                    if m[2] == b" ":
-                        return Response(int(m[1]), tuple(lines))
+                    lines.append((m[1], (m[3] or b"").decode("utf-8", "replace")))
+                    if m[2] != b"-":
+                        return _response(lines)
         except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError) as e:
             raise ClientError(f"reading reply: {str(e) or type(e).__name__}") from e
         raise ClientError("reply has too many lines")
@@ -199,8 +227,9 @@ class Connection:
             self._writer.write(data)
             async with asyncio.timeout(self.timeout):
                 await self._writer.drain()
-        except (OSError, TimeoutError) as e:
-            raise ClientError(f"writing: {str(e) or type(e).__name__}") from e
+        # (uvloop raises RuntimeError for a transport the server has closed)
+        except (OSError, TimeoutError, RuntimeError) as e:
+            raise WriteError(f"writing: {str(e) or type(e).__name__}") from e
 
     @staticmethod
     def encode(line: str) -> bytes:
@@ -273,14 +302,38 @@ class Connection:
         goes as BINARYMIME (:func:`sends_binary`), else DATA and the dot-stuffed data.
         The server's refusal of DATA, or None once all is sent (the caller reads the
         reply: LMTP gives one per accepted recipient, after BDAT LAST too)."""
-        if sends_binary(self, envelope):
-            await self._send_bdat(spool.path)
-            return None
-        data = await self.command("DATA")
-        if data.code != 354:
-            return data
-        await self._send_data(spool.path, spool.no_bare_cr)
+        try:
+            if sends_binary(self, envelope):
+                await self._send_bdat(spool.path)
+                return None
+            data = await self.command("DATA")
+            if data.code != 354:
+                return data
+            await self._send_data(spool.path, spool.no_bare_cr)
+        except WriteError:
+            # A server that refuses a message in the middle of it (too big, say)
+            # may answer and close before the rest is sent: its answer, if it gave
+            # one, is the outcome (a 554 passed on as 451 comes back for days).
+            early = await self._early_reply()
+            if early is None:
+                raise
+            return early
         return None
+
+    async def _early_reply(self) -> Response | None:
+        """A refusal the server sent before it closed, or None.  Read from the
+        reader's buffer, as start_tls looks there: a server that closes with our
+        data unread resets the connection, and StreamReader then raises the reset
+        rather than hand out what it had already received."""
+        try:
+            async with asyncio.timeout(EARLY_REPLY_WAIT):
+                while not getattr(self._reader, "_buffer", b"") and not self._reader.at_eof() \
+                        and self._reader.exception() is None:
+                    await asyncio.sleep(0.01)  # (the reply may still be on its way)
+        except TimeoutError:
+            return None
+        resp = parse_reply(bytes(getattr(self._reader, "_buffer", b"")))
+        return resp if resp is not None and resp.code >= 400 else None
 
     async def _send_bdat(self, spool_path: str) -> None:
         """The message as one ``BDAT size LAST`` chunk, its octets as they are

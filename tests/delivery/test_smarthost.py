@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import threading
@@ -517,3 +518,80 @@ def test_8bit_data_goes_only_to_a_server_that_offers_8bitmime(tmp_path: Path) ->
     assert refusal(("DSN",), "8BITMIME", plain) is None  # declared, but 7-bit after all
     assert refusal(("8BITMIME",), "8BITMIME", eight) is None
     assert refusal(("DSN",), "7BIT", eight) is None  # its client's claim: as it came
+
+
+class _Scripted:
+    """A one-connection SMTP server on loopback that answers each command line by
+    ``answers`` (keyed by its first four octets, "." for the end of the data; 250
+    otherwise).  With an "@" answer it sends that at the first line of the data and
+    closes the connection (a server refusing a message as it comes)."""
+
+    def __init__(self, answers: dict[str, bytes | None]) -> None:
+        self.answers = answers
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 smarthost.test ESMTP\r\n")
+            in_data = False
+            while line := lines.readline():
+                key = ("." if line == b".\r\n" else "@") if in_data else line[:4].decode()
+                if key == "@":
+                    if "@" in self.answers:
+                        with contextlib.suppress(OSError):
+                            conn.sendall(self.answers["@"])
+                        return
+                    continue
+                answer = self.answers.get(key, b"354 go\r\n" if key == "DATA" else
+                                          b"250 2.0.0 ok\r\n")
+                in_data = key == "DATA" and answer.startswith(b"354")
+                conn.sendall(answer)
+
+    def close(self) -> None:
+        self.thread.join(15)
+        self.listener.close()
+
+
+def _through(server: _Scripted, tmp_path: Path, message: bytes = MESSAGE) -> list[RecipientResult]:
+    spool = tmp_path / "msg.spool"
+    spool.write_bytes(message)
+    rcpts = [Recipient(Address("a", "remote.test"))]
+    env = Envelope(sender=Address("user", "mx.test"), recipients=rcpts)
+    dest = SmarthostDestination(SmtpConfig("127.0.0.1", server.port, starttls="off",
+                                           timeout=10), "mx.test")
+    try:
+        return asyncio.run(dest.deliver(env, TRACE, Spooled(str(spool), len(message)), rcpts))
+    finally:
+        server.close()
+
+
+def test_a_reply_without_text_is_a_reply(tmp_path: Path) -> None:
+    # RFC 5321 4.2: Reply-code [ SP textstring ] CRLF.  A bare "250" to the end of the
+    # data was taken for garbage: 451 to the client, whose retry made a second copy.
+    results = _through(_Scripted({".": b"250\r\n"}), tmp_path)
+    assert codes(results) == [(250, "2.0.0")]
+
+
+def test_a_reply_of_mixed_codes_quotes_only_what_has_the_last_code(tmp_path: Path) -> None:
+    # RFC 5321 4.2.1 says every line has the same code; when not, the last decides,
+    # and the text passed on must not pair its code with another line's words
+    results = _through(_Scripted({"MAIL": b"250-2.1.0 fine\r\n550 5.7.1 no\r\n"}), tmp_path)
+    assert codes(results) == [(554, "5.7.1")]
+    assert "fine" not in str(results[0].reply) and "5.7.1 no" in str(results[0].reply)
+
+
+def test_a_refusal_before_the_end_of_the_data_is_the_outcome(tmp_path: Path) -> None:
+    # A server refusing a message as it comes (too big) answers and closes; the write
+    # that failed then (a RuntimeError from uvloop, logged as a bug) made it a 451,
+    # and the client retried a message the server will never take.
+    big = b"Subject: big\r\n\r\n" + (b"x" * 998 + b"\r\n") * 8_000
+    results = _through(_Scripted({"@": b""}), tmp_path, big)
+    assert codes(results) == [(451, "4.4.1")]  # closed without a word: try again
+    results = _through(_Scripted({"@": b"554 5.3.4 message too big\r\n"}), tmp_path, big)
+    assert codes(results) == [(554, "5.3.4")]
