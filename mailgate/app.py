@@ -31,6 +31,7 @@ from mailgate.delivery.maildir import MaildirDestination
 from mailgate.delivery.mbox import MboxDestination
 from mailgate.delivery.pipe import PipeDestination
 from mailgate.delivery.router import Router
+from mailgate.delivery.smarthost import SmarthostDestination
 from mailgate.delivery.spool import SpoolDir, unwritable
 from mailgate.ops.logging import flush_logs, log_event, setup_logging
 from mailgate.ops.metrics import Metrics, bind_metrics
@@ -168,19 +169,22 @@ def check_parts(config: Config) -> Findings:
 def destination_problems(
     router: Router, as_ids: tuple[int, int] | None = None
 ) -> list[tuple[str, str]]:
-    """Why the router's Maildir destinations could not store mail, or its pipe
-    mailers could not be run, as this process (or ``as_ids``), each with the event
-    that logs it (``maildir``, ``mailer``); warnings, not refusals: maildirs made
-    beforehand may still take mail, a mailer may be installed later."""
+    """Why the router's Maildir destinations could not store mail, its pipe mailers
+    could not be run or its smarthosts' password files could not be read, as this
+    process (or ``as_ids``), each with the event that logs it (``maildir``,
+    ``mailer``, ``smarthost``); warnings, not refusals: maildirs made beforehand may
+    still take mail, a mailer may be installed later."""
     found = []
     for name, destination in router.destinations.items():
-        if isinstance(destination, MaildirDestination | PipeDestination):
+        if isinstance(destination, MaildirDestination | PipeDestination | SmarthostDestination):
             problem = destination.problem(as_ids)
             if not problem:
                 continue
             where = dotted_key("delivery.destinations", name)
             if isinstance(destination, PipeDestination):
                 found.append(("mailer", f"{where}.pipe.command: {problem}"))
+            elif isinstance(destination, SmarthostDestination):
+                found.append(("smarthost", f"{where}.smtp.password_file: {problem}"))
             elif name == LOCAL_DESTINATION:
                 found.append(("maildir", f"delivery.maildir_root: {problem}"))
             else:

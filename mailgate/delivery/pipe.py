@@ -50,6 +50,7 @@ from mailgate.config.delivery import PipeConfig
 from mailgate.delivery.base import RecipientResult, SpoolReader, TraceInfo
 from mailgate.delivery.dotstuff import CRLFToLF, spool_chunks
 from mailgate.delivery.handoff import may_send_data
+from mailgate.delivery.spool import may_access
 from mailgate.delivery.trace import return_path_header
 from mailgate.protocol.envelope import Envelope, Recipient
 from mailgate.protocol.replies import Reply, multiline, reply
@@ -106,7 +107,7 @@ class PipeDestination:
             return None  # (looked up in PATH when run: not checked here)
         if not os.path.isfile(program):
             return f"{program} is not a file: every message routed here is answered 451"
-        if not _may_execute(program, as_ids):
+        if not may_access(program, os.X_OK, as_ids):
             return (f"{program} is not executable by the server's user: every message "
                     "routed here is answered 451")
         return None
@@ -329,11 +330,3 @@ async def _read_bounded(stream: asyncio.StreamReader, kept: bytearray) -> None:
         if len(kept) < STDERR_LIMIT:
             kept += chunk[: STDERR_LIMIT - len(kept)]
 
-
-def _may_execute(path: str, as_ids: tuple[int, int] | None) -> bool:
-    if as_ids is None or as_ids[0] == os.geteuid():
-        return os.access(path, os.X_OK)
-    uid, gid = as_ids  # another user's view, by the mode bits
-    st = os.stat(path)
-    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
-    return bool((st.st_mode >> shift) & 0o1) or (uid == 0 and bool(st.st_mode & 0o111))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import ssl
 
 from mailgate.config.delivery import SmtpConfig
@@ -43,6 +44,7 @@ from mailgate.delivery.smtp_client import (
     utf8_refusal,
     with_downstream_status,
 )
+from mailgate.delivery.spool import may_access
 from mailgate.protocol.envelope import Envelope, Recipient
 from mailgate.protocol.replies import Reply, multiline, reply
 
@@ -65,6 +67,21 @@ class SmarthostDestination:
             self._tls = ssl.create_default_context(cafile=config.cafile or None)
         except (OSError, ssl.SSLError) as e:
             raise ValueError(f"cafile: cannot load {config.cafile!r}: {e}") from e
+
+    def problem(self, as_ids: tuple[int, int] | None = None) -> str | None:
+        """Why the password file could not be read as this process (or the user and
+        group ``as_ids``): it is read at each connection, after privileges are
+        dropped, so root being able to read it (at start, in check-config) proved
+        nothing and every message got 451.  Start-up, reloads and check-config warn."""
+        path = self._config.password_file
+        if not path:
+            return None
+        if not os.path.isfile(path):
+            return f"{path} is not a file: every message relayed here is answered 451"
+        if may_access(path, os.R_OK, as_ids):
+            return None
+        return (f"{path} is not readable by the server's user: every message relayed here "
+                "is answered 451")
 
     async def deliver(
         self,

@@ -240,21 +240,23 @@ def unwritable(path: str, as_ids: tuple[int, int] | None = None) -> str | None:
     nearest = os.path.abspath(path)
     while not os.path.exists(nearest) and os.path.dirname(nearest) != nearest:
         nearest = os.path.dirname(nearest)
-    if os.path.isdir(nearest) and _may_write(nearest, as_ids):
+    if os.path.isdir(nearest) and may_access(nearest, os.W_OK | os.X_OK, as_ids):
         return None
     return nearest
 
 
-def _may_write(directory: str, as_ids: tuple[int, int] | None) -> bool:
+def may_access(path: str, want: int, as_ids: tuple[int, int] | None = None) -> bool:
+    """Whether this process (or the user and group ``as_ids``, which it will become)
+    may access ``path`` as ``want`` says (os.R_OK, W_OK, X_OK or'ed together)."""
     if as_ids is None or as_ids[0] == os.geteuid():
-        return os.access(directory, os.W_OK | os.X_OK)
+        return os.access(path, want)
     # Another user's view, by the mode bits (the server drops to exactly one group).
     uid, gid = as_ids
-    if uid == 0:
-        return True
-    st = os.stat(directory)
+    st = os.stat(path)
+    if uid == 0:  # root: all but executing a file no one may execute
+        return not (want & os.X_OK and not os.path.isdir(path) and not st.st_mode & 0o111)
     shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
-    return (st.st_mode >> shift) & 0o3 == 0o3  # write and search
+    return (st.st_mode >> shift) & want == want  # (R_OK, W_OK, X_OK are 4, 2, 1)
 
 
 class SpoolDir:

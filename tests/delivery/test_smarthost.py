@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import threading
@@ -595,3 +596,22 @@ def test_a_refusal_before_the_end_of_the_data_is_the_outcome(tmp_path: Path) -> 
     assert codes(results) == [(451, "4.4.1")]  # closed without a word: try again
     results = _through(_Scripted({"@": b"554 5.3.4 message too big\r\n"}), tmp_path, big)
     assert codes(results) == [(554, "5.3.4")]
+
+
+def test_a_password_file_the_servers_user_cannot_read_is_named(
+    password_file: str, tmp_path: Path
+) -> None:
+    # read at each connection, after privileges are dropped: root reading it at start
+    # proved nothing, and every relayed message got 451
+    nobody = (65534, 65534)
+    os.chmod(password_file, 0o600)
+    dest = SmarthostDestination(SmtpConfig("127.0.0.1", 25, username=USER,
+                                           password_file=password_file), "mx.test")
+    assert dest.problem() is None  # (this process made it)
+    assert dest.problem(nobody) == (f"{password_file} is not readable by the server's user: "
+                                    "every message relayed here is answered 451")
+    os.chmod(password_file, 0o644)
+    assert dest.problem(nobody) is None
+    os.unlink(password_file)
+    assert dest.problem() == (f"{password_file} is not a file: every message relayed here "
+                              "is answered 451")
