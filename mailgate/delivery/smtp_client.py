@@ -185,7 +185,7 @@ class Connection:
         except (OSError, TimeoutError, ValueError) as e:
             raise ClientError(f"cannot connect to {address}: {str(e) or type(e).__name__}") from e
         conn = cls(reader, writer, timeout)
-        greeting = await conn.read_response()
+        greeting = await conn.read_response(to="the connection (the greeting)")
         if greeting.code != 220:
             conn.abort()
             raise ClientError(f"greeting from {address}: {greeting.summary()}")
@@ -199,11 +199,13 @@ class Connection:
     def supports(self, keyword: str) -> bool:
         return keyword in self.extensions
 
-    async def read_response(self, final: bool = False) -> Response:
-        """The next reply; ``final``: the one to the end of the data, which a server
+    async def read_response(self, final: bool = False, to: str = "") -> Response:
+        """The next reply, to ``to`` (a command's name, for the error that says which
+        reply did not come); ``final``: the one to the end of the data, which a server
         may take minutes to give (RFC 5321 4.5.3.2.6 has clients wait 10): given up
         after the command timeout, the message was often queued all the same, and
         the client's retry made a second copy."""
+        to = "the end of the data" if final else to
         lines: list[tuple[bytes, str]] = []
         try:
             async with asyncio.timeout(max(self.timeout, FINAL_REPLY_TIMEOUT) if final
@@ -219,7 +221,10 @@ class Connection:
                     if m[2] != b"-":
                         return _response(lines)
         except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError) as e:
-            raise ClientError(f"reading reply: {str(e) or type(e).__name__}") from e
+            # (which one matters: only a reply to the end of the data not read can
+            # mean the server has the message all the same)
+            raise ClientError(f"reading the reply{' to ' + to if to else ''}: "
+                              f"{str(e) or type(e).__name__}") from e
         raise ClientError("reply has too many lines")
 
     async def write(self, data: bytes) -> None:
@@ -241,7 +246,7 @@ class Connection:
 
     async def command(self, line: str) -> Response:
         await self.write(self.encode(line))
-        return await self.read_response()
+        return await self.read_response(to=line.split(" ", 1)[0].upper())
 
     async def hello(self, verb: str, name: str) -> Response:
         """EHLO or LHLO; on success the advertised extensions are in :attr:`extensions`."""
@@ -274,8 +279,8 @@ class Connection:
         """MAIL then one RCPT per line, pipelined when the server offers PIPELINING."""
         if self.supports("PIPELINING"):
             await self.write(b"".join(self.encode(x) for x in [mail_line, *rcpt_lines]))
-            mail = await self.read_response()
-            return mail, [await self.read_response() for _ in rcpt_lines]
+            mail = await self.read_response(to="MAIL")
+            return mail, [await self.read_response(to="RCPT") for _ in rcpt_lines]
         mail = await self.command(mail_line)
         if not mail.ok:
             return mail, []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import ssl
@@ -615,3 +616,22 @@ def test_a_password_file_the_servers_user_cannot_read_is_named(
     os.unlink(password_file)
     assert dest.problem() == (f"{password_file} is not a file: every message relayed here "
                               "is answered 451")
+
+
+def test_a_reply_that_does_not_come_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # "reading reply: TimeoutError" said nothing of which: only a reply to the end of
+    # the data not read can mean the server has the message all the same
+    server = _Scripted({"MAIL": b""})
+    spool = tmp_path / "msg.spool"
+    spool.write_bytes(MESSAGE)
+    rcpts = [Recipient(Address("a", "remote.test"))]
+    env = Envelope(sender=Address("user", "mx.test"), recipients=rcpts)
+    dest = SmarthostDestination(SmtpConfig("127.0.0.1", server.port, starttls="off",
+                                           timeout=0.5), "mx.test")
+    with caplog.at_level(logging.WARNING, logger="mailgate.delivery.smarthost"):
+        results = asyncio.run(dest.deliver(env, TRACE, Spooled(str(spool), len(MESSAGE)), rcpts))
+    server.close()
+    assert codes(results) == [(451, "4.4.1")]
+    assert "reading the reply to MAIL: TimeoutError" in caplog.text, caplog.text
