@@ -560,13 +560,16 @@ class _Scripted:
         self.listener.close()
 
 
-def _through(server: _Scripted, tmp_path: Path, message: bytes = MESSAGE) -> list[RecipientResult]:
+def _through(
+    server: _Scripted, tmp_path: Path, message: bytes = MESSAGE, timeout: float = 10
+) -> list[RecipientResult]:
+    """One message to one recipient through ``server`` (plain text)."""
     spool = tmp_path / "msg.spool"
     spool.write_bytes(message)
     rcpts = [Recipient(Address("a", "remote.test"))]
     env = Envelope(sender=Address("user", "mx.test"), recipients=rcpts)
     dest = SmarthostDestination(SmtpConfig("127.0.0.1", server.port, starttls="off",
-                                           timeout=10), "mx.test")
+                                           timeout=timeout), "mx.test")
     try:
         return asyncio.run(dest.deliver(env, TRACE, Spooled(str(spool), len(message)), rcpts))
     finally:
@@ -623,15 +626,7 @@ def test_a_reply_that_does_not_come_is_named(
 ) -> None:
     # "reading reply: TimeoutError" said nothing of which: only a reply to the end of
     # the data not read can mean the server has the message all the same
-    server = _Scripted({"MAIL": b""})
-    spool = tmp_path / "msg.spool"
-    spool.write_bytes(MESSAGE)
-    rcpts = [Recipient(Address("a", "remote.test"))]
-    env = Envelope(sender=Address("user", "mx.test"), recipients=rcpts)
-    dest = SmarthostDestination(SmtpConfig("127.0.0.1", server.port, starttls="off",
-                                           timeout=0.5), "mx.test")
     with caplog.at_level(logging.WARNING, logger="mailgate.delivery.smarthost"):
-        results = asyncio.run(dest.deliver(env, TRACE, Spooled(str(spool), len(MESSAGE)), rcpts))
-    server.close()
+        results = _through(_Scripted({"MAIL": b""}), tmp_path, timeout=0.5)
     assert codes(results) == [(451, "4.4.1")]
     assert "reading the reply to MAIL: TimeoutError" in caplog.text, caplog.text
