@@ -45,6 +45,7 @@ from mailgate.delivery.smtp_client import (
     Outcomes,
     Response,
     content_refusal,
+    declared_size,
     downstream_said,
     hold_back_if_deferred,
     recipient_failure,
@@ -150,7 +151,8 @@ class LMTPDestination:
         if not named:
             return
         mail, rcpts = await conn.transaction(
-            *transaction_commands(conn, envelope, spool.size, [recipients[i] for i in named])
+            *transaction_commands(conn, envelope, await declared_size(conn, envelope, spool),
+                                  [recipients[i] for i in named])
         )
         if not mail.ok:
             outcomes.set(named, _whole_message_failure(mail), mail)

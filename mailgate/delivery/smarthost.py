@@ -37,6 +37,7 @@ from mailgate.delivery.smtp_client import (
     Outcomes,
     Response,
     content_refusal,
+    declared_size,
     downstream_said,
     hold_back_if_deferred,
     recipient_failure,
@@ -166,7 +167,8 @@ class SmarthostDestination:
             outcomes.set(everyone, refusal)
             return
         mail, rcpts = await conn.transaction(
-            *transaction_commands(conn, envelope, spool.size, recipients)
+            *transaction_commands(conn, envelope, await declared_size(conn, envelope, spool),
+                                  recipients)
         )
         if not mail.ok:
             outcomes.set(everyone, _whole_message_failure(mail), mail)

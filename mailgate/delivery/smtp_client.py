@@ -376,6 +376,26 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+async def declared_size(conn: Connection, envelope: Envelope, spool: SpoolReader) -> int:
+    """SIZE= for this message (RFC 1870 3: the octets sent after DATA, CRLF pairs
+    included, the transparency dots not): the spool's size, but for data taken by
+    BDAT that goes as text lines, whose bare line ends are mended on the way and
+    which gets a final CRLF if it lacks one: counted by a pass over it then."""
+    if spool.no_bare_cr or sends_binary(conn, envelope) or not conn.supports("SIZE"):
+        return spool.size
+    lines = CanonicalLines()
+    total, last = 0, b""
+    try:
+        async for chunk in spool_chunks(spool.path):
+            out = lines.feed(chunk)
+            total, last = total + len(out), (last + out)[-2:]
+    except OSError as e:
+        raise ClientError(f"reading the spool: {e}") from e
+    out = lines.finish()
+    total, last = total + len(out), (last + out)[-2:]
+    return total if last == b"\r\n" else total + 2
+
+
 def transaction_commands(
     conn: Connection, envelope: Envelope, size: int, recipients: list[Recipient]
 ) -> tuple[str, list[str]]:

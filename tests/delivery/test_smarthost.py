@@ -25,6 +25,7 @@ from mailgate.delivery.smarthost import SmarthostDestination
 from mailgate.delivery.smtp_client import (
     Connection,
     Response,
+    declared_size,
     eight_bit_refusal,
     recipient_failure,
     transaction_commands,
@@ -412,6 +413,8 @@ def test_bare_line_ends_of_bdat_data_cannot_smuggle_a_message(tmp_path: Path) ->
         (mail,) = handler.delivered
         assert mail["to"] == ["a@remote.test"]
         assert mail["data"] == SMUGGLING.replace(b"hello\n", b"hello\r\n")
+        # RFC 1870: SIZE= is what is sent, line ends mended (it said the spool's size)
+        assert f"SIZE={len(mail['data'])}" in handler.mail_options[0]
     finally:
         controller.stop()
 
@@ -630,3 +633,20 @@ def test_a_reply_that_does_not_come_is_named(
         results = _through(_Scripted({"MAIL": b""}), tmp_path, timeout=0.5)
     assert codes(results) == [(451, "4.4.1")]
     assert "reading the reply to MAIL: TimeoutError" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize(
+    ("data", "size"),
+    [(b"a\nb", 6), (b"a\r\nb\r\n", 6), (b"a\rb\r", 6), (b"", 2), (b"x\r", 3)],
+)
+def test_the_declared_size_of_bdat_text_is_what_is_sent(
+    tmp_path: Path, data: bytes, size: int
+) -> None:
+    spool = tmp_path / "msg.spool"
+    spool.write_bytes(data)
+    env = Envelope(sender=Address("user", "mx.test"), chunked=True)
+    got = asyncio.run(declared_size(_offering("SIZE"), env, Spooled(str(spool), len(data))))
+    assert got == size
+    # data taken by DATA is sent as it is
+    sent_as_is = Spooled(str(spool), len(data), no_bare_cr=True)
+    assert asyncio.run(declared_size(_offering("SIZE"), env, sent_as_is)) == len(data)
