@@ -962,12 +962,12 @@ class Session(asyncio.Protocol):
         transport = self.transport
         assert client is not None and transport is not None
 
-        def refuse(reason: str, answer: bool = False) -> bool:
+        def refuse(reason: str, answer: bool = False, closing: str = "closing.proxy") -> bool:
             # logged: an operator must be able to tell why a balancer's clients fail
             SessionLog(self.sid, ip=ip_text(client.ip), listener=self.listener.name).event(
                 "proxy", level="warning", outcome="refused", reason=reason[:200])
             if answer:
-                transport.write(reply("closing.proxy", host=self.server.hostname).to_bytes())
+                transport.write(reply(closing, host=self.server.hostname).to_bytes())
             transport.close()
             return False
 
@@ -983,6 +983,10 @@ class Session(asyncio.Protocol):
                 break
             if self._lost or self._eof:
                 return refuse("closed before the whole header")
+            if self._draining or self._stopping:
+                # no transaction yet: told at once, as an idle session is, rather
+                # than held (and the shutdown with it) for the whole grace period
+                return refuse("server shutting down", answer=True, closing="closing.shutdown")
             if len(self._proxy_buf) > PROXY_HEADER_MAX:
                 return refuse("header longer than PROXY v2 allows", answer=True)
             remaining = deadline - time.monotonic()

@@ -494,6 +494,28 @@ def test_sigterm_drains_then_421_and_exit_0(tmp_path: Path) -> None:
         socket.create_connection((srv.host, srv.port), timeout=2)
 
 
+def test_sigterm_does_not_wait_for_a_proxy_header_that_has_not_come(tmp_path: Path) -> None:
+    # A balancer's connection before its header has no transaction: it held the
+    # shutdown for the whole grace (and the wait after it), told nothing
+    port = free_port()
+    srv = start_server(tmp_path, f"""
+        [server]
+        spool_dir = "{tmp_path}/spool"
+        proxy_from = ["127.0.0.1/32"]
+        shutdown_grace = 60
+
+        [[listener]]
+        address = "127.0.0.1:{port}"
+        proxy_protocol = true
+    """)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as waiting:
+        waiting.sendall(b"PROXY TCP4 192.0.2.7")  # not the whole header yet
+        srv.signal(signal.SIGTERM)
+        assert waiting.recv(1024).startswith(b"421 4.3.2 mx.mailgate.test shutting down")
+    assert srv.proc.wait(15) == 0
+    assert 'outcome=refused reason="server shutting down"' in srv.log()
+
+
 def test_a_delivery_that_outlasts_the_shutdown_is_answered_421(tmp_path: Path) -> None:
     # A mailer that does not end: after the grace and the wait after it the process
     # ends, and the client got a bare close; now it hears 421 (RFC 5321 3.8) and
