@@ -55,7 +55,6 @@ class Authenticator:
         self, users: dict[str, UserRecord], signature: tuple[int, int, int] | None
     ) -> None:
         self._credentials = Credentials(users)
-        self._users = len(users)
         self._signature = signature
         self._checked_at = self._clock()
         # Only what some user can actually use: advertising a mechanism nobody can
@@ -124,8 +123,8 @@ class Authenticator:
 
     def log_loaded(self, **who: object) -> None:
         """The line that says which users file is in force, and with how many users."""
-        log_event("users_file", outcome="loaded", path=self._users_file, users=self._users,
-                  **who)
+        log_event("users_file", outcome="loaded", path=self._users_file,
+                  users=len(self._credentials.users), **who)
 
     def _read(self) -> tuple[tuple[int, int, int] | None, dict[str, UserRecord]]:
         # The signature first: a change racing with the read is seen by the next check.

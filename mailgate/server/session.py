@@ -503,11 +503,7 @@ class Session(asyncio.Protocol):
             server.metrics.message("refused", event.reply.code, event.reply.enhanced, 0)
             await self._tarpit(event.reply)
         elif isinstance(event, ev.Rejected):
-            self.log_event("refused", command=event.command, code=event.reply.code,
-                           enhanced=event.reply.enhanced)
-            server.metrics.rejection(event.reply.name or str(event.reply.code))
-            if event.counted:
-                await self._tarpit(event.reply)
+            await self._refused(event.command, event.reply, event.counted)
         elif isinstance(event, ev.StartTLS):
             await self._on_starttls()
         elif isinstance(event, ev.AuthStart):
@@ -529,10 +525,7 @@ class Session(asyncio.Protocol):
                 # as one: a client probing for addresses must not go unseen
                 refusal = reply("vrfy.unknown", address=mailbox)
                 conn.reject(refusal)
-                self.log_event("refused", command="VRFY", code=refusal.code,
-                               enhanced=refusal.enhanced)
-                server.metrics.rejection(refusal.name or str(refusal.code))
-                await self._tarpit(refusal)
+                await self._refused("VRFY", refusal, counted=True)
             elif str(mailbox).isascii():
                 conn.accept(reply("vrfy.ok", address=mailbox))
             else:  # (reply text is ASCII: 252 rather than a mailbox with "?" in it)
@@ -881,6 +874,15 @@ class Session(asyncio.Protocol):
         conn.reject(verdict.reply, close=verdict.close)
         self.server.metrics.rejection(verdict.reply.name or str(verdict.reply.code))
         await self._tarpit(verdict.reply)
+
+    async def _refused(self, command: str, refusal: Reply, counted: bool) -> None:
+        """A refusal of a command's own (not a policy verdict's): logged, counted in
+        the metrics and, when max_errors counts it, tarpitted."""
+        self.log_event("refused", command=command, code=refusal.code,
+                       enhanced=refusal.enhanced)
+        self.server.metrics.rejection(refusal.name or str(refusal.code))
+        if counted:
+            await self._tarpit(refusal)
 
     async def _tarpit(self, refusal: Reply) -> None:
         """9front's growing delay: the nth refusal waits delay * 2**(n-1) seconds.

@@ -160,6 +160,21 @@ def test_sync_threads_are_started_again_in_a_forked_child(tmp_path: Path) -> Non
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def _slow_committer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[GroupCommitter, str, str]:
+    """A committer whose fsyncs take a while, and two files to sync."""
+    _slow_fsyncs(monkeypatch)
+    first, second = make_files(tmp_path, 2)
+    return GroupCommitter(), first, second
+
+
+def _assert_cancelled(failed: object, committer: GroupCommitter) -> None:
+    """A request failed by a cancelled pass, and the committer left idle."""
+    assert isinstance(failed, OSError) and "cancelled" in str(failed)
+    assert committer.idle
+
+
 def _slow_fsyncs(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.2) -> None:
     real_fsync = os.fsync
 
@@ -173,9 +188,7 @@ def _slow_fsyncs(monkeypatch: pytest.MonkeyPatch, seconds: float = 0.2) -> None:
 def test_a_cancelled_waiter_leaves_the_committer_working(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _slow_fsyncs(monkeypatch)
-    committer = GroupCommitter()
-    first, second = make_files(tmp_path, 2)
+    committer, first, second = _slow_committer(tmp_path, monkeypatch)
 
     async def main() -> None:
         waiter = asyncio.ensure_future(committer.sync([first]))
@@ -192,9 +205,7 @@ def test_a_cancelled_waiter_leaves_the_committer_working(
 def test_a_cancelled_pass_fails_its_requests_and_the_next_one_works(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _slow_fsyncs(monkeypatch)
-    committer = GroupCommitter()
-    first, second = make_files(tmp_path, 2)
+    committer, first, second = _slow_committer(tmp_path, monkeypatch)
 
     async def main() -> object:
         waiter = asyncio.ensure_future(committer.sync([first]))
@@ -206,8 +217,7 @@ def test_a_cancelled_pass_fails_its_requests_and_the_next_one_works(
         return failed[0]
 
     failed = asyncio.run(main())
-    assert isinstance(failed, OSError) and "cancelled" in str(failed)
-    assert committer.idle
+    _assert_cancelled(failed, committer)
 
 
 def test_committers_share_the_process_sync_threads(tmp_path: Path) -> None:
@@ -253,9 +263,7 @@ def test_the_requests_of_a_pass_just_done_go_in_the_next_pass(
 def test_a_committer_cancelled_between_passes_fails_what_waits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _slow_fsyncs(monkeypatch)
-    committer = GroupCommitter()
-    first, second = make_files(tmp_path, 2)
+    committer, first, second = _slow_committer(tmp_path, monkeypatch)
 
     async def main() -> object:
         in_pass = asyncio.ensure_future(committer.sync([first]))
@@ -271,5 +279,4 @@ def test_a_committer_cancelled_between_passes_fails_what_waits(
         return (await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), 10))[0]
 
     failed = asyncio.run(main())
-    assert isinstance(failed, OSError) and "cancelled" in str(failed)
-    assert committer.idle
+    _assert_cancelled(failed, committer)
